@@ -1,0 +1,38 @@
+"""Pure JAX fast weight ops. Imports neither Flax nor configuration libraries.
+
+Public entry points dispatch on :class:`Impl`::
+
+    from fwjax.ops import Impl, delta_rule, sum_rule, softmax_attention, feature_maps
+    out, state = delta_rule(q, k, v, beta, initial_state=None, scale=1.0, impl=Impl.AUTO)
+"""
+
+from fwjax.ops import feature_maps
+from fwjax.ops.delta_rule import delta_rule, delta_rule_step
+from fwjax.ops.fast_weight_attention import (
+    FastWeightState,
+    Normalization,
+    UpdateRule,
+    fast_weight_attention,
+    init_fast_weight_state,
+)
+from fwjax.ops.feature_maps import FeatureMap, FeatureMapKind
+from fwjax.ops.impl import Impl
+from fwjax.ops.softmax_attention import softmax_attention
+from fwjax.ops.sum_rule import sum_rule, sum_rule_step
+
+__all__ = [
+    "FastWeightState",
+    "FeatureMap",
+    "FeatureMapKind",
+    "Impl",
+    "Normalization",
+    "UpdateRule",
+    "delta_rule",
+    "delta_rule_step",
+    "fast_weight_attention",
+    "feature_maps",
+    "init_fast_weight_state",
+    "softmax_attention",
+    "sum_rule",
+    "sum_rule_step",
+]

@@ -1,0 +1,62 @@
+"""The delta rule fast weight memory (Schlag, Irie, Schmidhuber, 2021)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+
+from fwjax.ops.delta_rule.chunked import delta_rule_chunked
+from fwjax.ops.delta_rule.recurrent import delta_rule_recurrent, delta_rule_step
+from fwjax.ops.delta_rule.reference import delta_rule_reference
+from fwjax.ops.impl import Impl, prepare_inputs, resolve_chunk_size, resolve_impl
+
+_IMPLS = {
+    Impl.REFERENCE: delta_rule_reference,
+    Impl.RECURRENT: delta_rule_recurrent,
+    Impl.CHUNKED: delta_rule_chunked,
+}
+
+
+@functools.partial(jax.jit, static_argnames=("impl", "chunk_size"))
+def delta_rule(
+    q, k, v, beta, initial_state=None, scale=1.0, impl: Impl = Impl.AUTO, chunk_size=None
+):
+    """The delta rule fast weight memory.
+
+    For every batch element and head, with state ``S ∈ R^{K×V}`` (row convention)::
+
+        v̄_t = S_{t-1}ᵀ k_t                       (retrieve the value currently stored at k_t)
+        S_t = S_{t-1} + β_t k_t (v_t − v̄_t)ᵀ      (replace it, with write strength β_t)
+        o_t = scale · S_tᵀ q_t                    (read with the state AFTER step t)
+
+    ``q, k`` are used as given: apply the feature map and normalisation first (see
+    :func:`fwjax.ops.fast_weight_attention`). With sum- or L2-normalised keys and
+    ``β ∈ [0, 1]``, ``I − β k kᵀ`` has eigenvalues in ``[1 − β, 1]`` and the state stays bounded.
+
+    Args:
+      q: queries ``[B, T, H, K]``.
+      k: keys ``[B, T, H, K]``.
+      v: values ``[B, T, H, V]``.
+      beta: write strengths ``[B, T, H]`` (the paper uses ``σ(w_β·x_t)`` ∈ (0, 1)).
+      initial_state: ``S_0``, ``[B, H, K, V]``; zeros when None.
+      scale: output scale (the paper uses ``1/√d_head`` at the layer).
+      impl: an :class:`Impl`. ``AUTO`` picks the fastest measured form for the backend.
+      chunk_size: chunk length ``C`` of the CHUNKED form; None picks the backend's default.
+        Any ``T`` is accepted (padding with zero keys and β = 0 is exact).
+
+    Returns:
+      ``(out, state)``: ``out [B, T, H, V]`` in the inputs' promoted dtype, and the final
+      state ``S_T`` ``[B, H, K, V]`` in the state dtype (the inputs', initial state's and
+      β's promoted dtype, at least float32).
+    """
+    p = prepare_inputs(q, k, v, beta, initial_state, needs_beta=True)
+    impl = resolve_impl(impl)
+    chunk_size = resolve_chunk_size(chunk_size)
+    if impl is Impl.PALLAS:
+        raise NotImplementedError("Impl.PALLAS is not implemented yet for delta_rule")
+    out, state = _IMPLS[impl](p.q, p.k, p.v, p.beta, p.initial_state, scale, chunk_size)
+    return out.astype(p.out_dtype), state
+
+
+__all__ = ["delta_rule", "delta_rule_step"]

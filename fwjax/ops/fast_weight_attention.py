@@ -1,0 +1,192 @@
+"""Fast weight attention: feature map, key/query normalisation and update rule composed.
+
+This is the paper's attention layer minus the projections: ``q, k`` arrive as raw head vectors
+(``[B, T, H, D]``), get mapped by φ, normalised, and are written to / read from a fast weight
+memory with the sum or delta rule. Choices are enums and a frozen :class:`FeatureMap`, so they can
+be static jit arguments and layer configuration.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from fwjax.ops.delta_rule import delta_rule
+from fwjax.ops.feature_maps import FeatureMap, l2_norm, sum_norm
+from fwjax.ops.impl import Impl, state_dtype
+from fwjax.ops.sum_rule import sum_rule
+
+
+class UpdateRule(enum.Enum):
+    """How the fast weights are written.
+
+    Attributes:
+      SUM: ``S_t = S_{t-1} + φ(k_t) v_tᵀ`` (linear attention).
+      DELTA: ``S_t = S_{t-1} + β_t φ(k_t) (v_t − v̄_t)ᵀ`` with ``v̄_t = S_{t-1}ᵀ φ(k_t)``.
+    """
+
+    SUM = "sum"
+    DELTA = "delta"
+
+
+class Normalization(enum.Enum):
+    """How keys, queries and outputs are normalised.
+
+    Attributes:
+      NONE: none; ``y_t = S_tᵀ φ(q_t)``.
+      ATTENTION: the linear transformer's attention normalisation. ``z_t = z_{t-1} + φ(k_t)``,
+        ``y_t = S_tᵀ φ(q_t) / (z_tᵀ φ(q_t) + eps)``; with the delta rule the retrieval is
+        normalised too, ``v̄_t = S_{t-1}ᵀ φ(k_t) / (z_{t-1}ᵀ φ(k_t))``.
+      SUM: the paper's sum normalisation ``φ(x) / Σ_j φ(x)_j`` on keys and queries; no ``z``.
+      L2: ``φ(x) / ‖φ(x)‖`` on keys and queries (DeltaNet, 2024); no ``z``.
+      SUM_ATTENTION: sum normalisation followed by attention normalisation (the official code's
+        ``CudaNorm*`` layers).
+    """
+
+    NONE = "none"
+    ATTENTION = "attention"
+    SUM = "sum"
+    L2 = "l2"
+    SUM_ATTENTION = "sum_attention"
+
+    @property
+    def uses_normalizer(self) -> bool:
+        """Whether the state carries the ``z`` accumulator."""
+        return self in (Normalization.ATTENTION, Normalization.SUM_ATTENTION)
+
+    @property
+    def cancels_key_scale(self) -> bool:
+        """Whether a positive per-key factor on φ(k) cancels (so FAVOR+ may stabilise keys)."""
+        return self in (Normalization.SUM, Normalization.L2, Normalization.SUM_ATTENTION)
+
+    def normalize_features(self, x: jax.Array) -> jax.Array:
+        if self in (Normalization.SUM, Normalization.SUM_ATTENTION):
+            return sum_norm(x)
+        if self is Normalization.L2:
+            return l2_norm(x)
+        return x
+
+
+class FastWeightState(NamedTuple):
+    """The carried memory of :func:`fast_weight_attention`.
+
+    Attributes:
+      fast_weights: ``S``, ``[B, H, K, V]``.
+      normalizer: ``z = Σ φ(k)``, ``[B, H, K]``, or None when the normalisation keeps none.
+    """
+
+    fast_weights: jax.Array
+    normalizer: jax.Array | None = None
+
+
+def init_fast_weight_state(
+    batch_size: int,
+    num_heads: int,
+    key_dim: int,
+    value_dim: int,
+    normalization: Normalization,
+    dtype=jnp.float32,
+) -> FastWeightState:
+    """An empty memory: zeros, with a ``z`` accumulator when ``normalization`` keeps one."""
+    s = jnp.zeros((batch_size, num_heads, key_dim, value_dim), dtype)
+    z = jnp.zeros((batch_size, num_heads, key_dim), dtype) if normalization.uses_normalizer else None
+    return FastWeightState(s, z)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("feature_map", "normalization", "update_rule", "impl", "chunk_size")
+)
+def fast_weight_attention(
+    q,
+    k,
+    v,
+    beta=None,
+    *,
+    feature_map: FeatureMap = FeatureMap(),
+    normalization: Normalization = Normalization.SUM,
+    update_rule: UpdateRule = UpdateRule.DELTA,
+    projection=None,
+    scale=1.0,
+    state: FastWeightState | None = None,
+    impl: Impl = Impl.AUTO,
+    chunk_size: int | None = None,
+    eps: float = 1e-5,
+):
+    """Applies φ, the normalisation and the update rule; returns outputs and the carried memory.
+
+    With ``φ̂`` the feature map followed by the key/query normalisation (SUM / L2)::
+
+        SUM rule:    S_t = S_{t-1} + φ̂(k_t) v_tᵀ
+        DELTA rule:  S_t = S_{t-1} + β_t φ̂(k_t) (v_t − v̄_t)ᵀ,   v̄_t = S_{t-1}ᵀ φ̂(k_t) / d_t
+        output:      y_t = scale · S_tᵀ φ̂(q_t) / n_t
+
+    where without attention normalisation ``d_t = n_t = 1``, and with it
+    ``z_t = z_{t-1} + φ̂(k_t)``, ``d_t = z_{t-1}ᵀ φ̂(k_t)`` (1 where it is 0: nothing stored yet,
+    as in the official code's first step) and ``n_t = z_tᵀ φ̂(q_t) + eps``. The normalised delta
+    rule is computed exactly as the plain delta rule fed ``k' = φ̂(k)/d`` and ``β' = β·d``.
+
+    FAVOR+ stabilisation (subtracting the max exponent) is applied to queries whenever a
+    normalisation is on, and to keys under SUM, L2 and SUM_ATTENTION, where the per-vector factor
+    cancels (up to L2's eps guard); otherwise the exact map is used.
+
+    Args:
+      q, k: raw queries and keys ``[B, T, H, D]`` (before φ).
+      v: values ``[B, T, H, V]``.
+      beta: write strengths ``[B, T, H]`` for the delta rule; must be None for the sum rule.
+      feature_map: the map φ.
+      normalization: a :class:`Normalization`.
+      update_rule: an :class:`UpdateRule`.
+      projection: FAVOR+'s ``[D, M]`` random projection; None for other maps.
+      scale: output scale (the paper: ``1/√d_head``).
+      state: a carried :class:`FastWeightState`, or None for an empty memory.
+      impl, chunk_size: passed to :func:`delta_rule` / :func:`sum_rule`.
+      eps: added to the attention normalisation's output denominator.
+
+    Returns:
+      ``(y, state)``: ``y [B, T, H, V]`` in the inputs' promoted dtype and the new
+      :class:`FastWeightState` (``K = feature_map.output_dim(D)``).
+    """
+    normalization, update_rule = Normalization(normalization), UpdateRule(update_rule)
+    if update_rule is UpdateRule.DELTA and beta is None:
+        raise ValueError("update_rule=DELTA needs beta of shape [B, T, H]")
+    if update_rule is UpdateRule.SUM and beta is not None:
+        raise ValueError("update_rule=SUM takes no beta; pass beta=None")
+    out_dtype = jnp.result_type(q, k, v)
+    stabilize_q = normalization is not Normalization.NONE
+    fq = normalization.normalize_features(feature_map(q, projection, stabilize=stabilize_q))
+    fk = feature_map(k, projection, stabilize=normalization.cancels_key_scale)
+    fk = normalization.normalize_features(fk)
+
+    s0 = None if state is None else state.fast_weights
+    if not normalization.uses_normalizer:
+        if update_rule is UpdateRule.DELTA:
+            y, s = delta_rule(fq, fk, v, beta, s0, scale, impl=impl, chunk_size=chunk_size)
+        else:
+            y, s = sum_rule(fq, fk, v, s0, scale, impl=impl, chunk_size=chunk_size)
+        return y.astype(out_dtype), FastWeightState(s, None)
+
+    # Attention normalisation: z_{t-1} and z_t from a running sum of the keys.
+    dtype = state_dtype(fq.dtype, fk.dtype, v.dtype, *([] if s0 is None else [s0.dtype]))
+    fq, fk = fq.astype(dtype), fk.astype(dtype)
+    b, _, h, key_dim = fk.shape
+    if state is None or state.normalizer is None:
+        z0 = jnp.zeros((b, h, key_dim), dtype)
+    else:
+        z0 = state.normalizer.astype(dtype)
+    z_incl = z0[:, None] + jnp.cumsum(fk, axis=1)  # z_t, [B, T, H, K]
+    z_prev = jnp.concatenate([z0[:, None], z_incl[:, :-1]], axis=1)  # z_{t-1}
+    if update_rule is UpdateRule.DELTA:
+        d = jnp.einsum("bthk,bthk->bth", z_prev, fk)
+        d = jnp.where(d == 0, jnp.ones_like(d), d)
+        y, s = delta_rule(
+            fq, fk / d[..., None], v, beta * d, s0, scale, impl=impl, chunk_size=chunk_size
+        )
+    else:
+        y, s = sum_rule(fq, fk, v, s0, scale, impl=impl, chunk_size=chunk_size)
+    n = jnp.einsum("bthk,bthk->bth", z_incl, fq) + eps
+    y = y.astype(dtype) / n[..., None]
+    return y.astype(out_dtype), FastWeightState(s, z_incl[:, -1])

@@ -1,0 +1,133 @@
+"""Implementation choice, dtype policy and input validation shared by every fast weight op.
+
+Each op (``delta_rule``, ``sum_rule``) has one file per implementation (``reference.py``,
+``recurrent.py``, ``chunked.py``) with the same signature::
+
+    fn(q, k, v, [beta,] initial_state, scale, chunk_size) -> (out, final_state)
+
+called only after :func:`prepare_inputs` has validated shapes and fixed the dtypes.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class Impl(enum.Enum):
+    """How a fast weight op is computed. All forms agree to the tolerance of the parity suite.
+
+    Attributes:
+      AUTO: the fastest measured form for the current default backend (see :func:`resolve_impl`).
+      REFERENCE: the literal step-by-step equations (for the sum rule: the causal-masked quadratic
+        form), at the highest matmul precision. The oracle; slow.
+      RECURRENT: a ``lax.scan`` over time carrying the ``[K, V]`` state; also the decode path.
+      CHUNKED: the chunkwise-parallel form (WY / UT transform for the delta rule).
+      PALLAS: a fused Pallas kernel of the chunked form (not available yet).
+    """
+
+    AUTO = "auto"
+    REFERENCE = "reference"
+    RECURRENT = "recurrent"
+    CHUNKED = "chunked"
+    PALLAS = "pallas"
+
+
+# Default chunk size per backend platform. On XLA:CPU, C=32 gave the best throughput of the
+# chunked form (shared/NOTES.md); accelerators want larger tiles for their matrix units.
+_DEFAULT_CHUNK_SIZE = {"cpu": 32, "gpu": 64, "cuda": 64, "rocm": 64, "tpu": 64}
+
+# AUTO per backend platform. On XLA:CPU the per-token scan beats the chunked form (the chunked
+# form does ~2.7x the FLOPs and small matmuls run far from peak there); on GPU/TPU the chunked
+# form's matmuls run on the matrix units.
+_AUTO_IMPL = {"cpu": Impl.RECURRENT}
+
+
+def _platform() -> str:
+    return jax.default_backend()
+
+
+def resolve_impl(impl: Impl | str) -> Impl:
+    """Returns a concrete :class:`Impl`, resolving ``AUTO`` for the default backend."""
+    impl = Impl(impl)
+    if impl is Impl.AUTO:
+        return _AUTO_IMPL.get(_platform(), Impl.CHUNKED)
+    return impl
+
+
+def resolve_chunk_size(chunk_size: int | None) -> int:
+    """Returns ``chunk_size``, or the backend's default when it is None."""
+    if chunk_size is None:
+        return _DEFAULT_CHUNK_SIZE.get(_platform(), 64)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"{chunk_size=} must be a positive int or None")
+    return chunk_size
+
+
+def state_dtype(*dtypes) -> jnp.dtype:
+    """The dtype of the state and of accumulation: the inputs' promoted dtype, at least float32."""
+    return jnp.promote_types(jnp.result_type(*dtypes), jnp.float32)
+
+
+class Prepared(NamedTuple):
+    """Validated inputs of a fast weight op, with the dtypes it computes and returns in."""
+
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array
+    beta: jax.Array | None
+    initial_state: jax.Array
+    compute_dtype: jnp.dtype
+    out_dtype: jnp.dtype
+
+
+def prepare_inputs(q, k, v, beta, initial_state, *, needs_beta: bool) -> Prepared:
+    """Validates shapes and applies the dtype policy.
+
+    Shapes: ``q, k: [B, T, H, K]``, ``v: [B, T, H, V]``, ``beta: [B, T, H]``,
+    ``initial_state: [B, H, K, V]`` or None (zeros).
+
+    Dtypes: the output has the inputs' promoted dtype (``q, k, v``); the state and all
+    accumulation use that dtype promoted to at least float32 (bfloat16 inputs give a float32
+    state; float64 inputs, with ``jax_enable_x64``, compute in float64). An initial state takes
+    part in the promotion, so a float64 state is never silently truncated.
+    """
+    q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.ndim != 4:
+            raise ValueError(f"{name} must have shape [B, T, H, D]; got {name}.shape={x.shape}")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(f"{name} must be floating point; got {name}.dtype={x.dtype}")
+    if q.shape != k.shape:
+        raise ValueError(f"q and k must have the same shape; got {q.shape=} and {k.shape=}")
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"v must match k in [B, T, H]; got {v.shape=} and {k.shape=}")
+    batch, _, heads, key_dim = k.shape
+    value_dim = v.shape[-1]
+    dtypes = [q.dtype, k.dtype, v.dtype]
+    if needs_beta:
+        if beta is None:
+            raise ValueError("the delta rule needs beta of shape [B, T, H]; got beta=None")
+        beta = jnp.asarray(beta)
+        if beta.shape != k.shape[:3]:
+            raise ValueError(f"beta must have shape [B, T, H]={k.shape[:3]}; got {beta.shape=}")
+        dtypes.append(beta.dtype)
+    expected_state = (batch, heads, key_dim, value_dim)
+    if initial_state is not None:
+        initial_state = jnp.asarray(initial_state)
+        if initial_state.shape != expected_state:
+            raise ValueError(
+                f"initial_state must have shape [B, H, K, V]={expected_state}; "
+                f"got {initial_state.shape=}"
+            )
+        dtypes.append(initial_state.dtype)
+    out_dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
+    compute_dtype = state_dtype(*dtypes)
+    if initial_state is None:
+        initial_state = jnp.zeros(expected_state, compute_dtype)
+    else:
+        initial_state = initial_state.astype(compute_dtype)
+    return Prepared(q, k, v, beta, initial_state, compute_dtype, out_dtype)

@@ -1,0 +1,83 @@
+"""Matmul-only inverse of unit lower-triangular matrices, for the chunkwise delta rule.
+
+``jax.scipy.linalg.solve_triangular`` is avoided on purpose: its gradient hung intermittently on
+XLA:CPU (shared/NOTES.md), and a matmul-only algorithm maps onto matrix units on GPU/TPU and
+differentiates through plain autodiff. Powers of the strictly lower part are never formed (a
+Neumann series overflows once ``|A| > 1``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+DEFAULT_BLOCK_SIZE = 16
+
+
+def _forward_substitution(a: jax.Array) -> jax.Array:
+    """``(I + a)^{-1}`` for strictly lower-triangular ``a: [..., n, n]``, row by row.
+
+    Row ``i`` of ``X = (I + A)^{-1}`` is ``e_i - A[i, :i] X[:i, :]``: rows above ``i`` are already
+    final and ``A[i, j] = 0`` for ``j >= i``, so the whole ``A[i, :] @ X`` may be used. ``n - 1``
+    dependent steps (n is at most the block size, so this is a short, unrolled loop).
+    """
+    n = a.shape[-1]
+    eye = jnp.eye(n, dtype=a.dtype)
+    x = jnp.broadcast_to(eye, a.shape)
+    for i in range(1, n):
+        row = eye[i] - jnp.einsum("...j,...jk->...k", a[..., i, :], x)
+        x = x.at[..., i, :].set(row)
+    return x
+
+
+def _diagonal_blocks(a: jax.Array, size: int, row_offset: int) -> jax.Array:
+    """Blocks ``(p + row_offset, p)`` (in units of ``size``) of ``a``, for every block column p
+    with step 2 when ``row_offset == 1``; returns ``[..., n_blocks, size, size]``."""
+    n = a.shape[-1]
+    nb = n // size
+    x = a.reshape(*a.shape[:-2], nb, size, nb, size)
+    if row_offset:
+        x = x[..., 1::2, :, 0::2, :]  # block (2p+1, 2p): the coupling of each pair
+    blocks = jnp.diagonal(x, axis1=-4, axis2=-2)  # [..., size, size, nb']
+    return jnp.moveaxis(blocks, -1, -3)
+
+
+def unit_lower_triangular_inverse(
+    a: jax.Array, *, block_size: int = DEFAULT_BLOCK_SIZE
+) -> jax.Array:
+    """Computes ``(I + a)^{-1}`` for a strictly lower-triangular ``a``.
+
+    Args:
+      a: ``[..., n, n]``, strictly lower triangular (the diagonal and above are ignored only in
+        the sense that they must be zero; callers build ``a`` with ``jnp.tril(., -1)``).
+      block_size: size of the diagonal blocks inverted by forward substitution.
+
+    Returns:
+      ``[..., n, n]``, the unit lower-triangular inverse of ``I + a``.
+
+    Algorithm: pad ``n`` to ``block_size · 2^L`` (padding is an identity block, which leaves the
+    top-left inverse unchanged), invert every diagonal block by forward substitution, then double
+    the inverted blocks ``L`` times with
+    ``inv([[L11, 0], [L21, L22]]) = [[X11, 0], [-X22 L21 X11, X22]]``.
+    """
+    n = a.shape[-1]
+    if a.shape[-2] != n:
+        raise ValueError(f"a must be square in its last two axes; got {a.shape=}")
+    if n <= block_size:
+        return _forward_substitution(a)
+    levels = math.ceil(math.log2(math.ceil(n / block_size)))
+    m = block_size * 2**levels
+    padded = jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, m - n), (0, m - n)])
+    x = _forward_substitution(_diagonal_blocks(padded, block_size, 0))  # [..., nb, b, b]
+    size = block_size
+    while x.shape[-3] > 1:
+        x11, x22 = x[..., 0::2, :, :], x[..., 1::2, :, :]
+        l21 = _diagonal_blocks(padded, size, 1)
+        x21 = -jnp.matmul(jnp.matmul(x22, l21), x11)
+        top = jnp.concatenate([x11, jnp.zeros_like(x11)], axis=-1)
+        bottom = jnp.concatenate([x21, x22], axis=-1)
+        x = jnp.concatenate([top, bottom], axis=-2)
+        size *= 2
+    return x[..., 0, :n, :n]

@@ -1,0 +1,51 @@
+"""Shape legend and jaxtyping aliases used across fwjax.
+
+Dimension names (used in every docstring and annotation):
+
+====  ======================================================================
+B     batch size
+T     sequence length (time)
+S     key/value length of softmax attention (``S = T`` for self-attention)
+H     number of heads
+K     key (feature) dimension of the fast weight memory, after the feature map
+V     value dimension
+D     raw head dimension, before a feature map
+M     number of random features (FAVOR+)
+C     chunk size of the chunkwise-parallel form
+N     number of chunks, ``ceil(T / C)``
+====  ======================================================================
+
+Inputs are batch-major and time-major within a batch: ``[B, T, H, D]``. The fast weight
+state is one ``[K, V]`` matrix per batch element and head: ``[B, H, K, V]`` (row convention:
+``S_t = S_{t-1} + k_t u_tᵀ``, reads are ``S_tᵀ q_t``).
+"""
+
+from jaxtyping import Array, Float
+
+Queries = Float[Array, "B T H K"]
+Keys = Float[Array, "B T H K"]
+Values = Float[Array, "B T H V"]
+Outputs = Float[Array, "B T H V"]
+Beta = Float[Array, "B T H"]
+State = Float[Array, "B H K V"]
+Normalizer = Float[Array, "B H K"]
+RawHeads = Float[Array, "B T H D"]
+Features = Float[Array, "*batch K"]
+Projection = Float[Array, "D M"]
+SoftmaxKeys = Float[Array, "B S H D"]
+SoftmaxValues = Float[Array, "B S H V"]
+
+__all__ = [
+    "Beta",
+    "Features",
+    "Keys",
+    "Normalizer",
+    "Outputs",
+    "Projection",
+    "Queries",
+    "RawHeads",
+    "SoftmaxKeys",
+    "SoftmaxValues",
+    "State",
+    "Values",
+]
