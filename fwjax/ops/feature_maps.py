@@ -16,8 +16,13 @@ import jax.numpy as jnp
 
 
 def elu_p1(x: jax.Array) -> jax.Array:
-    """``φ(x) = elu(x) + 1`` (Katharopoulos et al., 2020). Strictly positive; ``[..., D] -> [..., D]``."""
-    return jax.nn.elu(x) + 1
+    """``φ(x) = elu(x) + 1`` (Katharopoulos et al., 2020); ``[..., D] -> [..., D]``.
+
+    Evaluated as ``x + 1`` for ``x > 0`` and ``exp(x)`` otherwise: the same function, but without
+    the cancellation of ``expm1(x) + 1``, which rounds to 0 in float32 below x ≈ −17. The result
+    stays strictly positive down to x ≈ −87 (float32).
+    """
+    return jnp.where(x > 0, x + 1, jnp.exp(jnp.minimum(x, 0)))
 
 
 def _check_nu(nu) -> int:

@@ -1,0 +1,94 @@
+"""Shared fixtures of the parity suite: the ops under test, their oracles, and input cases."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fwjax.ops import Impl, delta_rule, sum_rule
+from tests.oracle import delta_rule_np, sum_rule_np
+
+# Every implementation the shared suite covers. PALLAS joins this list when it lands.
+IMPLS = (Impl.REFERENCE, Impl.RECURRENT, Impl.CHUNKED)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    name: str
+    has_beta: bool
+
+    def __call__(self, inputs, impl, chunk_size=None, **overrides):
+        kw = {**inputs, **overrides}
+        if self.has_beta:
+            return delta_rule(
+                kw["q"], kw["k"], kw["v"], kw["beta"], kw["s0"], kw["scale"],
+                impl=impl, chunk_size=chunk_size,
+            )
+        return sum_rule(
+            kw["q"], kw["k"], kw["v"], kw["s0"], kw["scale"], impl=impl, chunk_size=chunk_size
+        )
+
+    def oracle(self, inputs):
+        f64 = {n: np.asarray(x).astype(np.float64) if hasattr(x, "dtype")
+               else x for n, x in inputs.items()}
+        if self.has_beta:
+            return delta_rule_np(f64["q"], f64["k"], f64["v"], f64["beta"], f64["s0"],
+                                 f64["scale"])
+        return sum_rule_np(f64["q"], f64["k"], f64["v"], f64["s0"], f64["scale"])
+
+    @property
+    def diff_args(self):
+        """Inputs the VJP is taken with respect to."""
+        return ("q", "k", "v", "beta", "s0") if self.has_beta else ("q", "k", "v", "s0")
+
+
+DELTA = Rule("delta", has_beta=True)
+SUM = Rule("sum", has_beta=False)
+RULES = (DELTA, SUM)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    b: int
+    t: int
+    h: int
+    k: int
+    v: int
+    chunk: int
+
+    def __str__(self):
+        return f"B{self.b}T{self.t}H{self.h}K{self.k}V{self.v}C{self.chunk}"
+
+
+CASES = (
+    Case(b=1, t=1, h=1, k=4, v=3, chunk=4),  # a single step
+    Case(b=2, t=37, h=3, k=8, v=5, chunk=16),  # T not divisible by the chunk; B, H > 1
+    Case(b=2, t=32, h=2, k=6, v=7, chunk=8),  # T divisible by the chunk
+    Case(b=1, t=20, h=2, k=5, v=4, chunk=64),  # chunk longer than T
+)
+
+
+def make_inputs(case: Case, dtype, seed=0):
+    """Random inputs: L2-normalised keys and queries, β in (0, 1), a nonzero initial state."""
+    rng = np.random.default_rng(seed)
+    shape_k = (case.b, case.t, case.h, case.k)
+
+    def unit(x):
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    q = unit(rng.normal(size=shape_k))
+    k = unit(rng.normal(size=shape_k))
+    v = rng.normal(size=(case.b, case.t, case.h, case.v))
+    beta = rng.uniform(0.05, 0.95, size=(case.b, case.t, case.h))
+    s0 = 0.5 * rng.normal(size=(case.b, case.h, case.k, case.v))
+    cast = lambda x: jnp.asarray(x, jnp.float32).astype(dtype)  # noqa: E731
+    state_dtype = jnp.promote_types(dtype, jnp.float32)
+    return {
+        "q": cast(q), "k": cast(k), "v": cast(v), "beta": cast(beta),
+        "s0": jnp.asarray(s0, state_dtype), "scale": 0.7,
+    }
+
+
+def upcast(inputs, dtype=jnp.float64):
+    return {n: (x.astype(dtype) if isinstance(x, jax.Array) else x) for n, x in inputs.items()}
