@@ -93,8 +93,13 @@ def init_fast_weight_state(
 ) -> FastWeightState:
     """An empty memory: zeros, with a ``z`` accumulator when ``normalization`` keeps one."""
     s = jnp.zeros((batch_size, num_heads, key_dim, value_dim), dtype)
-    z = jnp.zeros((batch_size, num_heads, key_dim), dtype) if normalization.uses_normalizer else None
+    z = None
+    if normalization.uses_normalizer:
+        z = jnp.zeros((batch_size, num_heads, key_dim), dtype)
     return FastWeightState(s, z)
+
+
+_ELU_P1 = FeatureMap()
 
 
 @functools.partial(
@@ -106,7 +111,7 @@ def fast_weight_attention(
     v,
     beta=None,
     *,
-    feature_map: FeatureMap = FeatureMap(),
+    feature_map: FeatureMap = _ELU_P1,
     normalization: Normalization = Normalization.SUM,
     update_rule: UpdateRule = UpdateRule.DELTA,
     projection=None,

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 # Diagonal blocks of 8 gave the fastest jitted forward + gradient on XLA:CPU for C = 16, 32, 64
 # (256 matrices: 3.0 / 8.7 / 22 ms, vs 7.7 / 12.8 / 38 ms with blocks of 16) and compile faster
-# than blocks of 16 (measured with the linalg benchmark in benchmarks/README.md).
+# than blocks of 16 (benchmarks/triangular_inverse.py).
 DEFAULT_BLOCK_SIZE = 8
 
 

@@ -22,19 +22,26 @@ class Rule:
         kw = {**inputs, **overrides}
         if self.has_beta:
             return delta_rule(
-                kw["q"], kw["k"], kw["v"], kw["beta"], kw["s0"], kw["scale"],
-                impl=impl, chunk_size=chunk_size,
+                kw["q"],
+                kw["k"],
+                kw["v"],
+                kw["beta"],
+                kw["s0"],
+                kw["scale"],
+                impl=impl,
+                chunk_size=chunk_size,
             )
         return sum_rule(
             kw["q"], kw["k"], kw["v"], kw["s0"], kw["scale"], impl=impl, chunk_size=chunk_size
         )
 
     def oracle(self, inputs):
-        f64 = {n: np.asarray(x).astype(np.float64) if hasattr(x, "dtype")
-               else x for n, x in inputs.items()}
+        f64 = {
+            n: np.asarray(x).astype(np.float64) if hasattr(x, "dtype") else x
+            for n, x in inputs.items()
+        }
         if self.has_beta:
-            return delta_rule_np(f64["q"], f64["k"], f64["v"], f64["beta"], f64["s0"],
-                                 f64["scale"])
+            return delta_rule_np(f64["q"], f64["k"], f64["v"], f64["beta"], f64["s0"], f64["scale"])
         return sum_rule_np(f64["q"], f64["k"], f64["v"], f64["s0"], f64["scale"])
 
     @property
@@ -82,11 +89,15 @@ def make_inputs(case: Case, dtype, seed=0):
     v = rng.normal(size=(case.b, case.t, case.h, case.v))
     beta = rng.uniform(0.05, 0.95, size=(case.b, case.t, case.h))
     s0 = 0.5 * rng.normal(size=(case.b, case.h, case.k, case.v))
-    cast = lambda x: jnp.asarray(x, jnp.float32).astype(dtype)  # noqa: E731
+    cast = lambda x: jnp.asarray(x, jnp.float32).astype(dtype)
     state_dtype = jnp.promote_types(dtype, jnp.float32)
     return {
-        "q": cast(q), "k": cast(k), "v": cast(v), "beta": cast(beta),
-        "s0": jnp.asarray(s0, state_dtype), "scale": 0.7,
+        "q": cast(q),
+        "k": cast(k),
+        "v": cast(v),
+        "beta": cast(beta),
+        "s0": jnp.asarray(s0, state_dtype),
+        "scale": 0.7,
     }
 
 

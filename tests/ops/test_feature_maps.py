@@ -12,8 +12,9 @@ from fwjax.ops import FeatureMap, FeatureMapKind, feature_maps
 
 def test_elu_p1_definition_and_positivity():
     x = jnp.linspace(-20, 5, 101)
-    np.testing.assert_allclose(feature_maps.elu_p1(x), np.where(x > 0, x + 1, np.exp(x)),
-                               rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        feature_maps.elu_p1(x), np.where(x > 0, x + 1, np.exp(x)), rtol=1e-6, atol=1e-7
+    )
     assert jnp.all(feature_maps.elu_p1(x) > 0)
 
 
@@ -41,8 +42,11 @@ def test_dpfp_density_for_symmetric_inputs():
 
 
 @settings(max_examples=30, deadline=None)
-@given(st.lists(st.floats(0.01, 10), min_size=2, max_size=12), st.integers(1, 4),
-       st.integers(0, 2**31 - 1))
+@given(
+    st.lists(st.floats(0.01, 10), min_size=2, max_size=12),
+    st.integers(1, 4),
+    st.integers(0, 2**31 - 1),
+)
 def test_dpfp_opposite_sign_patterns_are_orthogonal(magnitudes, nu, seed):
     """Inputs whose signs are opposite in every coordinate map to orthogonal features."""
     rng = np.random.default_rng(seed)
@@ -67,7 +71,7 @@ def test_favor_projection_is_blockwise_orthogonal_with_chi_norms():
     assert r.shape == (d, m)
     directions = r / jnp.linalg.norm(r, axis=0)
     for start in range(0, m, d):
-        block = directions[:, start:start + d]
+        block = directions[:, start : start + d]
         np.testing.assert_allclose(block.T @ block, np.eye(block.shape[1]), atol=1e-5)
     # chi(d) norms: mean ≈ √d over many draws.
     big = feature_maps.draw_favor_projection(jax.random.key(1), 16, 4096)
@@ -79,10 +83,14 @@ def test_favor_plus_definition():
     r = np.asarray(feature_maps.draw_favor_projection(jax.random.key(2), d, m))
     x = np.random.default_rng(0).normal(size=(5, d)).astype(np.float32)
     xr = x @ r
-    expected = np.exp(-0.5 * np.sum(x**2, -1, keepdims=True)) * np.concatenate(
-        [np.exp(xr), np.exp(-xr)], axis=-1) / np.sqrt(2 * m)
-    np.testing.assert_allclose(feature_maps.favor_plus(jnp.asarray(x), jnp.asarray(r)), expected,
-                               rtol=1e-5)
+    expected = (
+        np.exp(-0.5 * np.sum(x**2, -1, keepdims=True))
+        * np.concatenate([np.exp(xr), np.exp(-xr)], axis=-1)
+        / np.sqrt(2 * m)
+    )
+    np.testing.assert_allclose(
+        feature_maps.favor_plus(jnp.asarray(x), jnp.asarray(r)), expected, rtol=1e-5
+    )
 
 
 def test_favor_plus_is_an_unbiased_softmax_kernel_estimate():
@@ -110,8 +118,9 @@ def test_favor_plus_stabilized_differs_by_a_positive_per_vector_factor():
     x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 8)) * 2, jnp.float32)
     exact = feature_maps.favor_plus(x, r)
     stable = feature_maps.favor_plus(x, r, stabilize=True)
-    np.testing.assert_allclose(feature_maps.sum_norm(stable), feature_maps.sum_norm(exact),
-                               rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(
+        feature_maps.sum_norm(stable), feature_maps.sum_norm(exact), rtol=1e-4, atol=1e-7
+    )
     assert jnp.all(jnp.max(stable, -1) == pytest.approx(1 / np.sqrt(32)))
 
 

@@ -58,14 +58,22 @@ def test_vjp_matches_float64_reference(rule, impl, case, dtype):
     d_out = rng.normal(size=(case.b, case.t, case.h, case.v))
     d_state = rng.normal(size=(case.b, case.h, case.k, case.v))
     grads = _vjp(
-        rule, inputs, impl, case.chunk,
+        rule,
+        inputs,
+        impl,
+        case.chunk,
         (jnp.asarray(d_out, jnp.float32).astype(dtype), jnp.asarray(d_state, jnp.float32)),
     )
     with jax.enable_x64(True):
         expected = _vjp(
-            rule, upcast(inputs), Impl.REFERENCE, case.chunk,
-            (jnp.asarray(jnp.asarray(d_out, jnp.float32).astype(dtype), jnp.float64),
-             jnp.asarray(d_state, jnp.float64)),
+            rule,
+            upcast(inputs),
+            Impl.REFERENCE,
+            case.chunk,
+            (
+                jnp.asarray(jnp.asarray(d_out, jnp.float32).astype(dtype), jnp.float64),
+                jnp.asarray(d_state, jnp.float64),
+            ),
         )
         expected = {n: np.asarray(g) for n, g in expected.items()}
     for name, g in grads.items():
@@ -80,16 +88,18 @@ def test_check_grads_float64(rule, impl):
     from jax.test_util import check_grads
 
     with jax.enable_x64(True):
-        inputs = upcast(make_inputs(CASES[1].__class__(b=1, t=5, h=2, k=3, v=2, chunk=2),
-                                    jnp.float32, seed=3))
+        inputs = upcast(
+            make_inputs(CASES[1].__class__(b=1, t=5, h=2, k=3, v=2, chunk=2), jnp.float32, seed=3)
+        )
         names = rule.diff_args
 
         def f(*args):
             out, state = rule(inputs, impl, 2, **dict(zip(names, args, strict=True)))
             return jnp.sum(jnp.sin(out)) + jnp.sum(state**2)
 
-        check_grads(f, tuple(inputs[n] for n in names), order=1, modes=("rev",),
-                    atol=1e-6, rtol=1e-6)
+        check_grads(
+            f, tuple(inputs[n] for n in names), order=1, modes=("rev",), atol=1e-6, rtol=1e-6
+        )
 
 
 @pytest.mark.parametrize("rule", RULES, ids=lambda r: r.name)

@@ -49,8 +49,14 @@ def test_rewriting_a_key(rule, impl):
     v1, v2 = rng.normal(size=(2, 5))
     k = jnp.asarray(np.stack([key, key])[None, :, None], jnp.float32)  # [1, 2, 1, 8]
     v = jnp.asarray(np.stack([v1, v2])[None, :, None], jnp.float32)
-    inputs = {"q": k, "k": k, "v": v, "beta": jnp.ones((1, 2, 1), jnp.float32),
-              "s0": None, "scale": 1.0}
+    inputs = {
+        "q": k,
+        "k": k,
+        "v": v,
+        "beta": jnp.ones((1, 2, 1), jnp.float32),
+        "s0": None,
+        "scale": 1.0,
+    }
     out, _ = rule(inputs, impl, 2)
     assert_close(out[0, 1, 0], v2 if rule is DELTA else v1 + v2)
 
@@ -61,8 +67,9 @@ def test_sum_normalized_delta_rule_stays_bounded(impl):
     the sum rule's state grows like √t."""
     rng = np.random.default_rng(0)
     segments, seg_len, kdim, vdim = 10, 1000, 8, 4
-    k = feature_maps.sum_norm(jnp.asarray(rng.uniform(size=(1, segments * seg_len, 1, kdim)),
-                                          jnp.float32))
+    k = feature_maps.sum_norm(
+        jnp.asarray(rng.uniform(size=(1, segments * seg_len, 1, kdim)), jnp.float32)
+    )
     v = jnp.asarray(rng.normal(size=(1, segments * seg_len, 1, vdim)), jnp.float32)
     beta = jnp.asarray(rng.uniform(size=(1, segments * seg_len, 1)), jnp.float32)
     s_delta = s_sum = None
@@ -118,8 +125,10 @@ def test_grad_under_jit_matches_across_impls():
         return jnp.sum(out**2) + jnp.sum(state)
 
     args = tuple(inputs[n] for n in ("q", "k", "v", "beta"))
-    grads = {impl: jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)), static_argnums=4)(*args, impl)
-             for impl in IMPLS}
+    grads = {
+        impl: jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)), static_argnums=4)(*args, impl)
+        for impl in IMPLS
+    }
     for impl in IMPLS:
         for g, g_ref in zip(grads[impl], grads[Impl.REFERENCE], strict=True):
             assert_close(g, g_ref, err_msg=impl.value)

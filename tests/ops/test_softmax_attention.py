@@ -17,8 +17,13 @@ def test_softmax_attention_matches_naive(causal, t, s, dtype):
     v = jnp.asarray(rng.normal(size=(2, s, 3, 5)), dtype)
     out = softmax_attention(q, k, v, causal=causal)
     assert out.dtype == jnp.dtype(dtype)
-    expected = softmax_attention_np(np.asarray(q, np.float64), np.asarray(k, np.float64),
-                                    np.asarray(v, np.float64), causal, 1 / np.sqrt(8))
+    expected = softmax_attention_np(
+        np.asarray(q, np.float64),
+        np.asarray(k, np.float64),
+        np.asarray(v, np.float64),
+        causal,
+        1 / np.sqrt(8),
+    )
     assert_close(out, expected)
 
 

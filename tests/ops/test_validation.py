@@ -1,0 +1,40 @@
+"""Bad inputs fail early with errors that name the offending values."""
+
+import jax.numpy as jnp
+import pytest
+
+from fwjax.ops import Impl, delta_rule, sum_rule
+from fwjax.ops.linalg import unit_lower_triangular_inverse
+
+Q = jnp.ones((2, 5, 3, 4))
+V = jnp.ones((2, 5, 3, 6))
+BETA = jnp.ones((2, 5, 3))
+
+
+def test_shape_errors_name_the_values():
+    with pytest.raises(ValueError, match=r"q and k must have the same shape"):
+        delta_rule(Q, jnp.ones((2, 5, 3, 7)), V, BETA)
+    with pytest.raises(ValueError, match=r"beta.shape=\(2, 5\)"):
+        delta_rule(Q, Q, V, jnp.ones((2, 5)))
+    with pytest.raises(ValueError, match=r"initial_state"):
+        sum_rule(Q, Q, V, jnp.ones((2, 3, 4, 5)))
+    with pytest.raises(ValueError, match=r"v must match k"):
+        sum_rule(Q, Q, jnp.ones((2, 4, 3, 6)))
+    with pytest.raises(ValueError, match=r"q.shape=\(5, 3, 4\)"):
+        sum_rule(Q[0], Q, V)
+    with pytest.raises(TypeError, match="floating"):
+        sum_rule(Q.astype(jnp.int32), Q, V)
+
+
+def test_chunk_size_and_impl_validation():
+    with pytest.raises(ValueError, match="chunk_size=0"):
+        sum_rule(Q, Q, V, impl=Impl.CHUNKED, chunk_size=0)
+    with pytest.raises(ValueError, match="'fastest'"):
+        sum_rule(Q, Q, V, impl="fastest")
+    with pytest.raises(NotImplementedError, match="PALLAS"):
+        delta_rule(Q, Q, V, BETA, impl=Impl.PALLAS)
+
+
+def test_triangular_inverse_rejects_non_square():
+    with pytest.raises(ValueError, match="square"):
+        unit_lower_triangular_inverse(jnp.ones((3, 4)))
