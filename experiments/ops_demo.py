@@ -26,7 +26,7 @@ def make_task(n_keys: int, dim: int, repeat_fraction: float, seed: int):
     rng = np.random.default_rng(seed)
     keys = feature_maps.l2_norm(jnp.asarray(rng.normal(size=(n_keys, dim)), jnp.float32))
     values = jnp.asarray(rng.normal(size=(n_keys, dim)), jnp.float32)
-    n_rep = int(round(repeat_fraction * n_keys))
+    n_rep = round(repeat_fraction * n_keys)
     rep = rng.choice(n_keys, size=n_rep, replace=False)
     new_values = jnp.asarray(rng.normal(size=(n_rep, dim)), jnp.float32)
     seq_k = jnp.concatenate([keys, keys[rep]])[None, :, None]  # [1, T, 1, K]
@@ -49,7 +49,9 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    print(f"fwjax ops demo on backend={jax.default_backend()}, AUTO={resolve_impl(Impl.AUTO).value}")
+    print(
+        f"fwjax ops demo on backend={jax.default_backend()}, AUTO={resolve_impl(Impl.AUTO).value}"
+    )
     keys, seq_k, seq_v, latest = make_task(args.keys, args.dim, args.repeats, args.seed)
     t = seq_k.shape[1]
     beta = jnp.ones((1, t, 1), jnp.float32)
