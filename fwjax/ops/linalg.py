@@ -8,6 +8,7 @@ Neumann series overflows once ``|A| > 1``).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -50,24 +51,52 @@ def _diagonal_blocks(a: jax.Array, size: int, row_offset: int) -> jax.Array:
 def unit_lower_triangular_inverse(
     a: jax.Array, *, block_size: int = DEFAULT_BLOCK_SIZE
 ) -> jax.Array:
-    """Computes ``(I + a)^{-1}`` for a strictly lower-triangular ``a``.
+    """Computes ``X = (I + tril(a, -1))^{-1}``.
 
     Args:
-      a: ``[..., n, n]``, strictly lower triangular (the diagonal and above are ignored only in
-        the sense that they must be zero; callers build ``a`` with ``jnp.tril(., -1)``).
+      a: ``[..., n, n]``; only its strictly lower part is read.
       block_size: size of the diagonal blocks inverted by forward substitution.
 
     Returns:
-      ``[..., n, n]``, the unit lower-triangular inverse of ``I + a``.
+      ``[..., n, n]``, the unit lower-triangular inverse.
 
     Algorithm: pad ``n`` to ``block_size · 2^L`` (padding is an identity block, which leaves the
     top-left inverse unchanged), invert every diagonal block by forward substitution, then double
     the inverted blocks ``L`` times with
     ``inv([[L11, 0], [L21, L22]]) = [[X11, 0], [-X22 L21 X11, X22]]``.
+
+    Gradient (closed form, no differentiation through the algorithm):
+    ``dX = −X dA X``, so ``ā = tril(−Xᵀ X̄ Xᵀ, −1)``.
     """
     n = a.shape[-1]
     if a.shape[-2] != n:
         raise ValueError(f"a must be square in its last two axes; got {a.shape=}")
+    return _inverse(a, block_size)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _inverse(a: jax.Array, block_size: int) -> jax.Array:
+    return _inverse_impl(a, block_size)
+
+
+def _inverse_fwd(a, block_size):
+    x = _inverse_impl(a, block_size)
+    return x, x
+
+
+def _inverse_bwd(block_size, x, x_bar):
+    del block_size
+    xt = jnp.swapaxes(x, -1, -2)
+    a_bar = -jnp.matmul(jnp.matmul(xt, x_bar), xt)
+    return (jnp.tril(a_bar, -1),)
+
+
+_inverse.defvjp(_inverse_fwd, _inverse_bwd)
+
+
+def _inverse_impl(a: jax.Array, block_size: int) -> jax.Array:
+    n = a.shape[-1]
+    a = jnp.tril(a, -1)
     if n <= block_size:
         return _forward_substitution(a)
     levels = math.ceil(math.log2(math.ceil(n / block_size)))

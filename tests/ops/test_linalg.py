@@ -27,7 +27,7 @@ def test_inverse_gradient_is_the_matrix_identity():
     g = jnp.asarray(rng.normal(size=(n, n)), jnp.float32)
     grad = jax.grad(lambda a: jnp.sum(unit_lower_triangular_inverse(a) * g))(a)
     x = np.linalg.inv(np.eye(n) + np.asarray(a, np.float64))
-    # Only the strictly lower part is an input (callers build ``a`` with tril(., -1)).
+    # Only the strictly lower part is read, so the rest of the gradient is exactly zero.
     np.testing.assert_allclose(
         np.tril(grad, -1), np.tril(-(x.T @ np.asarray(g) @ x.T), -1), atol=1e-4
     )

@@ -1,14 +1,23 @@
-"""Delta rule, CHUNKED form: chunkwise-parallel WY / UT transform (Yang et al., 2024).
+"""Delta rule, CHUNKED form: chunkwise-parallel WY / UT transform (Yang et al., 2024), with a
+hand-written backward pass.
 
 Row convention, one chunk of ``C`` steps with rows ``K, V, Q``, write strengths ``β`` and
 incoming state ``S⁰``. Unrolling ``u_t = β_t (v_t − S_{t-1}ᵀ k_t)`` inside the chunk gives
-``(I + A) U_true = diag(β) (V − K S⁰)`` with ``A = tril(diag(β) K Kᵀ, −1)``, hence
+``(I + A) Ũ = diag(β) (V − K S⁰)`` with ``A = tril(diag(β) K Kᵀ, −1)``, hence
 
-    T = (I + A)⁻¹ diag(β),   W = T K,   U = T V          (intra-chunk, all chunks in parallel)
-    Ũ = U − W S⁰                                          (the written values u_t of the chunk)
-    O = Q S⁰ + (Q Kᵀ ⊙ M) Ũ,   S = S⁰ + Kᵀ Ũ               (inter-chunk scan; M includes i = j)
+    T = (I + A)⁻¹ diag(β),   W = T K,   U = T V,   P = Q Kᵀ ⊙ M      (phase 1: all chunks at once)
+    Ũ = U − W S⁰                                                     (the written values u_t)
+    O = Q S⁰ + P Ũ,   S = S⁰ + Kᵀ Ũ                                   (phase 2: scan over chunks)
 
-``(I + A)⁻¹`` comes from a matmul-only triangular inverse (:mod:`fwjax.ops.linalg`).
+with ``M`` lower-triangular including the diagonal. ``(I + A)⁻¹`` comes from a matmul-only
+triangular inverse (:mod:`fwjax.ops.linalg`).
+
+Memory: the forward pass keeps only the inputs and the state entering each chunk
+(``[N, B, H, K, V]``). The backward pass recomputes phase 1 (and takes its VJP), then walks the
+chunks in reverse with ``G = ∂L/∂S`` (state after the chunk)::
+
+    Ũ̄ = Pᵀ Ō + K G,   P̄ = (Ō Ũᵀ) ⊙ M,   Q̄ = Ō S⁰ᵀ,   K̄ = Ũ Gᵀ,   W̄ = −Ũ̄ S⁰ᵀ,   Ū = Ũ̄
+    G ← G + Qᵀ Ō − Wᵀ Ũ̄                                           (now ∂L/∂S⁰)
 """
 
 from __future__ import annotations
@@ -20,29 +29,75 @@ from fwjax.ops.chunking import causal_mask, from_chunks, to_chunks
 from fwjax.ops.linalg import unit_lower_triangular_inverse
 
 
+def _mT(x):
+    return jnp.swapaxes(x, -1, -2)
+
+
+def _wy_terms(q, k, v, beta):
+    """Phase 1 on chunked inputs ``[N, B, H, C, .]``: returns ``(W, U, P)``."""
+    c = k.shape[-2]
+    a = jnp.where(causal_mask(c, include_diagonal=False), beta[..., :, None] * (k @ _mT(k)), 0)
+    t = unit_lower_triangular_inverse(a) * beta[..., None, :]  # (I + A)⁻¹ diag(β)
+    p = jnp.where(causal_mask(c, include_diagonal=True), q @ _mT(k), 0)
+    return t @ k, t @ v, p
+
+
+def _scan_forward(q, k, w, u, p, s0):
+    def chunk_step(s, inputs):
+        q_i, k_i, w_i, u_i, p_i = inputs
+        u_tilde = u_i - w_i @ s  # Ũ = U − W S⁰
+        o_i = q_i @ s + p_i @ u_tilde  # O = Q S⁰ + P Ũ
+        return s + _mT(k_i) @ u_tilde, (o_i, s)  # S = S⁰ + Kᵀ Ũ
+
+    s, (o, states) = jax.lax.scan(chunk_step, s0, (q, k, w, u, p))
+    return o, s, states
+
+
+@jax.custom_vjp
+def _delta_chunks(q, k, v, beta, s0):
+    """Chunked ``[N, B, H, C, .]`` inputs in the compute dtype -> (o [N, B, H, C, V], S)."""
+    o, s, _ = _scan_forward(q, k, *_wy_terms(q, k, v, beta), s0)
+    return o, s
+
+
+def _delta_chunks_fwd(q, k, v, beta, s0):
+    o, s, states = _scan_forward(q, k, *_wy_terms(q, k, v, beta), s0)
+    return (o, s), (q, k, v, beta, states)
+
+
+def _delta_chunks_bwd(residuals, cotangents):
+    q, k, v, beta, states = residuals
+    d_o, d_s = cotangents
+    (w, u, p), wy_vjp = jax.vjp(_wy_terms, q, k, v, beta)  # recompute phase 1
+    mask = causal_mask(q.shape[-2], include_diagonal=True)
+
+    def chunk_step(g, inputs):
+        q_i, k_i, w_i, u_i, p_i, s_i, do_i = inputs
+        u_tilde = u_i - w_i @ s_i
+        du_tilde = _mT(p_i) @ do_i + k_i @ g
+        dp = jnp.where(mask, do_i @ _mT(u_tilde), 0)
+        dq = do_i @ _mT(s_i)
+        dk = u_tilde @ _mT(g)
+        dw = -du_tilde @ _mT(s_i)
+        g = g + _mT(q_i) @ do_i - _mT(w_i) @ du_tilde
+        return g, (dq, dk, dw, du_tilde, dp)
+
+    d_s0, (dq, dk, dw, du, dp) = jax.lax.scan(
+        chunk_step, d_s, (q, k, w, u, p, states, d_o), reverse=True
+    )
+    dq_wy, dk_wy, dv, d_beta = wy_vjp((dw, du, dp))
+    return dq + dq_wy, dk + dk_wy, dv, d_beta, d_s0
+
+
+_delta_chunks.defvjp(_delta_chunks_fwd, _delta_chunks_bwd)
+
+
 def delta_rule_chunked(q, k, v, beta, initial_state, scale, chunk_size):
     """See :func:`fwjax.ops.delta_rule`. Any ``T``: the tail is padded with zero keys and β = 0."""
     t = q.shape[1]
     dtype = initial_state.dtype
     c = min(chunk_size, t)  # one short chunk is cheaper than padding a long one
-    qc, kc, vc = (to_chunks(x.astype(dtype), c) for x in (q, k, v))  # [N, B, H, C, .]
-    bc = to_chunks(beta.astype(dtype), c)  # [N, B, H, C]
-
-    # Intra-chunk WY terms, in parallel over all chunks.
-    kk = jnp.einsum("...ik,...jk->...ij", kc, kc)
-    a = jnp.where(causal_mask(c, include_diagonal=False), bc[..., :, None] * kk, 0)
-    t_mat = unit_lower_triangular_inverse(a) * bc[..., None, :]  # (I + A)⁻¹ diag(β)
-    w = t_mat @ kc  # [N, B, H, C, K]
-    u = t_mat @ vc  # [N, B, H, C, V]
-    qk = jnp.where(causal_mask(c, include_diagonal=True), qc @ jnp.swapaxes(kc, -1, -2), 0)
-
-    # Inter-chunk recurrence on the state.
-    def chunk_step(s, inputs):
-        q_i, k_i, w_i, u_i, qk_i = inputs
-        u_tilde = u_i - w_i @ s  # Ũ = U − W S⁰
-        o_i = q_i @ s + qk_i @ u_tilde  # O = Q S⁰ + (Q Kᵀ ⊙ M) Ũ
-        s = s + jnp.swapaxes(k_i, -1, -2) @ u_tilde  # S = S⁰ + Kᵀ Ũ
-        return s, o_i
-
-    s, o = jax.lax.scan(chunk_step, initial_state, (qc, kc, w, u, qk))
-    return scale * from_chunks(o, t), s
+    q = scale * q.astype(dtype)  # o is linear in q: the scale stays differentiable
+    chunks = (to_chunks(x.astype(dtype), c) for x in (q, k, v, beta))  # [N, B, H, C, .]
+    o, s = _delta_chunks(*chunks, initial_state)
+    return from_chunks(o, t), s

@@ -1,6 +1,23 @@
-"""Delta rule, RECURRENT form: a ``lax.scan`` over time on the whole ``[B, H, K, V]`` state.
+"""Delta rule, RECURRENT form: a ``lax.scan`` over time on the whole ``[B, H, K, V]`` state,
+with a hand-written, memory-lean backward pass.
 
-Also provides the single-step update used for decoding.
+Forward per step (row convention)::
+
+    v̄_t = S_{t-1}ᵀ k_t,   u_t = β_t (v_t − v̄_t),   S_t = S_{t-1} + k_t u_tᵀ,   o_t = S_tᵀ q_t
+
+The forward pass stores only the written values ``u_t`` (``[T, B, H, V]``, the size of ``v``)
+and the final state. The backward pass walks time in reverse, rebuilding
+``S_{t-1} = S_t − k_t u_tᵀ`` (the trick of the paper's official CUDA kernel), so memory is
+``O(T·V + K·V)`` per head instead of the ``O(T·K·V)`` of autodiff through the scan. The
+rebuilt states subtract exactly the stored increments, so reconstruction error grows only
+additively (measured at T=8192 in benchmarks/README.md).
+
+Backward per step, with ``G = ∂L/∂S_t`` accumulated from later steps::
+
+    G  += q_t ōᵀ                 q̄_t = S_t ō_t
+    ū  = Gᵀ k_t                  k̄_t = G u_t + S_{t-1} v̄̄_t
+    β̄_t = ū·(v_t − v̄_t)          v̄_t-bar = β_t ū,   v̄̄_t = −β_t ū
+    G  += k_t v̄̄_tᵀ              (G is now ∂L/∂S_{t-1})
 """
 
 from __future__ import annotations
@@ -26,22 +43,74 @@ def delta_rule_step(q_t, k_t, v_t, beta_t, state, scale=1.0):
     """
     dtype = state.dtype
     q_t, k_t, v_t, beta_t = (x.astype(dtype) for x in (q_t, k_t, v_t, beta_t))
-    v_bar = jnp.einsum("bhk,bhkv->bhv", k_t, state)
-    u = beta_t[..., None] * (v_t - v_bar)  # the written value u_t = β_t (v_t − v̄_t)
-    state = state + k_t[..., :, None] * u[..., None, :]
+    _, state, _ = _step(q_t, k_t, v_t, beta_t, state)
     o_t = scale * jnp.einsum("bhk,bhkv->bhv", q_t, state)
     return o_t, state
+
+
+def _step(q_t, k_t, v_t, beta_t, s):
+    v_bar = jnp.einsum("bhk,bhkv->bhv", k_t, s)  # retrieve with the old state
+    u = beta_t[..., None] * (v_t - v_bar)  # the written value u_t = β_t (v_t − v̄_t)
+    s = s + k_t[..., :, None] * u[..., None, :]
+    o_t = jnp.einsum("bhk,bhkv->bhv", q_t, s)  # read with the new state
+    return o_t, s, u
+
+
+def _scan_forward(q, k, v, beta, s0):
+    def step(s, inputs):
+        o_t, s, u = _step(*inputs, s)
+        return s, (o_t, u)
+
+    s, (o, u) = jax.lax.scan(step, s0, (q, k, v, beta))
+    return o, s, u
+
+
+@jax.custom_vjp
+def _delta_scan(q, k, v, beta, s0):
+    """Time-major ``[T, B, H, .]`` inputs in the compute dtype -> (o [T, B, H, V], S_T)."""
+    o, s, _ = _scan_forward(q, k, v, beta, s0)
+    return o, s
+
+
+def _delta_scan_fwd(q, k, v, beta, s0):
+    o, s, u = _scan_forward(q, k, v, beta, s0)
+    return (o, s), (q, k, v, beta, u, s)
+
+
+def _delta_scan_bwd(residuals, cotangents):
+    q, k, v, beta, u, s_final = residuals
+    d_o, d_s_final = cotangents
+
+    def step(carry, inputs):
+        s, g = carry  # S_t and ∂L/∂S_t from steps after t
+        q_t, k_t, v_t, beta_t, u_t, do_t = inputs
+        g = g + q_t[..., :, None] * do_t[..., None, :]  # o_t = S_tᵀ q_t
+        dq_t = jnp.einsum("bhkv,bhv->bhk", s, do_t)
+        s_prev = s - k_t[..., :, None] * u_t[..., None, :]  # rebuild S_{t-1}
+        du = jnp.einsum("bhkv,bhk->bhv", g, k_t)
+        v_bar = jnp.einsum("bhk,bhkv->bhv", k_t, s_prev)
+        d_beta = jnp.sum(du * (v_t - v_bar), axis=-1)
+        dv_t = beta_t[..., None] * du
+        # v̄_t = S_{t-1}ᵀ k_t receives −dv_t.
+        dk_t = jnp.einsum("bhkv,bhv->bhk", g, u_t) - jnp.einsum("bhkv,bhv->bhk", s_prev, dv_t)
+        g = g - k_t[..., :, None] * dv_t[..., None, :]
+        return (s_prev, g), (dq_t, dk_t, dv_t, d_beta)
+
+    (_, d_s0), (dq, dk, dv, d_beta) = jax.lax.scan(
+        step, (s_final, d_s_final), (q, k, v, beta, u, d_o), reverse=True
+    )
+    return dq, dk, dv, d_beta, d_s0
+
+
+_delta_scan.defvjp(_delta_scan_fwd, _delta_scan_bwd)
 
 
 def delta_rule_recurrent(q, k, v, beta, initial_state, scale, chunk_size):
     """See :func:`fwjax.ops.delta_rule`. ``chunk_size`` is unused."""
     del chunk_size
-
-    def step(state, inputs):
-        q_t, k_t, v_t, beta_t = inputs
-        o_t, state = delta_rule_step(q_t, k_t, v_t, beta_t, state, scale)
-        return state, o_t
-
-    time_major = tuple(jnp.moveaxis(x, 1, 0) for x in (q, k, v, beta))
-    state, o = jax.lax.scan(step, initial_state, time_major)
+    dtype = initial_state.dtype
+    # The output scale is folded into q (o is linear in q), so it stays differentiable.
+    q = scale * q.astype(dtype)
+    time_major = tuple(jnp.moveaxis(x.astype(dtype), 1, 0) for x in (q, k, v, beta))
+    o, state = _delta_scan(*time_major, initial_state)
     return jnp.moveaxis(o, 0, 1), state

@@ -1,4 +1,10 @@
-"""Sum rule, RECURRENT form: a ``lax.scan`` over time on the ``[B, H, K, V]`` state."""
+"""Sum rule, RECURRENT form: a ``lax.scan`` over time on the ``[B, H, K, V]`` state, with a
+hand-written backward pass that rebuilds ``S_{t-1} = S_t − k_t v_tᵀ`` in a reverse scan, so
+nothing but the inputs and the final state is stored (autodiff would store every ``S_t``).
+
+Backward per step, with ``G = ∂L/∂S_t``: ``G += q_t ōᵀ``, ``q̄_t = S_t ō_t``, ``k̄_t = G v_t``,
+``v̄_t = Gᵀ k_t``; ``G`` carries over unchanged to ``S_{t-1}``.
+"""
 
 from __future__ import annotations
 
@@ -22,20 +28,61 @@ def sum_rule_step(q_t, k_t, v_t, state, scale=1.0):
     """
     dtype = state.dtype
     q_t, k_t, v_t = (x.astype(dtype) for x in (q_t, k_t, v_t))
-    state = state + k_t[..., :, None] * v_t[..., None, :]
-    o_t = scale * jnp.einsum("bhk,bhkv->bhv", q_t, state)
-    return o_t, state
+    o_t, state = _step(q_t, k_t, v_t, state)
+    return scale * o_t, state
+
+
+def _step(q_t, k_t, v_t, s):
+    s = s + k_t[..., :, None] * v_t[..., None, :]
+    return jnp.einsum("bhk,bhkv->bhv", q_t, s), s
+
+
+def _scan_forward(q, k, v, s0):
+    def step(s, inputs):
+        o_t, s = _step(*inputs, s)
+        return s, o_t
+
+    s, o = jax.lax.scan(step, s0, (q, k, v))
+    return o, s
+
+
+@jax.custom_vjp
+def _sum_scan(q, k, v, s0):
+    """Time-major ``[T, B, H, .]`` inputs in the compute dtype -> (o [T, B, H, V], S_T)."""
+    return _scan_forward(q, k, v, s0)
+
+
+def _sum_scan_fwd(q, k, v, s0):
+    o, s = _scan_forward(q, k, v, s0)
+    return (o, s), (q, k, v, s)
+
+
+def _sum_scan_bwd(residuals, cotangents):
+    q, k, v, s_final = residuals
+    d_o, d_s_final = cotangents
+
+    def step(carry, inputs):
+        s, g = carry
+        q_t, k_t, v_t, do_t = inputs
+        g = g + q_t[..., :, None] * do_t[..., None, :]
+        dq_t = jnp.einsum("bhkv,bhv->bhk", s, do_t)
+        dk_t = jnp.einsum("bhkv,bhv->bhk", g, v_t)
+        dv_t = jnp.einsum("bhkv,bhk->bhv", g, k_t)
+        s_prev = s - k_t[..., :, None] * v_t[..., None, :]
+        return (s_prev, g), (dq_t, dk_t, dv_t)
+
+    (_, d_s0), (dq, dk, dv) = jax.lax.scan(step, (s_final, d_s_final), (q, k, v, d_o), reverse=True)
+    return dq, dk, dv, d_s0
+
+
+_sum_scan.defvjp(_sum_scan_fwd, _sum_scan_bwd)
 
 
 def sum_rule_recurrent(q, k, v, initial_state, scale, chunk_size):
     """See :func:`fwjax.ops.sum_rule`. ``chunk_size`` is unused."""
     del chunk_size
-
-    def step(state, inputs):
-        q_t, k_t, v_t = inputs
-        o_t, state = sum_rule_step(q_t, k_t, v_t, state, scale)
-        return state, o_t
-
-    time_major = tuple(jnp.moveaxis(x, 1, 0) for x in (q, k, v))
-    state, o = jax.lax.scan(step, initial_state, time_major)
+    dtype = initial_state.dtype
+    q = scale * q.astype(dtype)  # o is linear in q: the scale stays differentiable
+    time_major = tuple(jnp.moveaxis(x.astype(dtype), 1, 0) for x in (q, k, v))
+    o, state = _sum_scan(*time_major, initial_state)
     return jnp.moveaxis(o, 0, 1), state
