@@ -13,7 +13,7 @@ with ``M`` lower-triangular including the diagonal. ``(I + A)⁻¹`` comes from 
 triangular inverse (:mod:`fwjax.ops.linalg`).
 
 Memory: the forward pass keeps only the inputs and the state entering each chunk
-(``[N, B, H, K, V]``). The backward pass recomputes phase 1 (and takes its VJP), then walks the
+(``[N, B, H, K, V]``). The backward pass recomputes phase 1 (and takes its VJP) and walks the
 chunks in reverse with ``G = ∂L/∂S`` (state after the chunk)::
 
     Ũ̄ = Pᵀ Ō + K G,   P̄ = (Ō Ũᵀ) ⊙ M,   Q̄ = Ō S⁰ᵀ,   K̄ = Ũ Gᵀ,   W̄ = −Ũ̄ S⁰ᵀ,   Ū = Ũ̄
@@ -21,6 +21,8 @@ chunks in reverse with ``G = ∂L/∂S`` (state after the chunk)::
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -42,54 +44,96 @@ def _wy_terms(q, k, v, beta):
     return t @ k, t @ v, p
 
 
-def _scan_forward(q, k, w, u, p, s0):
-    def chunk_step(s, inputs):
-        q_i, k_i, w_i, u_i, p_i = inputs
-        u_tilde = u_i - w_i @ s  # Ũ = U − W S⁰
-        o_i = q_i @ s + p_i @ u_tilde  # O = Q S⁰ + P Ũ
-        return s + _mT(k_i) @ u_tilde, (o_i, s)  # S = S⁰ + Kᵀ Ũ
+def _chunk_forward(q_i, k_i, w_i, u_i, p_i, s):
+    """One chunk of phase 2: returns ``(O, S_new)``."""
+    u_tilde = u_i - w_i @ s  # Ũ = U − W S⁰
+    o_i = q_i @ s + p_i @ u_tilde  # O = Q S⁰ + P Ũ
+    return o_i, s + _mT(k_i) @ u_tilde  # S = S⁰ + Kᵀ Ũ
 
-    s, (o, states) = jax.lax.scan(chunk_step, s0, (q, k, w, u, p))
+
+def _chunk_backward(q_i, k_i, w_i, u_i, p_i, s_i, do_i, g):
+    """VJP of one chunk of phase 2; ``g`` is ∂L/∂S after the chunk, ``s_i`` the state before."""
+    u_tilde = u_i - w_i @ s_i
+    du_tilde = _mT(p_i) @ do_i + k_i @ g
+    mask = causal_mask(q_i.shape[-2], include_diagonal=True)
+    dp = jnp.where(mask, do_i @ _mT(u_tilde), 0)
+    dq = do_i @ _mT(s_i)
+    dk = u_tilde @ _mT(g)
+    dw = -du_tilde @ _mT(s_i)
+    g = g + _mT(q_i) @ do_i - _mT(w_i) @ du_tilde  # now ∂L/∂S⁰
+    return g, (dq, dk, dw, du_tilde, dp)
+
+
+def _scan_forward(q, k, v, beta, s0, fused):
+    """Phase 2 over all chunks; returns ``(O, S_final, states entering each chunk)``.
+
+    ``fused``: compute each chunk's phase-1 terms inside the scan step (working set of one chunk,
+    which stays in cache on CPU) instead of for all chunks up front (more parallelism).
+    """
+    if fused:
+
+        def chunk_step(s, inputs):
+            q_i, k_i, v_i, beta_i = inputs
+            o_i, s_new = _chunk_forward(q_i, k_i, *_wy_terms(q_i, k_i, v_i, beta_i), s)
+            return s_new, (o_i, s)
+
+        xs = (q, k, v, beta)
+    else:
+
+        def chunk_step(s, inputs):
+            o_i, s_new = _chunk_forward(*inputs, s)
+            return s_new, (o_i, s)
+
+        xs = (q, k, *_wy_terms(q, k, v, beta))
+    s, (o, states) = jax.lax.scan(chunk_step, s0, xs)
     return o, s, states
 
 
-@jax.custom_vjp
-def _delta_chunks(q, k, v, beta, s0):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _delta_chunks(q, k, v, beta, s0, fused):
     """Chunked ``[N, B, H, C, .]`` inputs in the compute dtype -> (o [N, B, H, C, V], S)."""
-    o, s, _ = _scan_forward(q, k, *_wy_terms(q, k, v, beta), s0)
+    o, s, _ = _scan_forward(q, k, v, beta, s0, fused)
     return o, s
 
 
-def _delta_chunks_fwd(q, k, v, beta, s0):
-    o, s, states = _scan_forward(q, k, *_wy_terms(q, k, v, beta), s0)
+def _delta_chunks_fwd(q, k, v, beta, s0, fused):
+    o, s, states = _scan_forward(q, k, v, beta, s0, fused)
     return (o, s), (q, k, v, beta, states)
 
 
-def _delta_chunks_bwd(residuals, cotangents):
+def _delta_chunks_bwd(fused, residuals, cotangents):
     q, k, v, beta, states = residuals
     d_o, d_s = cotangents
+    if fused:
+
+        def chunk_step(g, inputs):
+            q_i, k_i, v_i, beta_i, s_i, do_i = inputs
+            wy, wy_vjp = jax.vjp(_wy_terms, q_i, k_i, v_i, beta_i)  # recompute phase 1
+            g, (dq, dk, *d_wy) = _chunk_backward(q_i, k_i, *wy, s_i, do_i, g)
+            dq_wy, dk_wy, dv, d_beta = wy_vjp(tuple(d_wy))
+            return g, (dq + dq_wy, dk + dk_wy, dv, d_beta)
+
+        d_s0, grads = jax.lax.scan(chunk_step, d_s, (q, k, v, beta, states, d_o), reverse=True)
+        return (*grads, d_s0)
+
     (w, u, p), wy_vjp = jax.vjp(_wy_terms, q, k, v, beta)  # recompute phase 1
-    mask = causal_mask(q.shape[-2], include_diagonal=True)
 
     def chunk_step(g, inputs):
-        q_i, k_i, w_i, u_i, p_i, s_i, do_i = inputs
-        u_tilde = u_i - w_i @ s_i
-        du_tilde = _mT(p_i) @ do_i + k_i @ g
-        dp = jnp.where(mask, do_i @ _mT(u_tilde), 0)
-        dq = do_i @ _mT(s_i)
-        dk = u_tilde @ _mT(g)
-        dw = -du_tilde @ _mT(s_i)
-        g = g + _mT(q_i) @ do_i - _mT(w_i) @ du_tilde
-        return g, (dq, dk, dw, du_tilde, dp)
+        return _chunk_backward(*inputs, g)
 
-    d_s0, (dq, dk, dw, du, dp) = jax.lax.scan(
+    d_s0, (dq, dk, *d_wy) = jax.lax.scan(
         chunk_step, d_s, (q, k, w, u, p, states, d_o), reverse=True
     )
-    dq_wy, dk_wy, dv, d_beta = wy_vjp((dw, du, dp))
+    dq_wy, dk_wy, dv, d_beta = wy_vjp(tuple(d_wy))
     return dq + dq_wy, dk + dk_wy, dv, d_beta, d_s0
 
 
 _delta_chunks.defvjp(_delta_chunks_fwd, _delta_chunks_bwd)
+
+# Whether phase 1 runs inside the chunk scan, per backend platform. On XLA:CPU, small batched
+# matmuls are several times faster when their working set (one chunk) stays in cache
+# (benchmarks/README.md); accelerators prefer all chunks' phase 1 as one parallel batch.
+_FUSED_PHASES = {"cpu": True}
 
 
 def delta_rule_chunked(q, k, v, beta, initial_state, scale, chunk_size):
@@ -99,5 +143,10 @@ def delta_rule_chunked(q, k, v, beta, initial_state, scale, chunk_size):
     c = min(chunk_size, t)  # one short chunk is cheaper than padding a long one
     q = scale * q.astype(dtype)  # o is linear in q: the scale stays differentiable
     chunks = (to_chunks(x.astype(dtype), c) for x in (q, k, v, beta))  # [N, B, H, C, .]
-    o, s = _delta_chunks(*chunks, initial_state)
+    o, s = _delta_chunks(*chunks, initial_state, fused_phases(jax.default_backend()))
     return from_chunks(o, t), s
+
+
+def fused_phases(platform: str) -> bool:
+    """Whether the chunked delta rule fuses phase 1 into the chunk scan on ``platform``."""
+    return _FUSED_PHASES.get(platform, False)
