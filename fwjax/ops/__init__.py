@@ -13,6 +13,7 @@ from fwjax.ops.fast_weight_attention import (
     Normalization,
     UpdateRule,
     fast_weight_attention,
+    fast_weight_read,
     init_fast_weight_state,
 )
 from fwjax.ops.feature_maps import FeatureMap, FeatureMapKind
@@ -30,6 +31,7 @@ __all__ = [
     "delta_rule",
     "delta_rule_step",
     "fast_weight_attention",
+    "fast_weight_read",
     "feature_maps",
     "init_fast_weight_state",
     "softmax_attention",

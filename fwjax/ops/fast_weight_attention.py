@@ -161,8 +161,7 @@ def fast_weight_attention(
     if update_rule is UpdateRule.SUM and beta is not None:
         raise ValueError("update_rule=SUM takes no beta; pass beta=None")
     out_dtype = jnp.result_type(q, k, v)
-    stabilize_q = normalization is not Normalization.NONE
-    fq = normalization.normalize_features(feature_map(q, projection, stabilize=stabilize_q))
+    fq = _query_features(q, feature_map, normalization, projection)
     fk = feature_map(k, projection, stabilize=normalization.cancels_key_scale)
     fk = normalization.normalize_features(fk)
 
@@ -195,3 +194,45 @@ def fast_weight_attention(
     n = jnp.einsum("bthk,bthk->bth", z_incl, fq) + eps
     y = y.astype(dtype) / n[..., None]
     return y.astype(out_dtype), FastWeightState(s, z_incl[:, -1])
+
+
+def _query_features(q, feature_map: FeatureMap, normalization: Normalization, projection):
+    """φ̂(q): the feature map (FAVOR+ stabilised whenever a normalisation cancels the factor),
+    then the key/query normalisation."""
+    stabilize = normalization is not Normalization.NONE
+    return normalization.normalize_features(feature_map(q, projection, stabilize=stabilize))
+
+
+@functools.partial(jax.jit, static_argnames=("feature_map", "normalization"))
+def fast_weight_read(
+    q,
+    state: FastWeightState,
+    *,
+    feature_map: FeatureMap = _ELU_P1,
+    normalization: Normalization = Normalization.SUM,
+    projection=None,
+    scale=1.0,
+    eps: float = 1e-5,
+):
+    """Reads a memory with queries, writing nothing: ``y = scale · Sᵀ φ̂(q) / n``.
+
+    ``n = zᵀ φ̂(q) + eps`` under attention normalisation, else 1 (as in
+    :func:`fast_weight_attention`, whose outputs are these reads of the state after each step).
+
+    Args:
+      q: raw queries ``[B, T, H, D]``.
+      state: a :class:`FastWeightState` (``S: [B, H, K, V]``).
+      feature_map, normalization, projection, scale, eps: as in :func:`fast_weight_attention`.
+
+    Returns:
+      ``[B, T, H, V]`` in the state dtype.
+    """
+    normalization = Normalization(normalization)
+    s = state.fast_weights
+    fq = _query_features(q, feature_map, normalization, projection).astype(s.dtype)
+    y = scale * jnp.einsum("bthk,bhkv->bthv", fq, s)
+    if normalization.uses_normalizer:
+        if state.normalizer is None:
+            raise ValueError(f"{normalization=} needs state.normalizer (the z accumulator)")
+        y = y / (jnp.einsum("bthk,bhk->bth", fq, state.normalizer) + eps)[..., None]
+    return y

@@ -22,10 +22,15 @@ class Impl(enum.Enum):
 
     Attributes:
       AUTO: the fastest measured form for the current default backend (see :func:`resolve_impl`).
-      REFERENCE: the literal step-by-step equations (for the sum rule: the causal-masked quadratic
-        form), at the highest matmul precision. The oracle; slow.
-      RECURRENT: a ``lax.scan`` over time carrying the ``[K, V]`` state; also the decode path.
-      CHUNKED: the chunkwise-parallel form (WY / UT transform for the delta rule).
+      REFERENCE: the literal step-by-step equations of one head, vmapped, at the highest matmul
+        precision, differentiated by plain autodiff. The oracle; slow, stores every state.
+        (The sum rule also has the causal-masked quadratic form, ``sum_rule_quadratic``.)
+      RECURRENT: a ``lax.scan`` over time carrying the ``[B, H, K, V]`` state, with a
+        hand-written reverse-scan backward that rebuilds past states instead of storing them;
+        also the decode path (``delta_rule_step``, ``sum_rule_step``).
+      CHUNKED: the chunkwise-parallel form (WY / UT transform for the delta rule), with a
+        hand-written backward that keeps one state per chunk and recomputes the intra-chunk
+        terms.
       PALLAS: a fused Pallas kernel of the chunked form (not available yet).
     """
 
@@ -40,9 +45,9 @@ class Impl(enum.Enum):
 # chunked form (shared/NOTES.md); accelerators want larger tiles for their matrix units.
 _DEFAULT_CHUNK_SIZE = {"cpu": 32, "gpu": 64, "cuda": 64, "rocm": 64, "tpu": 64}
 
-# AUTO per backend platform. On XLA:CPU the per-token scan beats the chunked form (the chunked
-# form does ~2.7x the FLOPs and small matmuls run far from peak there); on GPU/TPU the chunked
-# form's matmuls run on the matrix units.
+# AUTO per backend platform. On XLA:CPU the per-token scan is the fastest measured form in the
+# forward pass and on par with the best chunked form (C=32) in forward + backward, with less
+# memory (benchmarks/README.md); on GPU/TPU the chunked form's matmuls run on matrix units.
 _AUTO_IMPL = {"cpu": Impl.RECURRENT}
 
 

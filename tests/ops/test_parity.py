@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from fwjax.ops import Impl
-from tests.ops.rules import CASES, IMPLS, RULES, make_inputs, upcast
+from tests.ops.rules import CASES, IMPLS, RULES, SUM, make_inputs, upcast
 from tests.tolerances import assert_close
 
 DTYPES = (jnp.float32, jnp.bfloat16)
@@ -110,5 +110,19 @@ def test_float64_inputs_compute_in_float64(rule):
         for impl in IMPLS:
             out, state = rule(inputs, impl, 16)
             assert out.dtype == jnp.float64 and state.dtype == jnp.float64
-            np.testing.assert_allclose(out, expected_out, atol=1e-11, err_msg=impl.value)
-            np.testing.assert_allclose(state, expected_state, atol=1e-11, err_msg=impl.value)
+            assert_close(out, expected_out, err_msg=impl.value)
+            assert_close(state, expected_state, err_msg=impl.value)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_sum_rule_quadratic_form_matches_oracle(case):
+    """The masked quadratic form of linear attention: a second oracle that never steps a state."""
+    from fwjax.ops.impl import prepare_inputs
+    from fwjax.ops.sum_rule.reference import sum_rule_quadratic
+
+    inputs = make_inputs(case, jnp.float32)
+    p = prepare_inputs(inputs["q"], inputs["k"], inputs["v"], None, inputs["s0"], needs_beta=False)
+    out, state = sum_rule_quadratic(p.q, p.k, p.v, p.initial_state, inputs["scale"])
+    expected_out, expected_state = SUM.oracle(inputs)
+    assert_close(out, expected_out)
+    assert_close(state, expected_state)

@@ -1,0 +1,232 @@
+"""Attention layers as Flax NNX modules: fast weight attention and the softmax baseline.
+
+Both follow one state API (recurrentgemma's ``init_cache``): ``init_state(batch_size)`` returns an
+empty state, and ``__call__(x, state=None) -> (y, state)``. Decoding one token at a time with the
+carried state reproduces the parallel forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from fwjax.nn.config import FastWeightConfig
+from fwjax.ops import (
+    FastWeightState,
+    UpdateRule,
+    fast_weight_attention,
+    feature_maps,
+    init_fast_weight_state,
+    softmax_attention,
+)
+
+
+class FavorProjection(nnx.Variable):
+    """FAVOR+'s random projection ``[d_head, m]``: a non-trainable variable (never in ``Param``)."""
+
+
+def logical(init, axes):
+    """Annotates an initializer with logical axis names (``embed``, ``heads``, ``mlp``,
+    ``vocab``). Sharding is applied later from these names (e.g. by ``jax.eval_shape`` + a mesh
+    in the training loop), not eagerly at creation, so modules build without a mesh."""
+    return nnx.with_partitioning(init, axes, eager_sharding=False)
+
+
+def _dense(d_in, d_out, axes, *, dtype, rngs):
+    init = logical(nnx.initializers.lecun_normal(), axes)
+    return nnx.Linear(d_in, d_out, use_bias=False, dtype=dtype, kernel_init=init, rngs=rngs)
+
+
+class FastWeightLayerState(NamedTuple):
+    """State of a :class:`FastWeightAttention` layer.
+
+    Attributes:
+      memory: the fast weights (and ``z`` under attention normalisation), float32.
+      conv: the last ``conv_size − 1`` projected inputs of the short convolution, or None.
+    """
+
+    memory: FastWeightState
+    conv: jax.Array | None = None
+
+
+class FastWeightAttention(nnx.Module):
+    """Multi-head fast weight attention (Schlag, Irie, Schmidhuber, 2021).
+
+    One bias-free projection gives ``q, k, v`` and (for the delta rule) one write strength per
+    head, ``β = σ(w_β·x)``; φ and the normalisation are applied per head; the memory is read
+    with scale ``1/√d_head``; heads are concatenated and projected back without bias.
+
+    Shapes: ``x: [B, T, d_model] -> y: [B, T, d_model]``.
+    """
+
+    def __init__(
+        self,
+        config: FastWeightConfig,
+        d_model: int,
+        num_heads: int,
+        *,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        if d_model % num_heads:
+            raise ValueError(f"{num_heads=} must divide {d_model=}")
+        self.config = config
+        self.num_heads = num_heads
+        self.head_dim = d_model // num_heads
+        self.dtype = dtype
+        width = 3 * d_model + (num_heads if config.update_rule is UpdateRule.DELTA else 0)
+        self.qkvb = _dense(d_model, width, ("embed", "heads"), dtype=dtype, rngs=rngs)
+        self.out = _dense(d_model, d_model, ("heads", "embed"), dtype=dtype, rngs=rngs)
+        fm = config.feature_map
+        # Optional submodules/variables are wrapped in nnx.data so that None stays a data slot.
+        self.projection = nnx.data(
+            FavorProjection(
+                feature_maps.draw_favor_projection(rngs.params(), self.head_dim, fm.num_features)
+            )
+            if fm.needs_projection
+            else None
+        )
+        conv_init = nnx.initializers.normal(1.0 / math.sqrt(config.conv_size))
+        self.conv = nnx.data(
+            nnx.Param(conv_init(rngs.params(), (config.conv_size, 3 * d_model)))
+            if config.short_conv
+            else None
+        )
+        self.norm = nnx.data(
+            nnx.RMSNorm(self.head_dim, dtype=dtype, rngs=rngs) if config.output_norm else None
+        )
+
+    @property
+    def key_dim(self) -> int:
+        """Rows ``K`` of each head's fast weight matrix (the feature map's output dimension)."""
+        return self.config.feature_map.output_dim(self.head_dim)
+
+    def init_state(self, batch_size: int) -> FastWeightLayerState:
+        memory = init_fast_weight_state(
+            batch_size, self.num_heads, self.key_dim, self.head_dim, self.config.normalization
+        )
+        conv = None
+        if self.conv is not None:
+            width = self.conv[...].shape[1]
+            conv = jnp.zeros((batch_size, self.config.conv_size - 1, width), self.dtype)
+        return FastWeightLayerState(memory, conv)
+
+    def redraw_projection(self, key: jax.Array) -> None:
+        """Draws a new FAVOR+ projection (no-op for other feature maps)."""
+        if self.projection is not None:
+            d, m = self.projection[...].shape
+            self.projection[...] = feature_maps.draw_favor_projection(key, d, m)
+
+    def __call__(self, x, state: FastWeightLayerState | None = None):
+        b, t, _ = x.shape
+        h, dh, cfg = self.num_heads, self.head_dim, self.config
+        proj = self.qkvb(x)
+        qkv, b_logits = proj[..., : 3 * h * dh], proj[..., 3 * h * dh :]
+        conv_state = None
+        if self.conv is not None:
+            cache = state.conv if state is not None else None
+            qkv, conv_state = causal_depthwise_conv(qkv, self.conv[...].astype(qkv.dtype), cache)
+            qkv = jax.nn.silu(qkv)
+        q, k, v = (z.reshape(b, t, h, dh) for z in jnp.split(qkv, 3, axis=-1))
+        if cfg.silu_l2_qk:
+            q, k = (feature_maps.l2_norm(jax.nn.silu(z)) for z in (q, k))
+        beta = jax.nn.sigmoid(b_logits.astype(jnp.float32)) if b_logits.shape[-1] else None
+        projection = None if self.projection is None else self.projection[...]
+        y, memory = fast_weight_attention(
+            q,
+            k,
+            v,
+            beta,
+            feature_map=cfg.feature_map,
+            normalization=cfg.normalization,
+            update_rule=cfg.update_rule,
+            projection=projection,
+            scale=1.0 / math.sqrt(dh),
+            state=None if state is None else state.memory,
+            impl=cfg.impl,
+            chunk_size=cfg.chunk_size,
+        )
+        if self.norm is not None:
+            y = self.norm(y)
+        y = self.out(y.astype(self.dtype).reshape(b, t, h * dh))
+        return y, FastWeightLayerState(memory, conv_state)
+
+
+def causal_depthwise_conv(x, kernel, cache=None):
+    """Causal depthwise convolution over time: ``y_t = Σ_j kernel[j] · x_{t − (J−1) + j}``.
+
+    Args:
+      x: ``[B, T, C]``.
+      kernel: ``[J, C]`` (the last row multiplies the current step).
+      cache: the previous ``J − 1`` inputs ``[B, J − 1, C]``, or None for zeros.
+
+    Returns:
+      ``(y [B, T, C], new_cache [B, J − 1, C])``.
+    """
+    j = kernel.shape[0]
+    b, t, c = x.shape
+    if cache is None:
+        cache = jnp.zeros((b, j - 1, c), x.dtype)
+    xp = jnp.concatenate([cache.astype(x.dtype), x], axis=1)  # [B, J − 1 + T, C]
+    y = sum(kernel[i] * xp[:, i : i + t] for i in range(j))
+    return y, xp[:, xp.shape[1] - (j - 1) :]
+
+
+class KVCache(NamedTuple):
+    """State of a :class:`SoftmaxAttention` layer: a fixed-length key/value buffer."""
+
+    keys: jax.Array  # [B, max_len, H, D]
+    values: jax.Array  # [B, max_len, H, D]
+    length: jax.Array  # int32 scalar: number of filled positions
+
+
+class SoftmaxAttention(nnx.Module):
+    """Causal multi-head softmax attention with the same interface as :class:`FastWeightAttention`.
+
+    Without a state the whole sequence attends causally to itself; with a :class:`KVCache`
+    (``init_state``) new keys/values are appended and queries attend to every filled position
+    up to their own (memory grows with the context, unlike fast weights).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        max_len: int = 2048,
+        *,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        if d_model % num_heads:
+            raise ValueError(f"{num_heads=} must divide {d_model=}")
+        self.num_heads, self.head_dim, self.max_len = num_heads, d_model // num_heads, max_len
+        self.dtype = dtype
+        self.qkv = _dense(d_model, 3 * d_model, ("embed", "heads"), dtype=dtype, rngs=rngs)
+        self.out = _dense(d_model, d_model, ("heads", "embed"), dtype=dtype, rngs=rngs)
+
+    def init_state(self, batch_size: int) -> KVCache:
+        shape = (batch_size, self.max_len, self.num_heads, self.head_dim)
+        return KVCache(
+            jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype), jnp.zeros((), jnp.int32)
+        )
+
+    def __call__(self, x, state: KVCache | None = None):
+        b, t, _ = x.shape
+        h, dh = self.num_heads, self.head_dim
+        q, k, v = (z.reshape(b, t, h, dh) for z in jnp.split(self.qkv(x), 3, axis=-1))
+        if state is None:
+            y = softmax_attention(q, k, v, causal=True)
+            return self.out(y.reshape(b, t, h * dh)), None
+        start = state.length
+        keys = jax.lax.dynamic_update_slice_in_dim(state.keys, k.astype(self.dtype), start, 1)
+        values = jax.lax.dynamic_update_slice_in_dim(state.values, v.astype(self.dtype), start, 1)
+        logits = jnp.einsum("bthd,bshd->bhts", q.astype(jnp.float32), keys.astype(jnp.float32))
+        logits = logits / math.sqrt(dh)
+        visible = jnp.arange(self.max_len)[None, :] <= (start + jnp.arange(t))[:, None]
+        weights = jax.nn.softmax(jnp.where(visible, logits, -jnp.inf), axis=-1)
+        y = jnp.einsum("bhts,bshd->bthd", weights, values.astype(jnp.float32)).astype(x.dtype)
+        return self.out(y.reshape(b, t, h * dh)), KVCache(keys, values, start + t)

@@ -1,0 +1,98 @@
+"""The single-layer, single-head model of the paper's synthetic associative retrieval tasks."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from fwjax.nn.attention import FavorProjection
+from fwjax.nn.config import AttentionKind, FastWeightConfig
+from fwjax.ops import UpdateRule, fast_weight_attention, fast_weight_read, feature_maps
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrievalConfig:
+    """Attributes:
+    num_keys: N distinct key tokens.
+    num_values: distinct value tokens (N in the paper); values are one-hot and frozen.
+    d_key: dimension of the key/query projections (64 in the paper).
+    attention: FAST_WEIGHT (any φ, rule, normalisation) or SOFTMAX.
+    fast_weight: the memory's configuration (short_conv / output_norm are not used here).
+    """
+
+    num_keys: int
+    num_values: int
+    d_key: int = 64
+    attention: AttentionKind = AttentionKind.FAST_WEIGHT
+    fast_weight: FastWeightConfig = FastWeightConfig()
+
+    def __post_init__(self):
+        for name in ("num_keys", "num_values", "d_key"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive int")
+        object.__setattr__(self, "attention", AttentionKind(self.attention))
+
+
+class RetrievalModel(nnx.Module):
+    """Writes (key, value) pairs into one memory, then reads it at query keys.
+
+    Step ``t`` sees ``x_t = [onehot(value_t); embed(key_t)]``; the memory key is ``W_k x_t``, the
+    memory value is ``onehot(value_t)`` itself (frozen), the write strength ``σ(w_β·x_t)``. A
+    query is ``W_q embed(query_key)``, read from the memory after all writes: the prediction
+    ``ŷ ∈ R^{num_values}``. The softmax variant attends from each query to all written keys.
+
+    ``__call__(keys [B, L], values [B, L], queries [B, Q]) -> [B, Q, num_values]`` (float32).
+    """
+
+    def __init__(self, config: RetrievalConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        d = config.d_key
+        self.embed = nnx.Embed(config.num_keys, d, rngs=rngs)
+        d_in = config.num_values + d
+        self.key_proj = nnx.Linear(d_in, d, use_bias=False, rngs=rngs)
+        self.query_proj = nnx.Linear(d, d, use_bias=False, rngs=rngs)
+        self.beta_proj = nnx.Linear(d_in, 1, use_bias=False, rngs=rngs)
+        fm = config.fast_weight.feature_map
+        favor = config.attention is AttentionKind.FAST_WEIGHT and fm.needs_projection
+        self.projection = nnx.data(
+            FavorProjection(feature_maps.draw_favor_projection(rngs.params(), d, fm.num_features))
+            if favor
+            else None
+        )
+
+    def redraw_projection(self, key):
+        if self.projection is not None:
+            d, m = self.projection[...].shape
+            self.projection[...] = feature_maps.draw_favor_projection(key, d, m)
+
+    def __call__(self, keys, values, queries):
+        cfg = self.config
+        v = jax.nn.one_hot(values, cfg.num_values, dtype=jnp.float32)  # [B, L, V]
+        x = jnp.concatenate([v, self.embed(keys)], axis=-1)
+        k = self.key_proj(x)[:, :, None]  # [B, L, 1, d]
+        q = self.query_proj(self.embed(queries))[:, :, None]  # [B, Q, 1, d]
+        if cfg.attention is AttentionKind.SOFTMAX:
+            logits = jnp.einsum("bqhd,blhd->bhql", q, k) / math.sqrt(cfg.d_key)
+            return jnp.einsum("bhql,blv->bqv", jax.nn.softmax(logits, axis=-1), v)
+        fw = cfg.fast_weight
+        beta = None
+        if fw.update_rule is UpdateRule.DELTA:
+            beta = jax.nn.sigmoid(self.beta_proj(x))  # [B, L, 1]
+        projection = None if self.projection is None else self.projection[...]
+        kw = dict(feature_map=fw.feature_map, normalization=fw.normalization, projection=projection)
+        _, memory = fast_weight_attention(
+            k,
+            k,
+            v[:, :, None],
+            beta,
+            update_rule=fw.update_rule,
+            impl=fw.impl,
+            chunk_size=fw.chunk_size,
+            **kw,
+        )
+        return fast_weight_read(q, memory, **kw)[:, :, 0]

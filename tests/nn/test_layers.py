@@ -1,0 +1,231 @@
+"""NNX layers and models: shapes, state API (decode == parallel, carry == concatenation),
+parameter counts, every φ × rule × normalisation, dtype policy, config validation."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from fwjax.nn import (
+    AttentionKind,
+    FastWeightAttention,
+    FastWeightConfig,
+    FavorProjection,
+    ModelConfig,
+    NormPosition,
+    RetrievalConfig,
+    RetrievalModel,
+    TransformerLM,
+    generate,
+    redraw_favor_projections,
+)
+from fwjax.ops import FeatureMap, FeatureMapKind, Impl, Normalization, UpdateRule
+from tests.tolerances import assert_close
+
+FEATURE_MAPS = (
+    FeatureMap(FeatureMapKind.ELU_P1),
+    FeatureMap(FeatureMapKind.DPFP, nu=2),
+    FeatureMap(FeatureMapKind.FAVOR_PLUS, num_features=8),
+)
+
+
+def _lm(**kw):
+    cfg = ModelConfig(vocab_size=17, d_model=16, num_layers=2, num_heads=2, d_ff=24, **kw)
+    return TransformerLM(cfg, rngs=nnx.Rngs(0))
+
+
+def _tokens(b=2, t=11, vocab=17, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).integers(0, vocab, size=(b, t)), jnp.int32)
+
+
+def test_given_a_fast_weight_layer_when_called_then_shapes_follow_the_legend():
+    layer = FastWeightAttention(FastWeightConfig(), d_model=12, num_heads=3, rngs=nnx.Rngs(0))
+    y, state = layer(jnp.ones((2, 5, 12)))
+    assert y.shape == (2, 5, 12)
+    assert state.memory.fast_weights.shape == (2, 3, 4, 4)
+    assert state.memory.fast_weights.dtype == jnp.float32
+
+
+def test_given_an_lm_when_called_then_logits_are_float32_per_token():
+    model = _lm()
+    logits, state = model(_tokens())
+    assert logits.shape == (2, 11, 17) and logits.dtype == jnp.float32
+    assert int(state.position) == 11
+
+
+LM_VARIANTS = {
+    "delta_sum_norm": {},
+    "linear_attention": dict(
+        fast_weight=FastWeightConfig(
+            update_rule=UpdateRule.SUM, normalization=Normalization.ATTENTION
+        )
+    ),
+    "deltanet_extras": dict(
+        fast_weight=FastWeightConfig(
+            feature_map=FeatureMap(FeatureMapKind.IDENTITY),
+            normalization=Normalization.NONE,
+            short_conv=True,
+            silu_l2_qk=True,
+            output_norm=True,
+        ),
+        norm_position=NormPosition.PRE,
+    ),
+    "favor_chunked": dict(
+        fast_weight=FastWeightConfig(
+            feature_map=FeatureMap(FeatureMapKind.FAVOR_PLUS, num_features=8),
+            impl=Impl.CHUNKED,
+            chunk_size=4,
+        )
+    ),
+    "hybrid_softmax_positional": dict(
+        layer_kinds=(AttentionKind.FAST_WEIGHT, AttentionKind.SOFTMAX), positional=True, max_len=32
+    ),
+}
+
+
+@pytest.mark.parametrize("variant", LM_VARIANTS, ids=str)
+def test_decoding_one_token_at_a_time_reproduces_the_parallel_forward(variant):
+    model = _lm(**LM_VARIANTS[variant])
+    tokens = _tokens()
+    parallel, _ = model(tokens, model.init_state(2))
+    step = nnx.jit(lambda m, tok, s: m(tok, s))
+    state, outs = model.init_state(2), []
+    for t in range(tokens.shape[1]):
+        logits, state = step(model, tokens[:, t : t + 1], state)
+        outs.append(logits)
+    assert_close(jnp.concatenate(outs, axis=1), parallel)
+
+
+@pytest.mark.parametrize("variant", [v for v in LM_VARIANTS if "softmax" not in v], ids=str)
+def test_two_segments_with_carried_state_equal_their_concatenation(variant):
+    model = _lm(**LM_VARIANTS[variant])
+    tokens = _tokens(t=13)
+    whole, _ = model(tokens)
+    first, state = model(tokens[:, :6])
+    second, _ = model(tokens[:, 6:], state)
+    assert_close(jnp.concatenate([first, second], axis=1), whole)
+
+
+def test_parameter_count_formula():
+    v, d, layers, heads, ff = 17, 16, 2, 2, 24
+    model = _lm()
+    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    attention = d * (3 * d + heads) + d * d  # qkvβ projection + output projection, no biases
+    block = attention + (d * ff + ff + ff * d + d) + 2 * 2 * d  # feed-forward + 2 LayerNorms
+    assert n_params == v * d + layers * block + d * v  # embedding + blocks + untied head
+    tied = _lm(tie_embeddings=True)
+    assert sum(x.size for x in jax.tree.leaves(nnx.state(tied, nnx.Param))) == n_params - d * v
+
+
+@pytest.mark.parametrize(
+    ("fm", "norm", "rule"),
+    list(itertools.product(FEATURE_MAPS, Normalization, UpdateRule)),
+    ids=lambda x: getattr(x, "value", getattr(getattr(x, "kind", None), "value", None)),
+)
+def test_every_feature_map_rule_and_normalization_trains_without_nan(fm, norm, rule):
+    cfg = FastWeightConfig(feature_map=fm, normalization=norm, update_rule=rule)
+    layer = FastWeightAttention(cfg, d_model=8, num_heads=2, rngs=nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 9, 8)), jnp.float32)
+
+    def loss(layer):
+        y, _ = layer(x)
+        return jnp.mean(y**2)
+
+    value, grads = nnx.value_and_grad(loss)(layer)
+    assert np.isfinite(float(value))
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+
+
+def test_dtype_policy_bf16_compute_fp32_params_and_state():
+    model = _lm(dtype="bfloat16")
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    logits, state = model(_tokens())
+    assert logits.dtype == jnp.float32
+    assert state.layers[0].memory.fast_weights.dtype == jnp.float32
+    assert bool(jnp.all(jnp.isfinite(logits)))
+
+
+def test_parameters_carry_logical_axis_names():
+    model = _lm()
+    specs = nnx.get_partition_spec(nnx.state(model, nnx.Param))
+    is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)  # noqa: E731
+    names = {n for spec in jax.tree.leaves(specs, is_leaf=is_spec) if is_spec(spec) for n in spec}
+    assert {"embed", "heads", "mlp", "vocab"} <= names
+
+
+def test_favor_projection_is_not_trainable_and_redraws():
+    model = _lm(**LM_VARIANTS["favor_chunked"])
+    assert not any(x.shape == (8, 8) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    before = [x.copy() for x in jax.tree.leaves(nnx.state(model, FavorProjection))]
+    assert len(before) == 2
+    redraw_favor_projections(model, jax.random.key(1))
+    after = jax.tree.leaves(nnx.state(model, FavorProjection))
+    assert all(not np.allclose(a, b) for a, b in zip(after, before, strict=True))
+
+
+def test_greedy_generation_matches_repeated_parallel_forward():
+    model = _lm(**LM_VARIANTS["hybrid_softmax_positional"])
+    prompt = _tokens(t=4)
+    out = generate(model, prompt, 5, key=jax.random.key(0), temperature=0.0)
+    assert out.shape == (2, 9)
+    seq = prompt
+    for _ in range(5):
+        logits, _ = model(seq)
+        seq = jnp.concatenate([seq, jnp.argmax(logits[:, -1], -1)[:, None].astype(seq.dtype)], 1)
+    np.testing.assert_array_equal(out, seq)
+
+
+def test_sampling_with_top_k_only_draws_from_the_top_k():
+    model = _lm()
+    out = generate(model, _tokens(t=3), 6, key=jax.random.key(0), temperature=1.0, top_k=1)
+    greedy = generate(model, _tokens(t=3), 6, key=jax.random.key(1), temperature=0.0)
+    np.testing.assert_array_equal(out, greedy)
+
+
+@pytest.mark.parametrize("attention", list(AttentionKind), ids=lambda a: a.value)
+@pytest.mark.parametrize("rule", list(UpdateRule), ids=lambda r: r.value)
+def test_retrieval_model_shapes_and_gradients(attention, rule):
+    cfg = RetrievalConfig(
+        num_keys=10,
+        num_values=10,
+        d_key=16,
+        attention=attention,
+        fast_weight=FastWeightConfig(feature_map=FeatureMap("dpfp"), update_rule=rule),
+    )
+    model = RetrievalModel(cfg, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    keys = jnp.asarray(rng.permutation(10)[None].repeat(3, 0), jnp.int32)
+    values = jnp.asarray(rng.integers(0, 10, size=(3, 10)), jnp.int32)
+
+    def loss(model):
+        pred = model(keys, values, keys[:, :4])
+        target = jax.nn.one_hot(values[:, :4], 10)
+        return 0.5 * jnp.mean(jnp.sum((target - pred) ** 2, -1)), pred
+
+    (value, pred), grads = nnx.value_and_grad(loss, has_aux=True)(model)
+    assert pred.shape == (3, 4, 10)
+    assert np.isfinite(float(value))
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+
+
+def test_config_validation_names_the_values():
+    with pytest.raises(ValueError, match="num_heads=3 must divide d_model=16"):
+        ModelConfig(d_model=16, num_heads=3)
+    with pytest.raises(ValueError, match="layer_kinds has 1 entries"):
+        ModelConfig(num_layers=2, layer_kinds=("softmax",))
+    with pytest.raises(ValueError, match="dropout"):
+        ModelConfig(dropout=1.5)
+    with pytest.raises(ValueError, match="nu"):
+        FastWeightConfig(feature_map=FeatureMap(FeatureMapKind.DPFP, nu=0))
+    with pytest.raises(ValueError, match="num_features"):
+        FastWeightConfig(feature_map=FeatureMap(FeatureMapKind.FAVOR_PLUS, num_features=0))
+    with pytest.raises(ValueError, match="'bogus'"):
+        FastWeightConfig(normalization="bogus")
+    with pytest.raises(ValueError, match="num_keys=0"):
+        RetrievalConfig(num_keys=0, num_values=3)
+    assert ModelConfig(layer_kinds=("softmax", "fast_weight")).layer_kinds[0] is (
+        AttentionKind.SOFTMAX
+    )
