@@ -31,18 +31,22 @@ TORCH_IMPLS = ("torch_recurrent", "torch_chunked")
 CHUNKS = {"fwjax_chunked": (32,), "torch_chunked": (32, 64)}
 
 
-def grid(quick: bool, with_torch: bool):
-    shapes = (
-        [(1, 2, 40)]
-        if quick
-        else [(b, h, t) for (b, h) in ((1, 4), (8, 8)) for t in (256, 1024, 4096, 8192)]
-    )
+def grid(quick: bool, with_torch: bool, shapes=None, modes=("fwd", "fwdbwd"), repeats=3):
+    if shapes is None:
+        full = [(b, h, t) for (b, h) in ((1, 4), (8, 8)) for t in (256, 1024, 4096, 8192)]
+        shapes = [(1, 2, 40)] if quick else full
     impls = JAX_IMPLS + (TORCH_IMPLS if with_torch else ())
     for b, h, t in shapes:
-        for mode in ("fwd", "fwdbwd"):
+        for mode in modes:
             for impl in impls:
                 for chunk in CHUNKS.get(impl, (0,)):
-                    yield common.Config(impl, b, h, t, mode, chunk, repeats=1 if quick else 3)
+                    yield common.Config(impl, b, h, t, mode, chunk, 1 if quick else repeats)
+
+
+def parse_shape(text: str) -> tuple[int, int, int]:
+    """``B,H,T`` -> (B, H, T)."""
+    b, h, t = (int(x) for x in text.split(","))
+    return b, h, t
 
 
 def sweep_grid():
@@ -121,6 +125,15 @@ def main(argv=None):
     parser.add_argument("--table-only", action="store_true")
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per configuration")
+    parser.add_argument(
+        "--shapes",
+        type=parse_shape,
+        nargs="+",
+        default=None,
+        help="only these B,H,T shapes (e.g. 8,8,256)",
+    )
+    parser.add_argument("--modes", nargs="+", default=["fwd", "fwdbwd"], choices=["fwd", "fwdbwd"])
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per configuration")
     args = parser.parse_args(argv)
     default_name = "quick" if args.quick else ("sweep" if args.sweep else "grid")
     out = args.out or os.path.join("benchmarks", "results", f"{default_name}.jsonl")
@@ -137,7 +150,11 @@ def main(argv=None):
     }
     matmul = run_worker("benchmarks.jax_worker", "matmul", args.timeout)["matmul_gflops"]
     print(f"in-run 2048^3 fp32 matmul (XLA): {matmul:.1f} GFLOP/s")
-    configs = list(sweep_grid() if args.sweep else grid(args.quick, with_torch))
+    configs = list(
+        sweep_grid()
+        if args.sweep
+        else grid(args.quick, with_torch, args.shapes, tuple(args.modes), args.repeats)
+    )
     failures = 0
     for cfg in configs:
         if cfg.key in done:

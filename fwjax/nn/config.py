@@ -47,6 +47,9 @@ def _positive(**values):
             raise ValueError(f"{name}={value!r} must be a positive int")
 
 
+_ELU_P1 = FeatureMap(FeatureMapKind.ELU_P1)
+
+
 @dataclasses.dataclass(frozen=True)
 class FastWeightConfig:
     """A fast weight attention layer (Schlag et al., 2021), with optional DeltaNet (2024) extras.
@@ -64,7 +67,7 @@ class FastWeightConfig:
       impl: how the op is computed; ``chunk_size`` for CHUNKED.
     """
 
-    feature_map: FeatureMap = FeatureMap(FeatureMapKind.ELU_P1)
+    feature_map: FeatureMap = _ELU_P1
     normalization: Normalization = Normalization.SUM
     update_rule: UpdateRule = UpdateRule.DELTA
     favor_redraw: FavorRedraw = FavorRedraw.NEVER
@@ -88,6 +91,9 @@ class FastWeightConfig:
         _positive(conv_size=self.conv_size)
         if self.chunk_size is not None:
             _positive(chunk_size=self.chunk_size)
+
+
+_DEFAULT_FAST_WEIGHT = FastWeightConfig()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +120,7 @@ class ModelConfig:
     num_heads: int = 4
     d_ff: int = 512
     layer_kinds: tuple[AttentionKind, ...] | None = None
-    fast_weight: FastWeightConfig = FastWeightConfig()
+    fast_weight: FastWeightConfig = _DEFAULT_FAST_WEIGHT
     norm_position: NormPosition = NormPosition.POST
     positional: bool = False
     tie_embeddings: bool = False

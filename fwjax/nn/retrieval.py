@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fwjax.nn.attention import FavorProjection
-from fwjax.nn.config import AttentionKind, FastWeightConfig
+from fwjax.nn.config import _DEFAULT_FAST_WEIGHT, AttentionKind, FastWeightConfig
 from fwjax.ops import UpdateRule, fast_weight_attention, fast_weight_read, feature_maps
 
 
@@ -28,7 +28,7 @@ class RetrievalConfig:
     num_values: int
     d_key: int = 64
     attention: AttentionKind = AttentionKind.FAST_WEIGHT
-    fast_weight: FastWeightConfig = FastWeightConfig()
+    fast_weight: FastWeightConfig = _DEFAULT_FAST_WEIGHT
 
     def __post_init__(self):
         for name in ("num_keys", "num_values", "d_key"):

@@ -151,7 +151,7 @@ def test_dtype_policy_bf16_compute_fp32_params_and_state():
 def test_parameters_carry_logical_axis_names():
     model = _lm()
     specs = nnx.get_partition_spec(nnx.state(model, nnx.Param))
-    is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)  # noqa: E731
+    is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)
     names = {n for spec in jax.tree.leaves(specs, is_leaf=is_spec) if is_spec(spec) for n in spec}
     assert {"embed", "heads", "mlp", "vocab"} <= names
 
@@ -229,3 +229,15 @@ def test_config_validation_names_the_values():
     assert ModelConfig(layer_kinds=("softmax", "fast_weight")).layer_kinds[0] is (
         AttentionKind.SOFTMAX
     )
+
+
+def test_dropout_is_random_in_training_and_off_in_eval():
+    model = _lm(dropout=0.5)
+    tokens = _tokens()
+    a, _ = model(tokens)
+    b, _ = model(tokens)
+    assert not np.allclose(a, b)
+    model.eval()
+    c, _ = model(tokens)
+    d, _ = model(tokens)
+    np.testing.assert_array_equal(c, d)
