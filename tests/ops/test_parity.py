@@ -17,6 +17,19 @@ from tests.tolerances import assert_close
 DTYPES = (jnp.float32, jnp.bfloat16)
 
 
+def over_the_suite(test):
+    """Parametrises ``test(rule, impl, case, dtype)`` over every rule, Impl, case and dtype."""
+    marks = (
+        pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name),
+        pytest.mark.parametrize("case", CASES, ids=str),
+        pytest.mark.parametrize("impl", IMPLS, ids=lambda i: i.value),
+        pytest.mark.parametrize("rule", RULES, ids=lambda r: r.name),
+    )
+    for mark in marks:
+        test = mark(test)
+    return test
+
+
 def _vjp(rule, inputs, impl, chunk, cotangents):
     names = rule.diff_args
 
@@ -32,10 +45,7 @@ def _vjp(rule, inputs, impl, chunk, cotangents):
     return dict(zip(names, grads, strict=True))
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
-@pytest.mark.parametrize("case", CASES, ids=str)
-@pytest.mark.parametrize("impl", IMPLS, ids=lambda i: i.value)
-@pytest.mark.parametrize("rule", RULES, ids=lambda r: r.name)
+@over_the_suite
 def test_forward_matches_oracle(rule, impl, case, dtype):
     inputs = make_inputs(case, dtype)
     out, state = rule(inputs, impl, case.chunk)
@@ -48,10 +58,7 @@ def test_forward_matches_oracle(rule, impl, case, dtype):
     assert_close(state, expected_state, err_msg="final state")
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
-@pytest.mark.parametrize("case", CASES, ids=str)
-@pytest.mark.parametrize("impl", IMPLS, ids=lambda i: i.value)
-@pytest.mark.parametrize("rule", RULES, ids=lambda r: r.name)
+@over_the_suite
 def test_vjp_matches_float64_reference(rule, impl, case, dtype):
     inputs = make_inputs(case, dtype)
     rng = np.random.default_rng(1)
