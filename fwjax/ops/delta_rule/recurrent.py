@@ -12,12 +12,12 @@ and the final state. The backward pass walks time in reverse, rebuilding
 rebuilt states subtract exactly the stored increments, so reconstruction error grows only
 additively (measured at T=8192 in benchmarks/README.md).
 
-Backward per step, with ``G = ∂L/∂S_t`` accumulated from later steps::
+Backward per step, writing ``dX`` for ∂L/∂X and ``G = dS_t`` accumulated from later steps::
 
-    G  += q_t ōᵀ                 q̄_t = S_t ō_t
-    ū  = Gᵀ k_t                  k̄_t = G u_t + S_{t-1} v̄̄_t
-    β̄_t = ū·(v_t − v̄_t)          v̄_t-bar = β_t ū,   v̄̄_t = −β_t ū
-    G  += k_t v̄̄_tᵀ              (G is now ∂L/∂S_{t-1})
+    G   += q_t do_tᵀ              dq_t = S_t do_t
+    du   = Gᵀ k_t                 dv_t = β_t du,    dβ_t = du·(v_t − v̄_t)
+    dv̄   = −dv_t                  dk_t = G u_t + S_{t-1} dv̄
+    G   += k_t dv̄ᵀ                (G is now dS_{t-1})
 """
 
 from __future__ import annotations
