@@ -85,6 +85,8 @@ class RetrievalModel(nnx.Module):
             beta = jax.nn.sigmoid(self.beta_proj(x))  # [B, L, 1]
         projection = None if self.projection is None else self.projection[...]
         kw = dict(feature_map=fw.feature_map, normalization=fw.normalization, projection=projection)
+        # Only the final memory is needed: the per-step outputs of this write pass are discarded
+        # (reads happen after all writes, with fast_weight_read below).
         _, memory = fast_weight_attention(
             k,
             k,
