@@ -31,7 +31,11 @@ class Impl(enum.Enum):
       CHUNKED: the chunkwise-parallel form (WY / UT transform for the delta rule), with a
         hand-written backward that keeps one state per chunk and recomputes the intra-chunk
         terms.
-      PALLAS: a fused Pallas kernel of the chunked form (not available yet).
+      PALLAS: the chunked form with its sequential phase as a Pallas kernel (one program per
+        batch element, head and value tile, the fp32 state tile on chip across chunks) and a
+        ``custom_vjp`` whose backward is a reverse Pallas kernel (or, by option, the XLA
+        reverse scan of CHUNKED). GPU via Triton, TPU via Mosaic; on CPU in interpret mode.
+        Options: :class:`fwjax.ops.pallas.PallasOptions` (the ops' ``pallas=`` argument).
     """
 
     AUTO = "auto"

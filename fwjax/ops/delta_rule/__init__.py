@@ -7,9 +7,11 @@ import functools
 import jax
 
 from fwjax.ops.delta_rule.chunked import delta_rule_chunked
+from fwjax.ops.delta_rule.pallas import delta_rule_pallas
 from fwjax.ops.delta_rule.recurrent import delta_rule_recurrent, delta_rule_step
 from fwjax.ops.delta_rule.reference import delta_rule_reference
 from fwjax.ops.impl import Impl, prepare_inputs, resolve_chunk_size, resolve_impl
+from fwjax.ops.pallas import PallasOptions
 
 _IMPLS = {
     Impl.REFERENCE: delta_rule_reference,
@@ -18,9 +20,17 @@ _IMPLS = {
 }
 
 
-@functools.partial(jax.jit, static_argnames=("impl", "chunk_size"))
+@functools.partial(jax.jit, static_argnames=("impl", "chunk_size", "pallas"))
 def delta_rule(
-    q, k, v, beta, initial_state=None, scale=1.0, impl: Impl = Impl.AUTO, chunk_size=None
+    q,
+    k,
+    v,
+    beta,
+    initial_state=None,
+    scale=1.0,
+    impl: Impl = Impl.AUTO,
+    chunk_size=None,
+    pallas: PallasOptions | None = None,
 ):
     """The delta rule fast weight memory.
 
@@ -43,7 +53,11 @@ def delta_rule(
       scale: output scale (the paper uses ``1/√d_head`` at the layer).
       impl: an :class:`Impl`. ``AUTO`` picks the fastest measured form for the backend.
       chunk_size: chunk length ``C`` of the CHUNKED form; None picks the backend's default.
-        Any ``T`` is accepted (padding with zero keys and β = 0 is exact).
+        Any ``T`` is accepted (padding with zero keys and β = 0 is exact). PALLAS rounds it up
+        to its backend's tile sizes (a power of two >= 16 on GPU).
+      pallas: :class:`fwjax.ops.pallas.PallasOptions` of ``Impl.PALLAS`` (backend, interpret
+        mode, backward kernel or XLA backward, value tile); None: the defaults. On a CPU
+        backend PALLAS always runs in interpret mode.
 
     Returns:
       ``(out, state)``: ``out [B, T, H, V]`` in the inputs' promoted dtype, and the final
@@ -54,7 +68,10 @@ def delta_rule(
     impl = resolve_impl(impl)
     chunk_size = resolve_chunk_size(chunk_size)
     if impl is Impl.PALLAS:
-        raise NotImplementedError("Impl.PALLAS is not implemented yet for delta_rule")
+        out, state = delta_rule_pallas(
+            p.q, p.k, p.v, p.beta, p.initial_state, scale, chunk_size, pallas, p.out_dtype
+        )
+        return out.astype(p.out_dtype), state
     out, state = _IMPLS[impl](p.q, p.k, p.v, p.beta, p.initial_state, scale, chunk_size)
     return out.astype(p.out_dtype), state
 

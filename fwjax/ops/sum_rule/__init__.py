@@ -7,7 +7,9 @@ import functools
 import jax
 
 from fwjax.ops.impl import Impl, prepare_inputs, resolve_chunk_size, resolve_impl
+from fwjax.ops.pallas import PallasOptions
 from fwjax.ops.sum_rule.chunked import sum_rule_chunked
+from fwjax.ops.sum_rule.pallas import sum_rule_pallas
 from fwjax.ops.sum_rule.recurrent import sum_rule_recurrent, sum_rule_step
 from fwjax.ops.sum_rule.reference import sum_rule_reference
 
@@ -18,8 +20,17 @@ _IMPLS = {
 }
 
 
-@functools.partial(jax.jit, static_argnames=("impl", "chunk_size"))
-def sum_rule(q, k, v, initial_state=None, scale=1.0, impl: Impl = Impl.AUTO, chunk_size=None):
+@functools.partial(jax.jit, static_argnames=("impl", "chunk_size", "pallas"))
+def sum_rule(
+    q,
+    k,
+    v,
+    initial_state=None,
+    scale=1.0,
+    impl: Impl = Impl.AUTO,
+    chunk_size=None,
+    pallas: PallasOptions | None = None,
+):
     """The sum rule fast weight memory, i.e. causal linear attention without normalisation.
 
     For every batch element and head, with state ``S ∈ R^{K×V}`` (row convention)::
@@ -37,7 +48,10 @@ def sum_rule(q, k, v, initial_state=None, scale=1.0, impl: Impl = Impl.AUTO, chu
       initial_state: ``S_0``, ``[B, H, K, V]``; zeros when None.
       scale: output scale.
       impl: an :class:`Impl`. ``AUTO`` picks the fastest measured form for the backend.
-      chunk_size: chunk length of the CHUNKED form; None picks the backend's default.
+      chunk_size: chunk length of the CHUNKED and PALLAS forms; None picks the backend's
+        default.
+      pallas: :class:`fwjax.ops.pallas.PallasOptions` of ``Impl.PALLAS``; None: the defaults
+        (see :func:`fwjax.ops.delta_rule`).
 
     Returns:
       ``(out, state)``: ``out [B, T, H, V]`` in the inputs' promoted dtype, and ``S_T``
@@ -47,7 +61,10 @@ def sum_rule(q, k, v, initial_state=None, scale=1.0, impl: Impl = Impl.AUTO, chu
     impl = resolve_impl(impl)
     chunk_size = resolve_chunk_size(chunk_size)
     if impl is Impl.PALLAS:
-        raise NotImplementedError("Impl.PALLAS is not implemented yet for sum_rule")
+        out, state = sum_rule_pallas(
+            p.q, p.k, p.v, p.initial_state, scale, chunk_size, pallas, p.out_dtype
+        )
+        return out.astype(p.out_dtype), state
     out, state = _IMPLS[impl](p.q, p.k, p.v, p.initial_state, scale, chunk_size)
     return out.astype(p.out_dtype), state
 

@@ -1,0 +1,267 @@
+"""Pallas kernels of the chunked fast weight rules: options, backend choice and tile layout.
+
+One kernel design for both rules: phase 1 of the chunked form (the WY terms of the delta rule)
+runs in XLA on all chunks at once; the sequential phase 2 runs as a Pallas kernel with one
+program per ``(batch, head, value tile)`` that keeps its fp32 state tile ``[K, tv]`` on chip
+while it walks the chunks. Columns of the state evolve independently given the chunk terms,
+so value tiling is exact. The per-chunk math is shared (:mod:`fwjax.ops.pallas.chunk_math`);
+each backend has its own file:
+
+- :mod:`fwjax.ops.pallas.triton_gpu` — GPU through Pallas' Triton lowering (see its docstring
+  for why Triton and not Mosaic GPU);
+- :mod:`fwjax.ops.pallas.mosaic_tpu` — TPU through Mosaic TPU.
+
+On a CPU backend there is no Pallas compiler: kernels run in interpret mode, automatically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class PallasBackend(enum.Enum):
+    """Which Pallas kernel family runs.
+
+    Attributes:
+      AUTO: ``MOSAIC_TPU`` on TPU, ``TRITON`` everywhere else (on CPU in interpret mode).
+      TRITON: the GPU kernels lowered through Triton (:mod:`fwjax.ops.pallas.triton_gpu`).
+      MOSAIC_TPU: the TPU kernels (:mod:`fwjax.ops.pallas.mosaic_tpu`).
+    """
+
+    AUTO = "auto"
+    TRITON = "triton"
+    MOSAIC_TPU = "mosaic_tpu"
+
+
+class PallasBackward(enum.Enum):
+    """How the backward pass of ``Impl.PALLAS`` runs.
+
+    Attributes:
+      KERNEL: a reverse chunk scan as a Pallas kernel (state cotangent kept on chip), then the
+        VJP of phase 1 in XLA.
+      XLA: the XLA reverse chunk scan of ``Impl.CHUNKED`` (``_chunk_backward``), fed the
+        chunk states that the forward kernel saved. A fallback while a backend's backward
+        kernel misbehaves.
+    """
+
+    KERNEL = "kernel"
+    XLA = "xla"
+
+
+class PallasPrecision(enum.Enum):
+    """Dtype of the kernels' matmul operands (accumulation and the state are always in the
+    state dtype, at least float32).
+
+    Attributes:
+      INPUT: the inputs' dtype: bfloat16/float16 inputs run every matmul on tensor cores, with
+        the state tile and the fp32 phase-1 terms rounded to the inputs' dtype as operands
+        (the policy of flash-linear-attention). Outputs, gradients AND the state then carry
+        the inputs' precision (errors of order 2^-8 for bfloat16).
+      STATE: the state dtype: float32 matmuls (no bfloat16 tensor cores), matching
+        ``Impl.CHUNKED`` to float32 accuracy.
+    """
+
+    INPUT = "input"
+    STATE = "state"
+
+
+@dataclasses.dataclass(frozen=True)
+class PallasOptions:
+    """Options of ``Impl.PALLAS`` (hashable: a static argument of the jitted ops).
+
+    Attributes:
+      backend: a :class:`PallasBackend`.
+      interpret: run the kernel in Pallas' interpret mode (on XLA, for debugging and CPU
+        tests). None: interpret exactly when the default backend is CPU. On CPU interpret
+        mode is forced, since Pallas has no CPU compiler.
+      backward: a :class:`PallasBackward`.
+      precision: a :class:`PallasPrecision`.
+      value_block: the value tile ``tv`` (columns of the state per program). None: the whole
+        (padded) value dimension, halved while there are fewer than 128 programs and the
+        tile is above 16 (more programs hide the latency of the sequential chunk loop).
+      num_warps: Triton warps per program; None: 4 for ``K·tv <= 64·64``, else 8.
+      num_stages: Triton software pipelining stages of the chunk loop.
+    """
+
+    backend: PallasBackend = PallasBackend.AUTO
+    interpret: bool | None = None
+    backward: PallasBackward = PallasBackward.KERNEL
+    precision: PallasPrecision = PallasPrecision.INPUT
+    value_block: int | None = None
+    num_warps: int | None = None
+    num_stages: int = 2
+
+    def __post_init__(self):
+        object.__setattr__(self, "backend", PallasBackend(self.backend))
+        object.__setattr__(self, "backward", PallasBackward(self.backward))
+        object.__setattr__(self, "precision", PallasPrecision(self.precision))
+        vb = self.value_block
+        if vb is not None and (isinstance(vb, bool) or not isinstance(vb, int) or vb < 1):
+            raise ValueError(f"value_block={vb!r} must be a positive int or None")
+        if self.num_stages < 1:
+            raise ValueError(f"num_stages={self.num_stages} must be >= 1")
+
+
+DEFAULT_OPTIONS = PallasOptions()
+
+
+def resolve_backend(options: PallasOptions, platform: str | None = None) -> PallasBackend:
+    """The concrete backend for ``options`` on ``platform`` (default: JAX's default backend)."""
+    platform = platform or jax.default_backend()
+    if options.backend is PallasBackend.AUTO:
+        return PallasBackend.MOSAIC_TPU if platform == "tpu" else PallasBackend.TRITON
+    return options.backend
+
+
+def resolve_interpret(options: PallasOptions, platform: str | None = None) -> bool:
+    """Interpret mode: as requested, forced on CPU (Pallas compiles only for GPU and TPU)."""
+    platform = platform or jax.default_backend()
+    if platform == "cpu":
+        return True
+    return bool(options.interpret)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+class Tiling(NamedTuple):
+    """Padded sizes and the value tile of one kernel call.
+
+    ``chunk``: chunk length ``C``; ``key``/``value``: padded ``K``/``V``; ``value_block``: ``tv``
+    (divides ``value``); ``chunks``: ``N``, the number of chunks of the padded sequence.
+    """
+
+    chunk: int
+    key: int
+    value: int
+    value_block: int
+    chunks: int
+
+
+def triton_tiling(t, k, v, chunk_size, programs, options: PallasOptions) -> Tiling:
+    """Triton needs power-of-two loads/stores and ``tl.dot`` operands of at least 16 × 16:
+    chunk, key and value sizes are rounded up to powers of two >= 16 (zero keys, values and
+    β = 0 are exact no-ops; see :mod:`fwjax.ops.chunking`). ``programs``: ``B·H``."""
+    c = next_power_of_2(max(16, min(chunk_size, t)))
+    kp, vp = next_power_of_2(max(16, k)), next_power_of_2(max(16, v))
+    tv = _value_block(vp, programs, options, minimum=16)
+    if tv & (tv - 1) or tv < 16:
+        raise ValueError(f"value_block={tv} must be a power of two >= 16 for Triton")
+    return Tiling(c, kp, vp, tv, -(-t // c))
+
+
+def tpu_tiling(t, k, v, chunk_size, programs, options: PallasOptions) -> Tiling:
+    """Mosaic TPU blocks: the last two dims divisible by (8, 128) or spanning the array. The
+    chunk (second-minor) is rounded up to a multiple of 16 (bfloat16 packs 16 rows per tile);
+    K and V stay whole; a value tile must be a multiple of 128."""
+    c = -(-max(16, min(chunk_size, t)) // 16) * 16
+    tv = _value_block(v, programs, options, minimum=128)
+    if tv != v and tv % 128:
+        raise ValueError(f"value_block={tv} must be V={v} or a multiple of 128 on TPU")
+    return Tiling(c, k, v, tv, -(-t // c))
+
+
+def _value_block(v, programs, options, minimum):
+    if options.value_block is not None:
+        tv = options.value_block
+    else:
+        tv = v
+        while programs * (v // tv) < 128 and tv // 2 >= minimum and tv % 2 == 0:
+            tv //= 2
+    if v % tv:
+        raise ValueError(f"value_block={tv} must divide the padded value dimension {v}")
+    return tv
+
+
+class KernelConfig(NamedTuple):
+    """Everything static about one ``Impl.PALLAS`` call (hashable)."""
+
+    backend: PallasBackend
+    interpret: bool
+    backward: PallasBackward
+    tiling: Tiling
+    matmul_dtype: jnp.dtype
+    num_warps: int | None
+    num_stages: int
+
+
+def kernel_config(options, t, k, v, chunk_size, programs, out_dtype, state_dtype) -> KernelConfig:
+    """Resolves ``options`` for sequence length ``t``, key/value sizes, ``B·H`` programs.
+
+    The matmul operands take the inputs' dtype ``out_dtype`` (``PallasPrecision.INPUT``) or
+    ``state_dtype`` (``PallasPrecision.STATE``); products accumulate, and the state lives, in
+    the state dtype.
+    """
+    options = options or DEFAULT_OPTIONS
+    backend = resolve_backend(options)
+    tiling_fn = tpu_tiling if backend is PallasBackend.MOSAIC_TPU else triton_tiling
+    return KernelConfig(
+        backend,
+        resolve_interpret(options),
+        options.backward,
+        tiling_fn(t, k, v, chunk_size, programs, options),
+        jnp.dtype(out_dtype if options.precision is PallasPrecision.INPUT else state_dtype),
+        options.num_warps,
+        options.num_stages,
+    )
+
+
+def run_chunk_scan(spec, *args, cfg: KernelConfig):
+    """Runs a :class:`fwjax.ops.pallas.scan_spec.ChunkScan` on ``cfg``'s backend."""
+    tiles = {"c": cfg.tiling.chunk, "tv": cfg.tiling.value_block, "interpret": cfg.interpret}
+    if cfg.backend is PallasBackend.MOSAIC_TPU:
+        from fwjax.ops.pallas import mosaic_tpu
+
+        return mosaic_tpu.chunk_scan(spec, *args, **tiles)
+    from fwjax.ops.pallas import triton_gpu
+
+    return triton_gpu.chunk_scan(
+        spec, *args, **tiles, num_warps=cfg.num_warps, num_stages=cfg.num_stages
+    )
+
+
+def to_kernel_layout(x: jax.Array, tiling: Tiling, width: int | None) -> jax.Array:
+    """``[B, T, H, D] -> [B, H, N, C, width]`` (or ``[B, T, H] -> [B, H, N, C]`` when
+    ``width`` is None), zero-padding time to ``N·C`` and the last axis to ``width``."""
+    b, t, h = x.shape[:3]
+    pad = [(0, 0), (0, tiling.chunks * tiling.chunk - t), (0, 0)]
+    if width is not None:
+        pad.append((0, width - x.shape[3]))
+    tail = () if width is None else (width,)
+    x = jnp.pad(x, pad).reshape(b, tiling.chunks, tiling.chunk, h, *tail)
+    return jnp.moveaxis(x, 3, 1)
+
+
+def from_kernel_layout(x: jax.Array, t: int, width: int) -> jax.Array:
+    """``[B, H, N, C, D'] -> [B, T, H, width]``: drops the time and feature padding."""
+    b, h, n, c = x.shape[:4]
+    x = jnp.moveaxis(x, 1, 3).reshape(b, n * c, h, x.shape[-1])
+    return x[:, :t, :, :width]
+
+
+def flat(x: jax.Array) -> jax.Array:
+    """``[B, H, N, C, D] -> [B, H, N·C, D]`` (the kernels' sequence layout)."""
+    return x.reshape(*x.shape[:2], x.shape[2] * x.shape[3], x.shape[4])
+
+
+def unflat(x: jax.Array, c: int) -> jax.Array:
+    """``[..., B, H, N·C, D] -> [..., B, H, N, C, D]``."""
+    return x.reshape(*x.shape[:-2], x.shape[-2] // c, c, x.shape[-1])
+
+
+__all__ = [
+    "DEFAULT_OPTIONS",
+    "PallasBackend",
+    "PallasBackward",
+    "PallasOptions",
+    "PallasPrecision",
+    "Tiling",
+    "resolve_backend",
+    "resolve_interpret",
+]

@@ -1,0 +1,88 @@
+"""Per-chunk math of the Pallas kernels, shared by every backend (values in, values out).
+
+Row convention; one chunk of ``C`` rows and one value tile of ``tv`` columns. Matmul operands
+are cast to the kernels' matmul dtype ``md`` (the inputs' dtype: bfloat16 inputs run on tensor
+cores), products accumulate in the state dtype ``sd`` (at least float32), and the state tile
+itself stays in ``sd``. Only 2-D ``dot_general`` with one contracting dimension is used, which
+every Pallas backend lowers (Triton needs each dimension >= 16).
+
+Delta rule (phase-1 terms ``W = T K``, ``U = T V``, ``P = Q Kᵀ ⊙ M`` from XLA)::
+
+    forward:   Ũ = U − W S,   O = Q S + P Ũ,   S ← S + Kᵀ Ũ
+    backward:  Ũ̄ = Pᵀ Ō + K G,   P̄ = (Ō Ũᵀ) ⊙ M,   Q̄ = Ō Sᵀ,   K̄ = Ũ Gᵀ,   W̄ = −Ũ̄ Sᵀ,
+               G ← G + Qᵀ Ō − Wᵀ Ũ̄
+
+Sum rule (``P = Q Kᵀ ⊙ M`` computed in the kernel)::
+
+    forward:   O = Q S + P V,   S ← S + Kᵀ V
+    backward:  P̄ = (Ō Vᵀ) ⊙ M,   Q̄ = Ō Sᵀ + P̄ K,   K̄ = V Gᵀ + P̄ᵀ Q,   V̄ = Pᵀ Ō + K G,
+               G ← G + Qᵀ Ō
+
+``M`` is lower-triangular including the diagonal; ``S`` is the state entering the chunk and
+``G`` the cotangent of the state after it. ``Q̄, K̄, W̄, P̄`` contract over the value dimension,
+so with several value tiles each program returns a partial sum (added up in XLA).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_NN = (((1,), (0,)), ((), ()))  # a @ b
+_TN = (((0,), (0,)), ((), ()))  # aᵀ @ b
+_NT = (((1,), (1,)), ((), ()))  # a @ bᵀ
+
+
+def _dot(a, b, dims, md, sd):
+    return jax.lax.dot_general(a.astype(md), b.astype(md), dims, preferred_element_type=sd).astype(
+        sd
+    )
+
+
+def causal_mask(c: int) -> jax.Array:
+    """``[C, C]`` boolean, ``i >= j`` (2-D iota: lowers on Triton and Mosaic)."""
+    rows = jax.lax.broadcasted_iota(jnp.int32, (c, c), 0)
+    cols = jax.lax.broadcasted_iota(jnp.int32, (c, c), 1)
+    return rows >= cols
+
+
+def delta_forward(q, k, w, u, p, s, md, sd):
+    """One delta-rule chunk: returns ``(O [C, tv], S_new [K, tv])`` in ``sd``."""
+    u_tilde = u.astype(sd) - _dot(w, s, _NN, md, sd)  # Ũ = U − W S
+    o = _dot(q, s, _NN, md, sd) + _dot(p, u_tilde, _NN, md, sd)  # O = Q S + P Ũ
+    return o, s + _dot(k, u_tilde, _TN, md, sd)  # S ← S + Kᵀ Ũ
+
+
+def delta_backward(q, k, w, u, p, s, do, g, md, sd):
+    """VJP of one delta-rule chunk. ``s``: state entering the chunk; ``g``: ∂L/∂S after it.
+
+    Returns ``(g_new, dq, dk, dw, du, dp)``: ``g_new = ∂L/∂S`` entering the chunk,
+    ``dq, dk, dw [C, K]`` and ``dp [C, C]`` (partial over value tiles), ``du [C, tv]``.
+    """
+    u_tilde = u.astype(sd) - _dot(w, s, _NN, md, sd)  # recomputed Ũ
+    du = _dot(p, do, _TN, md, sd) + _dot(k, g, _NN, md, sd)  # Ũ̄ = Pᵀ Ō + K G
+    dp = jnp.where(causal_mask(q.shape[0]), _dot(do, u_tilde, _NT, md, sd), 0)
+    dq = _dot(do, s, _NT, md, sd)  # Q̄ = Ō Sᵀ
+    dk = _dot(u_tilde, g, _NT, md, sd)  # K̄ = Ũ Gᵀ
+    dw = -_dot(du, s, _NT, md, sd)  # W̄ = −Ũ̄ Sᵀ
+    g_new = g + _dot(q, do, _TN, md, sd) - _dot(w, du, _TN, md, sd)
+    return g_new, dq, dk, dw, du, dp
+
+
+def sum_forward(q, k, v, s, md, sd):
+    """One sum-rule chunk: returns ``(O [C, tv], S_new [K, tv])`` in ``sd``."""
+    p = jnp.where(causal_mask(q.shape[0]), _dot(q, k, _NT, md, sd), 0)
+    o = _dot(q, s, _NN, md, sd) + _dot(p, v, _NN, md, sd)  # O = Q S + P V
+    return o, s + _dot(k, v, _TN, md, sd)  # S ← S + Kᵀ V
+
+
+def sum_backward(q, k, v, s, do, g, md, sd):
+    """VJP of one sum-rule chunk. Returns ``(g_new, dq, dk, dv)``; ``dq, dk [C, K]`` are
+    partial over value tiles, ``dv [C, tv]`` is exact."""
+    mask = causal_mask(q.shape[0])
+    p = jnp.where(mask, _dot(q, k, _NT, md, sd), 0)
+    dp = jnp.where(mask, _dot(do, v, _NT, md, sd), 0)  # P̄ = (Ō Vᵀ) ⊙ M
+    dq = _dot(do, s, _NT, md, sd) + _dot(dp, k, _NN, md, sd)  # Q̄ = Ō Sᵀ + P̄ K
+    dk = _dot(v, g, _NT, md, sd) + _dot(dp, q, _TN, md, sd)  # K̄ = V Gᵀ + P̄ᵀ Q
+    dv = _dot(p, do, _TN, md, sd) + _dot(k, g, _NN, md, sd)  # V̄ = Pᵀ Ō + K G
+    return g + _dot(q, do, _TN, md, sd), dq, dk, dv

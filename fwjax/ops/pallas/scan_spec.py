@@ -1,0 +1,120 @@
+"""A backend-neutral description of a chunk-scan kernel, which each backend file lowers.
+
+A kernel walks the ``N`` chunks of one ``(batch, head, value tile)`` in order (or in reverse),
+carrying a ``[K, tv]`` tile in the state dtype (the state, or its cotangent). Each operand has a
+:class:`Kind` that says how it is laid out and which slice a chunk step sees; ``step`` maps the
+per-chunk values and the carry to the new carry and the per-chunk outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+
+class Kind(enum.Enum):
+    """Operand layouts (``T' = N·C`` padded time, ``nv`` value tiles, ``tv = V / nv``).
+
+    Attributes:
+      SEQ_KEY: ``[B, H, T', K]``; a step sees ``[C, K]``.
+      SEQ_VALUE: ``[B, H, T', V]``; a step sees ``[C, tv]`` (its value tile).
+      SEQ_CHUNK: ``[B, H, T', C]``; a step sees ``[C, C]``.
+      STATE: ``[B, H, K, V]``; as input, the initial carry; as output, the final carry.
+      STATES: ``[B, H, N, K, V]``; a step sees ``[K, tv]`` of its chunk.
+      PARTIAL_KEY: output ``[nv, B, H, T', K]``, one partial sum per value tile.
+      PARTIAL_CHUNK: output ``[nv, B, H, T', C]``.
+    """
+
+    SEQ_KEY = "seq_key"
+    SEQ_VALUE = "seq_value"
+    SEQ_CHUNK = "seq_chunk"
+    STATE = "state"
+    STATES = "states"
+    PARTIAL_KEY = "partial_key"
+    PARTIAL_CHUNK = "partial_chunk"
+
+
+SEQ_KINDS = (Kind.SEQ_KEY, Kind.SEQ_VALUE, Kind.SEQ_CHUNK, Kind.PARTIAL_KEY, Kind.PARTIAL_CHUNK)
+
+
+@dataclasses.dataclass(frozen=True)
+class Operand:
+    name: str
+    kind: Kind
+    dtype: jnp.dtype | None = None  # outputs only
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkScan:
+    """A chunk-scan kernel.
+
+    Attributes:
+      name: kernel name (shows in profiles).
+      inputs: the input operands, in call order; exactly one has kind ``STATE`` (the initial
+        carry).
+      outputs: the output operands; exactly one has kind ``STATE`` (the final carry).
+      step: ``step(values: dict, carry) -> (carry, outputs: dict)``; ``values`` holds every
+        non-``STATE`` input's slice for the chunk, ``outputs`` every non-``STATE`` output's.
+      reverse: walk the chunks from last to first.
+      state_dtype: dtype of the carry.
+    """
+
+    name: str
+    inputs: tuple[Operand, ...]
+    outputs: tuple[Operand, ...]
+    step: Callable
+    reverse: bool
+    state_dtype: jnp.dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class Dims:
+    """Sizes of one call: batch, heads, chunks, chunk, key, value, value tile."""
+
+    b: int
+    h: int
+    n: int
+    c: int
+    k: int
+    v: int
+    tv: int
+
+    @property
+    def nv(self) -> int:
+        return self.v // self.tv
+
+    def shape(self, kind: Kind) -> tuple[int, ...]:
+        b, h, t = self.b, self.h, self.n * self.c
+        return {
+            Kind.SEQ_KEY: (b, h, t, self.k),
+            Kind.SEQ_VALUE: (b, h, t, self.v),
+            Kind.SEQ_CHUNK: (b, h, t, self.c),
+            Kind.STATE: (b, h, self.k, self.v),
+            Kind.STATES: (b, h, self.n, self.k, self.v),
+            Kind.PARTIAL_KEY: (self.nv, b, h, t, self.k),
+            Kind.PARTIAL_CHUNK: (self.nv, b, h, t, self.c),
+        }[kind]
+
+
+def dims_of(spec: ChunkScan, args, c: int, tv: int) -> Dims:
+    """Reads the sizes from the arguments (validated against each operand's kind)."""
+    shapes = {op.kind: a.shape for op, a in zip(spec.inputs, args, strict=True)}
+    b, h, k, v = shapes[Kind.STATE]
+    t = next(s[2] for kind, s in shapes.items() if kind in SEQ_KINDS)
+    if t % c:
+        raise ValueError(f"padded time T'={t} must be a multiple of the chunk C={c}")
+    dims = Dims(b, h, t // c, c, k, v, tv)
+    for op, a in zip(spec.inputs, args, strict=True):
+        if a.shape != dims.shape(op.kind):
+            raise ValueError(
+                f"{spec.name}: {op.name}.shape={a.shape}, expected {dims.shape(op.kind)}"
+            )
+    return dims
+
+
+def out_shapes(spec: ChunkScan, dims: Dims):
+    return [jax.ShapeDtypeStruct(dims.shape(op.kind), op.dtype) for op in spec.outputs]
