@@ -9,8 +9,20 @@ import numpy as np
 from fwjax.ops import Impl, delta_rule, sum_rule
 from tests.oracle import delta_rule_np, sum_rule_np
 
-# Every implementation the shared suite covers. PALLAS joins this list when it lands.
-IMPLS = (Impl.REFERENCE, Impl.RECURRENT, Impl.CHUNKED)
+# Every implementation the shared suite covers. On CPU, PALLAS runs its kernels (the GPU
+# family by default) in interpret mode; under a GPU/TPU backend the same suite runs compiled.
+IMPLS = (Impl.REFERENCE, Impl.RECURRENT, Impl.CHUNKED, Impl.PALLAS)
+
+
+def state_tolerance(impl, input_dtype, state_dtype):
+    """Tolerance dtype of float32 results (final state, dS0) for ``input_dtype`` inputs.
+
+    PALLAS's default ``PallasPrecision.INPUT`` rounds matmul operands, the state tile
+    included, to the inputs' dtype (the tensor-core policy of flash-linear-attention), so its
+    state is as accurate as its inputs; every other Impl computes in the state dtype.
+    ``PallasPrecision.STATE`` is held to the state dtype in tests/ops/test_pallas.py.
+    """
+    return input_dtype if impl is Impl.PALLAS else state_dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,7 +30,8 @@ class Rule:
     name: str
     has_beta: bool
 
-    def __call__(self, inputs, impl, chunk_size=None, **overrides):
+    def __call__(self, inputs, impl, chunk_size=None, pallas=None, **overrides):
+        """Runs the rule; ``pallas``: :class:`fwjax.ops.pallas.PallasOptions` of PALLAS."""
         kw = {**inputs, **overrides}
         if self.has_beta:
             return delta_rule(
@@ -30,9 +43,17 @@ class Rule:
                 kw["scale"],
                 impl=impl,
                 chunk_size=chunk_size,
+                pallas=pallas,
             )
         return sum_rule(
-            kw["q"], kw["k"], kw["v"], kw["s0"], kw["scale"], impl=impl, chunk_size=chunk_size
+            kw["q"],
+            kw["k"],
+            kw["v"],
+            kw["s0"],
+            kw["scale"],
+            impl=impl,
+            chunk_size=chunk_size,
+            pallas=pallas,
         )
 
     def oracle(self, inputs):

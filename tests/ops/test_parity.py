@@ -11,23 +11,40 @@ import numpy as np
 import pytest
 
 from fwjax.ops import Impl
-from tests.ops.rules import CASES, IMPLS, RULES, SUM, make_inputs, upcast
+from tests.ops.rules import CASES, IMPLS, RULES, SUM, make_inputs, state_tolerance, upcast
 from tests.tolerances import assert_close
 
 DTYPES = (jnp.float32, jnp.bfloat16)
 
 
-def over_the_suite(test):
-    """Parametrises ``test(rule, impl, case, dtype)`` over every rule, Impl, case and dtype."""
-    marks = (
-        pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name),
-        pytest.mark.parametrize("case", CASES, ids=str),
-        pytest.mark.parametrize("impl", IMPLS, ids=lambda i: i.value),
-        pytest.mark.parametrize("rule", RULES, ids=lambda r: r.name),
-    )
-    for mark in marks:
-        test = mark(test)
-    return test
+# PALLAS runs in interpret mode on CPU, where a call compiles ~1.5x as long as CHUNKED. Its
+# tiling rounds the chunk up to 16, so "C=8" and "C > T" add nothing beyond these two cases:
+# T=1 (one padded chunk) and T=37 (three chunks, T not divisible, B, H > 1, odd K and V, padded).
+PALLAS_CASES = {"forward": (CASES[0], CASES[1]), "vjp": (CASES[1],)}
+
+
+def over_the_suite(kind):
+    """Parametrises ``test(rule, impl, case, dtype)`` over every rule, Impl, case and dtype
+    (PALLAS over ``PALLAS_CASES[kind]``)."""
+
+    def parametrize(test):
+        params = [
+            pytest.param(
+                rule,
+                impl,
+                case,
+                dtype,
+                id=f"{jnp.dtype(dtype).name}-{case}-{impl.value}-{rule.name}",
+            )
+            for rule in RULES
+            for impl in IMPLS
+            for case in CASES
+            for dtype in DTYPES
+            if impl is not Impl.PALLAS or case in PALLAS_CASES[kind]
+        ]
+        return pytest.mark.parametrize(("rule", "impl", "case", "dtype"), params)(test)
+
+    return parametrize
 
 
 def _vjp(rule, inputs, impl, chunk, cotangents):
@@ -45,7 +62,7 @@ def _vjp(rule, inputs, impl, chunk, cotangents):
     return dict(zip(names, grads, strict=True))
 
 
-@over_the_suite
+@over_the_suite("forward")
 def test_forward_matches_oracle(rule, impl, case, dtype):
     inputs = make_inputs(case, dtype)
     out, state = rule(inputs, impl, case.chunk)
@@ -55,10 +72,11 @@ def test_forward_matches_oracle(rule, impl, case, dtype):
     assert out.shape == (case.b, case.t, case.h, case.v)
     assert state.shape == (case.b, case.h, case.k, case.v)
     assert_close(out, expected_out, err_msg="output")
-    assert_close(state, expected_state, err_msg="final state")
+    tol = state_tolerance(impl, dtype, state.dtype)
+    assert_close(state, expected_state, tol, err_msg="final state")
 
 
-@over_the_suite
+@over_the_suite("vjp")
 def test_vjp_matches_float64_reference(rule, impl, case, dtype):
     inputs = make_inputs(case, dtype)
     rng = np.random.default_rng(1)
@@ -85,10 +103,12 @@ def test_vjp_matches_float64_reference(rule, impl, case, dtype):
         expected = {n: np.asarray(g) for n, g in expected.items()}
     for name, g in grads.items():
         assert g.dtype == inputs[name].dtype, name
-        assert_close(g, expected[name], err_msg=f"d{name}")
+        assert_close(g, expected[name], state_tolerance(impl, dtype, g.dtype), err_msg=f"d{name}")
 
 
-@pytest.mark.parametrize("impl", IMPLS, ids=lambda i: i.value)
+# PALLAS's VJP is held to the float64 REFERENCE VJP above, which this test checks against finite
+# differences; finite differences through interpreted kernels would add ~20 s to CI.
+@pytest.mark.parametrize("impl", [i for i in IMPLS if i is not Impl.PALLAS], ids=lambda i: i.value)
 @pytest.mark.parametrize("rule", RULES, ids=lambda r: r.name)
 def test_check_grads_float64(rule, impl):
     """Finite differences against autodiff, on a tiny float64 problem."""

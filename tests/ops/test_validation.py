@@ -5,6 +5,7 @@ import pytest
 
 from fwjax.ops import Impl, delta_rule, sum_rule
 from fwjax.ops.linalg import unit_lower_triangular_inverse
+from fwjax.ops.pallas import PallasOptions
 
 Q = jnp.ones((2, 5, 3, 4))
 V = jnp.ones((2, 5, 3, 6))
@@ -31,8 +32,12 @@ def test_chunk_size_and_impl_validation():
         sum_rule(Q, Q, V, impl=Impl.CHUNKED, chunk_size=0)
     with pytest.raises(ValueError, match="'fastest'"):
         sum_rule(Q, Q, V, impl="fastest")
-    with pytest.raises(NotImplementedError, match="PALLAS"):
-        delta_rule(Q, Q, V, BETA, impl=Impl.PALLAS)
+    with pytest.raises(ValueError, match="value_block=0"):
+        PallasOptions(value_block=0)
+    with pytest.raises(ValueError, match="value_block=8 must be a power of two"):
+        delta_rule(Q, Q, V, BETA, impl=Impl.PALLAS, pallas=PallasOptions(value_block=8))
+    with pytest.raises(ValueError, match="value_block=64 must divide"):
+        sum_rule(Q, Q, V, impl=Impl.PALLAS, pallas=PallasOptions(value_block=64))
 
 
 def test_triangular_inverse_rejects_non_square():

@@ -1,0 +1,146 @@
+"""Impl.PALLAS beyond the shared parity suite (which runs it with default options).
+
+On CPU every kernel runs in interpret mode: the TPU kernel family, the XLA-backward option,
+value tiling (partial sums over tiles), the float32 precision option and float16 inputs.
+``-m gpu`` / ``-m tpu`` run the kernels compiled where that hardware is the default backend
+(e.g. ``JAX_PLATFORMS=cuda pytest -m gpu tests/ops/test_pallas.py``).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fwjax.ops import Impl
+from fwjax.ops.pallas import (
+    PallasBackend,
+    PallasBackward,
+    PallasOptions,
+    PallasPrecision,
+    resolve_backend,
+    resolve_interpret,
+    triton_tiling,
+)
+from tests.ops.rules import CASES, DELTA, RULES, Case, make_inputs
+from tests.tolerances import assert_close
+
+RULE_IDS = {"ids": lambda r: r.name}
+# Two chunks of 16, T not divisible by the chunk, odd K and V (padded for Triton), B, H > 1.
+SMALL = CASES[1]
+
+
+def _grads(rule, inputs, impl, chunk, options=None, seed=1):
+    """VJP with random cotangents on both outputs; returns (out, state, grads dict)."""
+    names = rule.diff_args
+
+    def f(*args):
+        return rule(inputs, impl, chunk, pallas=options, **dict(zip(names, args, strict=True)))
+
+    (out, state), pullback = jax.vjp(f, *(inputs[n] for n in names))
+    rng = np.random.default_rng(seed)
+    d_out = jnp.asarray(rng.normal(size=out.shape), jnp.float32).astype(out.dtype)
+    d_state = jnp.asarray(rng.normal(size=state.shape), state.dtype)
+    grads = pullback((d_out, d_state))
+    return out, state, dict(zip(names, grads, strict=True))
+
+
+@functools.cache
+def _chunked(rule, case, dtype):
+    """CHUNKED outputs and gradients, computed once per (rule, case, dtype) (compiles are slow)."""
+    return jax.jit(lambda x: _grads(rule, x, Impl.CHUNKED, case.chunk))(make_inputs(case, dtype))
+
+
+def _compare(rule, case, dtype, options, tol_dtype=None):
+    """PALLAS with ``options`` against CHUNKED: outputs, final state and every gradient."""
+    inputs = make_inputs(case, dtype)
+    got = jax.jit(lambda x: _grads(rule, x, Impl.PALLAS, case.chunk, options))(inputs)
+    want = _chunked(rule, case, dtype)
+    assert_close(got[0], want[0], tol_dtype, err_msg="output")
+    assert_close(got[1], want[1], tol_dtype, err_msg="final state")
+    for name in rule.diff_args:
+        assert got[2][name].dtype == want[2][name].dtype, name
+        assert_close(got[2][name], want[2][name], tol_dtype, err_msg=f"d{name}")
+
+
+@pytest.mark.parametrize("rule", RULES, **RULE_IDS)
+def test_tpu_kernels_in_interpret_mode(rule):
+    _compare(rule, SMALL, jnp.float32, PallasOptions(backend=PallasBackend.MOSAIC_TPU))
+
+
+@pytest.mark.parametrize("rule", RULES, **RULE_IDS)
+def test_xla_backward_option(rule):
+    _compare(rule, SMALL, jnp.float32, PallasOptions(backward=PallasBackward.XLA))
+
+
+@pytest.mark.parametrize("rule", RULES, **RULE_IDS)
+def test_value_tiles_sum_their_partial_gradients(rule):
+    """V = 40 pads to 64 = 4 tiles of 16: dq, dk (and dW, dP) are summed over tiles."""
+    case = Case(b=1, t=24, h=2, k=8, v=40, chunk=16)
+    _compare(rule, case, jnp.float32, PallasOptions(value_block=16))
+
+
+def test_state_precision_keeps_bfloat16_states_float32_accurate():
+    """PallasPrecision.STATE: bfloat16 inputs, float32 matmuls; the state meets float32."""
+    rule = DELTA
+    inputs = make_inputs(SMALL, jnp.bfloat16)
+    options = PallasOptions(precision=PallasPrecision.STATE)
+    out, state = rule(inputs, Impl.PALLAS, SMALL.chunk, pallas=options)
+    expected_out, expected_state = DELTA.oracle(inputs)
+    assert_close(out, expected_out)
+    assert_close(state, expected_state)  # float32 tolerance
+
+
+def test_float16_inputs():
+    inputs = make_inputs(SMALL, jnp.float16)
+    out, state = DELTA(inputs, Impl.PALLAS, SMALL.chunk)
+    expected_out, expected_state = DELTA.oracle(inputs)
+    assert out.dtype == jnp.float16 and state.dtype == jnp.float32
+    # float16 has a 10-bit mantissa: the bfloat16 tolerance bounds it.
+    assert_close(out, expected_out, jnp.bfloat16)
+    assert_close(state, expected_state, jnp.bfloat16)
+
+
+def test_backend_interpret_and_tiling_resolution():
+    assert resolve_interpret(PallasOptions(interpret=False), "cpu")  # no CPU compiler
+    assert not resolve_interpret(PallasOptions(), "gpu")
+    assert resolve_interpret(PallasOptions(interpret=True), "gpu")
+    assert resolve_backend(PallasOptions(), "tpu") is PallasBackend.MOSAIC_TPU
+    assert resolve_backend(PallasOptions(), "gpu") is PallasBackend.TRITON
+    # B·H = 16 programs at D = 64: tiles halve to 16 wide (64 programs); chunk and dims >= 16.
+    tiling = triton_tiling(8192, 64, 64, 64, 16, PallasOptions())
+    assert (tiling.chunk, tiling.key, tiling.value_block, tiling.chunks) == (64, 64, 16, 128)
+    assert triton_tiling(5, 3, 20, 64, 1, PallasOptions())[:3] == (16, 16, 32)
+
+
+GPU_CASES = (
+    Case(b=2, t=300, h=2, k=64, v=64, chunk=64),
+    Case(b=1, t=256, h=2, k=128, v=128, chunk=64),
+)
+
+
+def _compiled(rule, case, dtype, backward):
+    options = PallasOptions(backward=backward)
+    # Compiled kernels: bfloat16 matmul operands with INPUT precision; float32 uses IEEE fp32.
+    _compare(rule, case, dtype, options, tol_dtype=jnp.bfloat16 if dtype == jnp.bfloat16 else None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backward", list(PallasBackward), ids=lambda b: b.value)
+@pytest.mark.parametrize("dtype", (jnp.float32, jnp.bfloat16), ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("case", GPU_CASES, ids=str)
+@pytest.mark.parametrize("rule", RULES, **RULE_IDS)
+def test_compiled_gpu(rule, case, dtype, backward):
+    if jax.default_backend() != "gpu":
+        pytest.skip("needs a GPU default backend (JAX_PLATFORMS=cuda)")
+    _compiled(rule, case, dtype, backward)
+
+
+@pytest.mark.tpu
+@pytest.mark.parametrize("dtype", (jnp.float32, jnp.bfloat16), ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("rule", RULES, **RULE_IDS)
+def test_compiled_tpu(rule, dtype):
+    if jax.default_backend() != "tpu":
+        pytest.skip("needs a TPU default backend")
+    _compiled(rule, GPU_CASES[1], dtype, PallasBackward.KERNEL)
