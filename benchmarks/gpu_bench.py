@@ -1,0 +1,441 @@
+"""GPU benchmark of the delta rule: fwjax PALLAS / CHUNKED / RECURRENT and flash-linear-attention.
+
+One driver, one subprocess per stage, so that a crash, a hang or a compile error in one stage
+prints its full error and the others still run (JAX and torch never share a process):
+
+1. ``parity``: compiled PALLAS (default and XLA backward) and CHUNKED against the float32
+   REFERENCE at ``B2 T512 H4 D64`` (bf16 and fp32; outputs, final state, all input gradients),
+   the sum rule too; then flash-linear-attention's ``chunk_delta_rule`` (bf16) on the same
+   inputs, against the same reference (so the timings compare the same computation).
+2. ``time``: per (impl, shape, mode) one subprocess: bf16 inputs, warm up (compile) once, then
+   the median of ``--repeats`` timed calls; tokens/s, achieved GB/s and TFLOP/s.
+
+Every result is one JSON line, appended to ``<out>/gpu_bench.jsonl`` as it arrives (partial
+results survive a timeout) and printed. Usage (repo root, the machine's python3)::
+
+    PYTHONPATH=. python3 benchmarks/gpu_bench.py --out "$OUT"          # the GPU run
+    PYTHONPATH=. python3 benchmarks/gpu_bench.py --cpu-smoke --out /tmp/smoke   # CPU dry run
+
+Models (the same for every impl, so the rates compare times): FLOPs of the chunked algorithm
+with ``C = 64``, per head-token ``6·K·V + C·(6K + 4V) + C²/3`` forward (shared/NOTES.md) and 3×
+that for forward + backward; bytes: inputs read and outputs written once in bf16 (fwd: q, k,
+v, β, o; fwd+bwd adds do read and dq, dk, dv, dβ written, plus the forward again).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+
+C_MODEL = 64
+SHAPES = ((8, 1024, 8, 64), (2, 8192, 8, 64), (4, 4096, 16, 128))  # (B, T, H, D)
+SMOKE_SHAPES = ((1, 64, 2, 16),)
+TARGET_SHAPE = (2, 8192, 8, 64)
+IMPLS = ("fwjax_pallas", "fla_chunk", "fwjax_chunked", "fwjax_recurrent")
+# Extra PALLAS variants at the target shape, run last, if time is left.
+EXTRAS = ("fwjax_pallas_tv32", "fwjax_pallas_tv64", "fwjax_pallas_xla_bwd")
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    impl: str
+    b: int
+    t: int
+    h: int
+    d: int
+    mode: str  # fwd | fwdbwd
+    repeats: int
+    smoke: bool
+
+    @property
+    def name(self):
+        return f"{self.impl}|B{self.b}T{self.t}H{self.h}D{self.d}|{self.mode}"
+
+
+def model_flops(b, t, h, d, mode):
+    fwd = b * t * h * (6 * d * d + C_MODEL * 10 * d + C_MODEL**2 / 3)
+    return fwd if mode == "fwd" else 3 * fwd
+
+
+def model_bytes(b, t, h, d, mode):
+    fwd = 2 * b * t * h * (4 * d + 1)  # q, k, v, o (+ β), bf16
+    return fwd if mode == "fwd" else 2 * fwd + 2 * b * t * h * (4 * d + 1)
+
+
+def make_inputs_np(b, t, h, d, seed=0):
+    """float32 NumPy inputs: L2-normalised q, k; v, do ~ N(0, 1); β = σ(N(0, 1))."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+
+    def unit(x):
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    q = unit(rng.standard_normal((b, t, h, d), np.float32))
+    k = unit(rng.standard_normal((b, t, h, d), np.float32))
+    v = rng.standard_normal((b, t, h, d), np.float32)
+    beta = (1 / (1 + np.exp(-rng.standard_normal((b, t, h), np.float32)))).astype(np.float32)
+    do = rng.standard_normal((b, t, h, d), np.float32)
+    return q, k, v, beta, do
+
+
+# ----------------------------------------------------------------------------- JAX workers
+
+
+def _jax_op(impl: str, smoke: bool):
+    from fwjax.ops import Impl, delta_rule
+    from fwjax.ops.pallas import PallasBackward, PallasOptions
+
+    chunk = 16 if smoke else 64
+    pallas = None
+    if impl.startswith("fwjax_pallas"):
+        kind = Impl.PALLAS
+        if impl.endswith("_xla_bwd"):
+            pallas = PallasOptions(backward=PallasBackward.XLA)
+        elif "_tv" in impl:
+            pallas = PallasOptions(value_block=int(impl.rsplit("_tv", 1)[1]))
+    else:
+        kind = {"fwjax_chunked": Impl.CHUNKED, "fwjax_recurrent": Impl.RECURRENT}[impl]
+
+    def op(q, k, v, beta):
+        scale = q.shape[-1] ** -0.5
+        return delta_rule(q, k, v, beta, None, scale, impl=kind, chunk_size=chunk, pallas=pallas)
+
+    return op
+
+
+def worker_time_jax(job: Job):
+    import jax
+    import jax.numpy as jnp
+
+    op = _jax_op(job.impl, job.smoke)
+    q, k, v, beta, do = (
+        jnp.asarray(x, jnp.bfloat16) for x in make_inputs_np(job.b, job.t, job.h, job.d)
+    )
+    if job.mode == "fwd":
+        fn = jax.jit(lambda q, k, v, beta: op(q, k, v, beta)[0])
+        args = (q, k, v, beta)
+    else:
+
+        def fwdbwd(q, k, v, beta, do):
+            out, pullback = jax.vjp(lambda *a: op(*a)[0], q, k, v, beta)
+            return out, pullback(do)
+
+        fn = jax.jit(fwdbwd)
+        args = (q, k, v, beta, do)
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(job.repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return {"compile_s": compile_s, "times_s": times, "device": str(jax.devices()[0])}
+
+
+def _errors(got, ref):
+    """max|got − ref| / max(1, max|ref|) per named array."""
+    import numpy as np
+
+    out = {}
+    for name, g in got.items():
+        r = np.asarray(ref[name], np.float64)
+        err = np.max(np.abs(np.asarray(g, np.float64) - r)) / max(1.0, float(np.max(np.abs(r))))
+        out[name] = float(err)
+    return out
+
+
+def worker_parity_jax(smoke: bool, out_dir: str):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from fwjax.ops import Impl, delta_rule, sum_rule
+    from fwjax.ops.pallas import PallasBackward, PallasOptions
+
+    b, t, h, d = (1, 40, 2, 16) if smoke else (2, 512, 4, 64)
+    chunk = 16 if smoke else 64
+    q, k, v, beta, do = make_inputs_np(b, t, h, d, seed=1)
+    rng = np.random.default_rng(2)
+    ds = rng.standard_normal((b, h, d, d)).astype(np.float32)
+    s0 = (0.5 * rng.standard_normal((b, h, d, d))).astype(np.float32)
+    scale = d**-0.5
+    results = []
+
+    def run(rule, impl, dtype, pallas=None):
+        cast = lambda x: jnp.asarray(x, jnp.float32).astype(dtype)
+        names = ("q", "k", "v", "beta", "s0") if rule == "delta" else ("q", "k", "v", "s0")
+        prim = {"q": cast(q), "k": cast(k), "v": cast(v), "beta": cast(beta)}
+        prim["s0"] = jnp.asarray(s0)
+
+        def f(*a):
+            x = dict(zip(names, a, strict=True))
+            if rule == "delta":
+                return delta_rule(
+                    x["q"], x["k"], x["v"], x["beta"], x["s0"], scale,
+                    impl=impl, chunk_size=chunk, pallas=pallas,
+                )  # fmt: skip
+            return sum_rule(
+                x["q"], x["k"], x["v"], x["s0"], scale, impl=impl, chunk_size=chunk, pallas=pallas
+            )
+
+        @jax.jit
+        def go(*a):
+            (o, s), pullback = jax.vjp(f, *a)
+            return o, s, pullback((cast(do), jnp.asarray(ds)))
+
+        o, s, grads = go(*(prim[n] for n in names))
+        named = {"o": o, "state": s, **{f"d{n}": g for n, g in zip(names, grads, strict=True)}}
+        return {n: np.asarray(jnp.asarray(x, jnp.float32)) for n, x in named.items()}
+
+    for rule in ("delta", "sum"):
+        with jax.default_matmul_precision("highest"):
+            ref = run(rule, Impl.REFERENCE, jnp.float32)
+        if rule == "delta":
+            np.savez(
+                os.path.join(out_dir, "parity_ref.npz"),
+                q=q, k=k, v=v, beta=beta, do=do, ds=ds, s0=s0, scale=scale, **ref,
+            )  # fmt: skip
+        variants = [("chunked", Impl.CHUNKED, None), ("pallas", Impl.PALLAS, None)]
+        variants.append(("pallas_xla_bwd", Impl.PALLAS, PallasOptions(backward=PallasBackward.XLA)))
+        for label, impl, pallas in variants:
+            for dtype in (jnp.float32, jnp.bfloat16):
+                rec = {
+                    "stage": "parity",
+                    "rule": rule,
+                    "impl": label,
+                    "dtype": jnp.dtype(dtype).name,
+                }
+                try:
+                    rec["rel_err"] = _errors(run(rule, impl, dtype, pallas), ref)
+                    rec["max_rel_err"] = max(rec["rel_err"].values())
+                    # bf16 inputs: 2^-8 per rounding; fp32: TF32-level XLA matmuls on GPU.
+                    rec["ok"] = rec["max_rel_err"] < (5e-2 if dtype == jnp.bfloat16 else 5e-3)
+                except Exception:  # report it and go on with the other variants
+                    rec["ok"] = False
+                    rec["error"] = traceback.format_exc()
+                results.append(rec)
+                print(json.dumps(rec), flush=True)
+    return results
+
+
+# --------------------------------------------------------------------------- torch workers
+
+
+def _fla():
+    import torch
+    from fla.ops.delta_rule import chunk_delta_rule
+
+    return torch, chunk_delta_rule
+
+
+def worker_time_fla(job: Job):
+    torch, chunk_delta_rule = _fla()
+    dev = "cuda"
+    q, k, v, beta, do = (
+        torch.from_numpy(x).to(dev, torch.bfloat16)
+        for x in make_inputs_np(job.b, job.t, job.h, job.d)
+    )
+    for x in (q, k, v, beta):
+        x.requires_grad_(job.mode == "fwdbwd")
+    scale = job.d**-0.5
+
+    def call():
+        o, _ = chunk_delta_rule(q, k, v, beta, scale=scale)
+        if job.mode == "fwdbwd":
+            torch.autograd.grad(o, (q, k, v, beta), do)
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    call()  # triton autotuning and compilation
+    torch.cuda.synchronize()
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(job.repeats):
+        t0 = time.perf_counter()
+        call()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return {"compile_s": compile_s, "times_s": times, "device": torch.cuda.get_device_name()}
+
+
+def worker_parity_fla(out_dir: str):
+    import numpy as np
+
+    torch, chunk_delta_rule = _fla()
+    ref = np.load(os.path.join(out_dir, "parity_ref.npz"))
+    t = {n: torch.from_numpy(ref[n]).cuda() for n in ("q", "k", "v", "beta", "do", "ds", "s0")}
+    bf = {n: t[n].to(torch.bfloat16).requires_grad_(True) for n in ("q", "k", "v", "beta")}
+    s0 = t["s0"].clone().requires_grad_(True)
+    o, s = chunk_delta_rule(
+        bf["q"], bf["k"], bf["v"], bf["beta"], scale=float(ref["scale"]),
+        initial_state=s0, output_final_state=True,
+    )  # fmt: skip
+    grads = torch.autograd.grad(
+        (o, s), (bf["q"], bf["k"], bf["v"], bf["beta"], s0), (t["do"].to(o.dtype), t["ds"])
+    )
+    names = ("q", "k", "v", "beta", "s0")
+    got = {"o": o, "state": s, **{f"d{n}": g for n, g in zip(names, grads, strict=True)}}
+    got = {n: x.detach().float().cpu().numpy() for n, x in got.items()}
+    rec = {"stage": "parity", "rule": "delta", "impl": "fla_chunk", "dtype": "bfloat16"}
+    rec["rel_err"] = _errors(got, ref)
+    rec["max_rel_err"] = max(rec["rel_err"].values())
+    rec["ok"] = rec["max_rel_err"] < 5e-2
+    print(json.dumps(rec), flush=True)
+
+
+def worker_main(argv):
+    kind, payload = argv[0], argv[1]
+    if kind == "parity_jax":
+        args = json.loads(payload)
+        worker_parity_jax(args["smoke"], args["out"])
+        return
+    if kind == "parity_fla":
+        worker_parity_fla(json.loads(payload)["out"])
+        return
+    job = Job(**json.loads(payload))
+    res = worker_time_fla(job) if job.impl == "fla_chunk" else worker_time_jax(job)
+    med = statistics.median(res["times_s"])
+    tokens = job.b * job.t
+    rec = {"stage": "time", **dataclasses.asdict(job), **res, "median_s": med}
+    rec["tokens_per_s"] = tokens / med
+    rec["gb_per_s"] = model_bytes(job.b, job.t, job.h, job.d, job.mode) / med / 1e9
+    rec["tflop_per_s"] = model_flops(job.b, job.t, job.h, job.d, job.mode) / med / 1e12
+    print("RESULT " + json.dumps(rec), flush=True)
+
+
+# ---------------------------------------------------------------------------------- driver
+
+
+class Driver:
+    def __init__(self, out_dir, deadline_s, timeout_s):
+        self.out_dir = out_dir
+        self.jsonl = os.path.join(out_dir, "gpu_bench.jsonl")
+        self.deadline = time.monotonic() + deadline_s
+        self.timeout_s = timeout_s
+
+    def record(self, rec):
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def spawn(self, kind, payload, label, env_extra=None):
+        """Runs one worker; prints its full output; returns its stdout lines (or [])."""
+        left = self.deadline - time.monotonic()
+        if left < 15:
+            self.record({"stage": "skipped", "label": label, "reason": "out of time"})
+            print(f"== {label}: SKIPPED (out of time)", flush=True)
+            return []
+        env = {**os.environ, **(env_extra or {})}
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, payload]
+        t0 = time.monotonic()
+        try:
+            p = subprocess.run(
+                cmd, capture_output=True, text=True, env=env, timeout=min(self.timeout_s, left)
+            )
+            rc, out, err = p.returncode, p.stdout, p.stderr
+        except subprocess.TimeoutExpired as e:
+            rc = "timeout"
+            out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+            err = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+        wall = time.monotonic() - t0
+        print(f"== {label}: rc={rc} wall={wall:.1f}s", flush=True)
+        if rc != 0:
+            print(out[-4000:] + "\n" + err[-8000:], flush=True)
+            self.record({"stage": "error", "label": label, "rc": str(rc), "stderr": err[-8000:]})
+        return out.splitlines()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU (interpret)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--deadline", type=float, default=400.0, help="seconds for the whole run")
+    ap.add_argument("--timeout", type=float, default=120.0, help="seconds per subprocess")
+    ap.add_argument("--skip-parity", action="store_true")
+    ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        return worker_main(args.worker)
+
+    os.makedirs(args.out, exist_ok=True)
+    drv = Driver(args.out, args.deadline, args.timeout)
+    env = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+    if args.cpu_smoke:
+        env["JAX_PLATFORMS"] = "cpu"
+    smoke = args.cpu_smoke
+    t_start = time.monotonic()
+
+    # 1. parity (compiled on GPU), then FLA on the same inputs.
+    if not args.skip_parity:
+        payload = json.dumps({"smoke": smoke, "out": args.out})
+        for line in drv.spawn("parity_jax", payload, "parity fwjax", env):
+            if line.startswith("{"):
+                drv.record(json.loads(line))
+                print(line, flush=True)
+        if not smoke:
+            for line in drv.spawn("parity_fla", payload, "parity fla", env):
+                if line.startswith("{"):
+                    drv.record(json.loads(line))
+                    print(line, flush=True)
+
+    # 2. timings: the target shape first, the essential impls first, extras last.
+    others = tuple(s for s in SHAPES if s != TARGET_SHAPE)
+    shapes = SMOKE_SHAPES if smoke else (TARGET_SHAPE, *others)
+    impls = tuple(i for i in IMPLS if not (smoke and i == "fla_chunk"))
+    jobs = [
+        Job(impl, *shape, mode, 2 if smoke else args.repeats, smoke)
+        for shape in shapes
+        for mode in ("fwdbwd", "fwd")
+        for impl in impls
+    ]
+    extras_shape = SMOKE_SHAPES[0] if smoke else TARGET_SHAPE
+    jobs += [
+        Job(impl, *extras_shape, "fwdbwd", 2 if smoke else args.repeats, smoke)
+        for impl in (EXTRAS[-1:] if smoke else EXTRAS)
+    ]
+    for job in jobs:
+        for line in drv.spawn("time", json.dumps(dataclasses.asdict(job)), job.name, env):
+            if line.startswith("RESULT "):
+                rec = json.loads(line[len("RESULT ") :])
+                drv.record(rec)
+                ms, mtok = rec["median_s"] * 1e3, rec["tokens_per_s"] / 1e6
+                print(
+                    f"   {job.name}: {ms:.2f} ms  {mtok:.2f} Mtok/s  {rec['gb_per_s']:.1f} GB/s"
+                    f"  {rec['tflop_per_s']:.2f} TFLOP/s  (compile {rec['compile_s']:.1f}s)",
+                    flush=True,
+                )
+    print(f"done in {time.monotonic() - t_start:.0f}s; results in {drv.jsonl}", flush=True)
+    summarize(drv.jsonl)
+
+
+def summarize(path):
+    """Prints the fwd+bwd ratios the issue targets, from the JSONL results."""
+    with open(path) as f:
+        rows = [json.loads(x) for x in f if x.strip()]
+    times = {
+        (r["impl"], r["b"], r["t"], r["h"], r["d"], r["mode"]): r["median_s"]
+        for r in rows
+        if r.get("stage") == "time"
+    }
+    for b, t, h, d in SHAPES + SMOKE_SHAPES:
+        for mode in ("fwdbwd", "fwd"):
+            p = times.get(("fwjax_pallas", b, t, h, d, mode))
+            if p is None:
+                continue
+            for other in ("fla_chunk", "fwjax_chunked", "fwjax_recurrent"):
+                o = times.get((other, b, t, h, d, mode))
+                if o is not None:
+                    print(f"B{b}T{t}H{h}D{d} {mode}: PALLAS throughput = {o / p:.2f} x {other}")
+
+
+if __name__ == "__main__":
+    main()
