@@ -1,0 +1,267 @@
+"""Typed configuration of a training run (frozen dataclasses + enums, validated on creation).
+
+A run's config is one :class:`TrainConfig`, built from a TOML file by
+:func:`fwjax.train.config_io.structure`. Sections (TOML tables): ``[retrieval]`` or ``[lm]``
+(the task and its model), ``[optimizer]``, ``[mesh]``, ``[checkpoint]``, ``[distributed]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+from fwjax.data.retrieval import RetrievalSetting
+from fwjax.nn.config import _DEFAULT_FAST_WEIGHT, AttentionKind, FastWeightConfig, ModelConfig
+
+
+def _check_positive(**values):
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} must be a positive int")
+
+
+def _check_nonnegative(**values):
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name}={value!r} must be a non-negative int")
+
+
+class OptimizerKind(enum.Enum):
+    ADAM = "adam"
+    ADAMW = "adamw"
+
+
+class ScheduleKind(enum.Enum):
+    """Learning-rate schedule after the linear warmup."""
+
+    CONSTANT = "constant"
+    COSINE = "cosine"
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """Adam/AdamW with linear warmup, then constant or cosine decay, and global-norm clipping.
+
+    The paper's LM recipe: Adam, ``learning_rate=2.5e-4``, ``warmup_steps=2000``, cosine,
+    ``clip_norm=0.25``.
+
+    Attributes:
+      kind: ADAM or ADAMW (decoupled weight decay).
+      learning_rate: peak learning rate, reached after ``warmup_steps``.
+      warmup_steps: linear warmup from 0.
+      schedule: after warmup, CONSTANT or COSINE decay to ``final_lr_fraction · learning_rate``
+        at the last training step.
+      clip_norm: global gradient-norm clipping threshold; None disables clipping.
+    """
+
+    kind: OptimizerKind = OptimizerKind.ADAM
+    learning_rate: float = 2.5e-4
+    warmup_steps: int = 0
+    schedule: ScheduleKind = ScheduleKind.COSINE
+    final_lr_fraction: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    clip_norm: float | None = 0.25
+
+    def __post_init__(self):
+        object.__setattr__(self, "kind", OptimizerKind(self.kind))
+        object.__setattr__(self, "schedule", ScheduleKind(self.schedule))
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate={self.learning_rate} must be > 0")
+        _check_nonnegative(warmup_steps=self.warmup_steps)
+        if not 0.0 <= self.final_lr_fraction <= 1.0:
+            raise ValueError(f"final_lr_fraction={self.final_lr_fraction} must be in [0, 1]")
+        for name in ("b1", "b2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1)")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay={self.weight_decay} must be >= 0")
+        if self.weight_decay and self.kind is OptimizerKind.ADAM:
+            raise ValueError(f"weight_decay={self.weight_decay} needs kind='adamw'")
+        if self.clip_norm is not None and not self.clip_norm > 0:
+            raise ValueError(f"clip_norm={self.clip_norm} must be > 0 or None")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """The device mesh: ``data`` (batch) × ``model`` (heads / feed-forward width) axes.
+
+    ``data=-1`` uses all devices not taken by ``model``.
+    """
+
+    data: int = -1
+    model: int = 1
+
+    def __post_init__(self):
+        _check_positive(model=self.model)
+        if self.data != -1:
+            _check_positive(data=self.data)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Orbax checkpointing: every ``every_steps`` (and at the end), keeping the latest ``keep``."""
+
+    every_steps: int = 1000
+    keep: int = 3
+    async_save: bool = True
+
+    def __post_init__(self):
+        _check_positive(every_steps=self.every_steps, keep=self.keep)
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """Multi-host setup for ``jax.distributed.initialize``.
+
+    ``coordinator_address=None`` runs single-process (or relies on the cluster's auto-detection
+    when ``auto=True``, e.g. on Cloud TPU or SLURM).
+    """
+
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    auto: bool = False
+
+    def __post_init__(self):
+        given = [self.num_processes is not None, self.process_id is not None]
+        if self.coordinator_address is not None and not all(given):
+            raise ValueError(
+                f"{self.coordinator_address=} needs num_processes and process_id; got "
+                f"{self.num_processes=}, {self.process_id=}"
+            )
+        if self.num_processes is not None:
+            _check_positive(num_processes=self.num_processes)
+        if self.process_id is not None:
+            _check_nonnegative(process_id=self.process_id)
+            if self.num_processes is not None and self.process_id >= self.num_processes:
+                raise ValueError(f"{self.process_id=} must be < {self.num_processes=}")
+
+
+class NonFinitePolicy(enum.Enum):
+    """What a non-finite loss or gradient does.
+
+    Attributes:
+      STOP: the update is not applied, and the run stops with an error naming the step; the
+        last good checkpoint is kept (no checkpoint is written after it).
+      SKIP: the update is skipped and training goes on; the run stops after
+        ``max_consecutive_nonfinite`` skipped steps in a row.
+    """
+
+    STOP = "stop"
+    SKIP = "skip"
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrievalTaskConfig:
+    """The synthetic associative retrieval task (:mod:`fwjax.data.retrieval`) and its model.
+
+    Attributes:
+      setting: 1 (capacity) or 2 (update).
+      num_keys: N keys and N values.
+      d_key, attention, fast_weight: the :class:`~fwjax.nn.RetrievalModel`'s configuration.
+      eval_sequences: sequences per evaluation (20 in the paper), queried at every key.
+    """
+
+    setting: RetrievalSetting = RetrievalSetting.UPDATE
+    num_keys: int = 20
+    d_key: int = 64
+    attention: AttentionKind = AttentionKind.FAST_WEIGHT
+    fast_weight: FastWeightConfig = _DEFAULT_FAST_WEIGHT
+    eval_sequences: int = 20
+
+    def __post_init__(self):
+        object.__setattr__(self, "setting", RetrievalSetting(self.setting))
+        object.__setattr__(self, "attention", AttentionKind(self.attention))
+        _check_positive(
+            num_keys=self.num_keys, d_key=self.d_key, eval_sequences=self.eval_sequences
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class LMTaskConfig:
+    """Byte-level language modelling on a text file, as contiguous streams.
+
+    Attributes:
+      model: the :class:`~fwjax.nn.ModelConfig` (``vocab_size`` must be ≥ 256: bytes).
+      text_path: a UTF-8 text file; None uses generated text (no download, for tests/demos).
+      validation_fraction: the last fraction of the text (by bytes) is the validation split.
+      segment_len: T tokens per training segment.
+      carry_state: carry the fast weights from one segment of a stream to the next, in training
+        and evaluation (Transformer-XL style streams make this meaningful).
+    """
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    text_path: str | None = None
+    validation_fraction: float = 0.1
+    segment_len: int = 128
+    carry_state: bool = False
+
+    def __post_init__(self):
+        _check_positive(segment_len=self.segment_len)
+        if not 0.0 < self.validation_fraction < 1.0:
+            raise ValueError(f"validation_fraction={self.validation_fraction} must be in (0, 1)")
+        if self.model.vocab_size < 256:
+            raise ValueError(f"byte-level data needs {self.model.vocab_size=} >= 256")
+
+
+class TaskKind(enum.Enum):
+    RETRIEVAL = "retrieval"
+    LM = "lm"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """A training run.
+
+    Attributes:
+      task: which task; its section (``retrieval`` or ``lm``) configures it.
+      steps: optimizer steps in the run.
+      batch_size: the global batch (sequences per step, over all devices and processes); must
+        be divisible by the mesh's data-parallel size.
+      seed: seeds initialisation, data order and dropout (the data position is the step).
+      eval_every: evaluate every this many steps (and at the end); ``eval_batches`` batches.
+      log_every: host-side metrics (JSONL, progress bar, TensorBoard) every this many steps.
+      nonfinite: :class:`NonFinitePolicy`; ``max_consecutive_nonfinite`` bounds SKIP.
+      progress_bar: a tqdm bar on process 0. ``tensorboard``: also write tensorboardX events.
+    """
+
+    task: TaskKind = TaskKind.RETRIEVAL
+    retrieval: RetrievalTaskConfig | None = None
+    lm: LMTaskConfig | None = None
+    steps: int = 1000
+    batch_size: int = 32
+    seed: int = 0
+    eval_every: int = 100
+    eval_batches: int = 1
+    log_every: int = 10
+    nonfinite: NonFinitePolicy = NonFinitePolicy.STOP
+    max_consecutive_nonfinite: int = 10
+    progress_bar: bool = True
+    tensorboard: bool = False
+    optimizer: OptimizerConfig = OptimizerConfig()
+    mesh: MeshConfig = MeshConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    distributed: DistributedConfig = DistributedConfig()
+
+    def __post_init__(self):
+        object.__setattr__(self, "task", TaskKind(self.task))
+        object.__setattr__(self, "nonfinite", NonFinitePolicy(self.nonfinite))
+        _check_positive(
+            steps=self.steps,
+            batch_size=self.batch_size,
+            eval_every=self.eval_every,
+            eval_batches=self.eval_batches,
+            log_every=self.log_every,
+            max_consecutive_nonfinite=self.max_consecutive_nonfinite,
+        )
+        _check_nonnegative(seed=self.seed)
+        if self.task is TaskKind.RETRIEVAL and self.retrieval is None:
+            object.__setattr__(self, "retrieval", RetrievalTaskConfig())
+        if self.task is TaskKind.LM and self.lm is None:
+            object.__setattr__(self, "lm", LMTaskConfig())
+        other = "lm" if self.task is TaskKind.RETRIEVAL else "retrieval"
+        if getattr(self, other) is not None:
+            raise ValueError(f"task={self.task.value!r} but a [{other}] section was given")

@@ -1,0 +1,148 @@
+"""Config files → typed, validated dataclasses, once, at the boundary.
+
+Configs are TOML files (``experiments/configs/NAME.toml``), read with the standard library's
+``tomllib``; ``key.path=value`` overrides (``--set`` on the command line) are applied to the
+parsed dictionary before it is converted. :func:`structure` converts a nested dictionary into
+the frozen dataclasses of :mod:`fwjax.train.config` (enums from their values, nested
+dataclasses, ``tuple[...]`` and ``X | None``), rejecting unknown keys by name; each dataclass's
+``__post_init__`` then validates the values. :func:`unstructure` is its inverse (JSON-ready).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+
+def structure(cls: Any, data: Any, path: str = "config") -> Any:
+    """Converts plain data (from TOML/JSON) to an instance of the type ``cls``.
+
+    Args:
+      cls: a dataclass, enum, ``tuple[X, ...]``, ``X | None``, or a scalar type.
+      data: dicts, lists and scalars.
+      path: where ``data`` sits in the config, for error messages.
+
+    Raises:
+      ValueError / TypeError naming the offending key and value.
+    """
+    origin = typing.get_origin(cls)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(cls)
+        if data is None:
+            if type(None) in options:
+                return None
+            raise ValueError(f"{path} must not be None")
+        non_none = [o for o in options if o is not type(None)]
+        if len(non_none) != 1:
+            raise TypeError(f"{path}: unsupported union {cls}")
+        return structure(non_none[0], data, path)
+    if origin is tuple:
+        args = typing.get_args(cls)
+        if not isinstance(data, list | tuple):
+            raise TypeError(f"{path}={data!r} must be a list")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(structure(args[0], x, f"{path}[{i}]") for i, x in enumerate(data))
+        if len(args) != len(data):
+            raise ValueError(f"{path}={data!r} must have {len(args)} entries")
+        pairs = enumerate(zip(args, data, strict=True))
+        return tuple(structure(a, x, f"{path}[{i}]") for i, (a, x) in pairs)
+    if dataclasses.is_dataclass(cls):
+        if isinstance(data, cls):
+            return data
+        if not isinstance(data, dict):
+            raise TypeError(f"{path}={data!r} must be a table of {cls.__name__} fields")
+        hints = typing.get_type_hints(cls)
+        names = {f.name for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown key(s) {unknown} in {path}; valid keys: {sorted(names)}")
+        kwargs = {k: structure(hints[k], v, f"{path}.{k}") for k, v in data.items()}
+        try:
+            return cls(**kwargs)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{path}: {e}") from e
+    if isinstance(cls, type) and issubclass(cls, enum.Enum):
+        if isinstance(data, cls):
+            return data
+        try:
+            return cls(data)
+        except ValueError:
+            valid = [m.value for m in cls]
+            raise ValueError(f"{path}={data!r} is not one of {valid}") from None
+    if cls is float:
+        if isinstance(data, bool) or not isinstance(data, int | float):
+            raise TypeError(f"{path}={data!r} must be a number")
+        return float(data)
+    if cls is int or cls is bool or cls is str:
+        if not isinstance(data, cls) or (cls is int and isinstance(data, bool)):
+            raise TypeError(f"{path}={data!r} must be of type {cls.__name__}")
+        return data
+    if cls is Any:
+        return data
+    raise TypeError(f"{path}: unsupported config type {cls}")
+
+
+def unstructure(obj: Any) -> Any:
+    """The inverse of :func:`structure`: plain dicts, lists and scalars (JSON-ready)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: unstructure(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, tuple | list):
+        return [unstructure(x) for x in obj]
+    return obj
+
+
+def parse_value(text: str) -> Any:
+    """An override's value: a TOML literal (``3``, ``2.5e-4``, ``true``, ``"x"``, ``[1, 2]``),
+    else the raw string (so ``--set data.path=/tmp/x.txt`` needs no quotes)."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Applies ``key.path=value`` overrides to a nested dict (returns a new dict)."""
+    import copy
+
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} must look like key.path=value")
+        *parents, leaf = key.strip().split(".")
+        node = data
+        for p in parents:
+            child = node.setdefault(p, {})
+            if not isinstance(child, dict):
+                raise ValueError(f"override {item!r}: {p!r} is not a table")
+            node = child
+        node[leaf] = parse_value(value.strip())
+    return data
+
+
+def find_config(name_or_path: str | Path, search_dirs: list[Path]) -> Path:
+    """A config file: an existing path, or ``NAME`` / ``NAME.toml`` in one of ``search_dirs``."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    for d in search_dirs:
+        for candidate in (d / path, d / f"{path}.toml"):
+            if candidate.is_file():
+                return candidate
+    names = sorted(p.stem for d in search_dirs if d.is_dir() for p in d.glob("*.toml"))
+    raise FileNotFoundError(
+        f"config {str(name_or_path)!r} is neither a file nor one of {names} "
+        f"(searched {[str(d) for d in search_dirs]})"
+    )
+
+
+def load_toml(path: Path) -> dict:
+    with open(path, "rb") as f:
+        return tomllib.load(f)

@@ -1,0 +1,201 @@
+"""The training loop: resume, step, log, evaluate, checkpoint — the same code on a laptop and a
+multi-host pod.
+
+:func:`train` runs a :class:`~fwjax.train.config.TrainConfig` in a work directory:
+
+* ``workdir/config.json``: the resolved config (``fwjax eval`` / ``generate`` read it back);
+* ``workdir/checkpoints/``: Orbax checkpoints (resumed from automatically: restarting the same
+  command after a crash continues from the last good checkpoint and ends with the same
+  parameters as an uninterrupted run);
+* ``workdir/metrics.jsonl``: train and eval metrics; ``workdir/summary.json``: the final line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fwjax.train import mesh as mesh_lib
+from fwjax.train.checkpoint import Checkpointer
+from fwjax.train.config import DistributedConfig, NonFinitePolicy, TrainConfig
+from fwjax.train.config_io import unstructure
+from fwjax.train.metrics import MetricsWriter, Progress
+from fwjax.train.optim import make_optimizer
+from fwjax.train.step import create_train_state, make_eval_step, make_train_step
+from fwjax.train.tasks import make_task
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """A non-finite loss or gradient stopped the run (policy STOP, or too many SKIPs)."""
+
+
+def initialize_distributed(config: DistributedConfig) -> None:
+    """Calls ``jax.distributed.initialize`` when configured (before any other JAX call)."""
+    if config.coordinator_address is not None:
+        jax.distributed.initialize(
+            coordinator_address=config.coordinator_address,
+            num_processes=config.num_processes,
+            process_id=config.process_id,
+        )
+    elif config.auto:
+        jax.distributed.initialize()
+
+
+class Run:
+    """A built run: task, mesh, jitted steps and the (restored or fresh) state."""
+
+    def __init__(self, config: TrainConfig, workdir: str | Path, devices=None):
+        self.config = config
+        self.workdir = Path(workdir)
+        self.task = make_task(config)
+        self.mesh = mesh_lib.make_mesh(config.mesh, devices)
+        mesh_lib.check_batch_size(config.batch_size, self.mesh)
+        self.tx = make_optimizer(config.optimizer, config.steps)
+        self.state, self.model_def, self.shardings = create_train_state(
+            self.task, self.tx, self.mesh, config.seed, config.batch_size
+        )
+        self.checkpointer = Checkpointer(self.workdir / "checkpoints", config.checkpoint)
+        self.restored_step = None
+        restored = self.checkpointer.restore_latest(self.state, self.shardings)
+        if restored is not None:
+            self.state, _ = restored
+            self.restored_step = int(self.state.step)
+        replicated = mesh_lib.replicated(self.mesh)
+        self.train_step = jax.jit(
+            make_train_step(self.task, self.model_def, self.tx, config.seed),
+            in_shardings=(self.shardings, None),
+            out_shardings=(self.shardings, replicated),
+            donate_argnames="state",
+        )
+        self.eval_step = jax.jit(
+            make_eval_step(self.task, self.model_def),
+            out_shardings=(replicated, self.shardings.carry),
+        )
+
+    def batch(self, index: int) -> dict:
+        return mesh_lib.shard_batch(self.mesh, self.task.train_batch(index))
+
+    def evaluate(self) -> dict:
+        """Metrics over the task's evaluation batches (memory carried through them for LMs
+        trained with ``carry_state``)."""
+        dp = mesh_lib.data_parallel_size(self.mesh)
+        carry = jax.tree.map(jnp.zeros_like, self.state.carry)
+        totals = None
+        for host_batch in self.task.eval_data(dp):
+            batch = mesh_lib.shard_batch(self.mesh, host_batch)
+            sums, carry = self.eval_step(self.state.params, self.state.rest, batch, carry)
+            sums = jax.device_get(sums)
+            totals = sums if totals is None else {k: totals[k] + sums[k] for k in totals}
+        return self.task.summarize(totals)
+
+    def model(self, *, train: bool = False):
+        """The current model as an ``nnx.Module`` (for generation and inspection)."""
+        return self.model_def.merge(self.state.params, self.state.rest, train=train)
+
+
+def _record(run: Run) -> dict:
+    return {"step": int(run.state.step), "data_position": int(run.state.step)}
+
+
+def _check_finite(run: Run, history: list[dict]) -> None:
+    """Raises :class:`NonFiniteLossError` per the policy, naming the step."""
+    cfg = run.config
+    bad = [m for m in history if not m["finite"]]
+    if not bad:
+        return
+    first = bad[0]
+    if cfg.nonfinite is NonFinitePolicy.STOP:
+        raise NonFiniteLossError(
+            f"non-finite loss or gradient at step {first['step']} (loss={first['step_loss']}, "
+            f"grad_norm={first['grad_norm']}); the "
+            f"update was not applied and the run stopped (nonfinite='stop'). The last good "
+            f"checkpoint is step {run.checkpointer.latest_step()} in {run.checkpointer.directory}"
+        )
+    count = int(run.state.nonfinite_count)
+    log.warning("skipped non-finite update(s) at step(s) %s", [m["step"] for m in bad])
+    if count >= cfg.max_consecutive_nonfinite:
+        raise NonFiniteLossError(
+            f"{count} consecutive non-finite steps (the last at step {bad[-1]['step']}) reached "
+            f"max_consecutive_nonfinite={cfg.max_consecutive_nonfinite}; stopping"
+        )
+
+
+def train(config: TrainConfig, workdir: str | Path, *, devices=None) -> dict:
+    """Trains (or resumes) the run of ``config`` in ``workdir``; returns the final summary.
+
+    Raises:
+      NonFiniteLossError: per ``config.nonfinite``.
+      ValueError / FileNotFoundError: bad config values, a global batch not divisible by the
+        data-parallel size, a missing data path.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(json.dumps(unstructure(config), indent=2))
+    run = Run(config, workdir, devices)
+    cfg = config
+    writer = MetricsWriter(workdir, tensorboard=cfg.tensorboard)
+    start_step = int(run.state.step)
+    if run.restored_step is not None:
+        log.info("resumed from the checkpoint at step %d", run.restored_step)
+    progress = Progress(cfg.steps, start_step, cfg.progress_bar)
+    tokens_per_step = run.task.tokens_per_batch(cfg.batch_size)
+    history, t0, t_log, step_log = [], time.time(), time.time(), start_step
+    last_train, last_eval = {}, {}
+    try:
+        for step in range(start_step, cfg.steps):
+            run.state, metrics = run.train_step(run.state, run.batch(step))
+            history.append(dict(metrics, step=step))
+            done = step + 1
+            at_log = done % cfg.log_every == 0 or done == cfg.steps
+            at_ckpt = done % cfg.checkpoint.every_steps == 0 or done == cfg.steps
+            at_eval = done % cfg.eval_every == 0 or done == cfg.steps
+            if at_log or at_ckpt or at_eval:
+                history = jax.device_get(history)
+                _check_finite(run, history)
+                now = time.time()
+                sums = {k: sum(float(m[k]) for m in history) for k in history[0]}
+                last_train = run.task.summarize(sums)
+                last_train["grad_norm"] = sums["grad_norm"] / len(history)
+                last_train["tokens_per_s"] = tokens_per_step * (done - step_log) / (now - t_log)
+                writer.write(done, "train", last_train)
+                progress.update(
+                    done - step_log, loss=last_train["loss"], tok_s=last_train["tokens_per_s"]
+                )
+                history, t_log, step_log = [], now, done
+            if at_eval:
+                last_eval = run.evaluate()
+                writer.write(done, "eval", last_eval)
+            if at_ckpt:
+                run.checkpointer.save(run.state, _record(run))
+    finally:
+        progress.close()
+        run.checkpointer.close()
+        writer.close()
+    seconds = time.time() - t0
+    summary = dict(
+        steps=int(run.state.step),
+        resumed_from=run.restored_step,
+        seconds=round(seconds, 2),
+        train=last_train,
+        eval=last_eval,
+    )
+    writer.write(int(run.state.step), "summary", {"seconds": seconds})
+    if jax.process_index() == 0:
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+        evals = " ".join(f"{k}={v:.4g}" for k, v in last_eval.items())
+        print(f"fwjax train: step {summary['steps']}/{cfg.steps} in {seconds:.1f} s; eval {evals}")
+    return summary
+
+
+def params_checksum(state) -> float:
+    """A scalar fingerprint of the parameters (for comparing runs)."""
+    return float(sum(np.asarray(x, np.float64).sum() for x in jax.tree.leaves(state.params)))

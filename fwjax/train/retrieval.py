@@ -1,0 +1,537 @@
+"""The training protocol of the paper's synthetic associative retrieval experiments.
+
+Schlag, Irie & Schmidhuber (ICML 2021, Sec. 6.1): a single-layer :class:`~fwjax.nn.RetrievalModel`
+is trained with Adam (lr 1e-3, batch 32) on one query per sequence with the loss
+``½‖onehot(target) − ŷ‖²``; every ``eval_every`` steps it is evaluated on ``eval_sequences``
+sequences, queried at every unique key (at most 200). Training stops when the evaluation loss
+is ``<= target_loss``, after ``patience`` evaluations in a row without a new best, or at
+``max_steps``; the result is the LAST evaluation loss and the step count.
+
+The model reads its memory only after all writes, at a few queries, so the predictions have a
+closed form that never builds the ``[K, V]`` fast weight matrix (:func:`direct_predictions`,
+equations there); it equals ``RetrievalModel.__call__`` up to float rounding (tested) and is the
+default (:class:`Readout`).
+
+Usage::
+
+    task = RetrievalTask(RetrievalSetting.UPDATE, num_keys=40)
+    cfg = RetrievalConfig(40, 40, fast_weight=FastWeightConfig(FeatureMap("dpfp", nu=1)))
+    result = train_retrieval(task, cfg, RetrievalProtocol(seed=0))
+    result.final_eval_loss, result.steps
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+import math
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from fwjax.data.retrieval import RetrievalTask, retrieval_loss
+from fwjax.nn.config import AttentionKind
+from fwjax.nn.retrieval import RetrievalConfig, RetrievalModel
+from fwjax.ops import Normalization, UpdateRule, feature_maps
+from fwjax.ops.linalg import unit_lower_triangular_inverse
+
+
+class Readout(enum.Enum):
+    """How a :class:`RetrievalModel`'s predictions are computed (same values, different cost).
+
+    Attributes:
+      GENERIC: ``RetrievalModel.__call__``: writes the whole ``[K, V]`` memory with the
+        configured op (``FastWeightConfig.impl``), then reads it.
+      DIRECT: :func:`direct_predictions`: the closed form at the queries (no ``[K, V]`` matrix).
+    """
+
+    GENERIC = "generic"
+    DIRECT = "direct"
+
+
+class FavorPolicy(enum.Enum):
+    """When FAVOR+'s random projection ``R`` is drawn.
+
+    Attributes:
+      REDRAW: a fresh ``R`` at every forward call (every training step and every evaluation),
+        as the paper's official synthetic code does.
+      FIXED: the ``R`` drawn when the model was built, throughout.
+    """
+
+    REDRAW = "redraw"
+    FIXED = "fixed"
+
+
+class EvalSet(enum.Enum):
+    """Which sequences each evaluation uses.
+
+    Attributes:
+      FIXED: the same ``eval_sequences`` sequences at every evaluation (index 0 of the task's
+        evaluation stream): the stopping rule then compares like with like.
+      FRESH: new sequences at every evaluation (index = evaluation number), as in the official
+        code.
+    """
+
+    FIXED = "fixed"
+    FRESH = "fresh"
+
+
+class Init(enum.Enum):
+    """Parameter initialisation.
+
+    Attributes:
+      MODEL: ``RetrievalModel``'s own (Flax) initialisers.
+      OFFICIAL: the distributions of the official synthetic code (see :func:`official_init`).
+    """
+
+    MODEL = "model"
+    OFFICIAL = "official"
+
+
+class StopReason(enum.Enum):
+    """Why training stopped."""
+
+    TARGET = "target"  # eval loss <= target_loss
+    PATIENCE = "patience"  # patience evaluations in a row without a new best
+    MAX_STEPS = "max_steps"  # the step cap
+
+
+def _positive_int(**values):
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} must be a positive int")
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrievalProtocol:
+    """The training and stopping protocol (defaults: the paper's, plus a step cap).
+
+    Attributes:
+      batch_size: training sequences per step (32).
+      learning_rate: Adam's learning rate (1e-3; β = (0.9, 0.999), eps 1e-8 as PyTorch).
+      eval_every: steps between evaluations (100).
+      eval_sequences: sequences per evaluation (20), each queried at every unique key (at most
+        ``RetrievalTask.eval_max_queries``).
+      target_loss: stop once an evaluation loss is ``<=`` this (0.001).
+      patience: stop after this many evaluations in a row without a new best (10).
+      max_steps: hard cap on training steps; must be a multiple of ``eval_every``.
+      seed: seeds the parameters, the data streams and FAVOR+'s draws.
+      eval_set: FIXED or FRESH evaluation sequences (:class:`EvalSet`).
+      favor: FAVOR+'s projection policy (:class:`FavorPolicy`).
+      init: parameter initialisation (:class:`Init`).
+      readout: how predictions are computed (:class:`Readout`).
+    """
+
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    eval_every: int = 100
+    eval_sequences: int = 20
+    target_loss: float = 1e-3
+    patience: int = 10
+    max_steps: int = 20_000
+    seed: int = 0
+    eval_set: EvalSet = EvalSet.FIXED
+    favor: FavorPolicy = FavorPolicy.REDRAW
+    init: Init = Init.OFFICIAL
+    readout: Readout = Readout.DIRECT
+
+    def __post_init__(self):
+        _positive_int(
+            batch_size=self.batch_size,
+            eval_every=self.eval_every,
+            eval_sequences=self.eval_sequences,
+            patience=self.patience,
+            max_steps=self.max_steps,
+        )
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed={self.seed!r} must be a non-negative int")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate={self.learning_rate} must be > 0")
+        if not self.target_loss >= 0:
+            raise ValueError(f"target_loss={self.target_loss} must be >= 0")
+        if self.max_steps % self.eval_every:
+            raise ValueError(
+                f"max_steps={self.max_steps} must be a multiple of eval_every={self.eval_every}"
+            )
+        for name, kind in (
+            ("eval_set", EvalSet),
+            ("favor", FavorPolicy),
+            ("init", Init),
+            ("readout", Readout),
+        ):
+            object.__setattr__(self, name, kind(getattr(self, name)))
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrievalResult:
+    """The outcome of :func:`train_retrieval`.
+
+    Attributes:
+      final_eval_loss: the last evaluation loss (the paper reports this one).
+      best_eval_loss: the lowest evaluation loss seen.
+      steps: training steps taken.
+      stop_reason: a :class:`StopReason`.
+      seconds: wall-clock time of the whole run (compilation included).
+      history: ``((step, eval_loss), ...)`` of every evaluation.
+    """
+
+    final_eval_loss: float
+    best_eval_loss: float
+    steps: int
+    stop_reason: StopReason
+    seconds: float
+    history: tuple[tuple[int, float], ...]
+
+
+# ----------------------------------------------------------------------------------------------
+# Initialisation
+# ----------------------------------------------------------------------------------------------
+
+
+def official_init(model: RetrievalModel, key: jax.Array) -> None:
+    """Re-initialises ``model`` in place with the official synthetic code's distributions.
+
+    ``embeddingK ~ N(0, 1)``; for fast weight models ``W_k, W_q ~ U(±1/√d_key)``, for softmax
+    ``W_k, W_q`` Xavier-uniform (``U(±√(6/(fan_in+fan_out)))``); ``W_β`` PyTorch's default
+    Linear init ``U(±1/√fan_in)``. (The official layers also have biases, and its key embedding
+    is ``2.2·N`` wide instead of ``d_key``: ``RetrievalModel`` has neither.)
+
+    Args:
+      model: the model to re-initialise.
+      key: a PRNG key.
+    """
+    d = model.config.d_key
+    k_embed, k_key, k_query, k_beta = jax.random.split(key, 4)
+
+    def uniform(k, shape, bound):
+        return jax.random.uniform(k, shape, jnp.float32, -bound, bound)
+
+    model.embed.embedding[...] = jax.random.normal(k_embed, model.embed.embedding.shape)
+    for k, layer in ((k_key, model.key_proj), (k_query, model.query_proj)):
+        fan_in, fan_out = layer.kernel.shape
+        if model.config.attention is AttentionKind.SOFTMAX:
+            bound = math.sqrt(6.0 / (fan_in + fan_out))
+        else:
+            bound = 1.0 / math.sqrt(d)
+        layer.kernel[...] = uniform(k, layer.kernel.shape, bound)
+    fan_in = model.beta_proj.kernel.shape[0]
+    model.beta_proj.kernel[...] = uniform(k_beta, model.beta_proj.kernel.shape, fan_in**-0.5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Direct (closed-form) predictions
+# ----------------------------------------------------------------------------------------------
+
+
+def solve_unit_lower(s: jax.Array, a: jax.Array, *, block_size: int = 64) -> jax.Array:
+    """Solves ``r (I + tril(a, −1)) = s`` for the row vectors ``r`` (i.e. ``r = s (I + A)⁻¹``).
+
+    Blocked back substitution over column blocks ``J`` (last first), matmul-only::
+
+        r_J = (s_J − Σ_{I>J} r_I A_{IJ}) · (I + A_JJ)⁻¹
+
+    with the diagonal blocks inverted by :func:`~fwjax.ops.linalg.unit_lower_triangular_inverse`.
+    Cost ``O(Q·n² + n·block_size²)`` instead of the ``O(n³)`` of inverting ``I + A``.
+    Gradient (closed form): with ``X = (I + A)⁻¹``, ``s̄ = r̄ Xᵀ`` (the same solve on the
+    reversed, transposed system) and ``ā = −tril(rᵀ s̄, −1)``.
+
+    Args:
+      s: right-hand sides ``[..., Q, n]``.
+      a: ``[..., n, n]``; only its strictly lower part is read.
+      block_size: the column block size.
+
+    Returns:
+      ``r``, ``[..., Q, n]``.
+    """
+    n = a.shape[-1]
+    if a.shape[-2] != n or s.shape[-1] != n:
+        raise ValueError(f"need a [..., n, n] and s [..., Q, n]; got {a.shape=} {s.shape=}")
+    _positive_int(block_size=block_size)
+    return _solve(s, a, block_size)
+
+
+def _solve_impl(s, a, block_size):
+    n = a.shape[-1]
+    b = min(block_size, n)
+    m = -(-n // b) * b  # pad n to a multiple of b: zero rows/columns of A are exact no-ops
+    pad = m - n
+    a = jnp.tril(a, -1)
+    if pad:
+        a = jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, pad), (0, pad)])
+        s = jnp.pad(s, [(0, 0)] * (s.ndim - 1) + [(0, pad)])
+    nb = m // b
+    # Inverses of the diagonal blocks (I + A_JJ)⁻¹, [..., nb, b, b].
+    blocks = a.reshape(*a.shape[:-2], nb, b, nb, b)
+    diag = jnp.moveaxis(jnp.diagonal(blocks, axis1=-4, axis2=-2), -1, -3)
+    diag_inv = unit_lower_triangular_inverse(diag)
+    r_blocks = [None] * nb
+    for j in reversed(range(nb)):
+        rhs = s[..., j * b : (j + 1) * b]
+        if j < nb - 1:
+            # Σ_{I>J} r_I A_{IJ}: the solved tail times the rows below block J, columns of J.
+            tail = jnp.concatenate(r_blocks[j + 1 :], axis=-1)
+            rhs = rhs - tail @ a[..., (j + 1) * b :, j * b : (j + 1) * b]
+        r_blocks[j] = rhs @ diag_inv[..., j, :, :]
+    return jnp.concatenate(r_blocks, axis=-1)[..., :n]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _solve(s, a, block_size):
+    return _solve_impl(s, a, block_size)
+
+
+def _solve_fwd(s, a, block_size):
+    r = _solve_impl(s, a, block_size)
+    return r, (r, a)
+
+
+def _solve_bwd(block_size, res, r_bar):
+    r, a = res
+    # s̄ = r̄ Xᵀ solves s̄ (I + A)ᵀ = r̄. Reversing the index order (P) turns the upper-triangular
+    # (I + A)ᵀ into the unit-lower P (I + A)ᵀ P, so it is the same solve on flipped inputs.
+    a_rev = jnp.flip(jnp.swapaxes(jnp.tril(a, -1), -1, -2), axis=(-2, -1))
+    s_bar = jnp.flip(_solve_impl(jnp.flip(r_bar, -1), a_rev, block_size), -1)
+    a_bar = -jnp.tril(jnp.swapaxes(r, -1, -2) @ s_bar, -1)
+    return s_bar, a_bar
+
+
+_solve.defvjp(_solve_fwd, _solve_bwd)
+
+
+def _token_projections(model: RetrievalModel, keys, values):
+    """``W_k x_t`` and ``w_β·x_t`` for ``x_t = [onehot(v_t); embed(k_t)]``, with the one-hot half
+    of each product as a row gather: ``W x_t = W_v[v_t] + W_e embed(k_t)``."""
+    num_values = model.config.num_values
+    emb = model.embed(keys)  # [B, L, d]
+    wk = model.key_proj.kernel[...]  # [V + d, d]
+    wb = model.beta_proj.kernel[...]  # [V + d, 1]
+    k = wk[:num_values][values] + emb @ wk[num_values:]  # [B, L, d]
+    beta_logit = (wb[:num_values][values] + emb @ wb[num_values:])[..., 0]  # [B, L]
+    return k, beta_logit
+
+
+def _scatter_values(s, values, num_values):
+    """``y[b, q, v] = Σ_{t: values[b, t] = v} s[b, q, t]``: ``s [B, Q, L]`` scattered into value
+    slots, ``[B, Q, V]`` (the product with the one-hot values, without building them)."""
+
+    def one(s_b, v_b):
+        return jnp.zeros((s_b.shape[0], num_values), s_b.dtype).at[:, v_b].add(s_b)
+
+    return jax.vmap(one)(s, values)
+
+
+def direct_predictions(model: RetrievalModel, keys, values, queries) -> jax.Array:
+    """``RetrievalModel``'s predictions from a closed form at the queries (no ``[K, V]`` memory).
+
+    With ``k̂_t = φ̂(W_k x_t)`` (φ, then the key normalisation), ``q̂ = φ̂(W_q embed(query))``,
+    ``e_v = onehot(v)`` and the scores ``s_t = q̂·k̂_t``:
+
+    * sum rule: ``S = Σ_t k̂_t e_{v_t}ᵀ``, so ``ŷ = Sᵀq̂ = Σ_t s_t e_{v_t}`` (a scatter-add of the
+      scores into the value slots).
+    * delta rule (zero initial memory): ``S = K̂ᵀŨ`` with ``(I + A) Ũ = diag(β) E``,
+      ``A = tril(diag(β) K̂K̂ᵀ, −1)`` (one chunk of the chunkwise form), so
+      ``ŷ = Ũᵀ K̂ q̂ = Σ_t r_t e_{v_t}`` with ``r = (s (I + A)⁻¹) ⊙ β`` (:func:`solve_unit_lower`).
+    * attention normalisation: ``z_t = Σ_{j≤t} k̂_j``; the delta rule is fed
+      ``k' = k̂/d``, ``β' = β·d`` with ``d_t = z_{t−1}·k̂_t`` (1 where 0), as in
+      :func:`~fwjax.ops.fast_weight_attention`, and ``ŷ`` is divided by ``z_L·q̂ + eps``
+      (eps = 1e-5, the op's default).
+
+    * softmax attention: ``ŷ = Σ_t softmax_t(q·k_t/√d) e_{v_t}`` (raw q, k).
+
+    In every case ``W_k x_t`` is computed as ``W_k[:, v_t] + W_k^e embed(k_t)`` (a gather
+    instead of a product with the one-hot half of ``x_t``).
+
+    Args:
+      model: a :class:`RetrievalModel`.
+      keys, values: ``[B, L]`` int token ids of the writes.
+      queries: ``[B, Q]`` int key ids.
+
+    Returns:
+      ``ŷ`` ``[B, Q, num_values]`` float32.
+    """
+    cfg = model.config
+    k, beta_logit = _token_projections(model, keys, values)  # [B, L, d], [B, L]
+    q = model.query_proj(model.embed(queries))  # [B, Q, d]
+    if cfg.attention is AttentionKind.SOFTMAX:
+        logits = jnp.einsum("bqd,bld->bql", q, k) / math.sqrt(cfg.d_key)
+        return _scatter_values(jax.nn.softmax(logits, axis=-1), values, cfg.num_values)
+    fw = cfg.fast_weight
+    fm, norm = fw.feature_map, fw.normalization
+    projection = None if model.projection is None else model.projection[...]
+    # φ̂ exactly as fast_weight_attention: FAVOR+ keys stabilised where the factor cancels,
+    # queries whenever any normalisation is on.
+    fk = norm.normalize_features(fm(k, projection, stabilize=norm.cancels_key_scale))
+    stabilize_q = norm is not Normalization.NONE
+    fq = norm.normalize_features(fm(q, projection, stabilize=stabilize_q))
+    fk, fq = fk.astype(jnp.float32), fq.astype(jnp.float32)
+    z_last = None
+    if norm.uses_normalizer:
+        z_incl = jnp.cumsum(fk, axis=1)
+        z_last = z_incl[:, -1]
+        if fw.update_rule is UpdateRule.DELTA:
+            z_prev = jnp.concatenate([jnp.zeros_like(fk[:, :1]), z_incl[:, :-1]], axis=1)
+            d = jnp.einsum("blk,blk->bl", z_prev, fk)
+            d = jnp.where(d == 0, jnp.ones_like(d), d)
+    s = jnp.einsum("bqk,blk->bql", fq, fk)  # scores q̂·k̂_t, [B, Q, L]
+    if fw.update_rule is UpdateRule.DELTA:
+        beta = jax.nn.sigmoid(beta_logit)
+        if norm.uses_normalizer:
+            fk, beta, s = fk / d[..., None], beta * d, s / d[:, None, :]
+        a = beta[:, :, None] * jnp.einsum("blk,bmk->blm", fk, fk)  # row t scaled by β_t
+        s = solve_unit_lower(s, a) * beta[:, None, :]  # r = s (I + A)⁻¹ diag(β)
+    y = _scatter_values(s, values, cfg.num_values)  # Σ_t s_t e_{v_t}
+    if z_last is not None:
+        y = y / (jnp.einsum("bqk,bk->bq", fq, z_last) + 1e-5)[..., None]
+    return y
+
+
+def predictions(model: RetrievalModel, batch: dict, readout: Readout) -> jax.Array:
+    """``[B, Q, num_values]`` predictions for a task batch, by ``readout``."""
+    args = batch["keys"], batch["values"], batch["queries"]
+    if Readout(readout) is Readout.DIRECT:
+        return direct_predictions(model, *args)
+    return model(*args)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+
+
+def _draw_projection(model_config: RetrievalConfig, key):
+    m = model_config.fast_weight.feature_map.num_features
+    return feature_maps.draw_favor_projection(key, model_config.d_key, m)
+
+
+def _make_functions(graphdef, tx, model_config: RetrievalConfig, protocol: RetrievalProtocol):
+    """The jitted ``train_steps`` (``eval_every`` Adam steps in one ``lax.scan``) and
+    ``eval_loss``. ``projection`` args are None unless FAVOR+ is redrawn per call."""
+
+    def loss_fn(params, rest, batch, projection):
+        if projection is not None:
+            # The only non-Param state is FAVOR+'s projection: swap in this call's draw.
+            rest = jax.tree.map(lambda _: projection, rest)
+        model = nnx.merge(graphdef, params, rest)
+        pred = predictions(model, batch, protocol.readout)
+        return retrieval_loss(pred, batch["targets"], batch["mask"])
+
+    redraw = model_config_uses_favor(model_config) and protocol.favor is FavorPolicy.REDRAW
+
+    @jax.jit
+    def train_steps(params, opt_state, rest, batches, keys):
+        def step(carry, xs):
+            params, opt_state = carry
+            batch, key = xs
+            projection = _draw_projection(model_config, key) if redraw else None
+            loss, grads = jax.value_and_grad(loss_fn)(params, rest, batch, projection)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), loss
+
+        (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), (batches, keys))
+        return params, opt_state, losses
+
+    @jax.jit
+    def eval_loss(params, rest, batch, key):
+        projection = _draw_projection(model_config, key) if redraw else None
+        return loss_fn(params, rest, batch, projection)
+
+    return train_steps, eval_loss
+
+
+def model_config_uses_favor(model_config: RetrievalConfig) -> bool:
+    """Whether the model has a FAVOR+ projection."""
+    return (
+        model_config.attention is AttentionKind.FAST_WEIGHT
+        and model_config.fast_weight.feature_map.needs_projection
+    )
+
+
+def train_retrieval(
+    task: RetrievalTask,
+    model_config: RetrievalConfig,
+    protocol: RetrievalProtocol | None = None,
+    *,
+    log: Callable[[int, float], None] | None = None,
+) -> RetrievalResult:
+    """Trains a fresh :class:`RetrievalModel` on ``task`` until the protocol's stopping rule.
+
+    Training batch ``i`` (1-based step ``i + 1``) is ``task.batch(seed, i, batch_size)``; the
+    evaluation sequences are ``task.batch(seed, j, eval_sequences, eval=True)`` with ``j = 0``
+    (FIXED) or the evaluation number (FRESH). The loss is :func:`retrieval_loss`, averaged over
+    every real query of the evaluation sequences.
+
+    Args:
+      task: the :class:`RetrievalTask` (setting and N).
+      model_config: the model; ``num_keys`` / ``num_values`` must match the task's.
+      protocol: a :class:`RetrievalProtocol` (None: the defaults).
+      log: called as ``log(step, eval_loss)`` after every evaluation.
+
+    Returns:
+      A :class:`RetrievalResult`.
+    """
+    if (model_config.num_keys, model_config.num_values) != (task.num_keys, task.num_values):
+        raise ValueError(
+            f"model num_keys={model_config.num_keys}, num_values={model_config.num_values} do "
+            f"not match the task's num_keys={task.num_keys}, num_values={task.num_values}"
+        )
+    start = time.perf_counter()
+    p = RetrievalProtocol() if protocol is None else protocol
+    root = jax.random.key(p.seed)
+    init_key, official_key, train_favor_key, eval_favor_key = jax.random.split(root, 4)
+    model = RetrievalModel(model_config, rngs=nnx.Rngs(params=init_key))
+    if p.init is Init.OFFICIAL:
+        official_init(model, official_key)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tx = optax.adam(p.learning_rate)
+    opt_state = tx.init(params)
+    train_steps, eval_loss = _make_functions(graphdef, tx, model_config, p)
+
+    def eval_batch(j):
+        index = 0 if p.eval_set is EvalSet.FIXED else j
+        return task.batch(p.seed, index, p.eval_sequences, eval=True)
+
+    fixed_eval = eval_batch(0) if p.eval_set is EvalSet.FIXED else None
+    history, best, strikes, step = [], math.inf, 0, 0
+    reason = StopReason.MAX_STEPS
+    while step < p.max_steps:
+        # One jitted call runs the eval_every steps up to the next evaluation.
+        chunk = [task.batch(p.seed, step + i, p.batch_size) for i in range(p.eval_every)]
+        batches = {name: np.stack([b[name] for b in chunk]) for name in chunk[0]}
+        step_keys = jax.vmap(lambda i: jax.random.fold_in(train_favor_key, i))(
+            jnp.arange(step, step + p.eval_every)
+        )
+        params, opt_state, _ = train_steps(params, opt_state, rest, batches, step_keys)
+        step += p.eval_every
+        n_eval = len(history)
+        batch = fixed_eval if fixed_eval is not None else eval_batch(n_eval)
+        eval_key = jax.random.fold_in(eval_favor_key, n_eval)
+        loss = float(eval_loss(params, rest, batch, eval_key))
+        history.append((step, loss))
+        if log is not None:
+            log(step, loss)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"evaluation loss {loss} at step {step}")
+        if loss < best:
+            best, strikes = loss, 0
+        else:
+            strikes += 1
+        if loss <= p.target_loss:
+            reason = StopReason.TARGET
+            break
+        if strikes >= p.patience:
+            reason = StopReason.PATIENCE
+            break
+    return RetrievalResult(
+        final_eval_loss=history[-1][1],
+        best_eval_loss=best,
+        steps=step,
+        stop_reason=reason,
+        seconds=time.perf_counter() - start,
+        history=tuple(history),
+    )
