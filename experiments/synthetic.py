@@ -1,0 +1,410 @@
+"""The paper's synthetic associative retrieval grids (Schlag et al., 2021, Sec. 6.1), resumable.
+
+    python -m experiments.synthetic --setting 1|2 --grid quick|full [--workers 2]
+
+Every grid point (setting, feature map, update rule, N, seed) is trained with
+:func:`fwjax.train.retrieval.train_retrieval` and written, as soon as it finishes, to its own JSON
+file under ``experiments/results/synthetic/setting{S}/`` (atomically: a killed run loses only
+the points in flight). Points whose file exists are skipped, so re-running the same command
+resumes; the quick grid is a subset of the full one, so its points are reused. After every point
+the merged ``experiments/results/synthetic_setting{S}.csv``, ``.md`` (table) and ``.png``
+(final evaluation loss against N, one curve per feature map) are rewritten.
+
+Grids (``d_key = 64``; "linear" is ELU+1):
+
+* Setting 1 (capacity, L = N): N = 20, 40, …, 600; sum rule with linear, dpfp1-3,
+  favor64/128/512 and softmax attention; extra (not in the paper): delta rule with linear and
+  dpfp1-3.
+* Setting 2 (update, L = 2N): N = 20, 40, …, 200; dpfp1 with the sum rule; linear, dpfp1,
+  dpfp2 and favor64 with the delta rule.
+
+Normalisation follows the official synthetic code: the sum rule divides by ``z·φ(q)``
+(attention normalisation), the delta rule sum-normalises keys and queries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import csv
+import dataclasses
+import json
+import multiprocessing
+import os
+import sys
+import time
+from pathlib import Path
+
+from fwjax.data.retrieval import RetrievalSetting, RetrievalTask
+from fwjax.nn.config import AttentionKind, FastWeightConfig
+from fwjax.nn.retrieval import RetrievalConfig
+from fwjax.ops import FeatureMap, FeatureMapKind, Normalization, UpdateRule
+from fwjax.train.retrieval import RetrievalProtocol, train_retrieval
+
+RESULTS = Path(__file__).resolve().parent / "results"
+D_KEY = 64
+# Cap on training steps per point (the official code's cap was 100k; its logged runs stopped by
+# the stopping rule within a few thousand steps). Points that hit it are marked in the outputs.
+MAX_STEPS = 10_000
+
+# name -> (attention, feature map); None for softmax.
+FEATURE_MAPS: dict[str, FeatureMap | None] = {
+    "linear": FeatureMap(FeatureMapKind.ELU_P1),
+    "dpfp1": FeatureMap(FeatureMapKind.DPFP, nu=1),
+    "dpfp2": FeatureMap(FeatureMapKind.DPFP, nu=2),
+    "dpfp3": FeatureMap(FeatureMapKind.DPFP, nu=3),
+    "favor64": FeatureMap(FeatureMapKind.FAVOR_PLUS, num_features=64),
+    "favor128": FeatureMap(FeatureMapKind.FAVOR_PLUS, num_features=128),
+    "favor512": FeatureMap(FeatureMapKind.FAVOR_PLUS, num_features=512),
+    "softmax": None,
+}
+
+CSV_COLUMNS = (
+    "setting",
+    "feature_map",
+    "update_rule",
+    "normalization",
+    "n_keys",
+    "d_dot",
+    "final_eval_loss",
+    "best_eval_loss",
+    "steps",
+    "stop_reason",
+    "seconds",
+    "seed",
+    "max_steps",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class GridPoint:
+    """One run of the grid.
+
+    Attributes:
+      setting: 1 (capacity) or 2 (update).
+      feature_map: a key of :data:`FEATURE_MAPS`.
+      update_rule: "sum" or "delta" (softmax: "sum", i.e. no fast weight rule).
+      n_keys: N.
+      seed: the protocol's seed.
+    """
+
+    setting: int
+    feature_map: str
+    update_rule: str
+    n_keys: int
+    seed: int = 0
+
+    def __post_init__(self):
+        RetrievalSetting(self.setting)
+        if self.feature_map not in FEATURE_MAPS:
+            raise ValueError(f"feature_map={self.feature_map!r} not in {sorted(FEATURE_MAPS)}")
+        UpdateRule(self.update_rule)
+        if self.feature_map == "softmax" and self.update_rule != "sum":
+            raise ValueError(f"softmax takes update_rule='sum', got {self.update_rule!r}")
+        if isinstance(self.n_keys, bool) or not isinstance(self.n_keys, int) or self.n_keys < 2:
+            raise ValueError(f"n_keys={self.n_keys!r} must be an int >= 2")
+
+    @property
+    def name(self) -> str:
+        return f"{self.feature_map}_{self.update_rule}_n{self.n_keys}_seed{self.seed}"
+
+    @property
+    def normalization(self) -> Normalization | None:
+        """The official code's: z-division for the sum rule, sum normalisation for the delta."""
+        if self.feature_map == "softmax":
+            return None
+        if self.update_rule == "sum":
+            return Normalization.ATTENTION
+        return Normalization.SUM
+
+    @property
+    def d_dot(self) -> int | None:
+        """Dimension of φ (the memory's key dimension); None for softmax."""
+        fm = FEATURE_MAPS[self.feature_map]
+        return None if fm is None else fm.output_dim(D_KEY)
+
+    def task(self) -> RetrievalTask:
+        return RetrievalTask(RetrievalSetting(self.setting), self.n_keys)
+
+    def model_config(self) -> RetrievalConfig:
+        fm = FEATURE_MAPS[self.feature_map]
+        n = self.n_keys
+        if fm is None:
+            return RetrievalConfig(n, n, d_key=D_KEY, attention=AttentionKind.SOFTMAX)
+        fw = FastWeightConfig(
+            feature_map=fm, normalization=self.normalization, update_rule=self.update_rule
+        )
+        return RetrievalConfig(n, n, d_key=D_KEY, fast_weight=fw)
+
+
+def grid(setting: int, which: str, seed: int = 0) -> list[GridPoint]:
+    """The points of a grid, cheapest (smallest N) first.
+
+    Args:
+      setting: 1 or 2.
+      which: "full" (the paper's N range) or "quick" (two small N values of the same runs).
+      seed: the seed of every point.
+    """
+    if which not in ("quick", "full"):
+        raise ValueError(f"grid={which!r} must be 'quick' or 'full'")
+    if setting == 1:
+        ns = [20, 100] if which == "quick" else list(range(20, 601, 20))
+        configs = [(fm, "sum") for fm in FEATURE_MAPS]
+        configs += [(fm, "delta") for fm in ("linear", "dpfp1", "dpfp2", "dpfp3")]  # extra
+    elif setting == 2:
+        ns = [20, 60] if which == "quick" else list(range(20, 201, 20))
+        configs = [("dpfp1", "sum")]
+        configs += [(fm, "delta") for fm in ("dpfp1", "dpfp2", "linear", "favor64")]
+    else:
+        raise ValueError(f"setting={setting!r} must be 1 or 2")
+    return [GridPoint(setting, fm, rule, n, seed) for n in ns for fm, rule in configs]
+
+
+def point_path(out_dir: Path, point: GridPoint) -> Path:
+    return out_dir / f"setting{point.setting}" / f"{point.name}.json"
+
+
+def run_point(point: GridPoint, protocol: RetrievalProtocol, out_dir: Path) -> dict:
+    """Trains one point and writes its JSON record (atomically); returns the record."""
+    result = train_retrieval(point.task(), point.model_config(), protocol)
+    norm = point.normalization
+    record = dict(
+        setting=point.setting,
+        feature_map=point.feature_map,
+        update_rule=point.update_rule,
+        normalization="" if norm is None else norm.value,
+        n_keys=point.n_keys,
+        d_dot="" if point.d_dot is None else point.d_dot,
+        final_eval_loss=result.final_eval_loss,
+        best_eval_loss=result.best_eval_loss,
+        steps=result.steps,
+        stop_reason=result.stop_reason.value,
+        seconds=round(result.seconds, 1),
+        seed=point.seed,
+        max_steps=protocol.max_steps,
+        history=[list(h) for h in result.history],
+    )
+    path = point_path(out_dir, point)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(path)  # atomic: a point file is either complete or absent
+    return record
+
+
+def load_records(out_dir: Path, setting: int) -> list[dict]:
+    """Every finished point of a setting, sorted by (feature map, rule, N)."""
+    records = [json.loads(p.read_text()) for p in (out_dir / f"setting{setting}").glob("*.json")]
+    order = {name: i for i, name in enumerate(FEATURE_MAPS)}
+    return sorted(
+        records, key=lambda r: (r["update_rule"], order[r["feature_map"]], r["n_keys"], r["seed"])
+    )
+
+
+def write_csv(records: list[dict], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(records)
+
+
+def _curve_label(feature_map: str, rule: str) -> str:
+    d = GridPoint(1, feature_map, rule, 2).d_dot
+    return f"{feature_map} {rule}" + ("" if d is None else f" (d_dot={d})")
+
+
+def write_table(records: list[dict], path: Path, setting: int) -> None:
+    """Markdown table: one row per N, one column per (feature map, rule); cells
+    ``final loss (steps)``, ``†`` when the step cap was hit."""
+    curves = list(dict.fromkeys((r["feature_map"], r["update_rule"]) for r in records))
+    cells = {(r["feature_map"], r["update_rule"], r["n_keys"]): r for r in records}
+    ns = sorted({r["n_keys"] for r in records})
+    lines = [
+        f"Setting {setting}: final evaluation loss (training steps) per N; "
+        "† = stopped at the step cap.",
+        "",
+        "| N | " + " | ".join(f"{fm} {rule}" for fm, rule in curves) + " |",
+        "|---:|" + "---:|" * len(curves),
+    ]
+    for n in ns:
+        row = []
+        for fm, rule in curves:
+            r = cells.get((fm, rule, n))
+            if r is None:
+                row.append("")
+                continue
+            cap = " †" if r["stop_reason"] == "max_steps" else ""
+            row.append(f"{r['final_eval_loss']:.4f} ({r['steps']}){cap}")
+        lines.append(f"| {n} | " + " | ".join(row) + " |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_plot(records: list[dict], path: Path, setting: int) -> None:
+    """Final evaluation loss against N, one curve per feature map (one panel per update rule in
+    setting 1; log y in setting 2); dotted verticals at each deterministic map's d_dot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rules = ["sum", "delta"] if setting == 1 else ["all"]
+    fig, axes = plt.subplots(1, len(rules), figsize=(6.5 * len(rules), 4.5), squeeze=False)
+    colors = dict(zip(FEATURE_MAPS, plt.get_cmap("tab10").colors, strict=False))
+    for ax, rule in zip(axes[0], rules, strict=True):
+        subset = [r for r in records if rule == "all" or r["update_rule"] == rule]
+        curves = dict.fromkeys((r["feature_map"], r["update_rule"]) for r in subset)
+        for fm, rl in curves:
+            pts = sorted(
+                (r["n_keys"], r["final_eval_loss"])
+                for r in subset
+                if (r["feature_map"], r["update_rule"]) == (fm, rl)
+            )
+            style = "--" if (setting == 2 and rl == "sum") else "-"
+            ax.plot(
+                *zip(*pts, strict=True),
+                style,
+                marker="o",
+                ms=3,
+                color=colors[fm],
+                label=_curve_label(fm, rl),
+            )
+            d = GridPoint(1, fm, rl, 2).d_dot
+            if setting == 1 and d is not None and not fm.startswith("favor"):
+                ax.axvline(d, color=colors[fm], ls=":", lw=1)
+        ax.set_xlabel("number of unique keys N")
+        ax.set_ylabel("final evaluation loss")
+        if setting == 2:
+            ax.set_yscale("log")
+            ax.set_title("Setting 2 (update, L = 2N)")
+        else:
+            title = "sum rule (paper)" if rule == "sum" else "delta rule (extra, not in paper)"
+            ax.set_title(f"Setting 1 (capacity, L = N): {title}")
+        ax.grid(alpha=0.3)
+        if curves:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(out_dir: Path, results_dir: Path, setting: int) -> list[dict]:
+    """Merges the point files of a setting into its CSV, table and plot."""
+    records = load_records(out_dir, setting)
+    stem = results_dir / f"synthetic_setting{setting}"
+    write_csv(records, stem.with_suffix(".csv"))
+    write_table(records, stem.with_suffix(".md"), setting)
+    write_plot(records, stem.with_suffix(".png"), setting)
+    return records
+
+
+def _limit_threads(cores: list[int] | None) -> None:
+    """Confines this process's XLA to one thread (and, if given, to these cores)."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = (
+        f"{flags} --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1".strip()
+    )
+    if cores is not None and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, cores)
+
+
+def _worker_init(counter, n_cores):
+    with counter.get_lock():
+        index = counter.value
+        counter.value += 1
+    _limit_threads([index % n_cores])
+
+
+def run_grid(
+    points: list[GridPoint],
+    protocol: RetrievalProtocol,
+    *,
+    out_dir: Path,
+    results_dir: Path,
+    workers: int = 1,
+    log=print,
+) -> list[dict]:
+    """Runs the points without a finished record; rewrites the outputs after each one.
+
+    Args:
+      points: grid points (all of one setting).
+      protocol: the training protocol of every point (its seed is replaced by the point's).
+      out_dir: where the per-point JSON records live.
+      results_dir: where the merged CSV / table / plot go.
+      workers: 1 runs in this process; more runs a pool of spawned processes.
+      log: progress printer.
+
+    Returns:
+      The records of this setting (finished before or now).
+    """
+    settings = {p.setting for p in points}
+    if len(settings) != 1:
+        raise ValueError(f"points must share one setting; got {sorted(settings)}")
+    (setting,) = settings
+    todo = [p for p in points if not point_path(out_dir, p).exists()]
+    log(
+        f"setting {setting}: {len(points) - len(todo)} of {len(points)} points done, "
+        f"{len(todo)} to run with {workers} worker(s)"
+    )
+    results_dir.mkdir(parents=True, exist_ok=True)
+
+    def done(point, record):
+        log(
+            f"  {point.name}: loss {record['final_eval_loss']:.4f} after {record['steps']} steps "
+            f"({record['stop_reason']}, {record['seconds']:.0f} s)",
+            flush=True,
+        )
+        write_outputs(out_dir, results_dir, setting)
+
+    protocols = {p: dataclasses.replace(protocol, seed=p.seed) for p in todo}
+    if workers == 1:
+        for p in todo:
+            done(p, run_point(p, protocols[p], out_dir))
+    else:
+        ctx = multiprocessing.get_context("spawn")  # no fork after JAX has started threads
+        counter = ctx.Value("i", 0)
+        with cf.ProcessPoolExecutor(
+            workers,
+            mp_context=ctx,
+            initializer=_worker_init,
+            initargs=(counter, os.cpu_count() or 1),
+        ) as pool:
+            futures = {pool.submit(run_point, p, protocols[p], out_dir): p for p in todo}
+            for fut in cf.as_completed(futures):
+                done(futures[fut], fut.result())
+    return write_outputs(out_dir, results_dir, setting)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--setting", type=int, choices=(1, 2), required=True)
+    parser.add_argument("--grid", choices=("quick", "full"), default="quick")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-steps", type=int, default=MAX_STEPS)
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--only", default="", help="comma-separated feature maps to run")
+    args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error(f"--workers={args.workers} must be >= 1")
+    if args.workers == 1:
+        _limit_threads(None)  # one XLA thread: the other cores stay free
+    points = grid(args.setting, args.grid, args.seed)
+    if args.only:
+        keep = set(args.only.split(","))
+        unknown = keep - set(FEATURE_MAPS)
+        if unknown:
+            parser.error(f"--only has unknown feature maps {sorted(unknown)}")
+        points = [p for p in points if p.feature_map in keep]
+    start = time.perf_counter()
+    run_grid(
+        points,
+        RetrievalProtocol(max_steps=args.max_steps),
+        out_dir=args.results / "synthetic",
+        results_dir=args.results,
+        workers=args.workers,
+    )
+    print(f"done in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""The synthetic retrieval protocol (fwjax.train.retrieval) and its grid runner
+(experiments.synthetic): the direct readout equals the generic model, the blocked triangular
+solve and its gradient, the stopping rule, and a tiny grid run end to end with resumption."""
+
+import csv
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from experiments import synthetic
+from fwjax.data.retrieval import RetrievalSetting, RetrievalTask, retrieval_loss
+from fwjax.nn import AttentionKind, FastWeightConfig, RetrievalConfig, RetrievalModel
+from fwjax.ops import FeatureMap, FeatureMapKind, Normalization, UpdateRule, feature_maps
+from fwjax.train.retrieval import (
+    Readout,
+    RetrievalProtocol,
+    StopReason,
+    direct_predictions,
+    official_init,
+    predictions,
+    solve_unit_lower,
+    train_retrieval,
+)
+from tests.tolerances import assert_close
+
+CASES = [
+    # (setting, feature map, update rule, normalisation); None map = softmax attention.
+    (1, FeatureMap(FeatureMapKind.DPFP, nu=2), UpdateRule.SUM, Normalization.ATTENTION),
+    (2, FeatureMap(FeatureMapKind.FAVOR_PLUS, num_features=8), UpdateRule.DELTA, Normalization.SUM),
+    pytest.param(
+        2,
+        FeatureMap(FeatureMapKind.ELU_P1),
+        UpdateRule.DELTA,
+        Normalization.ATTENTION,
+        marks=pytest.mark.slow,  # not used by the grids
+    ),
+    (2, None, UpdateRule.SUM, None),
+]
+
+
+def _model(n, fm, rule, norm, d_key=16):
+    if fm is None:
+        cfg = RetrievalConfig(n, n, d_key=d_key, attention=AttentionKind.SOFTMAX)
+    else:
+        fw = FastWeightConfig(feature_map=fm, normalization=norm, update_rule=rule)
+        cfg = RetrievalConfig(n, n, d_key=d_key, fast_weight=fw)
+    model = RetrievalModel(cfg, rngs=nnx.Rngs(0))
+    official_init(model, jax.random.key(1))
+    return model
+
+
+@pytest.mark.parametrize("setting, fm, rule, norm", CASES)
+def test_direct_readout_matches_generic_model(setting, fm, rule, norm):
+    n = 11
+    batch = RetrievalTask(RetrievalSetting(setting), n).batch(3, 0, 3, eval=True)
+    model = _model(n, fm, rule, norm)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss(params, readout):
+        pred = predictions(nnx.merge(graphdef, params, rest), batch, readout)
+        return retrieval_loss(pred, batch["targets"], batch["mask"]), pred
+
+    grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+    (l_gen, y_gen), g_gen = grad(params, Readout.GENERIC)
+    (l_dir, y_dir), g_dir = grad(params, Readout.DIRECT)
+    assert y_dir.shape == (3, n, n)
+    assert float(jnp.max(jnp.abs(y_gen))) > 1e-3  # a non-trivial comparison
+    assert_close(y_dir, y_gen)
+    assert_close(l_dir, l_gen)
+    for a, b in zip(jax.tree.leaves(g_dir), jax.tree.leaves(g_gen), strict=True):
+        assert_close(a, b)
+
+
+def test_direct_predictions_of_a_delta_memory_by_hand():
+    """The same key written twice (values 1 then 3) with β = ½, read with that key.
+
+    With ``W_k`` blind to the value and ``W_q = W_k``'s key part, ``q̂ = k̂``; with ``c = k̂·k̂``:
+    ``u1 = β e1``, ``u2 = β (e3 − c u1)``, ``ŷ = Sᵀq̂ = c (u1 + u2)``.
+    """
+    model = _model(4, FeatureMap(FeatureMapKind.DPFP, nu=1), UpdateRule.DELTA, Normalization.SUM)
+    model.beta_proj.kernel[...] = jnp.zeros_like(model.beta_proj.kernel[...])  # β = σ(0) = ½
+    w_key = model.key_proj.kernel[...][4:]
+    model.key_proj.kernel[...] = model.key_proj.kernel[...].at[:4].set(0.0)
+    model.query_proj.kernel[...] = w_key
+    y = direct_predictions(model, jnp.array([[2, 2]]), jnp.array([[1, 3]]), jnp.array([[2]]))
+    k_hat = feature_maps.sum_norm(feature_maps.dpfp(model.embed(jnp.array(2)) @ w_key, 1))
+    c, e = jnp.dot(k_hat, k_hat), jnp.eye(4)
+    u1 = 0.5 * e[1]
+    u2 = 0.5 * (e[3] - c * u1)
+    assert_close(y[0, 0], c * (u1 + u2))
+
+
+@pytest.mark.parametrize("n, block", [(37, 8), (16, 16), (5, 64)])
+def test_solve_unit_lower_and_its_gradient(n, block):
+    rng = np.random.default_rng(0)
+    a = jnp.asarray(rng.normal(size=(2, n, n)) * 0.3, jnp.float32)
+    s = jnp.asarray(rng.normal(size=(2, 3, n)), jnp.float32)
+    inv = jnp.linalg.inv(jnp.eye(n) + jnp.tril(a, -1))
+    assert_close(solve_unit_lower(s, a, block_size=block), s @ inv)
+
+    w = jnp.asarray(rng.normal(size=(2, 3, n)), jnp.float32)
+    ours = jax.grad(lambda s, a: jnp.sum(w * solve_unit_lower(s, a, block_size=block)), (0, 1))
+    ref = jax.grad(
+        lambda s, a: jnp.sum(w * (s @ jnp.linalg.inv(jnp.eye(n) + jnp.tril(a, -1)))), (0, 1)
+    )
+    for x, y in zip(ours(s, a), ref(s, a), strict=True):
+        assert_close(x, y)
+
+
+def _tiny_protocol(**kw):
+    return RetrievalProtocol(eval_every=5, max_steps=10, eval_sequences=2, batch_size=4, **kw)
+
+
+def test_stopping_rule_patience():
+    """A learning rate too small to move any float32 parameter: the fixed evaluation set gives
+    the same loss every time, so patience=1 stops after the second evaluation."""
+    task = RetrievalTask(RetrievalSetting.CAPACITY, 4)
+    cfg = synthetic.GridPoint(1, "dpfp1", "sum", 4).model_config()
+    protocol = _tiny_protocol(target_loss=0.0, patience=1, learning_rate=1e-30)
+    stuck = train_retrieval(task, cfg, protocol)
+    assert stuck.stop_reason is StopReason.PATIENCE
+    assert stuck.history[0][1] == stuck.history[1][1] == stuck.final_eval_loss
+    assert stuck.steps == 10
+
+
+def test_protocol_and_grid_validation():
+    with pytest.raises(ValueError, match="multiple of eval_every"):
+        RetrievalProtocol(eval_every=100, max_steps=150)
+    with pytest.raises(ValueError, match="patience=0"):
+        RetrievalProtocol(patience=0)
+    with pytest.raises(ValueError, match="softmax"):
+        synthetic.GridPoint(1, "softmax", "delta", 20)
+    with pytest.raises(ValueError, match="feature_map='dpfp4'"):
+        synthetic.GridPoint(1, "dpfp4", "sum", 20)
+    assert len(synthetic.grid(1, "full")) == 30 * 12
+    assert len(synthetic.grid(2, "full")) == 10 * 5
+    assert set(synthetic.grid(2, "quick")) <= set(synthetic.grid(2, "full"))
+
+
+def test_tiny_grid_end_to_end_and_resume(tmp_path, monkeypatch):
+    first = synthetic.GridPoint(2, "dpfp1", "sum", 5)
+    # Attention-normalised predictions are convex combinations of one-hot values, so the loss is
+    # at most 1: target_loss=1 stops at the first evaluation.
+    protocol = _tiny_protocol(target_loss=1.0)
+    kw = dict(out_dir=tmp_path / "points", results_dir=tmp_path, log=lambda *a, **k: None)
+    records = synthetic.run_grid([first], protocol, **kw)
+    with (tmp_path / "synthetic_setting2.csv").open() as f:
+        (row,) = list(csv.DictReader(f))
+    assert set(synthetic.CSV_COLUMNS) <= set(row)
+    assert (row["setting"], row["feature_map"], row["update_rule"]) == ("2", "dpfp1", "sum")
+    assert (row["n_keys"], row["d_dot"], row["normalization"]) == ("5", "128", "attention")
+    assert (row["steps"], row["stop_reason"]) == ("5", "target")
+    assert float(row["final_eval_loss"]) == records[0]["final_eval_loss"] <= 1.0
+    assert len(records[0]["history"]) == 1
+    assert (tmp_path / "synthetic_setting2.png").stat().st_size > 0
+    assert "dpfp1 sum" in (tmp_path / "synthetic_setting2.md").read_text()
+
+    # Resuming with one more point: only the unfinished point runs; the finished one is kept.
+    second = synthetic.GridPoint(2, "linear", "delta", 5)
+    ran = []
+
+    def fake_run_point(point, protocol, out_dir):
+        ran.append(point)
+        record = dict(records[0], feature_map=point.feature_map, update_rule=point.update_rule)
+        path = synthetic.point_path(out_dir, point)
+        path.write_text(json.dumps(record))
+        return record
+
+    monkeypatch.setattr(synthetic, "run_point", fake_run_point)
+    again = synthetic.run_grid([first, second], protocol, **kw)
+    assert ran == [second]
+    assert len(again) == 2 and records[0] in again
