@@ -361,6 +361,9 @@ def main():
     ap.add_argument("--deadline", type=float, default=400.0, help="seconds for the whole run")
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds per subprocess")
     ap.add_argument("--skip-parity", action="store_true")
+    ap.add_argument(
+        "--only", default="", help="comma-separated substrings: time only jobs whose name has one"
+    )
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -402,6 +405,9 @@ def main():
         Job(impl, *extras_shape, "fwdbwd", 2 if smoke else args.repeats, smoke)
         for impl in (EXTRAS[-1:] if smoke else EXTRAS)
     ]
+    if args.only:
+        wanted = [w for w in args.only.split(",") if w]
+        jobs = [j for j in jobs if any(w in j.name for w in wanted)]
     for job in jobs:
         for line in drv.spawn("time", json.dumps(dataclasses.asdict(job)), job.name, env):
             if line.startswith("RESULT "):
