@@ -138,7 +138,8 @@ class GridPoint:
 
 
 def grid(setting: int, which: str, seed: int = 0) -> list[GridPoint]:
-    """The points of a grid, cheapest (smallest N) first.
+    """The points of a grid: the paper's runs first, then the extra ones; each by increasing N
+    (cheapest first).
 
     Args:
       setting: 1 or 2.
@@ -150,7 +151,13 @@ def grid(setting: int, which: str, seed: int = 0) -> list[GridPoint]:
     if setting == 1:
         ns = [20, 100] if which == "quick" else list(range(20, 601, 20))
         configs = [(fm, "sum") for fm in FEATURE_MAPS]
-        configs += [(fm, "delta") for fm in ("linear", "dpfp1", "dpfp2", "dpfp3")]  # extra
+        extra = [(fm, "delta") for fm in ("linear", "dpfp1", "dpfp2", "dpfp3")]  # not in paper
+        return [
+            GridPoint(1, fm, rule, n, seed)
+            for group in (configs, extra)
+            for n in ns
+            for fm, rule in group
+        ]
     elif setting == 2:
         ns = [20, 60] if which == "quick" else list(range(20, 201, 20))
         configs = [("dpfp1", "sum")]
