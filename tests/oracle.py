@@ -19,6 +19,24 @@ def delta_rule_np(q, k, v, beta, s0, scale):
     return out, s
 
 
+def gated_delta_rule_np(q, k, v, beta, alpha, s0, scale):
+    """S_t = α_t (I − β_t k_t k_tᵀ) S_{t-1} + β_t k_t v_tᵀ, o_t = scale · S_tᵀ q_t."""
+    q, k, v, beta, alpha, s0 = (np.asarray(x, np.float64) for x in (q, k, v, beta, alpha, s0))
+    b_, t_, h_, d = q.shape
+    out = np.zeros((b_, t_, h_, v.shape[-1]))
+    s = s0.copy()
+    for b in range(b_):
+        for h in range(h_):
+            w = s[b, h]
+            for t in range(t_):
+                kt = k[b, t, h]
+                erase = np.eye(d) - beta[b, t, h] * np.outer(kt, kt)
+                w = alpha[b, t, h] * (erase @ w) + beta[b, t, h] * np.outer(kt, v[b, t, h])
+                out[b, t, h] = scale * (w.T @ q[b, t, h])
+            s[b, h] = w
+    return out, s
+
+
 def sum_rule_np(q, k, v, s0, scale):
     q, k, v, s0 = (np.asarray(x, np.float64) for x in (q, k, v, s0))
     b_, t_, h_, _ = q.shape

@@ -17,6 +17,7 @@ from fwjax.ops.fast_weight_attention import (
     init_fast_weight_state,
 )
 from fwjax.ops.feature_maps import FeatureMap, FeatureMapKind
+from fwjax.ops.gated_delta_rule import gated_delta_rule, gated_delta_rule_step
 from fwjax.ops.impl import Impl
 from fwjax.ops.softmax_attention import softmax_attention
 from fwjax.ops.sum_rule import sum_rule, sum_rule_step
@@ -33,6 +34,8 @@ __all__ = [
     "fast_weight_attention",
     "fast_weight_read",
     "feature_maps",
+    "gated_delta_rule",
+    "gated_delta_rule_step",
     "init_fast_weight_state",
     "softmax_attention",
     "sum_rule",

@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fwjax.ops import Impl, delta_rule, sum_rule
-from tests.oracle import delta_rule_np, sum_rule_np
+from fwjax.ops import Impl, delta_rule, gated_delta_rule, sum_rule
+from tests.oracle import delta_rule_np, gated_delta_rule_np, sum_rule_np
 
 # Every implementation the shared suite covers. On CPU, PALLAS runs its kernels (the GPU
 # family by default) in interpret mode; under a GPU/TPU backend the same suite runs compiled.
@@ -29,10 +29,28 @@ def state_tolerance(impl, input_dtype, state_dtype):
 class Rule:
     name: str
     has_beta: bool
+    has_alpha: bool = False
+
+    @property
+    def impls(self):
+        """The Impls this rule has (the gated rule has no PALLAS kernel)."""
+        return tuple(i for i in IMPLS if not (self.has_alpha and i is Impl.PALLAS))
 
     def __call__(self, inputs, impl, chunk_size=None, pallas=None, **overrides):
         """Runs the rule; ``pallas``: :class:`fwjax.ops.pallas.PallasOptions` of PALLAS."""
         kw = {**inputs, **overrides}
+        if self.has_alpha:
+            return gated_delta_rule(
+                kw["q"],
+                kw["k"],
+                kw["v"],
+                kw["beta"],
+                kw["alpha"],
+                kw["s0"],
+                kw["scale"],
+                impl=impl,
+                chunk_size=chunk_size,
+            )
         if self.has_beta:
             return delta_rule(
                 kw["q"],
@@ -61,6 +79,9 @@ class Rule:
             n: np.asarray(x).astype(np.float64) if hasattr(x, "dtype") else x
             for n, x in inputs.items()
         }
+        if self.has_alpha:
+            args = (f64[n] for n in ("q", "k", "v", "beta", "alpha", "s0"))
+            return gated_delta_rule_np(*args, f64["scale"])
         if self.has_beta:
             return delta_rule_np(f64["q"], f64["k"], f64["v"], f64["beta"], f64["s0"], f64["scale"])
         return sum_rule_np(f64["q"], f64["k"], f64["v"], f64["s0"], f64["scale"])
@@ -68,12 +89,16 @@ class Rule:
     @property
     def diff_args(self):
         """Inputs the VJP is taken with respect to."""
+        if self.has_alpha:
+            return ("q", "k", "v", "beta", "alpha", "s0")
         return ("q", "k", "v", "beta", "s0") if self.has_beta else ("q", "k", "v", "s0")
 
 
 DELTA = Rule("delta", has_beta=True)
 SUM = Rule("sum", has_beta=False)
-RULES = (DELTA, SUM)
+GATED = Rule("gated", has_beta=True, has_alpha=True)
+RULES = (DELTA, SUM)  # the rules every property test covers
+PARITY_RULES = (*RULES, GATED)  # the parity suite also covers the gated delta rule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +134,7 @@ def make_inputs(case: Case, dtype, seed=0):
     k = unit(rng.normal(size=shape_k))
     v = rng.normal(size=(case.b, case.t, case.h, case.v))
     beta = rng.uniform(0.05, 0.95, size=(case.b, case.t, case.h))
+    alpha = rng.uniform(0.5, 1.0, size=(case.b, case.t, case.h))
     s0 = 0.5 * rng.normal(size=(case.b, case.h, case.k, case.v))
     cast = lambda x: jnp.asarray(x, jnp.float32).astype(dtype)
     state_dtype = jnp.promote_types(dtype, jnp.float32)
@@ -117,6 +143,7 @@ def make_inputs(case: Case, dtype, seed=0):
         "k": cast(k),
         "v": cast(v),
         "beta": cast(beta),
+        "alpha": cast(alpha),
         "s0": jnp.asarray(s0, state_dtype),
         "scale": 0.7,
     }

@@ -11,7 +11,16 @@ import numpy as np
 import pytest
 
 from fwjax.ops import Impl
-from tests.ops.rules import CASES, IMPLS, RULES, SUM, make_inputs, state_tolerance, upcast
+from tests.ops.rules import (
+    CASES,
+    GATED,
+    IMPLS,
+    PARITY_RULES,
+    SUM,
+    make_inputs,
+    state_tolerance,
+    upcast,
+)
 from tests.tolerances import assert_close
 
 DTYPES = (jnp.float32, jnp.bfloat16)
@@ -21,6 +30,14 @@ DTYPES = (jnp.float32, jnp.bfloat16)
 # tiling rounds the chunk up to 16, so "C=8" and "C > T" add nothing beyond these two cases:
 # T=1 (one padded chunk) and T=37 (three chunks, T not divisible, B, H > 1, odd K and V, padded).
 PALLAS_CASES = {"forward": (CASES[0], CASES[1]), "vjp": (CASES[1],)}
+# The gated rule's forms share the delta rule's chunking code (covered by every case above).
+GATED_CASES = {"forward": (CASES[0], CASES[1], CASES[3]), "vjp": (CASES[1],)}
+
+
+def _covered(rule, impl, case, kind):
+    if rule is GATED:
+        return impl in rule.impls and case in GATED_CASES[kind]
+    return impl is not Impl.PALLAS or case in PALLAS_CASES[kind]
 
 
 def over_the_suite(kind):
@@ -36,11 +53,11 @@ def over_the_suite(kind):
                 dtype,
                 id=f"{jnp.dtype(dtype).name}-{case}-{impl.value}-{rule.name}",
             )
-            for rule in RULES
+            for rule in PARITY_RULES
             for impl in IMPLS
             for case in CASES
             for dtype in DTYPES
-            if impl is not Impl.PALLAS or case in PALLAS_CASES[kind]
+            if _covered(rule, impl, case, kind)
         ]
         return pytest.mark.parametrize(("rule", "impl", "case", "dtype"), params)(test)
 
@@ -109,7 +126,7 @@ def test_vjp_matches_float64_reference(rule, impl, case, dtype):
 # PALLAS's VJP is held to the float64 REFERENCE VJP above, which this test checks against finite
 # differences; finite differences through interpreted kernels would add ~20 s to CI.
 @pytest.mark.parametrize("impl", [i for i in IMPLS if i is not Impl.PALLAS], ids=lambda i: i.value)
-@pytest.mark.parametrize("rule", RULES, ids=lambda r: r.name)
+@pytest.mark.parametrize("rule", PARITY_RULES, ids=lambda r: r.name)
 def test_check_grads_float64(rule, impl):
     """Finite differences against autodiff, on a tiny float64 problem."""
     from jax.test_util import check_grads
@@ -129,12 +146,12 @@ def test_check_grads_float64(rule, impl):
         )
 
 
-@pytest.mark.parametrize("rule", RULES, ids=lambda r: r.name)
+@pytest.mark.parametrize("rule", PARITY_RULES, ids=lambda r: r.name)
 def test_float64_inputs_compute_in_float64(rule):
     with jax.enable_x64(True):
         inputs = upcast(make_inputs(CASES[1], jnp.float32))
         expected_out, expected_state = rule.oracle(inputs)
-        for impl in IMPLS:
+        for impl in rule.impls:
             out, state = rule(inputs, impl, 16)
             assert out.dtype == jnp.float64 and state.dtype == jnp.float64
             assert_close(out, expected_out, err_msg=impl.value)

@@ -1,0 +1,74 @@
+"""The gated delta rule (Yang, Kautz and Hatamizadeh, 2024): the delta rule with a decay gate."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from fwjax.ops.gated_delta_rule.chunked import gated_delta_rule_chunked
+from fwjax.ops.gated_delta_rule.recurrent import (
+    gated_delta_rule_recurrent,
+    gated_delta_rule_step,
+)
+from fwjax.ops.gated_delta_rule.reference import gated_delta_rule_reference
+from fwjax.ops.impl import Impl, prepare_inputs, resolve_chunk_size, resolve_impl
+
+_IMPLS = {
+    Impl.REFERENCE: gated_delta_rule_reference,
+    Impl.RECURRENT: gated_delta_rule_recurrent,
+    Impl.CHUNKED: gated_delta_rule_chunked,
+}
+
+
+@functools.partial(jax.jit, static_argnames=("impl", "chunk_size"))
+def gated_delta_rule(
+    q, k, v, beta, alpha, initial_state=None, scale=1.0, impl: Impl = Impl.AUTO, chunk_size=None
+):
+    """The gated delta rule: the delta rule whose memory decays by a gate ``α_t`` each step.
+
+    For every batch element and head, with state ``S ∈ R^{K×V}`` (row convention)::
+
+        S_t = α_t (I − β_t k_t k_tᵀ) S_{t-1} + β_t k_t v_tᵀ
+        o_t = scale · S_tᵀ q_t                    (read with the state AFTER step t)
+
+    ``α ≡ 1`` is the delta rule; ``β ≡ 0`` is pure decay. With L2- or sum-normalised keys,
+    ``β, α ∈ [0, 1]``, the state stays bounded.
+
+    Args:
+      q: queries ``[B, T, H, K]``.
+      k: keys ``[B, T, H, K]``.
+      v: values ``[B, T, H, V]``.
+      beta: write strengths ``[B, T, H]``.
+      alpha: decay gates ``[B, T, H]``, in ``(0, 1]`` (e.g. ``exp(−softplus(·))``); the CHUNKED
+        form works with ``log α``, so ``α = 0`` is not allowed there.
+      initial_state: ``S_0``, ``[B, H, K, V]``; zeros when None.
+      scale: output scale.
+      impl: an :class:`Impl`: REFERENCE, RECURRENT (block-rematerialised scan) or CHUNKED (any
+        ``T``); AUTO picks the backend's default. PALLAS is not available for the gated rule.
+      chunk_size: the chunk length of CHUNKED and the rematerialisation block of RECURRENT.
+
+    Returns:
+      ``(out, state)``: ``out [B, T, H, V]`` in the inputs' promoted dtype and ``S_T``
+      ``[B, H, K, V]`` in the state dtype (at least float32).
+    """
+    p = prepare_inputs(q, k, v, beta, initial_state, needs_beta=True)
+    alpha = jnp.asarray(alpha)
+    if alpha.shape != p.k.shape[:3]:
+        raise ValueError(f"alpha must have shape [B, T, H]={p.k.shape[:3]}; got {alpha.shape=}")
+    if not jnp.issubdtype(alpha.dtype, jnp.floating):
+        raise TypeError(f"alpha must be floating point; got {alpha.dtype=}")
+    impl = resolve_impl(impl)
+    chunk_size = resolve_chunk_size(chunk_size)
+    if impl is Impl.PALLAS:
+        raise NotImplementedError(
+            "Impl.PALLAS is not implemented for gated_delta_rule; use CHUNKED or RECURRENT"
+        )
+    out, state = _IMPLS[impl](
+        p.q, p.k, p.v, p.beta, alpha, p.initial_state, scale, chunk_size
+    )
+    return out.astype(p.out_dtype), state
+
+
+__all__ = ["gated_delta_rule", "gated_delta_rule_step"]
