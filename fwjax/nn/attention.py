@@ -57,8 +57,9 @@ class FastWeightAttention(nnx.Module):
     """Multi-head fast weight attention (Schlag, Irie, Schmidhuber, 2021).
 
     One bias-free projection gives ``q, k, v`` and (for the delta rule) one write strength per
-    head, ``β = σ(w_β·x)``; φ and the normalisation are applied per head; the memory is read
-    with scale ``1/√d_head``; heads are concatenated and projected back without bias.
+    head, ``β = σ(w_β·x)`` (and for the gated delta rule a decay gate ``α = σ(w_α·x + b_α)``);
+    φ and the normalisation are applied per head; the memory is read with scale ``1/√d_head``;
+    heads are concatenated and projected back without bias.
 
     Shapes: ``x: [B, T, d_model] -> y: [B, T, d_model]``.
     """
@@ -78,7 +79,11 @@ class FastWeightAttention(nnx.Module):
         self.num_heads = num_heads
         self.head_dim = d_model // num_heads
         self.dtype = dtype
-        width = 3 * d_model + (num_heads if config.update_rule is UpdateRule.DELTA else 0)
+        # Per head: one write-strength logit (delta rules) and one decay-gate logit (gated).
+        self.num_gates = {UpdateRule.SUM: 0, UpdateRule.DELTA: 1, UpdateRule.GATED_DELTA: 2}[
+            config.update_rule
+        ]
+        width = 3 * d_model + self.num_gates * num_heads
         self.qkvb = _dense(d_model, width, ("embed", "heads"), dtype=dtype, rngs=rngs)
         self.out = _dense(d_model, d_model, ("heads", "embed"), dtype=dtype, rngs=rngs)
         fm = config.feature_map
@@ -94,6 +99,12 @@ class FastWeightAttention(nnx.Module):
         self.conv = nnx.data(
             nnx.Param(conv_init(rngs.params(), (config.conv_size, 3 * d_model)))
             if config.short_conv
+            else None
+        )
+        # α = σ(w_α·x + b_α), b_α initialised to 3 (α ≈ 0.95: a slowly decaying memory).
+        self.gate_bias = nnx.data(
+            nnx.Param(jnp.full((num_heads,), 3.0, jnp.float32))
+            if config.update_rule is UpdateRule.GATED_DELTA
             else None
         )
         self.norm = nnx.data(
@@ -134,7 +145,12 @@ class FastWeightAttention(nnx.Module):
         q, k, v = (z.reshape(b, t, h, dh) for z in jnp.split(qkv, 3, axis=-1))
         if cfg.silu_l2_qk:
             q, k = (feature_maps.l2_norm(jax.nn.silu(z)) for z in (q, k))
-        beta = jax.nn.sigmoid(b_logits.astype(jnp.float32)) if b_logits.shape[-1] else None
+        beta = alpha = None
+        if self.num_gates:
+            logits = b_logits.astype(jnp.float32).reshape(b, t, self.num_gates, h)
+            beta = jax.nn.sigmoid(logits[:, :, 0])
+            if self.gate_bias is not None:
+                alpha = jax.nn.sigmoid(logits[:, :, 1] + self.gate_bias[...])
         projection = None if self.projection is None else self.projection[...]
         y, memory = fast_weight_attention(
             q,
@@ -149,6 +165,7 @@ class FastWeightAttention(nnx.Module):
             state=None if state is None else state.memory,
             impl=cfg.impl,
             chunk_size=cfg.chunk_size,
+            alpha=alpha,
         )
         if self.norm is not None:
             y = self.norm(y)

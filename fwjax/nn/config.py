@@ -88,6 +88,10 @@ class FastWeightConfig:
             object.__setattr__(self, name, kind(getattr(self, name)))
         if not isinstance(self.feature_map, FeatureMap):
             raise TypeError(f"feature_map={self.feature_map!r} must be a FeatureMap")
+        if self.update_rule is UpdateRule.GATED_DELTA and self.normalization.uses_normalizer:
+            raise ValueError(
+                f"update_rule=GATED_DELTA has no attention normalisation; got {self.normalization}"
+            )
         _positive(conv_size=self.conv_size)
         if self.chunk_size is not None:
             _positive(chunk_size=self.chunk_size)

@@ -36,6 +36,8 @@ class RetrievalConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive int")
         object.__setattr__(self, "attention", AttentionKind(self.attention))
+        if self.fast_weight.update_rule is UpdateRule.GATED_DELTA:
+            raise ValueError("RetrievalModel supports the sum and delta rules, not GATED_DELTA")
 
 
 class RetrievalModel(nnx.Module):

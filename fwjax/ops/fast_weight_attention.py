@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from fwjax.ops.delta_rule import delta_rule
 from fwjax.ops.feature_maps import FeatureMap, l2_norm, sum_norm
+from fwjax.ops.gated_delta_rule import gated_delta_rule
 from fwjax.ops.impl import Impl, state_dtype
 from fwjax.ops.sum_rule import sum_rule
 
@@ -27,10 +28,13 @@ class UpdateRule(enum.Enum):
     Attributes:
       SUM: ``S_t = S_{t-1} + φ(k_t) v_tᵀ`` (linear attention).
       DELTA: ``S_t = S_{t-1} + β_t φ(k_t) (v_t − v̄_t)ᵀ`` with ``v̄_t = S_{t-1}ᵀ φ(k_t)``.
+      GATED_DELTA: ``S_t = α_t (I − β_t φ(k_t) φ(k_t)ᵀ) S_{t-1} + β_t φ(k_t) v_tᵀ`` (Yang et al.,
+        2024): the delta rule with a decay gate ``α_t ∈ (0, 1]`` per head and step.
     """
 
     SUM = "sum"
     DELTA = "delta"
+    GATED_DELTA = "gated_delta"
 
 
 class Normalization(enum.Enum):
@@ -120,6 +124,7 @@ def fast_weight_attention(
     impl: Impl = Impl.AUTO,
     chunk_size: int | None = None,
     eps: float = 1e-5,
+    alpha=None,
 ):
     """Applies φ, the normalisation and the update rule; returns outputs and the carried memory.
 
@@ -141,7 +146,7 @@ def fast_weight_attention(
     Args:
       q, k: raw queries and keys ``[B, T, H, D]`` (before φ).
       v: values ``[B, T, H, V]``.
-      beta: write strengths ``[B, T, H]`` for the delta rule; must be None for the sum rule.
+      beta: write strengths ``[B, T, H]`` for the (gated) delta rule; None for the sum rule.
       feature_map: the map φ.
       normalization: a :class:`Normalization`.
       update_rule: an :class:`UpdateRule`.
@@ -150,16 +155,25 @@ def fast_weight_attention(
       state: a carried :class:`FastWeightState`, or None for an empty memory.
       impl, chunk_size: passed to :func:`delta_rule` / :func:`sum_rule`.
       eps: added to the attention normalisation's output denominator.
+      alpha: decay gates ``[B, T, H]`` in ``(0, 1]`` for GATED_DELTA (with NONE, SUM or L2
+        normalisation); None otherwise.
 
     Returns:
       ``(y, state)``: ``y [B, T, H, V]`` in the inputs' promoted dtype and the new
       :class:`FastWeightState` (``K = feature_map.output_dim(D)``).
     """
     normalization, update_rule = Normalization(normalization), UpdateRule(update_rule)
-    if update_rule is UpdateRule.DELTA and beta is None:
-        raise ValueError("update_rule=DELTA needs beta of shape [B, T, H]")
+    if update_rule is not UpdateRule.SUM and beta is None:
+        raise ValueError(f"{update_rule=} needs beta of shape [B, T, H]")
     if update_rule is UpdateRule.SUM and beta is not None:
         raise ValueError("update_rule=SUM takes no beta; pass beta=None")
+    if (update_rule is UpdateRule.GATED_DELTA) != (alpha is not None):
+        raise ValueError(f"alpha [B, T, H] is needed by GATED_DELTA only; got {update_rule=}")
+    if update_rule is UpdateRule.GATED_DELTA and normalization.uses_normalizer:
+        raise ValueError(
+            f"GATED_DELTA has no attention normalisation (its z would need the gates); got "
+            f"{normalization=}"
+        )
     out_dtype = jnp.result_type(q, k, v)
     fq = _query_features(q, feature_map, normalization, projection)
     fk = feature_map(k, projection, stabilize=normalization.cancels_key_scale)
@@ -167,7 +181,11 @@ def fast_weight_attention(
 
     s0 = None if state is None else state.fast_weights
     if not normalization.uses_normalizer:
-        if update_rule is UpdateRule.DELTA:
+        if update_rule is UpdateRule.GATED_DELTA:
+            y, s = gated_delta_rule(
+                fq, fk, v, beta, alpha, s0, scale, impl=impl, chunk_size=chunk_size
+            )
+        elif update_rule is UpdateRule.DELTA:
             y, s = delta_rule(fq, fk, v, beta, s0, scale, impl=impl, chunk_size=chunk_size)
         else:
             y, s = sum_rule(fq, fk, v, s0, scale, impl=impl, chunk_size=chunk_size)

@@ -80,6 +80,15 @@ LM_VARIANTS = {
             chunk_size=4,
         )
     ),
+    "gated_delta_l2": dict(
+        fast_weight=FastWeightConfig(
+            feature_map=FeatureMap(FeatureMapKind.IDENTITY),
+            normalization=Normalization.L2,
+            update_rule=UpdateRule.GATED_DELTA,
+            impl=Impl.CHUNKED,
+            chunk_size=4,
+        )
+    ),
     "hybrid_softmax_positional": dict(
         layer_kinds=(AttentionKind.FAST_WEIGHT, AttentionKind.SOFTMAX), positional=True, max_len=32
     ),
@@ -109,6 +118,15 @@ def test_two_segments_with_carried_state_equal_their_concatenation(variant):
     assert_close(jnp.concatenate([first, second], axis=1), whole)
 
 
+def test_gated_layer_has_a_decay_gate_per_head():
+    cfg = FastWeightConfig(normalization=Normalization.L2, update_rule=UpdateRule.GATED_DELTA)
+    layer = FastWeightAttention(cfg, d_model=8, num_heads=2, rngs=nnx.Rngs(0))
+    assert layer.qkvb.kernel.shape == (8, 3 * 8 + 2 * 2)  # q, k, v, then β and α logits
+    assert layer.gate_bias.shape == (2,)
+    with pytest.raises(ValueError, match="GATED_DELTA has no attention normalisation"):
+        FastWeightConfig(normalization=Normalization.ATTENTION, update_rule="gated_delta")
+
+
 def test_parameter_count_formula():
     v, d, layers, heads, ff = 17, 16, 2, 2, 24
     model = _lm()
@@ -122,7 +140,8 @@ def test_parameter_count_formula():
 
 @pytest.mark.parametrize(
     ("fm", "norm", "rule"),
-    list(itertools.product(FEATURE_MAPS, Normalization, UpdateRule)),
+    # The gated rule is covered by LM_VARIANTS (decode, carry) and its own op tests.
+    list(itertools.product(FEATURE_MAPS, Normalization, (UpdateRule.SUM, UpdateRule.DELTA))),
     ids=lambda x: getattr(x, "value", getattr(getattr(x, "kind", None), "value", None)),
 )
 def test_every_feature_map_rule_and_normalization_trains_without_nan(fm, norm, rule):
@@ -186,7 +205,7 @@ def test_sampling_with_top_k_only_draws_from_the_top_k():
 
 
 @pytest.mark.parametrize("attention", list(AttentionKind), ids=lambda a: a.value)
-@pytest.mark.parametrize("rule", list(UpdateRule), ids=lambda r: r.value)
+@pytest.mark.parametrize("rule", [UpdateRule.SUM, UpdateRule.DELTA], ids=lambda r: r.value)
 def test_retrieval_model_shapes_and_gradients(attention, rule):
     cfg = RetrievalConfig(
         num_keys=10,

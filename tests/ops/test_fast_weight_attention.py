@@ -64,7 +64,7 @@ COMBINATIONS = [
     (fm, norm, rule, impl)
     for fm in FEATURE_MAPS
     for norm in Normalization
-    for rule in UpdateRule
+    for rule in (UpdateRule.SUM, UpdateRule.DELTA)  # GATED_DELTA: test_gated_composition
     for impl in (Impl.CHUNKED, Impl.RECURRENT)
     if impl is Impl.CHUNKED or norm.uses_normalizer
 ]
@@ -102,7 +102,7 @@ def test_matches_literal_equations(fm, norm, rule, impl):
     assert (state.normalizer is not None) == norm.uses_normalizer
 
 
-@pytest.mark.parametrize("rule", list(UpdateRule), ids=lambda r: r.value)
+@pytest.mark.parametrize("rule", [UpdateRule.SUM, UpdateRule.DELTA], ids=lambda r: r.value)
 @pytest.mark.parametrize(
     "norm", [Normalization.ATTENTION, Normalization.SUM], ids=lambda n: n.value
 )
@@ -165,3 +165,28 @@ def test_rule_and_beta_must_agree():
         fast_weight_attention(q, k, v, None, update_rule=UpdateRule.DELTA)
     with pytest.raises(ValueError, match="takes no beta"):
         fast_weight_attention(q, k, v, beta, update_rule=UpdateRule.SUM)
+
+
+@pytest.mark.parametrize("norm", [Normalization.L2, Normalization.SUM], ids=lambda n: n.value)
+def test_gated_composition_matches_the_literal_equations(norm):
+    from tests.oracle import gated_delta_rule_np
+
+    q, k, v, beta = _inputs(2)
+    alpha = jnp.asarray(np.random.default_rng(3).uniform(0.6, 1.0, size=(B, T, H)), jnp.float32)
+    fm = FeatureMap(FeatureMapKind.DPFP, nu=1)
+    out, state = fast_weight_attention(
+        q, k, v, beta, feature_map=fm, normalization=norm, update_rule="gated_delta",
+        alpha=alpha, scale=0.5, impl=Impl.CHUNKED, chunk_size=8,
+    )  # fmt: skip
+    fq, fk = (np.asarray(norm.normalize_features(fm(x)), np.float64) for x in (q, k))
+    s0 = np.zeros((B, H, fm.output_dim(D), V))
+    expected_out, expected_state = gated_delta_rule_np(fq, fk, v, beta, alpha, s0, 0.5)
+    assert_close(out, expected_out)
+    assert_close(state.fast_weights, expected_state)
+    with pytest.raises(ValueError, match="needed by GATED_DELTA only"):
+        fast_weight_attention(q, k, v, beta, update_rule="gated_delta")
+    with pytest.raises(ValueError, match="no attention normalisation"):
+        fast_weight_attention(
+            q, k, v, beta, alpha=alpha, update_rule="gated_delta",
+            normalization=Normalization.ATTENTION,
+        )  # fmt: skip

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fwjax.ops import Impl, delta_rule, gated_delta_rule, gated_delta_rule_step
+from fwjax.ops import Impl, gated_delta_rule, gated_delta_rule_step
 from tests.ops.rules import DELTA, GATED, Case, make_inputs
 from tests.tolerances import assert_close
 

@@ -65,9 +65,7 @@ def gated_delta_rule(
         raise NotImplementedError(
             "Impl.PALLAS is not implemented for gated_delta_rule; use CHUNKED or RECURRENT"
         )
-    out, state = _IMPLS[impl](
-        p.q, p.k, p.v, p.beta, alpha, p.initial_state, scale, chunk_size
-    )
+    out, state = _IMPLS[impl](p.q, p.k, p.v, p.beta, alpha, p.initial_state, scale, chunk_size)
     return out.astype(p.out_dtype), state
 
 
