@@ -104,7 +104,9 @@ def test_missing_text_path_is_named(tmp_path):
 
 def test_retrieval_run_learns_and_writes_metrics(tmp_path):
     overrides = [*TINY_RETRIEVAL, "retrieval.d_key=64", "steps=150", "eval_every=50"]
+    overrides += ["tensorboard=true"]
     summary = train(load_train_config("retrieval_delta", overrides), tmp_path)
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
     records = read_metrics(tmp_path)
     evals = [r for r in records if r["split"] == "eval"]
     assert len(evals) == 3 and evals[-1]["loss"] < 0.5 * evals[0]["loss"], evals
