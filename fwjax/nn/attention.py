@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fwjax import diagnostics
 from fwjax.nn.config import FastWeightConfig
 from fwjax.ops import (
     FastWeightState,
@@ -21,6 +22,7 @@ from fwjax.ops import (
     fast_weight_attention,
     feature_maps,
     init_fast_weight_state,
+    memory_keys,
     softmax_attention,
 )
 
@@ -126,6 +128,12 @@ class FastWeightAttention(nnx.Module):
             conv = jnp.zeros((batch_size, self.config.conv_size - 1, width), self.dtype)
         return FastWeightLayerState(memory, conv)
 
+    def _record_diagnostics(self, k, v, beta, alpha, projection, state) -> None:
+        """Sows per-head memory diagnostics (``nnx.Intermediate``, name ``memory``); collect
+        them with ``nnx.capture(model, nnx.Intermediate)``."""
+        stats = _diagnostics_of(self, k, v, beta, alpha, projection, state)
+        self.sow(nnx.Intermediate, "memory", jax.lax.stop_gradient(stats))
+
     def redraw_projection(self, key: jax.Array) -> None:
         """Draws a new FAVOR+ projection (no-op for other feature maps)."""
         if self.projection is not None:
@@ -167,10 +175,34 @@ class FastWeightAttention(nnx.Module):
             chunk_size=cfg.chunk_size,
             alpha=alpha,
         )
+        if cfg.diagnostics and _capturing(self):
+            self._record_diagnostics(k, v, beta, alpha, projection, state)
         if self.norm is not None:
             y = self.norm(y)
         y = self.out(y.astype(self.dtype).reshape(b, t, h * dh))
         return y, FastWeightLayerState(memory, conv_state)
+
+
+def _capturing(module: nnx.Module) -> bool:
+    """Whether sown values are being collected: inside ``nnx.capture`` (flax ≥ 0.12.8, where
+    sowing outside it is deprecated), or always on older flax."""
+    return hasattr(module, "__captures__") or not hasattr(nnx, "capture")
+
+
+def _diagnostics_of(layer: FastWeightAttention, k, v, beta, alpha, projection, state):
+    cfg = layer.config
+    fk = memory_keys(k, cfg.feature_map, cfg.normalization, projection)
+    memory = None if state is None else state.memory
+    trace, final = diagnostics.memory_trace(
+        fk,
+        v,
+        beta,
+        alpha,
+        None if memory is None else memory.fast_weights,
+        attention_normalized=cfg.normalization.uses_normalizer,
+        initial_normalizer=None if memory is None else memory.normalizer,
+    )
+    return diagnostics.summarize(trace, final, beta)
 
 
 def causal_depthwise_conv(x, kernel, cache=None):

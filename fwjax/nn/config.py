@@ -65,6 +65,10 @@ class FastWeightConfig:
         ``FeatureMap(IDENTITY)`` and ``Normalization.NONE`` for the 2024 recipe).
       output_norm: per-head RMSNorm of the attention output (DeltaNet).
       impl: how the op is computed; ``chunk_size`` for CHUNKED.
+      diagnostics: also record memory diagnostics (:mod:`fwjax.diagnostics`: state norm,
+        retrieval error and cosine, β statistics, effective rank; one extra O(T·K·V) scan) as
+        ``nnx.Intermediate`` values named ``memory`` when the call runs under
+        ``nnx.capture(..., nnx.Intermediate)``, as in the training loop, which logs them.
     """
 
     feature_map: FeatureMap = _ELU_P1
@@ -77,6 +81,7 @@ class FastWeightConfig:
     output_norm: bool = False
     impl: Impl = Impl.AUTO
     chunk_size: int | None = None
+    diagnostics: bool = False
 
     def __post_init__(self):
         for name, kind in (

@@ -15,6 +15,7 @@ from fwjax.ops.fast_weight_attention import (
     fast_weight_attention,
     fast_weight_read,
     init_fast_weight_state,
+    memory_keys,
 )
 from fwjax.ops.feature_maps import FeatureMap, FeatureMapKind
 from fwjax.ops.gated_delta_rule import gated_delta_rule, gated_delta_rule_step
@@ -37,6 +38,7 @@ __all__ = [
     "gated_delta_rule",
     "gated_delta_rule_step",
     "init_fast_weight_state",
+    "memory_keys",
     "softmax_attention",
     "sum_rule",
     "sum_rule_step",

@@ -176,8 +176,7 @@ def fast_weight_attention(
         )
     out_dtype = jnp.result_type(q, k, v)
     fq = _query_features(q, feature_map, normalization, projection)
-    fk = feature_map(k, projection, stabilize=normalization.cancels_key_scale)
-    fk = normalization.normalize_features(fk)
+    fk = memory_keys(k, feature_map, normalization, projection)
 
     s0 = None if state is None else state.fast_weights
     if not normalization.uses_normalizer:
@@ -212,6 +211,21 @@ def fast_weight_attention(
     n = jnp.einsum("bthk,bthk->bth", z_incl, fq) + eps
     y = y.astype(dtype) / n[..., None]
     return y.astype(out_dtype), FastWeightState(s, z_incl[:, -1])
+
+
+def memory_keys(k, feature_map: FeatureMap, normalization: Normalization, projection=None):
+    """φ̂(k): the keys :func:`fast_weight_attention` writes with (the feature map, FAVOR+
+    stabilised where the normalisation cancels the factor, then the key normalisation).
+
+    Args:
+      k: raw keys ``[B, T, H, D]``.
+
+    Returns:
+      ``[B, T, H, K]`` with ``K = feature_map.output_dim(D)``.
+    """
+    normalization = Normalization(normalization)
+    fk = feature_map(k, projection, stabilize=normalization.cancels_key_scale)
+    return normalization.normalize_features(fk)
 
 
 def _query_features(q, feature_map: FeatureMap, normalization: Normalization, projection):

@@ -162,11 +162,16 @@ def train(config: TrainConfig, workdir: str | Path, *, devices=None) -> dict:
                 history = jax.device_get(history)
                 _check_finite(run, history)
                 now = time.time()
+                diagnostics = history[-1].pop("diagnostics", None)
+                for m in history:
+                    m.pop("diagnostics", None)
                 sums = {k: sum(float(m[k]) for m in history) for k in history[0]}
                 last_train = run.task.summarize(sums)
                 last_train["grad_norm"] = sums["grad_norm"] / len(history)
                 last_train["tokens_per_s"] = tokens_per_step * (done - step_log) / (now - t_log)
                 writer.write(done, "train", last_train)
+                if diagnostics:  # the last step's memory diagnostics, per layer and head
+                    writer.write(done, "memory", flatten_diagnostics(diagnostics))
                 progress.update(
                     done - step_log, loss=last_train["loss"], tok_s=last_train["tokens_per_s"]
                 )
@@ -194,6 +199,21 @@ def train(config: TrainConfig, workdir: str | Path, *, devices=None) -> dict:
         evals = " ".join(f"{k}={v:.4g}" for k, v in last_eval.items())
         print(f"fwjax train: step {summary['steps']}/{cfg.steps} in {seconds:.1f} s; eval {evals}")
     return summary
+
+
+def flatten_diagnostics(tree: dict, prefix: str = "") -> dict[str, list[float]]:
+    """``{"blocks": {0: {"attention": {"memory": (stats,)}}}}`` -> ``{"blocks.0.attention.
+    state_norm_final": [per head], ...}``."""
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if key == "memory" and isinstance(value, tuple | list):
+            value = value[-1]  # the last call's record
+            for stat, per_head in value.items():
+                flat[f"{prefix}.{stat}" if prefix else stat] = np.asarray(per_head).tolist()
+        elif isinstance(value, dict):
+            flat.update(flatten_diagnostics(value, name))
+    return flat
 
 
 def params_checksum(state) -> float:

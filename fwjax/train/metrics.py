@@ -15,6 +15,8 @@ import jax
 
 
 def _clean(value):
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
     value = float(value) if hasattr(value, "__float__") else value
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # JSON has no NaN/inf

@@ -156,9 +156,14 @@ def make_train_step(task, model_def: ModelDef, tx, seed: int):
             # Variables are created at this trace level (dropout mutates its RNG counter).
             rng_state = _reseeded(model_def.rng_state, jax.random.fold_in(step_key, 1))
             m = nnx.merge(model_def.train_graph, params, rng_state, rest)
-            return task.loss(m, batch, carry)
+            # Memory diagnostics sown by layers with FastWeightConfig(diagnostics=True).
+            capture = nnx.capture(lambda m: task.loss(m, batch, carry), nnx.Intermediate)
+            (loss, (sums, new_carry)), sown = capture(m)
+            return loss, (sums, new_carry, sown.to_pure_dict())
 
-        (loss, (sums, new_carry)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (loss, (sums, new_carry, diagnostics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params
+        )
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -173,6 +178,8 @@ def make_train_step(task, model_def: ModelDef, tx, seed: int):
             last_nonfinite_step=jnp.where(finite, state.last_nonfinite_step, state.step),
         )
         metrics = {**sums, "step_loss": loss, "grad_norm": grad_norm, "finite": finite}
+        if diagnostics:
+            metrics["diagnostics"] = diagnostics
         return new_state, metrics
 
     return train_step

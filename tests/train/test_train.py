@@ -240,7 +240,10 @@ def test_nonfinite_updates_are_skipped_when_configured(tmp_path, monkeypatch):
 def test_cli_train_eval_generate(tmp_path, capsys):
     workdir = str(tmp_path)
     args = ["train", "--config", "lm_tiny", "--workdir", workdir]
-    assert main([*args, *[f"--set={s}" for s in TINY_LM], "--set=steps=3"]) == 0
+    diagnostics = "--set=lm.model.fast_weight.diagnostics=true"
+    assert main([*args, *[f"--set={s}" for s in TINY_LM], "--set=steps=3", diagnostics]) == 0
+    memory = [r for r in read_metrics(workdir) if r["split"] == "memory"]
+    assert memory and len(memory[-1]["blocks.0.attention.retrieval_cosine"]) == 2  # per head
     capsys.readouterr()
     assert main(["eval", "--workdir", workdir]) == 0
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -1,0 +1,127 @@
+"""Fast weight memory diagnostics: how full, how well-read, how diverse a memory is over time.
+
+For a memory written with keys ``k_t`` (after φ and normalisation), values ``v_t`` and write
+strengths ``β_t`` (and decay gates ``α_t``), per batch element, head and step::
+
+    v̄_t  = S_{t-1}ᵀ k_t / d_t          the value the memory returns for k_t BEFORE writing
+                                        (d_t = z_{t-1}ᵀ k_t under attention normalisation, else 1)
+    retrieval_error_t  = ‖v_t − v̄_t‖    what the write has to correct
+    retrieval_cosine_t = cos(v̄_t, v_t)  (0 where v̄_t = 0)
+    state_norm_t       = ‖S_t‖_F        growth of the fast weights
+
+and, of a state, its effective rank ``exp(H(σ / Σσ))`` (Roy & Vetterli, 2007) over the singular
+values σ of each head's ``S``. These answer the paper's open questions: whether a rule balances
+writing and removing (the contrast between ``v̄`` and ``v``) and whether the fast weights grow
+without bound over many steps.
+
+Everything here is opt-in: the layers compute it only with ``FastWeightConfig(diagnostics=True)``
+(one extra ``O(T·K·V)`` scan), and :func:`summarize` reduces it to a few numbers per head for the
+training loop's metrics.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class MemoryTrace(NamedTuple):
+    """Per-step diagnostics, each ``[B, T, H]`` (float32)."""
+
+    state_norm: jax.Array
+    retrieval_error: jax.Array
+    retrieval_cosine: jax.Array
+
+
+def memory_trace(
+    k,
+    v,
+    beta=None,
+    alpha=None,
+    initial_state=None,
+    *,
+    attention_normalized: bool = False,
+    initial_normalizer=None,
+) -> tuple[MemoryTrace, jax.Array]:
+    """Replays the memory's writes step by step and records the diagnostics.
+
+    Rules: sum (``beta=None``: ``S_t = S_{t-1} + k_t v_tᵀ``), delta
+    (``S_t = S_{t-1} + β_t k_t (v_t − v̄_t)ᵀ``) and gated delta
+    (``S_t = α_t S_{t-1} + β_t k_t (v_t − α_t v̄_t)ᵀ``, with ``alpha``).
+
+    Args:
+      k: memory keys ``[B, T, H, K]`` (after the feature map and normalisation).
+      v: values ``[B, T, H, V]``.
+      beta: write strengths ``[B, T, H]``, or None for the sum rule.
+      alpha: decay gates ``[B, T, H]`` (gated delta rule), or None.
+      initial_state: ``[B, H, K, V]``, zeros when None.
+      attention_normalized: divide retrievals by ``d_t = z_{t-1}ᵀ k_t`` (z = running key sum;
+        1 where it is 0), the paper's attention-normalised delta rule.
+      initial_normalizer: ``z_0 [B, H, K]`` for a carried attention-normalised memory.
+
+    Returns:
+      ``(MemoryTrace, final state [B, H, K, V])``.
+    """
+    f32 = jnp.float32
+    k, v = k.astype(f32), v.astype(f32)
+    b, t, h, kd = k.shape
+    s0 = jnp.zeros((b, h, kd, v.shape[-1]), f32) if initial_state is None else initial_state
+    ones = jnp.ones((b, t, h), f32)
+    beta_ = ones if beta is None else beta.astype(f32)
+    alpha_ = ones if alpha is None else alpha.astype(f32)
+
+    def step(carry, inputs):
+        s, z = carry
+        k_t, v_t, beta_t, alpha_t = inputs
+        d = jnp.einsum("bhk,bhk->bh", z, k_t) if attention_normalized else jnp.ones_like(beta_t)
+        d = jnp.where(d == 0, 1.0, d)
+        v_bar = jnp.einsum("bhk,bhkv->bhv", k_t, s) / d[..., None]
+        # Sum rule: u_t = v_t; (gated) delta rule: u_t = β_t (v_t − α_t v̄_t).
+        u = v_t if beta is None else beta_t[..., None] * (v_t - alpha_t[..., None] * v_bar)
+        s = alpha_t[..., None, None] * s + k_t[..., :, None] * u[..., None, :]
+        err = v_t - v_bar
+        nv, nb = jnp.linalg.norm(v_t, axis=-1), jnp.linalg.norm(v_bar, axis=-1)
+        cos = jnp.where(nb > 0, jnp.sum(v_t * v_bar, -1) / jnp.maximum(nv * nb, 1e-30), 0.0)
+        out = (jnp.sqrt(jnp.sum(s**2, axis=(-2, -1))), jnp.linalg.norm(err, axis=-1), cos)
+        return (s, z + k_t), out
+
+    xs = tuple(jnp.moveaxis(x, 1, 0) for x in (k, v, beta_, alpha_))
+    z0 = jnp.zeros((b, h, kd), f32) if initial_normalizer is None else initial_normalizer
+    (s, _), outs = jax.lax.scan(step, (s0.astype(f32), z0.astype(f32)), xs)
+    return MemoryTrace(*(jnp.moveaxis(o, 0, 1) for o in outs)), s
+
+
+def effective_rank(state, eps: float = 1e-12):
+    """``exp`` of the entropy of the normalised singular values of each ``[..., K, V]`` matrix.
+
+    Returns ``[...]``; 1 for a rank-one matrix, ``min(K, V)`` for equal singular values, 0 for
+    a zero matrix.
+    """
+    sv = jnp.linalg.svd(state.astype(jnp.float32), compute_uv=False)
+    total = jnp.sum(sv, axis=-1, keepdims=True)
+    p = sv / jnp.maximum(total, eps)
+    entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.maximum(p, eps)), 0.0), axis=-1)
+    return jnp.where(total[..., 0] > eps, jnp.exp(entropy), 0.0)
+
+
+def summarize(trace: MemoryTrace, final_state, beta=None) -> dict[str, jax.Array]:
+    """A few numbers per head (``[H]`` each, averaged over the batch) for logging.
+
+    Keys: ``state_norm_final``, ``state_norm_max``, ``retrieval_error``, ``retrieval_cosine``
+    (means over steps), ``effective_rank`` (of the final state), and ``beta_mean`` /
+    ``beta_std`` when ``beta [B, T, H]`` is given.
+    """
+    mean_bt = lambda x: jnp.mean(x, axis=(0, 1))
+    out = {
+        "state_norm_final": jnp.mean(trace.state_norm[:, -1], axis=0),
+        "state_norm_max": jnp.mean(jnp.max(trace.state_norm, axis=1), axis=0),
+        "retrieval_error": mean_bt(trace.retrieval_error),
+        "retrieval_cosine": mean_bt(trace.retrieval_cosine),
+        "effective_rank": jnp.mean(effective_rank(final_state), axis=0),
+    }
+    if beta is not None:
+        out["beta_mean"] = mean_bt(beta.astype(jnp.float32))
+        out["beta_std"] = jnp.std(beta.astype(jnp.float32), axis=(0, 1))
+    return out
