@@ -3,7 +3,7 @@
 ::
 
     fwjax train --config NAME_OR_PATH --workdir DIR [--set key.path=value ...]
-    fwjax eval --workdir DIR
+    fwjax eval --workdir DIR [--mode segments|sliding|carried] [--stride S] [--streams B]
     fwjax generate --workdir DIR --prompt TEXT [--tokens N] [--temperature T] [--top-k K]
 
 ``NAME`` is a file ``experiments/configs/NAME.toml`` (looked up in the current directory's
@@ -61,10 +61,31 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _save_tokenizer(run, workdir: str) -> None:
+    """Writes ``workdir/tokenizer.json`` (the LM's vocabulary) if it is not there yet."""
+    path = Path(workdir) / "tokenizer.json"
+    if run.config.task is TaskKind.LM and not path.is_file():
+        run.task.tokenizer.save(path)
+
+
 def cmd_eval(args) -> int:
     run = _restored_run(args.workdir)
-    metrics = run.evaluate()
     run.checkpointer.close()
+    _save_tokenizer(run, args.workdir)
+    if args.mode is None:
+        metrics = run.evaluate()
+    else:
+        from fwjax.train.tasks import evaluate_lm
+
+        if run.config.task is not TaskKind.LM:
+            raise SystemExit(f"--mode needs a language model; this run's task is {run.config.task}")
+        metrics = evaluate_lm(
+            run,
+            args.mode,
+            segment_len=args.segment_len,
+            stride=args.stride,
+            streams=args.streams,
+        )
     print(json.dumps({"step": run.restored_step, **metrics}))
     return 0
 
@@ -73,14 +94,23 @@ def cmd_generate(args) -> int:
     import jax
     import numpy as np
 
-    from fwjax.data import text
+    from fwjax.data.tokenizers import Tokenizer, TokenizerKind
     from fwjax.nn import generate
 
     run = _restored_run(args.workdir)
     run.checkpointer.close()
     if run.config.task is not TaskKind.LM:
         raise SystemExit(f"generate needs a language model; this run's task is {run.config.task}")
-    prompt = text.encode(args.prompt)
+    _save_tokenizer(run, args.workdir)
+    tokenizer = Tokenizer.load(Path(args.workdir) / "tokenizer.json")
+    if tokenizer != run.task.tokenizer:
+        raise SystemExit(
+            f"{args.workdir}/tokenizer.json differs from the vocabulary of the run's data "
+            f"({tokenizer.vocab_size} vs {run.task.tokenizer.vocab_size} symbols)"
+        )
+    prompt = tokenizer.encode(args.prompt)
+    if tokenizer.kind is TokenizerKind.WORD and not args.prompt.endswith("\n"):
+        prompt = prompt[:-1]  # the prompt's last line is unfinished: no <eos> yet
     if prompt.size == 0:
         raise SystemExit("--prompt must not be empty")
     tokens = generate(
@@ -91,7 +121,7 @@ def cmd_generate(args) -> int:
         temperature=args.temperature,
         top_k=args.top_k,
     )
-    print(text.decode(np.asarray(tokens[0])))
+    print(tokenizer.decode(np.asarray(tokens[0])))
     return 0
 
 
@@ -105,11 +135,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_train)
     p = sub.add_parser("eval", help="evaluate the latest checkpoint of a workdir")
     p.add_argument("--workdir", required=True)
+    p.add_argument(
+        "--mode",
+        choices=["segments", "sliding", "carried"],
+        default=None,
+        help="LM: over the whole split; independent segments, a sliding window, or fast weights "
+        "carried across all segments (default: the training loop's eval batches)",
+    )
+    p.add_argument("--segment-len", type=int, default=None, help="LM: T (default: training's)")
+    p.add_argument("--stride", type=int, default=None, help="sliding: stride (lm.eval_stride)")
+    p.add_argument("--streams", type=int, default=1, help="carried: parallel streams")
     p.set_defaults(fn=cmd_eval)
     p = sub.add_parser("generate", help="sample text from a trained language model")
     p.add_argument("--workdir", required=True)
     p.add_argument("--prompt", required=True)
-    p.add_argument("--tokens", type=int, default=200, help="new tokens (bytes) to sample")
+    p.add_argument("--tokens", type=int, default=200, help="new tokens to sample")
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)

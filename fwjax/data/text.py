@@ -1,19 +1,38 @@
-"""Byte-level text as contiguous streams (Transformer-XL style batching).
+"""Text for language modelling as contiguous streams (Transformer-XL style batching).
 
 The text is split into ``B`` contiguous streams; batch ``i`` holds segment ``i`` of every stream,
 so segment ``i + 1`` of a stream continues segment ``i`` and a model may carry its fast weights
 from one batch to the next. Batches are pure functions of their index (wrapping around at the
 end of an epoch, where ``reset`` tells a carrying model to start from empty memories), so the
 data position of a run is one integer.
+
+:func:`load_lm_data` gives a tokeniser and the train / evaluation token arrays of an
+:class:`LMDataset`: a text file split in memory (byte, char or word tokens), or a TFDS dataset
+prepared without TensorFlow (:mod:`fwjax.data.tfds_builders`; needs the ``data`` extra).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 from pathlib import Path
 
 import numpy as np
 
-BYTE_VOCAB_SIZE = 256
+from fwjax.data.tokenizers import BYTE_VOCAB_SIZE, Tokenizer, TokenizerKind
+
+__all__ = [
+    "BYTE_VOCAB_SIZE",
+    "ContiguousStreams",
+    "LMData",
+    "LMDataset",
+    "decode",
+    "encode",
+    "generated_text",
+    "load_lm_data",
+    "load_tokens",
+    "train_validation_split",
+]
 
 _WORDS = {
     "det": ["the", "a", "every", "no", "some"],
@@ -91,6 +110,12 @@ class ContiguousStreams:
     def __len__(self) -> int:
         return self.num_segments
 
+    def __getitem__(self, index: int) -> dict:
+        """:meth:`batch` (so a ``grain.MapDataset.source`` can wrap the streams)."""
+        if not 0 <= index < self.num_segments:
+            raise IndexError(f"{index=} out of range for {self.num_segments} segments")
+        return self.batch(index)
+
     def batch(self, index: int) -> dict:
         """Segment ``index mod num_segments`` of every stream.
 
@@ -104,3 +129,101 @@ class ContiguousStreams:
         window = self.tokens[starts[:, None] + np.arange(t + 1)]
         reset = np.full((self.batch_size,), seg == 0)
         return dict(inputs=window[:, :-1], targets=window[:, 1:], reset=reset)
+
+
+class LMDataset(enum.Enum):
+    """Where language-modelling text comes from.
+
+    Attributes:
+      TEXT_FILE: ``text_path`` (or :func:`generated_text` when None), read into memory and split
+        by tokens: the last ``validation_fraction`` is validation. Needs no extra packages.
+      LOCAL_TEXT: ``text_path`` through the TFDS :class:`~fwjax.data.tfds_builders.LocalTextCorpus`
+        builder (split by characters; array_record files read with grain).
+      WIKITEXT103: the TFDS :class:`~fwjax.data.tfds_builders.Wikitext103` builder (word level;
+        ``manual_dir`` or a download); validation split ``validation`` (or ``test``).
+    """
+
+    TEXT_FILE = "text_file"
+    LOCAL_TEXT = "local_text"
+    WIKITEXT103 = "wikitext103"
+
+
+@dataclasses.dataclass(frozen=True)
+class LMData:
+    """A tokeniser and the token arrays of a language-modelling corpus.
+
+    Attributes:
+      tokenizer: the :class:`~fwjax.data.tokenizers.Tokenizer` (vocabulary from ``train``).
+      train: training tokens ``[N_train] int32``.
+      valid: evaluation tokens ``[N_valid] int32`` (the validation or test split).
+    """
+
+    tokenizer: Tokenizer
+    train: np.ndarray
+    valid: np.ndarray
+
+
+def load_lm_data(
+    dataset: LMDataset | str,
+    tokenizer: TokenizerKind | str,
+    *,
+    text_path: str | None = None,
+    validation_fraction: float = 0.1,
+    data_dir: str | None = None,
+    manual_dir: str | None = None,
+    eval_split: str = "validation",
+) -> LMData:
+    """Loads, splits and tokenises a corpus.
+
+    Args:
+      dataset: :class:`LMDataset`.
+      tokenizer: BYTE, CHAR or WORD (WORD: ``<eos>`` per line, ``<unk>`` for unknown words).
+      text_path: the text file of TEXT_FILE / LOCAL_TEXT (TEXT_FILE: None = generated text).
+      validation_fraction: TEXT_FILE / LOCAL_TEXT: the last fraction (of tokens for TEXT_FILE,
+        of characters for LOCAL_TEXT) is the validation split.
+      data_dir: the TFDS data directory (None: TFDS's default, ``~/tensorflow_datasets``).
+      manual_dir: WIKITEXT103: a folder with ``wiki.*.tokens`` or the official zip.
+      eval_split: WIKITEXT103: ``validation`` or ``test``; the others only have ``validation``.
+
+    Raises:
+      FileNotFoundError / ValueError naming the offending path or value; ImportError when a TFDS
+      dataset is asked for without the ``data`` extra.
+    """
+    dataset, kind = LMDataset(dataset), TokenizerKind(tokenizer)
+    if dataset is LMDataset.TEXT_FILE:
+        if text_path is None:
+            text = generated_text()
+        else:
+            path = Path(text_path).expanduser()
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"text_path={str(path)!r} does not exist (or is not a file)"
+                )
+            text = path.read_text(encoding="utf-8")
+        if kind is TokenizerKind.BYTE:
+            train, valid = train_validation_split(encode(text), validation_fraction)
+            return LMData(Tokenizer(kind), train, valid)
+        # Split by characters first so the vocabulary comes from the training text only.
+        cut = round(len(text) * (1.0 - validation_fraction))
+        tok = Tokenizer.fit(kind, text[:cut])
+        return LMData(tok, tok.encode(text[:cut]), tok.encode(text[cut:]))
+    try:
+        from fwjax.data import tfds_builders
+    except ImportError as e:
+        raise ImportError(
+            f"dataset={dataset.value!r} needs the data extra (pip install 'fwjax[data]'): {e}"
+        ) from e
+    if dataset is LMDataset.LOCAL_TEXT:
+        if text_path is None:
+            raise ValueError("dataset='local_text' needs text_path")
+        if eval_split != "validation":
+            raise ValueError(f"dataset='local_text' has no split {eval_split=}")
+        builder = tfds_builders.local_text_builder(text_path, validation_fraction, data_dir)
+        join = ""
+    else:
+        if eval_split not in ("validation", "test"):
+            raise ValueError(f"{eval_split=} must be 'validation' or 'test'")
+        builder = tfds_builders.wikitext103_builder(data_dir, manual_dir)
+        join = "\n"
+    tok, ids = tfds_builders.tokenized_splits(builder, kind, ("train", eval_split), join=join)
+    return LMData(tok, ids["train"], ids[eval_split])

@@ -11,6 +11,8 @@ import dataclasses
 import enum
 
 from fwjax.data.retrieval import RetrievalSetting
+from fwjax.data.text import LMDataset
+from fwjax.data.tokenizers import TokenizerKind
 from fwjax.nn.config import _DEFAULT_FAST_WEIGHT, AttentionKind, FastWeightConfig, ModelConfig
 
 
@@ -180,31 +182,79 @@ class RetrievalTaskConfig:
         )
 
 
-@dataclasses.dataclass(frozen=True)
-class LMTaskConfig:
-    """Byte-level language modelling on a text file, as contiguous streams.
+class LMEvalMode(enum.Enum):
+    """How a language model is evaluated over a whole split (``fwjax eval --mode``).
 
     Attributes:
-      model: the :class:`~fwjax.nn.ModelConfig` (``vocab_size`` must be ≥ 256: bytes).
-      text_path: a UTF-8 text file; None uses generated text (no download, for tests/demos).
-      validation_fraction: the last fraction of the text (by bytes) is the validation split.
+      SEGMENTS: independent segments of ``segment_len`` tokens, each from empty memory.
+      SLIDING: windows of ``segment_len`` tokens every ``stride`` tokens, each recomputed from
+        empty memory (no KV cache or carried state); a window scores only its last ``stride``
+        tokens (the first window scores all), so every token but the first few sees
+        ``segment_len − stride`` tokens or more of context.
+      CARRIED: the split as ``streams`` contiguous streams (1: the whole text in order), the fast
+        weights carried across all segments (unbounded context; for models trained with
+        carried state and no positional encoding).
+    """
+
+    SEGMENTS = "segments"
+    SLIDING = "sliding"
+    CARRIED = "carried"
+
+
+@dataclasses.dataclass(frozen=True)
+class LMTaskConfig:
+    """Language modelling on a text corpus, as contiguous streams.
+
+    Attributes:
+      model: the :class:`~fwjax.nn.ModelConfig`. With ``tokenizer="byte"`` its ``vocab_size``
+        must be ≥ 256; with ``char`` / ``word`` the vocabulary size comes from the training
+        split and replaces ``model.vocab_size`` when the task is built.
+      dataset: :class:`~fwjax.data.text.LMDataset`: ``text_file`` (in memory, no extras),
+        ``local_text`` (TFDS builder over ``text_path``) or ``wikitext103`` (TFDS).
+      tokenizer: :class:`~fwjax.data.tokenizers.TokenizerKind`: ``byte``, ``char`` or ``word``.
+      text_path: the UTF-8 text file of ``text_file`` / ``local_text``; None with ``text_file``
+        uses generated text (no download, for tests/demos).
+      validation_fraction: the last fraction of the text is the validation split.
+      data_dir: the TFDS data directory (None: ``~/tensorflow_datasets``).
+      manual_dir: ``wikitext103``: a folder holding ``wiki.*.tokens`` or the official zip.
+      eval_split: ``validation`` or (``wikitext103``) ``test``.
       segment_len: T tokens per training segment.
       carry_state: carry the fast weights from one segment of a stream to the next, in training
         and evaluation (Transformer-XL style streams make this meaningful).
+      eval_stride: the default stride of SLIDING evaluation (≤ ``segment_len``; None:
+        ``segment_len // 2``).
     """
 
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    dataset: LMDataset = LMDataset.TEXT_FILE
+    tokenizer: TokenizerKind = TokenizerKind.BYTE
     text_path: str | None = None
     validation_fraction: float = 0.1
+    data_dir: str | None = None
+    manual_dir: str | None = None
+    eval_split: str = "validation"
     segment_len: int = 128
     carry_state: bool = False
+    eval_stride: int | None = None
 
     def __post_init__(self):
+        object.__setattr__(self, "dataset", LMDataset(self.dataset))
+        object.__setattr__(self, "tokenizer", TokenizerKind(self.tokenizer))
         _check_positive(segment_len=self.segment_len)
+        if self.eval_stride is not None:
+            _check_positive(eval_stride=self.eval_stride)
+        if self.eval_stride is not None and self.eval_stride > self.segment_len:
+            raise ValueError(f"eval_stride={self.eval_stride} must be <= {self.segment_len=}")
         if not 0.0 < self.validation_fraction < 1.0:
             raise ValueError(f"validation_fraction={self.validation_fraction} must be in (0, 1)")
-        if self.model.vocab_size < 256:
+        if self.tokenizer is TokenizerKind.BYTE and self.model.vocab_size < 256:
             raise ValueError(f"byte-level data needs {self.model.vocab_size=} >= 256")
+        if self.eval_split not in ("validation", "test"):
+            raise ValueError(f"eval_split={self.eval_split!r} must be 'validation' or 'test'")
+        if self.eval_split == "test" and self.dataset is not LMDataset.WIKITEXT103:
+            raise ValueError(f"eval_split='test' needs dataset='wikitext103'; got {self.dataset}")
+        if self.dataset is LMDataset.LOCAL_TEXT and self.text_path is None:
+            raise ValueError("dataset='local_text' needs text_path")
 
 
 class TaskKind(enum.Enum):

@@ -3,13 +3,14 @@
 A task owns its model constructor, its data (batches as pure functions of an index, so the data
 position of a run is its step), its loss, and an optional *carry* threaded from one training
 step to the next (the fast weights of language-model streams). Two tasks: the synthetic
-associative retrieval task of the paper, and byte-level language modelling.
+associative retrieval task of the paper, and language modelling (bytes, chars or words).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 from typing import Any
 
 import jax
@@ -20,6 +21,7 @@ from flax import nnx
 
 from fwjax.data import text as text_data
 from fwjax.data.retrieval import RetrievalTask, retrieval_loss
+from fwjax.data.tokenizers import TokenizerKind
 from fwjax.nn import (
     AttentionKind,
     FavorRedraw,
@@ -28,7 +30,13 @@ from fwjax.nn import (
     TransformerLM,
     redraw_favor_projections,
 )
-from fwjax.train.config import LMTaskConfig, RetrievalTaskConfig, TaskKind, TrainConfig
+from fwjax.train.config import (
+    LMEvalMode,
+    LMTaskConfig,
+    RetrievalTaskConfig,
+    TaskKind,
+    TrainConfig,
+)
 
 # Evaluation batches come from a stream of their own, disjoint from the training stream.
 _EVAL_SEED_OFFSET = 1_000_003
@@ -127,12 +135,13 @@ def _reset_rows(state, fresh, reset):
 
 
 class LMTrainTask:
-    """Byte-level language modelling over contiguous streams with a
-    :class:`~fwjax.nn.TransformerLM`.
+    """Language modelling over contiguous streams with a :class:`~fwjax.nn.TransformerLM`.
 
-    With ``carry_state`` the fast weights flow from one segment of a stream to the next (in
-    training and evaluation) and are reset at the start of an epoch. Metrics: ``loss`` (nats per
-    token), ``bpc`` (bits per byte) and ``perplexity``.
+    The corpus and tokeniser come from ``config.lm`` (:func:`fwjax.data.text.load_lm_data`); the
+    model's ``vocab_size`` is the tokeniser's for char and word tokens. With ``carry_state`` the
+    fast weights flow from one segment of a stream to the next (in training and evaluation) and
+    are reset at the start of an epoch. Metrics: ``loss`` (nats per token), ``bpc`` (bits per
+    token: per byte / char for byte / char tokens) and ``perplexity``.
     """
 
     kind = TaskKind.LM
@@ -144,11 +153,26 @@ class LMTrainTask:
             raise ValueError(
                 f"carry_state=True needs fast weight layers only; got {cfg.model.layer_kinds=}"
             )
-        tokens = text_data.load_tokens(cfg.text_path)
-        train, valid = text_data.train_validation_split(tokens, cfg.validation_fraction)
-        self.train_streams = text_data.ContiguousStreams(train, config.batch_size, cfg.segment_len)
-        self.valid_streams = text_data.ContiguousStreams(valid, config.batch_size, cfg.segment_len)
+        data = text_data.load_lm_data(
+            cfg.dataset,
+            cfg.tokenizer,
+            text_path=cfg.text_path,
+            validation_fraction=cfg.validation_fraction,
+            data_dir=cfg.data_dir,
+            manual_dir=cfg.manual_dir,
+            eval_split=cfg.eval_split,
+        )
+        self.tokenizer = data.tokenizer
+        self.valid_tokens = data.valid
+        self.train_streams = text_data.ContiguousStreams(
+            data.train, config.batch_size, cfg.segment_len
+        )
+        self.valid_streams = text_data.ContiguousStreams(
+            data.valid, config.batch_size, cfg.segment_len
+        )
         self.model_config = cfg.model
+        if cfg.tokenizer is not TokenizerKind.BYTE:
+            self.model_config = dataclasses.replace(cfg.model, vocab_size=data.tokenizer.vocab_size)
         self.batch_size = config.batch_size
         self.eval_batches = min(config.eval_batches, len(self.valid_streams))
         fw = cfg.model.fast_weight
@@ -189,6 +213,139 @@ class LMTrainTask:
     def summarize(sums: dict) -> dict:
         loss = float(sums["loss"]) / max(float(sums["count"]), 1.0)
         return dict(loss=loss, bpc=loss / math.log(2), perplexity=math.exp(min(loss, 50.0)))
+
+
+def _windows(n: int, mode: LMEvalMode, segment_len: int, stride: int, streams: int):
+    """Index plans of an evaluation over ``n`` (input, target) pairs.
+
+    Returns:
+      ``(index [S, R, T] int, mask [S, R, T] bool)``: S sequential calls of R rows of T
+      positions; ``index`` points into the pairs (clipped in range where masked). For CARRIED
+      the state flows from call ``s`` to ``s + 1`` row by row; otherwise every row starts empty.
+    """
+    t = segment_len
+    if mode is LMEvalMode.CARRIED:
+        length = -(-n // streams)
+        calls = -(-length // t)
+        pos = np.arange(streams)[None, :, None] * length + (
+            np.arange(calls)[:, None, None] * t + np.arange(t)[None, None, :]
+        )
+        inside = (pos - np.arange(streams)[None, :, None] * length) < length
+        mask = inside & (pos < n)
+        return np.minimum(pos, n - 1), mask
+    if mode is LMEvalMode.SEGMENTS:
+        starts = np.arange(0, n, t)
+        scored_from = np.zeros_like(starts)
+    else:
+        count = 1 + max(0, -(-(n - t) // stride))
+        starts = np.arange(count) * stride
+        scored_from = np.where(starts == 0, 0, t - stride)
+    pos = starts[:, None] + np.arange(t)[None, :]
+    mask = (pos < n) & (np.arange(t)[None, :] >= scored_from[:, None])
+    return np.minimum(pos, n - 1)[:, None, :], mask[:, None, :]
+
+
+_SCORE_FNS: dict[int, Any] = {}  # id(ModelDef) -> jitted score (dropped with the ModelDef)
+
+
+def _score_fn(model_def):
+    """The jitted ``(params, rest, inputs, targets, weights, state) -> (Σ weighted NLL, state)``
+    of a model (one per ``ModelDef``, so repeated evaluations reuse its compilations)."""
+    key = id(model_def)
+    if key not in _SCORE_FNS:
+
+        @jax.jit
+        def score(params, rest, inputs, targets, weights, state):
+            model = model_def.merge(params, rest, train=False)
+            logits, new_state = model(inputs, state)
+            nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+            return jnp.sum(nll * weights), new_state
+
+        _SCORE_FNS[key] = score
+        weakref.finalize(model_def, _SCORE_FNS.pop, key, None)
+    return _SCORE_FNS[key]
+
+
+def evaluate_lm(
+    run,
+    mode: LMEvalMode | str = LMEvalMode.SEGMENTS,
+    *,
+    segment_len: int | None = None,
+    stride: int | None = None,
+    streams: int = 1,
+    batch_rows: int | None = None,
+) -> dict:
+    """Loss over the whole evaluation split of an LM run, in one of three modes.
+
+    Args:
+      run: a built :class:`~fwjax.train.loop.Run` of an LM task (its current parameters).
+      mode: :class:`~fwjax.train.config.LMEvalMode`: SEGMENTS (independent segments),
+        SLIDING (windows every ``stride`` tokens, each recomputed from scratch) or CARRIED
+        (fast weights carried across all segments of ``streams`` contiguous streams).
+      segment_len: T of a segment / window (default: the training ``segment_len``).
+      stride: SLIDING's stride (default ``lm.eval_stride``, else T // 2), 1 ≤ stride ≤ T.
+      streams: CARRIED's number of parallel streams (1: the whole split in order).
+      batch_rows: rows per call for SEGMENTS / SLIDING (default: the training batch size).
+
+    Returns:
+      ``dict(mode, loss (nats/token), bits_per_token, perplexity, tokens, unit)`` plus ``bpc``
+      for char and byte tokens (bits per character / byte).
+
+    Raises:
+      ValueError: CARRIED with softmax layers, or a bad ``stride`` / ``streams``.
+    """
+    task: LMTrainTask = run.task
+    cfg = task.config
+    mode = LMEvalMode(mode)
+    t = segment_len or cfg.segment_len
+    stride = stride or min(cfg.eval_stride or t // 2, t) or 1
+    if not 1 <= stride <= t:
+        raise ValueError(f"{stride=} must be in [1, segment_len={t}]")
+    if streams < 1:
+        raise ValueError(f"{streams=} must be >= 1")
+    if mode is LMEvalMode.CARRIED and any(
+        k is AttentionKind.SOFTMAX for k in task.model_config.layer_kinds
+    ):
+        raise ValueError(
+            f"mode='carried' needs fast weight layers only; got {task.model_config.layer_kinds}"
+        )
+    tokens = np.asarray(task.valid_tokens)
+    n = len(tokens) - 1
+    if n < 1:
+        raise ValueError(f"the evaluation split has {len(tokens)} tokens; need at least 2")
+    index, mask = _windows(n, mode, t, stride, streams)
+    if mode is not LMEvalMode.CARRIED:  # regroup the independent windows into batches
+        rows = batch_rows or task.batch_size
+        calls = -(-index.shape[0] // rows)
+        pad = calls * rows - index.shape[0]
+        index = np.concatenate([index[:, 0], np.zeros((pad, t), index.dtype)]).reshape(
+            calls, rows, t
+        )
+        mask = np.concatenate([mask[:, 0], np.zeros((pad, t), bool)]).reshape(calls, rows, t)
+    score = _score_fn(run.model_def)
+    carried = mode is LMEvalMode.CARRIED
+    state = run.model().init_state(index.shape[1]) if carried else None
+    total, count = 0.0, int(mask.sum())
+    for s in range(index.shape[0]):
+        inputs = jnp.asarray(tokens[index[s]], jnp.int32)
+        targets = jnp.asarray(tokens[index[s] + 1], jnp.int32)
+        weights = jnp.asarray(mask[s], jnp.float32)
+        part, new_state = score(run.state.params, run.state.rest, inputs, targets, weights, state)
+        total += float(part)
+        if carried:
+            state = new_state
+    loss = total / count
+    out = dict(
+        mode=mode.value,
+        loss=loss,
+        bits_per_token=loss / math.log(2),
+        perplexity=math.exp(min(loss, 50.0)),
+        tokens=count,
+        unit=task.tokenizer.unit,
+    )
+    if task.tokenizer.kind is not TokenizerKind.WORD:
+        out["bpc"] = out["bits_per_token"]
+    return out
 
 
 Task = RetrievalTrainTask | LMTrainTask
