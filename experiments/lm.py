@@ -16,8 +16,9 @@ weights carried across the whole split as one stream (``carry_eval_bpc``, fast w
 and a sliding window (stride T/2). A finished variant's row is appended to
 ``experiments/results/lm_tinyshakespeare.csv`` (and its JSON to
 ``experiments/results/lm/{variant}.json``); then the table (``.md``) and the learning curves
-(``.png``) are redrawn. Re-running the same command skips finished variants and resumes an
-unfinished one from its last checkpoint (``fwjax train`` resumes by itself).
+(``.png``) are redrawn (and, with ``--commit``, those files alone are committed). Re-running
+the same command skips finished variants and resumes an unfinished one from its last checkpoint
+(``fwjax train`` resumes by itself).
 
 Variants (all: post-LN Transformer blocks, ReLU feed-forward, dropout 0.1):
 
@@ -308,15 +309,16 @@ def run_variant(variant: str, runs: Path, steps: int, ckpt_every: int) -> dict:
     sets = [a for o in overrides for a in ("--set", o)]
     t0 = time.time()
     _fwjax("train", "--config", f"tinyshakespeare_{variant}", "--workdir", str(workdir), *sets)
-    train_seconds = _train_seconds(workdir)
-    print(f"{variant}: trained ({train_seconds:.0f} s of training)", flush=True)
+    config = json.loads((workdir / "config.json").read_text())
+    tokens_per_step = config["batch_size"] * config["lm"]["segment_len"]
+    train_seconds = _train_seconds(workdir, tokens_per_step)
+    print(f"{variant}: trained ({train_seconds:.0f} s in training steps)", flush=True)
     segments = _eval(workdir, "segments")
     sliding = _eval(workdir, "sliding")
     carried = None
     if VARIANTS[variant][1] is not None:
         carried = _eval(workdir, "carried", "--streams", "1")
-    config = json.loads((workdir / "config.json").read_text())
-    tokens = steps * config["batch_size"] * config["lm"]["segment_len"]
+    tokens = steps * tokens_per_step
     result = dict(
         model=variant,
         description=VARIANTS[variant][0],
@@ -336,14 +338,21 @@ def run_variant(variant: str, runs: Path, steps: int, ckpt_every: int) -> dict:
     return result
 
 
-def _train_seconds(workdir: Path) -> float:
-    """Training seconds summed over all (resumed) invocations, from ``metrics.jsonl``."""
-    total = 0.0
+def _train_seconds(workdir: Path, tokens_per_step: int) -> float:
+    """Seconds spent in training steps, from the logged throughput of every logged interval
+    (each step counted once even if a resumed run repeated it; compilation, evaluation and
+    checkpointing excluded)."""
+    intervals: dict[int, float] = {}
+    last_step = 0
     for line in (workdir / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
-        if rec.get("split") == "summary" or rec.get("kind") == "summary":
-            total += float(rec.get("seconds", 0.0))
-    return total
+        if rec.get("split") != "train":
+            continue
+        steps = rec["step"] - last_step if rec["step"] > last_step else None
+        if steps and rec.get("tokens_per_s"):
+            intervals[rec["step"]] = steps * tokens_per_step / rec["tokens_per_s"]
+        last_step = rec["step"]
+    return sum(intervals.values())
 
 
 def _curve(workdir: Path) -> dict:
@@ -357,6 +366,22 @@ def _curve(workdir: Path) -> dict:
             seen[split].add(rec["step"])
             curve[split].append([rec["step"], rec["loss"]])
     return curve
+
+
+def _commit(variant: str) -> None:
+    """Commits only this experiment's result files (``git commit --only``: whatever else is
+    staged in the shared checkout stays out of the commit); failures are reported, not fatal."""
+    paths = [CSV_PATH, CSV_PATH.with_suffix(".md"), CSV_PATH.with_suffix(".png")]
+    paths += sorted((RESULTS / "lm").glob("*.json"))
+    rel = [str(p.relative_to(ROOT)) for p in paths if p.is_file()]
+    for cmd in (
+        ["git", "add", *rel],
+        ["git", "commit", "-q", "--only", "-m", f"LM Tiny Shakespeare results: {variant}", *rel],
+    ):
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if done.returncode:
+            print(f"{' '.join(cmd[:3])} failed: {done.stderr.strip()}", flush=True)
+            return
 
 
 def _set_results(folder: Path) -> None:
@@ -439,6 +464,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", default="runs/lm_ts")
     p.add_argument("--ckpt-every", type=int, default=100)
     p.add_argument("--results", default=str(RESULTS), help="results folder (tests: a tmp dir)")
+    p.add_argument(
+        "--commit",
+        action="store_true",
+        help="git-commit the results files (only those) after each finished variant",
+    )
     sub.add_parser("report", help="redraw the table and plot from the per-variant JSONs")
     args = parser.parse_args(argv)
     if args.command == "configs":
@@ -471,6 +501,8 @@ def main(argv: list[str] | None = None) -> int:
         append_row(result)
         write_report()
         print(f"{variant}: {json.dumps({k: result[k] for k in COLUMNS})}", flush=True)
+        if args.commit:
+            _commit(variant)
     return 0
 
 
