@@ -4,9 +4,9 @@
     python notebooks/build.py --check  # exits 1 if a committed notebook differs from this file
 
 Every notebook starts with a cell that installs fwjax only inside Colab, then a parameter cell:
-``FWJAX_NOTEBOOK_FAST=1`` (CI) selects tiny sizes, otherwise the sizes are meaningful (minutes on
-a CPU, seconds on a GPU). The logic lives in the library (``fwjax.explain``, ``fwjax.train``);
-the notebooks call it and plot.
+``FWJAX_NOTEBOOK_FAST=1`` (CI) selects tiny sizes, otherwise the sizes are meaningful (measured
+on 2 shared CPU cores: 01 in 33 s, 02 in 82 s, 03 in 10 min). The logic lives in the library
+(``fwjax.explain``, ``fwjax.train``); the notebooks call it and plot.
 """
 
 from __future__ import annotations
@@ -574,7 +574,7 @@ def notebook_02() -> list[tuple[str, str]]:
                 $\frac12\lVert \mathrm{onehot} - \hat y\rVert^2$, 0.5 for predicting zeros) with
                 a step cap; `fwjax.explain.capacity_sweep` runs it over feature maps and $N$.
                 The paper uses $d = 64$ and $N$ up to 600 (hours); here $d = 16$, so the limits
-                show at small $N$: a few minutes on a CPU, seconds on a GPU. Expect each map's
+                show at small $N$ (12 runs, about a minute on 2 CPU cores). Expect each map's
                 loss to rise once $N$ passes its $\dim\phi$ (dashed lines).
                 """
             ),
