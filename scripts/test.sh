@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Sets up .venv, then runs ruff and the default test suite (everything not marked slow/gpu/tpu)
-# on 2 worker processes. Extra arguments go to pytest.
+# Sets up .venv, then runs ruff, the default test suite (everything not marked slow/gpu/tpu) on 2
+# worker processes, and every notebook headless in its fast mode. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh dev
+bash scripts/setup.sh dev,notebooks
 .venv/bin/python -m ruff check .
-exec .venv/bin/python -m pytest -n 2 -m "not slow and not gpu and not tpu" "$@"
+.venv/bin/python -m pytest -n 2 -m "not slow and not gpu and not tpu" "$@"
+FWJAX_NOTEBOOK_FAST=1 .venv/bin/python -m pytest -p no:cacheprovider --nbmake notebooks/*.ipynb
