@@ -207,6 +207,8 @@ def load_lm_data(
         cut = round(len(text) * (1.0 - validation_fraction))
         tok = Tokenizer.fit(kind, text[:cut])
         return LMData(tok, tok.encode(text[:cut]), tok.encode(text[cut:]))
+    if dataset is LMDataset.LOCAL_TEXT and text_path is None:
+        raise ValueError(f"dataset={dataset.value!r} needs text_path (a local text file)")
     try:
         from fwjax.data import tfds_builders
     except ImportError as e:
