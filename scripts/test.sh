@@ -3,7 +3,7 @@
 # worker processes, and every notebook headless in its fast mode. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh dev,notebooks
+bash scripts/setup.sh dev,notebooks,data
 .venv/bin/python -m ruff check .
 .venv/bin/python -m pytest -n 2 -m "not slow and not gpu and not tpu" "$@"
 FWJAX_NOTEBOOK_FAST=1 .venv/bin/python -m pytest -p no:cacheprovider --nbmake notebooks/*.ipynb

@@ -8,6 +8,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from benchmarks import common
 from benchmarks.reference_np import delta_rule_head
@@ -34,6 +35,8 @@ def test_flop_and_byte_models():
     assert common.io_bytes(cfg) == 4 * 2 * 128 * 3 * (64 * 3 + 1) * 2 + 4 * 2 * 128 * 3 * 64 * 2
 
 
+# Slow (33 s): the driver's smoke run; -m slow, or `python -m benchmarks.run --quick`.
+@pytest.mark.slow
 def test_driver_quick_mode_runs_every_fwjax_path(tmp_path):
     out = tmp_path / "quick.jsonl"
     env = dict(os.environ, FWJAX_BENCH_CACHE=str(tmp_path / "cache"), PYTHONPATH=ROOT)

@@ -99,6 +99,8 @@ def test_associative_sequence_targets_are_last_writes():
         explain.associative_sequence(0, num_writes=3, num_keys=0, key_dim=4, value_dim=3)
 
 
+# Slow (17 s): a notebook helper; the notebooks run in CI.
+@pytest.mark.slow
 def test_feature_kernel():
     x = jax.random.normal(jax.random.key(0), (5, 4))
     y = jax.random.normal(jax.random.key(1), (3, 4))

@@ -185,6 +185,8 @@ def test_favor_projection_is_not_trainable_and_redraws():
     assert all(not np.allclose(a, b) for a, b in zip(after, before, strict=True))
 
 
+# Slow (25 s): decoding is covered by the step-by-step decode tests and the CLI generate test.
+@pytest.mark.slow
 def test_greedy_generation_matches_repeated_parallel_forward():
     model = _lm(**LM_VARIANTS["hybrid_softmax_positional"])
     prompt = _tokens(t=4)

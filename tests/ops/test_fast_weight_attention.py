@@ -138,6 +138,8 @@ def test_state_carry_and_decode_equal_the_whole_sequence(norm, rule):
         assert_close(s.normalizer, state.normalizer)
 
 
+# Slow (21 s): every map x rule x normalisation is trained in tests/nn (finite gradients).
+@pytest.mark.slow
 def test_gradients_are_finite_through_every_normalization():
     q, k, v, beta = _inputs(2)
     for norm in Normalization:

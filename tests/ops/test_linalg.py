@@ -7,7 +7,7 @@ from fwjax.ops.linalg import unit_lower_triangular_inverse
 from tests.tolerances import assert_close
 
 
-@pytest.mark.parametrize("n", [1, 9, 24, 100])
+@pytest.mark.parametrize("n", [1, 9, 24, pytest.param(100, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("block_size", [1, 8, 16])
 def test_inverse_of_unit_lower_triangular(n, block_size):
     rng = np.random.default_rng(n)

@@ -34,7 +34,9 @@ PALLAS_CASES = {"forward": (CASES[0], CASES[1]), "vjp": (CASES[1],)}
 GATED_CASES = {"forward": (CASES[0], CASES[1], CASES[3]), "vjp": (CASES[1],)}
 
 
-def _covered(rule, impl, case, kind):
+def _covered(rule, impl, case, kind, dtype):
+    if kind == "vjp" and dtype == jnp.bfloat16 and case is not CASES[1]:
+        return False  # bfloat16 VJPs: the one case that has everything (CI time)
     if rule is GATED:
         return impl in rule.impls and case in GATED_CASES[kind]
     return impl is not Impl.PALLAS or case in PALLAS_CASES[kind]
@@ -57,7 +59,7 @@ def over_the_suite(kind):
             for impl in IMPLS
             for case in CASES
             for dtype in DTYPES
-            if _covered(rule, impl, case, kind)
+            if _covered(rule, impl, case, kind, dtype)
         ]
         return pytest.mark.parametrize(("rule", "impl", "case", "dtype"), params)(test)
 

@@ -148,6 +148,8 @@ def test_string_impl_is_accepted():
     assert_close(out, ref)
 
 
+# Slow (13 s): both schedules also match the oracle through the parity suite on their platforms.
+@pytest.mark.slow
 def test_fused_and_two_phase_chunked_delta_rule_agree():
     """Both schedules of the chunked delta rule (phase 1 inside or before the chunk scan; the
     backend picks one) give the same outputs, state and VJP."""

@@ -157,7 +157,7 @@ def _env():
 
 
 def test_sigkill_mid_run_then_restart_ends_with_the_same_parameters(tmp_path):
-    steps, every = 300, 20
+    steps, every = 200, 20
     # Both runs in fresh one-device processes: bit-identical results are expected.
     subprocess.run(_cli(tmp_path / "whole", steps, every), env=_env(), check=True, cwd=REPO)
     killed = tmp_path / "killed"
