@@ -10,7 +10,6 @@ previous one.
 
 from __future__ import annotations
 
-import logging
 import warnings
 from pathlib import Path
 
@@ -19,8 +18,6 @@ import orbax.checkpoint as ocp
 
 from fwjax.train.config import CheckpointConfig
 from fwjax.train.step import TrainState
-
-log = logging.getLogger(__name__)
 
 
 def _to_tree(state: TrainState) -> dict:

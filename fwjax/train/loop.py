@@ -214,8 +214,3 @@ def flatten_diagnostics(tree: dict, prefix: str = "") -> dict[str, list[float]]:
         elif isinstance(value, dict):
             flat.update(flatten_diagnostics(value, name))
     return flat
-
-
-def params_checksum(state) -> float:
-    """A scalar fingerprint of the parameters (for comparing runs)."""
-    return float(sum(np.asarray(x, np.float64).sum() for x in jax.tree.leaves(state.params)))

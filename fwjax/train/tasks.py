@@ -354,8 +354,3 @@ Task = RetrievalTrainTask | LMTrainTask
 def make_task(config: TrainConfig) -> Task:
     """The task of ``config.task``."""
     return {TaskKind.RETRIEVAL: RetrievalTrainTask, TaskKind.LM: LMTrainTask}[config.task](config)
-
-
-def describe(task: Task) -> dict[str, Any]:
-    """A short description for logs."""
-    return dict(task=task.kind.value, model=dataclasses.asdict(task.model_config))
