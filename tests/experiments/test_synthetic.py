@@ -15,6 +15,7 @@ from experiments import synthetic
 from fwjax.data.retrieval import RetrievalSetting, RetrievalTask, retrieval_loss
 from fwjax.nn import AttentionKind, FastWeightConfig, RetrievalConfig, RetrievalModel
 from fwjax.ops import FeatureMap, FeatureMapKind, Normalization, UpdateRule, feature_maps
+from fwjax.ops.linalg import solve_unit_lower
 from fwjax.train.retrieval import (
     Readout,
     RetrievalProtocol,
@@ -22,7 +23,6 @@ from fwjax.train.retrieval import (
     direct_predictions,
     official_init,
     predictions,
-    solve_unit_lower,
     train_retrieval,
 )
 from tests.tolerances import assert_close
