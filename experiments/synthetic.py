@@ -35,6 +35,8 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+
 from fwjax.data.retrieval import RetrievalSetting, RetrievalTask
 from fwjax.nn.config import AttentionKind, FastWeightConfig
 from fwjax.nn.retrieval import RetrievalConfig
@@ -73,6 +75,7 @@ CSV_COLUMNS = (
     "seconds",
     "seed",
     "max_steps",
+    "device",
 )
 
 
@@ -189,6 +192,7 @@ def run_point(point: GridPoint, protocol: RetrievalProtocol, out_dir: Path) -> d
         seconds=round(result.seconds, 1),
         seed=point.seed,
         max_steps=protocol.max_steps,
+        device=jax.default_backend(),
         history=[list(h) for h in result.history],
     )
     path = point_path(out_dir, point)
@@ -202,6 +206,8 @@ def run_point(point: GridPoint, protocol: RetrievalProtocol, out_dir: Path) -> d
 def load_records(out_dir: Path, setting: int) -> list[dict]:
     """Every finished point of a setting, sorted by (feature map, rule, N)."""
     records = [json.loads(p.read_text()) for p in (out_dir / f"setting{setting}").glob("*.json")]
+    for r in records:
+        r.setdefault("device", "cpu")  # records from before the column was added ran on CPU
     order = {name: i for i, name in enumerate(FEATURE_MAPS)}
     return sorted(
         records, key=lambda r: (r["update_rule"], order[r["feature_map"]], r["n_keys"], r["seed"])
@@ -314,11 +320,11 @@ def _limit_threads(cores: list[int] | None) -> None:
         os.sched_setaffinity(0, cores)
 
 
-def _worker_init(counter, n_cores):
+def _worker_init(counter, n_cores, first_core):
     with counter.get_lock():
         index = counter.value
         counter.value += 1
-    _limit_threads([index % n_cores])
+    _limit_threads([(first_core + index) % n_cores])
 
 
 def run_grid(
@@ -328,6 +334,7 @@ def run_grid(
     out_dir: Path,
     results_dir: Path,
     workers: int = 1,
+    first_core: int = 0,
     log=print,
 ) -> list[dict]:
     """Runs the points without a finished record; rewrites the outputs after each one.
@@ -337,7 +344,9 @@ def run_grid(
       protocol: the training protocol of every point (its seed is replaced by the point's).
       out_dir: where the per-point JSON records live.
       results_dir: where the merged CSV / table / plot go.
-      workers: 1 runs in this process; more runs a pool of spawned processes.
+      workers: 1 runs in this process; more runs a pool of spawned processes, worker i pinned
+        to core ``(first_core + i) % cpu_count`` (so concurrent grids can use disjoint cores).
+      first_core: see ``workers``.
       log: progress printer.
 
     Returns:
@@ -373,7 +382,7 @@ def run_grid(
             workers,
             mp_context=ctx,
             initializer=_worker_init,
-            initargs=(counter, os.cpu_count() or 1),
+            initargs=(counter, os.cpu_count() or 1, first_core),
         ) as pool:
             futures = {pool.submit(run_point, p, protocols[p], out_dir): p for p in todo}
             for fut in cf.as_completed(futures):
@@ -386,6 +395,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--setting", type=int, choices=(1, 2), required=True)
     parser.add_argument("--grid", choices=("quick", "full"), default="quick")
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--first-core", type=int, default=0, help="pin workers from this core")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-steps", type=int, default=MAX_STEPS)
     parser.add_argument("--results", type=Path, default=RESULTS)
@@ -409,6 +419,7 @@ def main(argv: list[str] | None = None) -> None:
         out_dir=args.results / "synthetic",
         results_dir=args.results,
         workers=args.workers,
+        first_core=args.first_core,
     )
     print(f"done in {time.perf_counter() - start:.0f} s", file=sys.stderr)
 
