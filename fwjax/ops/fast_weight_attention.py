@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from fwjax.ops.delta_rule import delta_rule
-from fwjax.ops.feature_maps import FeatureMap, l2_norm, sum_norm
+from fwjax.ops.feature_maps import FeatureMap, centered_l2_norm, l2_norm, sum_norm
 from fwjax.ops.gated_delta_rule import gated_delta_rule
 from fwjax.ops.impl import Impl, state_dtype
 from fwjax.ops.sum_rule import sum_rule
@@ -47,6 +47,9 @@ class Normalization(enum.Enum):
         normalised too, ``v̄_t = S_{t-1}ᵀ φ(k_t) / (z_{t-1}ᵀ φ(k_t))``.
       SUM: the paper's sum normalisation ``φ(x) / Σ_j φ(x)_j`` on keys and queries; no ``z``.
       L2: ``φ(x) / ‖φ(x)‖`` on keys and queries (DeltaNet, 2024); no ``z``.
+      CENTERED_L2: fwjax's own: ``c / ‖c‖`` with ``c = φ(x) − mean_j φ(x)_j`` on keys and
+        queries; no ``z`` (:func:`~fwjax.ops.feature_maps.centered_l2_norm`: exact overwrites
+        like L2, less interference between the positive keys of φ).
       SUM_ATTENTION: sum normalisation followed by attention normalisation (the official code's
         ``CudaNorm*`` layers).
     """
@@ -55,6 +58,7 @@ class Normalization(enum.Enum):
     ATTENTION = "attention"
     SUM = "sum"
     L2 = "l2"
+    CENTERED_L2 = "centered_l2"
     SUM_ATTENTION = "sum_attention"
 
     @property
@@ -65,13 +69,20 @@ class Normalization(enum.Enum):
     @property
     def cancels_key_scale(self) -> bool:
         """Whether a positive per-key factor on φ(k) cancels (so FAVOR+ may stabilise keys)."""
-        return self in (Normalization.SUM, Normalization.L2, Normalization.SUM_ATTENTION)
+        return self in (
+            Normalization.SUM,
+            Normalization.L2,
+            Normalization.CENTERED_L2,
+            Normalization.SUM_ATTENTION,
+        )
 
     def normalize_features(self, x: jax.Array) -> jax.Array:
         if self in (Normalization.SUM, Normalization.SUM_ATTENTION):
             return sum_norm(x)
         if self is Normalization.L2:
             return l2_norm(x)
+        if self is Normalization.CENTERED_L2:
+            return centered_l2_norm(x)
         return x
 
 

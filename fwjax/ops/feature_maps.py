@@ -137,6 +137,22 @@ def l2_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
     return (xf * jax.lax.rsqrt(jnp.sum(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
 
 
+def centered_l2_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """Centred L2 normalisation ``c / sqrt(‖c‖² + eps)``, ``c = x − mean_j(x_j)`` (fwjax's own).
+
+    Positive feature maps (ELU+1, DPFP, FAVOR+) put every key in the positive orthant, so any
+    two keys have a positive cosine and every delta-rule write to one key also partly removes
+    what is stored under all the others. Removing the common (mean) component before the unit-norm
+    projection keeps the exact single-step overwrite of L2 keys (``β = 1`` replaces the value
+    stored under ``k``) while making unrelated keys closer to orthogonal. Invariant to a positive
+    scale and to a shift of ``x``; computed in at least float32, returned in the input dtype.
+    """
+    dtype = jnp.promote_types(x.dtype, jnp.float32)
+    xf = x.astype(dtype)
+    c = xf - jnp.mean(xf, axis=-1, keepdims=True)
+    return (c * jax.lax.rsqrt(jnp.sum(c * c, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
 class FeatureMapKind(enum.Enum):
     """Which feature map φ a :class:`FeatureMap` applies."""
 

@@ -39,6 +39,10 @@ def _expected(q, k, v, beta, fm, norm, rule, projection, scale, eps):
     if norm is Normalization.L2:
         fq = fq / np.sqrt((fq**2).sum(-1, keepdims=True) + 1e-6)
         fk = fk / np.sqrt((fk**2).sum(-1, keepdims=True) + 1e-6)
+    if norm is Normalization.CENTERED_L2:
+        fq, fk = (x - x.mean(-1, keepdims=True) for x in (fq, fk))
+        fq = fq / np.sqrt((fq**2).sum(-1, keepdims=True) + 1e-6)
+        fk = fk / np.sqrt((fk**2).sum(-1, keepdims=True) + 1e-6)
     kdim = fq.shape[-1]
     s0 = np.zeros((B, H, kdim, V))
     if norm.uses_normalizer:

@@ -145,6 +145,21 @@ def test_l2_norm():
     np.testing.assert_allclose(np.asarray(y, np.float32), [[0.6, 0.8]], rtol=1e-2)
 
 
+def test_centered_l2_norm():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.uniform(0.0, 2.0, size=(5, 7)), jnp.float32)
+    y = feature_maps.centered_l2_norm(x)
+    np.testing.assert_allclose(jnp.mean(y, -1), 0.0, atol=1e-6)
+    np.testing.assert_allclose(jnp.linalg.norm(y, axis=-1), 1.0, rtol=1e-5)
+    # invariant to a positive scale and a shift; the positive orthant's common direction is gone
+    np.testing.assert_allclose(feature_maps.centered_l2_norm(3.0 * x + 1.5), y, atol=1e-5)
+    cos_raw = feature_maps.l2_norm(x) @ feature_maps.l2_norm(x).T
+    assert float(jnp.min(cos_raw)) > 0.5 and float(jnp.min(y @ y.T)) < 0.0
+    g = jax.grad(lambda x: jnp.sum(feature_maps.centered_l2_norm(x)[:, 0]))(x)
+    assert jnp.all(jnp.isfinite(g))
+    assert feature_maps.centered_l2_norm(x.astype(jnp.bfloat16)).dtype == jnp.bfloat16
+
+
 def test_feature_map_config_validation_and_dims():
     assert FeatureMap(FeatureMapKind.DPFP, nu=3).output_dim(64) == 384
     assert FeatureMap(FeatureMapKind.FAVOR_PLUS, num_features=16).output_dim(64) == 32
