@@ -29,6 +29,10 @@ Variants (all: post-LN Transformer blocks, ReLU feed-forward, dropout 0.1):
 * ``delta_dpfp2``: DPFP-2, sum normalisation, delta rule.
 * ``delta_favor``: FAVOR+ (m = 16), sum normalisation, delta rule.
 
+and, for the normalisation study (``experiments/normalisation.py``), the ``delta`` variant with
+attention (``delta_attention``), L2 (``delta_l2``) or centred L2 (``delta_centered_l2``)
+normalisation; ``run`` trains the paper's six unless ``--variants`` names others.
+
 In the Tiny Shakespeare reproduction the fast weight variants are trained with their memory
 carried across the segments of each stream (``carry_state``) and no positional encoding; the
 WikiText-103 configs follow the paper (independent segments, positions everywhere).
@@ -95,7 +99,23 @@ VARIANTS: dict[str, tuple[str, dict | None]] = {
             favor_redraw="per_step",
         ),
     ),
+    # The normalisation study (experiments/normalisation.py; beyond the paper): the delta
+    # network above with its key/query normalisation swapped.
+    "delta_attention": (
+        "Normalisation study: ELU+1, delta rule, attention normalisation",
+        dict(feature_map='{ kind = "elu_p1" }', update_rule="delta", normalization="attention"),
+    ),
+    "delta_l2": (
+        "Normalisation study: ELU+1, delta rule, L2 normalisation (DeltaNet, 2024)",
+        dict(feature_map='{ kind = "elu_p1" }', update_rule="delta", normalization="l2"),
+    ),
+    "delta_centered_l2": (
+        "Normalisation study: ELU+1, delta rule, centred L2 normalisation (fwjax's own)",
+        dict(feature_map='{ kind = "elu_p1" }', update_rule="delta", normalization="centered_l2"),
+    ),
 }
+# The paper's six variants (the reproduction; the others are the normalisation study's).
+PAPER_VARIANTS = ("softmax", "linear", "performer", "delta", "delta_dpfp2", "delta_favor")
 
 # The paper's WikiText-103 settings (Sec. 6.2 / App. B.2).
 WT103 = {
@@ -233,13 +253,14 @@ def wt103_config(size: str, variant: str) -> str:
 
 
 def write_configs() -> list[Path]:
-    """Writes every Tiny Shakespeare and WikiText-103 config; returns their paths."""
+    """Writes every Tiny Shakespeare config and the paper variants' WikiText-103 configs;
+    returns their paths."""
     paths = []
     for variant in VARIANTS:
         path = CONFIGS / f"tinyshakespeare_{variant}.toml"
         path.write_text(tinyshakespeare_config(variant))
         paths.append(path)
-        for size in WT103:
+        for size in WT103 if variant in PAPER_VARIANTS else ():
             path = CONFIGS / f"wt103_{size}_{variant}.toml"
             path.write_text(wt103_config(size, variant))
             paths.append(path)
@@ -456,11 +477,11 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("configs", help="write the TOML configs")
     p = sub.add_parser("time", help="seconds per training step of each variant")
     p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default=",".join(PAPER_VARIANTS))
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p = sub.add_parser("run", help="train and evaluate the variants (resumable)")
     p.add_argument("--steps", type=int, default=TS_STEPS)
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default=",".join(PAPER_VARIANTS))
     p.add_argument("--runs", default="runs/lm_ts")
     p.add_argument("--ckpt-every", type=int, default=100)
     p.add_argument("--results", default=str(RESULTS), help="results folder (tests: a tmp dir)")
