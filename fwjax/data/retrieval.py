@@ -41,12 +41,16 @@ class RetrievalTask:
       train_queries: queries per training sequence (1 in the paper).
       eval_max_queries: an evaluation sequence is queried at every unique key it contains, at
         most this many (200 in the paper).
+      sequence_length: ``L`` in setting 2 (None: the paper's ``2N``); longer sequences hold
+        more overwrites of the same ``N`` keys (used to probe the memory over many steps).
+        Setting 1 writes every key once, so there it must be None or ``N``.
     """
 
     setting: RetrievalSetting
     num_keys: int
     train_queries: int = 1
     eval_max_queries: int = 200
+    sequence_length: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "setting", RetrievalSetting(self.setting))
@@ -56,6 +60,15 @@ class RetrievalTask:
                 raise ValueError(f"{name}={value!r} must be a positive int")
         if self.train_queries > self.num_keys:
             raise ValueError(f"{self.train_queries=} must be at most {self.num_keys=}")
+        length = self.sequence_length
+        if length is not None:
+            if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+                raise ValueError(f"sequence_length={length!r} must be a positive int or None")
+            if self.setting is RetrievalSetting.CAPACITY and length != self.num_keys:
+                raise ValueError(
+                    f"setting 1 writes every key once: {self.sequence_length=} must be None or "
+                    f"{self.num_keys=}"
+                )
 
     @property
     def num_values(self) -> int:
@@ -63,8 +76,10 @@ class RetrievalTask:
 
     @property
     def length(self) -> int:
-        """Sequence length ``L``: ``N`` in setting 1, ``2N`` in setting 2."""
-        return self.num_keys if self.setting is RetrievalSetting.CAPACITY else 2 * self.num_keys
+        """``L``: ``N`` in setting 1, ``2N`` (or ``sequence_length``) in setting 2."""
+        if self.setting is RetrievalSetting.CAPACITY:
+            return self.num_keys
+        return 2 * self.num_keys if self.sequence_length is None else self.sequence_length
 
     def _sequences(self, rng: np.random.Generator, batch_size: int):
         n, length = self.num_keys, self.length

@@ -178,6 +178,7 @@ class RetrievalResult:
       stop_reason: a :class:`StopReason`.
       seconds: wall-clock time of the whole run (compilation included).
       history: ``((step, eval_loss), ...)`` of every evaluation.
+      model: the trained :class:`RetrievalModel` (final parameters), for further analysis.
     """
 
     final_eval_loss: float
@@ -186,6 +187,7 @@ class RetrievalResult:
     stop_reason: StopReason
     seconds: float
     history: tuple[tuple[int, float], ...]
+    model: RetrievalModel | None = dataclasses.field(default=None, repr=False, compare=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,6 +252,37 @@ def _scatter_values(s, values, num_values):
     return jax.vmap(one)(s, values)
 
 
+def _fast_weight_features(model: RetrievalModel, x, *, key: bool) -> jax.Array:
+    """φ̂(x): φ, then the key/query normalisation, exactly as ``fast_weight_attention`` (FAVOR+
+    keys stabilised where the factor cancels, queries whenever any normalisation is on)."""
+    fw = model.config.fast_weight
+    fm, norm = fw.feature_map, fw.normalization
+    projection = None if model.projection is None else model.projection[...]
+    stabilize = norm.cancels_key_scale if key else norm is not Normalization.NONE
+    return norm.normalize_features(fm(x, projection, stabilize=stabilize)).astype(jnp.float32)
+
+
+def memory_writes(model: RetrievalModel, keys, values, queries):
+    """What a fast weight :class:`RetrievalModel` writes and reads, for analysis.
+
+    Args:
+      model: a fast weight (not softmax) :class:`RetrievalModel`.
+      keys, values: ``[B, L]`` int token ids of the writes.
+      queries: ``[B, Q]`` int key ids.
+
+    Returns:
+      ``(k̂ [B, L, K], β [B, L] or None (sum rule), q̂ [B, Q, K])``, float32: the memory keys
+      and query features after φ and the normalisation, and the write strengths.
+    """
+    if model.config.attention is AttentionKind.SOFTMAX:
+        raise ValueError("memory_writes needs a fast weight model, not softmax attention")
+    k, beta_logit = _token_projections(model, keys, values)
+    fk = _fast_weight_features(model, k, key=True)
+    fq = _fast_weight_features(model, model.query_proj(model.embed(queries)), key=False)
+    delta = model.config.fast_weight.update_rule is UpdateRule.DELTA
+    return fk, (jax.nn.sigmoid(beta_logit) if delta else None), fq
+
+
 def direct_predictions(model: RetrievalModel, keys, values, queries) -> jax.Array:
     """``RetrievalModel``'s predictions from a closed form at the queries (no ``[K, V]`` memory).
 
@@ -286,14 +319,9 @@ def direct_predictions(model: RetrievalModel, keys, values, queries) -> jax.Arra
         logits = jnp.einsum("bqd,bld->bql", q, k) / math.sqrt(cfg.d_key)
         return _scatter_values(jax.nn.softmax(logits, axis=-1), values, cfg.num_values)
     fw = cfg.fast_weight
-    fm, norm = fw.feature_map, fw.normalization
-    projection = None if model.projection is None else model.projection[...]
-    # φ̂ exactly as fast_weight_attention: FAVOR+ keys stabilised where the factor cancels,
-    # queries whenever any normalisation is on.
-    fk = norm.normalize_features(fm(k, projection, stabilize=norm.cancels_key_scale))
-    stabilize_q = norm is not Normalization.NONE
-    fq = norm.normalize_features(fm(q, projection, stabilize=stabilize_q))
-    fk, fq = fk.astype(jnp.float32), fq.astype(jnp.float32)
+    norm = fw.normalization
+    fk = _fast_weight_features(model, k, key=True)
+    fq = _fast_weight_features(model, q, key=False)
     z_last = None
     if norm.uses_normalizer:
         z_incl = jnp.cumsum(fk, axis=1)
@@ -458,4 +486,5 @@ def train_retrieval(
         stop_reason=reason,
         seconds=time.perf_counter() - start,
         history=tuple(history),
+        model=nnx.merge(graphdef, params, rest),
     )
