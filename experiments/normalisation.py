@@ -252,12 +252,8 @@ def lm_point(run_name: str, runs: Path) -> dict:
         for _, layer in nnx.iter_graph(model):
             if isinstance(layer, FastWeightAttention):
                 layer.config = dataclasses.replace(layer.config, diagnostics=True)
-        (logits, new_state), sown = nnx.capture(lambda m: m(inputs, state), nnx.Intermediate)(
-            model
-        )
-        nll = jnp.sum(
-            jax.nn.log_softmax(logits.astype(jnp.float32))[0, jnp.arange(t), targets[0]]
-        )
+        (logits, new_state), sown = nnx.capture(lambda m: m(inputs, state), nnx.Intermediate)(model)
+        nll = jnp.sum(jax.nn.log_softmax(logits.astype(jnp.float32))[0, jnp.arange(t), targets[0]])
         return -nll, new_state, sown.to_pure_dict()
 
     state = run.model().init_state(1)
