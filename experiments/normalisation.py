@@ -229,9 +229,10 @@ def synthetic_point(label: str, n: int, max_steps: int, seed: int = 0) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def lm_point(run_name: str, runs: Path) -> dict:
-    """Carried-memory pass of a trained Tiny Shakespeare model over its whole validation text,
-    one stream, with per-segment loss and per-layer memory diagnostics."""
+def lm_point(run_name: str, runs: Path, max_segments: int | None = None) -> dict:
+    """Carried-memory pass of a trained Tiny Shakespeare model over its whole validation text
+    (or its first ``max_segments`` segments), one stream, with per-segment loss and per-layer
+    memory diagnostics."""
     from flax import nnx
 
     from fwjax.cli import _restored_run
@@ -244,6 +245,8 @@ def lm_point(run_name: str, runs: Path) -> dict:
     t = task.config.segment_len
     tokens = np.asarray(task.valid_tokens)
     n_seg = (len(tokens) - 1) // t
+    if max_segments is not None:
+        n_seg = min(n_seg, max_segments)
     model_def = run.model_def
 
     @jax.jit
