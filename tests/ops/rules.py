@@ -33,8 +33,8 @@ class Rule:
 
     @property
     def impls(self):
-        """The Impls this rule has (the gated rule has no PALLAS kernel)."""
-        return tuple(i for i in IMPLS if not (self.has_alpha and i is Impl.PALLAS))
+        """The Impls this rule has (all of them)."""
+        return IMPLS
 
     def __call__(self, inputs, impl, chunk_size=None, pallas=None, **overrides):
         """Runs the rule; ``pallas``: :class:`fwjax.ops.pallas.PallasOptions` of PALLAS."""
@@ -50,6 +50,7 @@ class Rule:
                 kw["scale"],
                 impl=impl,
                 chunk_size=chunk_size,
+                pallas=pallas,
             )
         if self.has_beta:
             return delta_rule(

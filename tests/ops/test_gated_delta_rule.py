@@ -67,8 +67,6 @@ def test_gates_are_validated():
     inputs = make_inputs(CASE, jnp.float32)
     with pytest.raises(ValueError, match=r"alpha must have shape \[B, T, H\]"):
         gated_delta_rule(*(inputs[n] for n in ("q", "k", "v", "beta")), inputs["alpha"][:, :3])
-    with pytest.raises(NotImplementedError, match="PALLAS"):
-        GATED(inputs, Impl.PALLAS, 8)
 
 
 def test_gradients_flow_to_the_gates():

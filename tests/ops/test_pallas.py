@@ -23,10 +23,12 @@ from fwjax.ops.pallas import (
     resolve_interpret,
     triton_tiling,
 )
-from tests.ops.rules import CASES, DELTA, RULES, Case, make_inputs
+from tests.ops.rules import CASES, DELTA, GATED, RULES, Case, make_inputs
 from tests.tolerances import assert_close
 
 RULE_IDS = {"ids": lambda r: r.name}
+# The compiled tests also run the gated rule's kernel (its backward is XLA's for either option).
+KERNEL_RULES = (*RULES, GATED)
 # Two chunks of 16, T not divisible by the chunk, odd K and V (padded for Triton), B, H > 1.
 SMALL = CASES[1]
 
@@ -130,7 +132,7 @@ def _compiled(rule, case, dtype, backward):
 @pytest.mark.parametrize("backward", list(PallasBackward), ids=lambda b: b.value)
 @pytest.mark.parametrize("dtype", (jnp.float32, jnp.bfloat16), ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("case", GPU_CASES, ids=str)
-@pytest.mark.parametrize("rule", RULES, **RULE_IDS)
+@pytest.mark.parametrize("rule", KERNEL_RULES, **RULE_IDS)
 def test_compiled_gpu(rule, case, dtype, backward):
     if jax.default_backend() != "gpu":
         pytest.skip("needs a GPU default backend (JAX_PLATFORMS=cuda)")
@@ -139,7 +141,7 @@ def test_compiled_gpu(rule, case, dtype, backward):
 
 @pytest.mark.tpu
 @pytest.mark.parametrize("dtype", (jnp.float32, jnp.bfloat16), ids=lambda d: jnp.dtype(d).name)
-@pytest.mark.parametrize("rule", RULES, **RULE_IDS)
+@pytest.mark.parametrize("rule", KERNEL_RULES, **RULE_IDS)
 def test_compiled_tpu(rule, dtype):
     if jax.default_backend() != "tpu":
         pytest.skip("needs a TPU default backend")

@@ -8,12 +8,14 @@ import jax
 import jax.numpy as jnp
 
 from fwjax.ops.gated_delta_rule.chunked import gated_delta_rule_chunked
+from fwjax.ops.gated_delta_rule.pallas import gated_delta_rule_pallas
 from fwjax.ops.gated_delta_rule.recurrent import (
     gated_delta_rule_recurrent,
     gated_delta_rule_step,
 )
 from fwjax.ops.gated_delta_rule.reference import gated_delta_rule_reference
 from fwjax.ops.impl import Impl, prepare_inputs, resolve_chunk_size, resolve_impl
+from fwjax.ops.pallas import PallasOptions
 
 _IMPLS = {
     Impl.REFERENCE: gated_delta_rule_reference,
@@ -22,9 +24,18 @@ _IMPLS = {
 }
 
 
-@functools.partial(jax.jit, static_argnames=("impl", "chunk_size"))
+@functools.partial(jax.jit, static_argnames=("impl", "chunk_size", "pallas"))
 def gated_delta_rule(
-    q, k, v, beta, alpha, initial_state=None, scale=1.0, impl: Impl = Impl.AUTO, chunk_size=None
+    q,
+    k,
+    v,
+    beta,
+    alpha,
+    initial_state=None,
+    scale=1.0,
+    impl: Impl = Impl.AUTO,
+    chunk_size=None,
+    pallas: PallasOptions | None = None,
 ):
     """The gated delta rule: the delta rule whose memory decays by a gate ``α_t`` each step.
 
@@ -45,9 +56,14 @@ def gated_delta_rule(
         form works with ``log α``, so ``α = 0`` is not allowed there.
       initial_state: ``S_0``, ``[B, H, K, V]``; zeros when None.
       scale: output scale.
-      impl: an :class:`Impl`: REFERENCE, RECURRENT (block-rematerialised scan) or CHUNKED (any
-        ``T``); AUTO picks the backend's default. PALLAS is not available for the gated rule.
-      chunk_size: the chunk length of CHUNKED and the rematerialisation block of RECURRENT.
+      impl: an :class:`Impl`: REFERENCE, RECURRENT (block-rematerialised scan), CHUNKED (any
+        ``T``) or PALLAS (the delta rule's chunk-scan kernel with the chunk decay; its backward
+        pass is CHUNKED's VJP in XLA); AUTO picks the backend's default.
+      chunk_size: the chunk length of CHUNKED / PALLAS and the rematerialisation block of
+        RECURRENT.
+      pallas: :class:`fwjax.ops.pallas.PallasOptions` of ``Impl.PALLAS`` (backend, interpret
+        mode, precision, value tile; ``backward`` does not apply); None: the defaults. On a CPU
+        backend PALLAS always runs in interpret mode.
 
     Returns:
       ``(out, state)``: ``out [B, T, H, V]`` in the inputs' promoted dtype and ``S_T``
@@ -62,9 +78,10 @@ def gated_delta_rule(
     impl = resolve_impl(impl)
     chunk_size = resolve_chunk_size(chunk_size)
     if impl is Impl.PALLAS:
-        raise NotImplementedError(
-            "Impl.PALLAS is not implemented for gated_delta_rule; use CHUNKED or RECURRENT"
+        out, state = gated_delta_rule_pallas(
+            p.q, p.k, p.v, p.beta, alpha, p.initial_state, scale, chunk_size, pallas, p.out_dtype
         )
+        return out.astype(p.out_dtype), state
     out, state = _IMPLS[impl](p.q, p.k, p.v, p.beta, alpha, p.initial_state, scale, chunk_size)
     return out.astype(p.out_dtype), state
 

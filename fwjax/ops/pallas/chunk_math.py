@@ -12,6 +12,11 @@ Delta rule (phase-1 terms ``W = T K``, ``U = T V``, ``P = Q Kᵀ ⊙ M`` from XL
     backward:  Ũ̄ = Pᵀ Ō + K G,   P̄ = (Ō Ũᵀ) ⊙ M,   Q̄ = Ō Sᵀ,   K̄ = Ũ Gᵀ,   W̄ = −Ũ̄ Sᵀ,
                G ← G + Qᵀ Ō − Wᵀ Ũ̄
 
+Gated delta rule (phase-1 terms with the decays folded in, see
+:mod:`fwjax.ops.gated_delta_rule.pallas`; ``Γ_C`` the chunk's total decay)::
+
+    forward:   Ũ = U − W S,   O = Q' S + P Ũ,   S ← Γ_C S + K'ᵀ Ũ
+
 Sum rule (``P = Q Kᵀ ⊙ M`` computed in the kernel)::
 
     forward:   O = Q S + P V,   S ← S + Kᵀ V
@@ -51,6 +56,17 @@ def delta_forward(q, k, w, u, p, s, md, sd):
     u_tilde = u.astype(sd) - _dot(w, s, _NN, md, sd)  # Ũ = U − W S
     o = _dot(q, s, _NN, md, sd) + _dot(p, u_tilde, _NN, md, sd)  # O = Q S + P Ũ
     return o, s + _dot(k, u_tilde, _TN, md, sd)  # S ← S + Kᵀ Ũ
+
+
+def gated_delta_forward(q, k, w, u, p, decay, s, md, sd):
+    """One gated-delta-rule chunk: ``(O [C, tv], S_new [K, tv])`` in ``sd``. ``decay [C, K]``
+    holds the chunk's total decay of each state row (``Γ_C`` everywhere for the scalar gate),
+    repeated over the chunk's rows; its column maximum is taken (a reduction every backend
+    lowers, where a row slice is not)."""
+    u_tilde = u.astype(sd) - _dot(w, s, _NN, md, sd)  # Ũ = U − W S
+    o = _dot(q, s, _NN, md, sd) + _dot(p, u_tilde, _NN, md, sd)  # O = Q' S + P Ũ
+    gamma = jnp.max(decay.astype(sd), axis=0)[:, None]  # [K, 1]
+    return o, gamma * s + _dot(k, u_tilde, _TN, md, sd)  # S ← Γ_C S + K'ᵀ Ũ
 
 
 def delta_backward(q, k, w, u, p, s, do, g, md, sd):
