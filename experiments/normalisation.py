@@ -35,7 +35,8 @@ times as often as in training). Per write ``t`` of a key seen before with anothe
 * the task loss at each length, read from the final memory at every unique key.
 
 ``lm``: the Tiny Shakespeare models of :mod:`experiments.lm` (``linear``, ``delta``,
-``delta_attention``, ``delta_l2``, ``delta_centered_l2``; trained with carried memory) run over
+``delta_dpfp2``, ``delta_attention``, ``delta_l2``, ``delta_centered_l2``; trained with
+carried memory) run over
 the whole validation text as ONE stream with the memory carried across all ~435 segments;
 per segment: bits per character and, per layer (mean over heads), ``‖S‖_F`` at its end,
 the mean retrieval cosine ``cos(v̄_t, v_t)``, retrieval error ``‖v_t − v̄_t‖`` and β
@@ -89,6 +90,7 @@ LM_RUNS = {
     "linear": "sum_attention",
     "delta_attention": "delta_attention",
     "delta": "delta_sum",
+    "delta_dpfp2": "delta_sum",  # DPFP-2 instead of ELU+1 (the paper's variant)
     "delta_l2": "delta_l2",
     "delta_centered_l2": "delta_centered_l2",
 }
@@ -321,7 +323,7 @@ def report() -> None:
     """Rewrites ``normalisation.md`` and ``normalisation.png`` from the finished units."""
     order = {label: i for i, label in enumerate(CONFIGS)}
     syn = sorted(_records("synthetic"), key=lambda r: (r["n_keys"], order[r["config"]]))
-    lms = sorted(_records("lm"), key=lambda r: order[r["config"]])
+    lms = sorted(_records("lm"), key=lambda r: (order[r["config"]], r["run"]))
     lines = []
     if syn:
         lines += [
@@ -410,7 +412,8 @@ def _plot(syn: list[dict], lms: list[dict]) -> None:
     for r in lms:
         norm = [np.mean([x["state_norm_final"] for x in s["layers"]]) for s in r["per_segment"]]
         x = np.arange(1, len(norm) + 1) * r["segment_len"]
-        axes[2].plot(x, norm, color=colors[r["config"]], label=f"{r['run']} ({r['config']})")
+        style = ":" if r["run"] == "delta_dpfp2" else "-"
+        axes[2].plot(x, norm, style, color=colors[r["config"]], label=f"{r['run']} ({r['config']})")
     axes[2].set(
         title="Tiny Shakespeare, carried memory: ‖S‖_F (layer/head mean)",
         xlabel="characters read",
