@@ -38,7 +38,8 @@ times as often as in training). Per write ``t`` of a key seen before with anothe
 ``delta_dpfp2``, ``delta_attention``, ``delta_l2``, ``delta_centered_l2``; trained with
 carried memory) run over
 the whole validation text as ONE stream with the memory carried across all ~435 segments;
-per segment: bits per character and, per layer (mean over heads), ``‖S‖_F`` at its end,
+per segment: bits per character with the carried memory and from an empty one (the same
+segment alone) and, per layer (mean over heads), ``‖S‖_F`` at its end,
 the mean retrieval cosine ``cos(v̄_t, v_t)``, retrieval error ``‖v_t − v̄_t‖`` and β
 (:mod:`fwjax.diagnostics`).
 
@@ -261,16 +262,25 @@ def lm_point(run_name: str, runs: Path, max_segments: int | None = None) -> dict
         nll = jnp.sum(jax.nn.log_softmax(logits.astype(jnp.float32))[0, jnp.arange(t), targets[0]])
         return -nll, new_state, sown.to_pure_dict()
 
-    state = run.model().init_state(1)
+    empty = run.model().init_state(1)
+    state = empty
     per_segment = []
     start = time.perf_counter()
+    bits = t * math.log(2)
     for i in range(n_seg):
         seg = tokens[i * t : i * t + t + 1]
         inputs = jnp.asarray(seg[None, :-1], jnp.int32)
         targets = jnp.asarray(seg[None, 1:], jnp.int32)
         nll, state, sown = score(run.state.params, run.state.rest, inputs, targets, state)
-        layers = _layer_stats(sown)
-        per_segment.append(dict(bpc=float(nll) / t / math.log(2), layers=layers))
+        # The same segment from an empty memory: what carrying the memory changes here.
+        nll_reset, _, _ = score(run.state.params, run.state.rest, inputs, targets, empty)
+        per_segment.append(
+            dict(
+                bpc=float(nll) / bits,
+                bpc_reset=float(nll_reset) / bits,
+                layers=_layer_stats(sown),
+            )
+        )
     return dict(
         kind="lm",
         run=run_name,
@@ -278,6 +288,7 @@ def lm_point(run_name: str, runs: Path, max_segments: int | None = None) -> dict
         segment_len=t,
         segments=n_seg,
         carried_bpc=float(np.mean([s["bpc"] for s in per_segment])),
+        reset_bpc=float(np.mean([s["bpc_reset"] for s in per_segment])),
         seconds=round(time.perf_counter() - start, 1),
         per_segment=per_segment,
     )
@@ -352,9 +363,9 @@ def report() -> None:
             "bits per character and, averaged over layers and heads, ‖S‖_F at the end of the "
             "first / last segment, the retrieval cosine cos(v̄_t, v_t) and error ‖v_t − v̄_t‖.",
             "",
-            "| run | config | carried bpc | bpc first 10% / last 10% of segments | "
-            "‖S‖ first / last | max ‖S‖ | retrieval cos | retrieval error |",
-            "|---|---|---:|---:|---:|---:|---:|---:|",
+            "| run | config | carried bpc | reset bpc | carried − reset, first 10% / last 10% "
+            "of segments | ‖S‖ first / last | max ‖S‖ | retrieval cos | retrieval error |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in lms:
             seg = r["per_segment"]
@@ -362,12 +373,12 @@ def report() -> None:
             norm = [np.mean([x["state_norm_final"] for x in s["layers"]]) for s in seg]
             cos = np.mean([np.mean([x["retrieval_cosine"] for x in s["layers"]]) for s in seg])
             err = np.mean([np.mean([x["retrieval_error"] for x in s["layers"]]) for s in seg])
-            head = np.mean([s["bpc"] for s in seg[:tenth]])
-            tail = np.mean([s["bpc"] for s in seg[-tenth:]])
+            gain = [s["bpc"] - s["bpc_reset"] for s in seg]
+            head, tail = np.mean(gain[:tenth]), np.mean(gain[-tenth:])
             lines.append(
-                f"| {r['run']} | {r['config']} | {r['carried_bpc']:.4f} | {head:.3f} / "
-                f"{tail:.3f} | {norm[0]:.2f} / {norm[-1]:.2f} | {max(norm):.2f} | {cos:.3f} | "
-                f"{err:.3f} |"
+                f"| {r['run']} | {r['config']} | {r['carried_bpc']:.4f} | "
+                f"{r['reset_bpc']:.4f} | {head:+.3f} / {tail:+.3f} | {norm[0]:.4g} / "
+                f"{norm[-1]:.4g} | {max(norm):.4g} | {cos:.3f} | {err:.3f} |"
             )
     if not lines:
         return
@@ -382,7 +393,7 @@ def _plot(syn: list[dict], lms: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     colors = dict(zip(CONFIGS, plt.get_cmap("tab10").colors, strict=False))
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.3))
+    fig, axes = plt.subplots(1, 4, figsize=(21, 4.3))
     ns = sorted({r["n_keys"] for r in syn})
     if ns:
         n = ns[-1]
@@ -414,6 +425,16 @@ def _plot(syn: list[dict], lms: list[dict]) -> None:
         x = np.arange(1, len(norm) + 1) * r["segment_len"]
         style = ":" if r["run"] == "delta_dpfp2" else "-"
         axes[2].plot(x, norm, style, color=colors[r["config"]], label=f"{r['run']} ({r['config']})")
+        gain = np.asarray([s["bpc"] - s["bpc_reset"] for s in r["per_segment"]])
+        window = min(20, len(gain))
+        smooth = np.convolve(gain, np.ones(window) / window, mode="valid")
+        axes[3].plot(x[window - 1 :], smooth, style, color=colors[r["config"]], label=r["run"])
+    axes[3].axhline(0.0, color="k", lw=0.8)
+    axes[3].set(
+        title="carried − reset memory, bits/char (20-segment mean)",
+        xlabel="characters read",
+        ylabel="Δ bpc (< 0: the carried memory helps)",
+    )
     axes[2].set(
         title="Tiny Shakespeare, carried memory: ‖S‖_F (layer/head mean)",
         xlabel="characters read",
