@@ -76,8 +76,10 @@ def test_gradients_flow_to_the_gates():
         out, state = GATED(inputs, impl, CASE.chunk, alpha=alpha)
         return jnp.sum(out**2) + jnp.sum(state**2)
 
-    grads = {impl: jax.grad(loss)(inputs["alpha"], impl) for impl in FORMS}
+    # PALLAS: its gate gradient is in the parity suite's VJP (it differentiates CHUNKED).
+    forms = [impl for impl in FORMS if impl is not Impl.PALLAS]
+    grads = {impl: jax.grad(loss)(inputs["alpha"], impl) for impl in forms}
     assert float(jnp.abs(grads[Impl.REFERENCE]).max()) > 0
-    for impl in FORMS:
+    for impl in forms:
         assert_close(grads[impl], grads[Impl.REFERENCE], err_msg=impl.value)
     np.testing.assert_equal(np.isfinite(np.asarray(grads[Impl.CHUNKED])).all(), True)
