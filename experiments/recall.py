@@ -324,6 +324,9 @@ def write_plot(records: list[dict], path: Path) -> None:
                 if hop2:
                     ax.plot(*zip(*hop2, strict=True), ":", marker="x", ms=4, color=colors[v])
         ax.set_xscale("log", base=2)
+        lengths = sorted({r["length"] for r in subset})
+        ax.set_xticks(lengths, [str(t) for t in lengths])
+        ax.minorticks_off()
         ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel("sequence length T")
         ax.set_ylabel("answer accuracy")
