@@ -13,7 +13,11 @@ CASE = Case(b=2, t=29, h=2, k=6, v=4, chunk=8)
 FORMS = GATED.impls
 
 
-@pytest.mark.parametrize("impl", FORMS, ids=lambda i: i.value)
+@pytest.mark.parametrize(
+    "impl",
+    [pytest.param(i, marks=pytest.mark.slow) if i is Impl.PALLAS else i for i in FORMS],
+    ids=lambda i: i.value,
+)
 def test_split_and_carry_equals_whole_sequence(impl):
     inputs = make_inputs(CASE, jnp.float32)
     cut = lambda a, b: {
