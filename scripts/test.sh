@@ -5,5 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh dev,notebooks,data
 .venv/bin/python -m ruff check .
-.venv/bin/python -m pytest -n 2 -m "not slow and not gpu and not tpu" "$@"
+.venv/bin/python -m pytest -n 2 --dist worksteal --durations=20 -m "not slow and not gpu and not tpu" "$@"
 FWJAX_NOTEBOOK_FAST=1 .venv/bin/python -m pytest -p no:cacheprovider --nbmake notebooks/*.ipynb

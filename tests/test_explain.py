@@ -119,6 +119,7 @@ def test_feature_kernel():
         explain.feature_kernel(fm, x, y, normalization=Normalization.ATTENTION)
 
 
+@pytest.mark.slow  # also exercised by notebook 02 in CI's notebook run
 def test_capacity_sweep_one_point():
     points = []
     protocol = RetrievalProtocol(eval_every=5, max_steps=5, eval_sequences=2, batch_size=4)
@@ -137,6 +138,7 @@ def _tiny_lm():
     return TransformerLM(cfg, rngs=nnx.Rngs(0))
 
 
+@pytest.mark.slow  # also exercised by notebook 03 in CI's notebook run
 def test_per_position_loss_carry_vs_reset():
     model = _tiny_lm()
     tokens = np.random.default_rng(0).integers(0, 256, (2, 25))

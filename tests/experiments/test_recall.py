@@ -25,6 +25,7 @@ TINY = recall.Scale(
 )
 
 
+@pytest.mark.slow  # ~15 s of compiling; the generators and metrics keep default-suite tests
 def test_a_tiny_point_end_to_end_and_resume(tmp_path):
     points = [recall.Point("multihop", "delta", 1)]
     out_dir, results = tmp_path / "points", tmp_path

@@ -71,6 +71,8 @@ COMBINATIONS = [
     for rule in (UpdateRule.SUM, UpdateRule.DELTA)  # GATED_DELTA: test_gated_composition
     for impl in (Impl.CHUNKED, Impl.RECURRENT)
     if impl is Impl.CHUNKED or norm.uses_normalizer
+    # CENTERED_L2 differs from L2 only in the normalisation: one feature map suffices
+    if norm is not Normalization.CENTERED_L2 or fm.kind is FeatureMapKind.DPFP
 ]
 
 

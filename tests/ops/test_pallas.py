@@ -27,6 +27,8 @@ from tests.ops.rules import CASES, DELTA, GATED, RULES, Case, make_inputs
 from tests.tolerances import assert_close
 
 RULE_IDS = {"ids": lambda r: r.name}
+# The option tests run the delta rule by default; the sum rule's are slow (same kernel family).
+OPTION_RULES = [r if r is DELTA else pytest.param(r, marks=pytest.mark.slow) for r in RULES]
 # The compiled tests also run the gated rule's kernel (its backward is XLA's for either option).
 KERNEL_RULES = (*RULES, GATED)
 # Two chunks of 16, T not divisible by the chunk, odd K and V (padded for Triton), B, H > 1.
@@ -66,7 +68,7 @@ def _compare(rule, case, dtype, options, tol_dtype=None):
         assert_close(got[2][name], want[2][name], tol_dtype, err_msg=f"d{name}")
 
 
-@pytest.mark.parametrize("rule", RULES, **RULE_IDS)
+@pytest.mark.parametrize("rule", OPTION_RULES, **RULE_IDS)
 def test_tpu_kernels_in_interpret_mode(rule):
     _compare(rule, SMALL, jnp.float32, PallasOptions(backend=PallasBackend.MOSAIC_TPU))
 
@@ -76,7 +78,7 @@ def test_xla_backward_option(rule):
     _compare(rule, SMALL, jnp.float32, PallasOptions(backward=PallasBackward.XLA))
 
 
-@pytest.mark.parametrize("rule", RULES, **RULE_IDS)
+@pytest.mark.parametrize("rule", OPTION_RULES, **RULE_IDS)
 def test_value_tiles_sum_their_partial_gradients(rule):
     """V = 40 pads to 64 = 4 tiles of 16: dq, dk (and dW, dP) are summed over tiles."""
     case = Case(b=1, t=24, h=2, k=8, v=40, chunk=16)

@@ -222,6 +222,7 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_good_checkpoint(tmp_
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [4]
 
 
+@pytest.mark.slow  # the STOP policy test below keeps non-finite handling in the default suite
 def test_nonfinite_updates_are_skipped_when_configured(tmp_path, monkeypatch):
     _poison_batch(monkeypatch, {2, 3})
     overrides = [*TINY_RETRIEVAL, "steps=6", "nonfinite=skip", "checkpoint.every_steps=100"]
