@@ -32,21 +32,29 @@ def _mT(x):
     return jnp.swapaxes(x, -1, -2)
 
 
-@jax.checkpoint
-def _chunk(s, inputs):
-    """One chunk ``[B, H, C, .]`` with incoming state ``s [B, H, K, V]`` -> (S, O)."""
-    q, k, v, beta, log_alpha = inputs
+def gated_wy_terms(k, v, beta, log_alpha):
+    """The intra-chunk terms of chunks ``[..., C, .]``: ``(g, D, W, U)`` with ``g = log Γ``,
+    ``D_{tj} = Γ_t / Γ_j`` (``j ≤ t``, else 0), ``W = (I + A)⁻¹ diag(βΓ) K`` and
+    ``U = (I + A)⁻¹ diag(β) V`` (shared by the CHUNKED and PALLAS forms)."""
     c = k.shape[-2]
     g = jnp.cumsum(log_alpha, axis=-1)  # g_t = log Γ_t
     incl = causal_mask(c, include_diagonal=True)
     excl = causal_mask(c, include_diagonal=False)
     diff = jnp.where(incl, g[..., :, None] - g[..., None, :], 0.0)
     decay = jnp.where(incl, jnp.exp(diff), 0.0)  # D_{tj} = Γ_t / Γ_j (j ≤ t)
-    gamma = jnp.exp(g)
     a = jnp.where(excl, beta[..., :, None] * (k @ _mT(k)) * decay, 0.0)
     t_inv = unit_lower_triangular_inverse(a)  # (I + A)⁻¹
-    w = t_inv @ ((beta * gamma)[..., None] * k)  # W = (I + A)⁻¹ diag(βΓ) K
+    w = t_inv @ ((beta * jnp.exp(g))[..., None] * k)  # W = (I + A)⁻¹ diag(βΓ) K
     u = t_inv @ (beta[..., None] * v)  # U = (I + A)⁻¹ diag(β) V
+    return g, decay, w, u
+
+
+@jax.checkpoint
+def _chunk(s, inputs):
+    """One chunk ``[B, H, C, .]`` with incoming state ``s [B, H, K, V]`` -> (S, O)."""
+    q, k, v, beta, log_alpha = inputs
+    g, decay, w, u = gated_wy_terms(k, v, beta, log_alpha)
+    gamma = jnp.exp(g)
     u_tilde = u - w @ s  # Ũ = U − W S⁰
     o = (gamma[..., None] * q) @ s + ((q @ _mT(k)) * decay) @ u_tilde
     tail = jnp.exp(g[..., -1:] - g)  # Γ_C / Γ_j

@@ -22,9 +22,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from fwjax.ops.chunking import causal_mask
-from fwjax.ops.gated_delta_rule.chunked import _chunk
-from fwjax.ops.linalg import unit_lower_triangular_inverse
+from fwjax.ops.gated_delta_rule.chunked import _chunk, gated_wy_terms
 from fwjax.ops.pallas import (
     KernelConfig,
     flat,
@@ -44,18 +42,9 @@ def _mT(x):
 
 def _gated_terms(q, k, v, beta, log_alpha):
     """Phase 1 on the kernel layout ``[B, H, N, C, .]``: ``(Q', K', W, U, P, decay)``."""
-    c = k.shape[-2]
-    g = jnp.cumsum(log_alpha, axis=-1)  # g_t = log Γ_t within the chunk
-    incl = causal_mask(c, include_diagonal=True)
-    excl = causal_mask(c, include_diagonal=False)
-    decay = jnp.where(incl, jnp.exp(jnp.where(incl, g[..., :, None] - g[..., None, :], 0.0)), 0)
-    gamma = jnp.exp(g)
-    a = jnp.where(excl, beta[..., :, None] * (k @ _mT(k)) * decay, 0.0)
-    t_inv = unit_lower_triangular_inverse(a)  # (I + A)⁻¹
-    w = t_inv @ ((beta * gamma)[..., None] * k)
-    u = t_inv @ (beta[..., None] * v)
+    g, decay, w, u = gated_wy_terms(k, v, beta, log_alpha)
     p = (q @ _mT(k)) * decay
-    q_dec = gamma[..., None] * q
+    q_dec = jnp.exp(g)[..., None] * q
     k_dec = jnp.exp(g[..., -1:] - g)[..., None] * k  # Γ_C / Γ_j ≤ 1
     chunk_decay = jnp.broadcast_to(jnp.exp(g[..., -1])[..., None, None], k.shape)
     return q_dec, k_dec, w, u, p, chunk_decay
