@@ -1,7 +1,12 @@
-"""The synthetic retrieval experiments' training gradient on XLA:CPU (one core): the memory keys
-``W_k x_t`` from two row gathers of projected tables (what ``fwjax.train.retrieval`` does) vs the
-per-position product ``embed(k_t) @ W_e`` (what it did before), side by side in one process,
-alternating, with the largest gradient difference between the two.
+"""The synthetic retrieval experiments' training gradient on XLA:CPU (one core), each of two
+changes of ``fwjax.train.retrieval`` against the form it replaced, side by side in one process,
+alternating, with the largest gradient difference between the two forms:
+
+* ``projections``: memory keys ``W_v[v_t] + (E W_e)[k_t]`` from two row gathers of projected
+  tables vs the per-position product ``W_v[v_t] + embed(k_t) @ W_e``;
+* ``delta readout``: the delta rule's read weights by back substitution with one ``K``-vector
+  per query (``_delta_read_weights``) vs forming ``A = tril(diag(β) K̂K̂ᵀ, −1)`` and the blocked
+  solve ``fwjax.ops.linalg.solve_unit_lower``.
 
     XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \\
         taskset -c 0 python -m benchmarks.retrieval_step [--repeats 10]
@@ -22,6 +27,7 @@ from flax import nnx
 from experiments.synthetic import GridPoint
 from fwjax.data.retrieval import retrieval_loss
 from fwjax.nn.retrieval import RetrievalModel
+from fwjax.ops.linalg import solve_unit_lower
 from fwjax.train import retrieval
 
 POINTS = (
@@ -31,6 +37,7 @@ POINTS = (
     (1, "dpfp3", "sum", 300),
     (2, "favor64", "delta", 160),
     (2, "dpfp2", "delta", 200),
+    (1, "dpfp3", "delta", 600),
 )
 
 
@@ -44,6 +51,20 @@ def per_position_projections(model, keys, values):
     return k, beta_logit
 
 
+def solve_read_weights(fq, fk, beta):
+    """The former delta readout: ``r = (s (I + A)⁻¹) ⊙ β`` through the ``L × L`` matrix ``A``."""
+    s = jnp.einsum("bqk,blk->bql", fq, fk)
+    a = beta[:, :, None] * jnp.einsum("blk,bmk->blm", fk, fk)
+    return solve_unit_lower(s, a) * beta[:, None, :]
+
+
+# (name, module attribute, the former form), the current form being the attribute itself.
+CHANGES = (
+    ("projections", "_token_projections", per_position_projections),
+    ("delta readout", "_delta_read_weights", solve_read_weights),
+)
+
+
 def _time(fn, args, repeats):
     jax.block_until_ready(fn(*args))
     t0 = time.perf_counter()
@@ -52,44 +73,51 @@ def _time(fn, args, repeats):
     return (time.perf_counter() - t0) / repeats * 1e3
 
 
+def _compare(point, attribute, former, repeats, rounds):
+    """Best times (ms) of the former and the current form, and the max gradient difference."""
+    model = RetrievalModel(point.model_config(), rngs=nnx.Rngs(params=0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    batch = point.task().batch(0, 0, 32)
+
+    def loss(params):
+        m = nnx.merge(graphdef, params, rest)
+        pred = retrieval.predictions(m, batch, retrieval.Readout.DIRECT)
+        return retrieval_loss(pred, batch["targets"], batch["mask"])
+
+    current = getattr(retrieval, attribute)
+    best, grads = [float("inf")] * 2, [None] * 2
+    try:
+        for _ in range(rounds):
+            for i, fn in enumerate((former, current)):
+                setattr(retrieval, attribute, fn)  # read at trace time by the readout
+                grad = jax.jit(jax.grad(loss))
+                best[i] = min(best[i], _time(grad, (params,), repeats))
+                grads[i] = grad(params)
+    finally:
+        setattr(retrieval, attribute, current)
+    diff = max(
+        float(jnp.max(jnp.abs(a - b)))
+        for a, b in zip(*(jax.tree.leaves(g) for g in grads), strict=True)
+    )
+    return best[0], best[1], diff
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=2, help="alternations of the two forms")
     args = parser.parse_args()
-    tables = retrieval._token_projections
-    forms = {"per-position": per_position_projections, "tables": tables}
-    print(f"backend={jax.default_backend()} batch=32 repeats={args.repeats}")
-    header = ("point", "per-position (ms)", "tables (ms)", "speed-up", "max |Δg|")
-    print("{:<24} {:>18} {:>12} {:>9} {:>9}".format(*header))
-    try:
+    print(f"backend={jax.default_backend()} batch=32 repeats={args.repeats} rounds={args.rounds}")
+    header = ("change", "point", "former (ms)", "current (ms)", "speed-up", "max |Δg|")
+    print("{:<14} {:<24} {:>12} {:>12} {:>9} {:>9}".format(*header))
+    for name, attribute, former in CHANGES:
         for setting, fm, rule, n in POINTS:
+            if name == "delta readout" and rule != "delta":
+                continue
             point = GridPoint(setting, fm, rule, n)
-            model = RetrievalModel(point.model_config(), rngs=nnx.Rngs(params=0))
-            graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-            batch = point.task().batch(0, 0, 32)
-
-            def loss(params, batch, graphdef=graphdef, rest=rest):
-                m = nnx.merge(graphdef, params, rest)
-                pred = retrieval.predictions(m, batch, retrieval.Readout.DIRECT)
-                return retrieval_loss(pred, batch["targets"], batch["mask"])
-
-            best, grads = {}, {}
-            for _ in range(args.rounds):
-                for name, fn in forms.items():
-                    retrieval._token_projections = fn  # read at trace time by the readout
-                    grad = jax.jit(jax.grad(loss))
-                    ms = _time(grad, (params, batch), args.repeats)
-                    best[name] = min(best.get(name, ms), ms)
-                    grads[name] = grad(params, batch)
-            diff = max(
-                float(jnp.max(jnp.abs(a - b)))
-                for a, b in zip(*(jax.tree.leaves(g) for g in grads.values()), strict=True)
-            )
-            old, new = best.values()
-            print(f"{point.name:<24} {old:>18.1f} {new:>12.1f} {old / new:>8.1f}x {diff:>9.1e}")
-    finally:
-        retrieval._token_projections = tables
+            old, new, diff = _compare(point, attribute, former, args.repeats, args.rounds)
+            row = f"{name:<14} {point.name:<24} {old:>12.1f} {new:>12.1f} {old / new:>8.1f}x"
+            print(f"{row} {diff:>9.1e}", flush=True)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,6 @@ from fwjax.data.retrieval import RetrievalTask, retrieval_loss
 from fwjax.nn.config import AttentionKind
 from fwjax.nn.retrieval import RetrievalConfig, RetrievalModel
 from fwjax.ops import Normalization, UpdateRule, feature_maps
-from fwjax.ops.linalg import solve_unit_lower
 
 
 class Readout(enum.Enum):
@@ -289,6 +288,42 @@ def memory_writes(model: RetrievalModel, keys, values, queries):
     return fk, (jax.nn.sigmoid(beta_logit) if delta else None), fq
 
 
+def _delta_read_weights(fq: jax.Array, fk: jax.Array, beta: jax.Array) -> jax.Array:
+    """What each write of a delta-rule memory (zero initial state) contributes to each query's
+    read-out: ``ŷ_q = S_Lᵀ q̂ = Σ_t r_{q,t} v_t``.
+
+    ``r = (s (I + A)⁻¹) ⊙ β`` with ``s_t = q̂·k̂_t`` and ``A = tril(diag(β) K̂K̂ᵀ, −1)``: the
+    system ``r' (I + A) = s`` is upper-triangular in ``r'``, solved by back substitution from the
+    last write, with one ``K``-vector per query instead of the ``L × L`` matrix ``A``::
+
+        u ← q̂;  for t = L … 1:  r'_t = k̂_t·u,  u ← u − β_t r'_t k̂_t   (u = (I − β_t k̂_t k̂_tᵀ) u)
+
+    i.e. the query carried backwards through the writes (the adjoint of the delta recurrence
+    ``S_t = (I − β_t k̂_t k̂_tᵀ) S_{t−1} + β_t k̂_t v_tᵀ``). ``O(Q·L·K)`` instead of the
+    ``O(L²·K)`` of forming ``A``: on XLA:CPU a whole training step (one query) of the synthetic
+    grid's delta rule points is 1.9–2.2× faster than with ``A`` and the blocked solve
+    :func:`~fwjax.ops.linalg.solve_unit_lower` (``benchmarks/retrieval_step.py``).
+
+    Args:
+      fq: query features ``[B, Q, K]``.
+      fk: key features ``[B, L, K]``.
+      beta: write strengths ``[B, L]``.
+
+    Returns:
+      ``r`` ``[B, Q, L]``.
+    """
+
+    def step(u, xs):
+        k, b = xs  # [B, K], [B]
+        r = jnp.einsum("bqk,bk->bq", u, k)  # r'_t = k̂_t·u
+        u = u - (b[:, None] * r)[..., None] * k[:, None, :]  # u ← u − β_t r'_t k̂_t
+        return u, r * b[:, None]
+
+    xs = (jnp.swapaxes(fk, 0, 1), jnp.swapaxes(beta, 0, 1))  # scanned over L
+    _, r = jax.lax.scan(step, fq, xs, reverse=True)  # [L, B, Q]
+    return jnp.transpose(r, (1, 2, 0))
+
+
 def direct_predictions(model: RetrievalModel, keys, values, queries) -> jax.Array:
     """``RetrievalModel``'s predictions from a closed form at the queries (no ``[K, V]`` memory).
 
@@ -299,7 +334,8 @@ def direct_predictions(model: RetrievalModel, keys, values, queries) -> jax.Arra
       scores into the value slots).
     * delta rule (zero initial memory): ``S = K̂ᵀŨ`` with ``(I + A) Ũ = diag(β) E``,
       ``A = tril(diag(β) K̂K̂ᵀ, −1)`` (one chunk of the chunkwise form), so
-      ``ŷ = Ũᵀ K̂ q̂ = Σ_t r_t e_{v_t}`` with ``r = (s (I + A)⁻¹) ⊙ β`` (:func:`solve_unit_lower`).
+      ``ŷ = Ũᵀ K̂ q̂ = Σ_t r_t e_{v_t}`` with ``r = (s (I + A)⁻¹) ⊙ β``, computed by the
+      backward substitution :func:`_delta_read_weights` (``O(Q·L·K)``, no ``L × L`` matrix).
     * attention normalisation: ``z_t = Σ_{j≤t} k̂_j``; the delta rule is fed
       ``k' = k̂/d``, ``β' = β·d`` with ``d_t = z_{t−1}·k̂_t`` (1 where 0), as in
       :func:`~fwjax.ops.fast_weight_attention`, and ``ŷ`` is divided by ``z_L·q̂ + eps``
@@ -307,8 +343,8 @@ def direct_predictions(model: RetrievalModel, keys, values, queries) -> jax.Arra
 
     * softmax attention: ``ŷ = Σ_t softmax_t(q·k_t/√d) e_{v_t}`` (raw q, k).
 
-    In every case ``W_k x_t`` is computed as ``W_k[:, v_t] + W_k^e embed(k_t)`` (a gather
-    instead of a product with the one-hot half of ``x_t``).
+    In every case ``W_k x_t`` is computed as ``W_k[:, v_t] + (E W_k^e)[k_t]`` (gathers instead
+    of a product with ``x_t``; :func:`_token_projections`).
 
     Args:
       model: a :class:`RetrievalModel`.
@@ -338,13 +374,13 @@ def direct_predictions(model: RetrievalModel, keys, values, queries) -> jax.Arra
             z_prev = jnp.concatenate([jnp.zeros_like(fk[:, :1]), z_incl[:, :-1]], axis=1)
             d = jnp.einsum("blk,blk->bl", z_prev, fk)
             d = jnp.where(d == 0, jnp.ones_like(d), d)
-    s = jnp.einsum("bqk,blk->bql", fq, fk)  # scores q̂·k̂_t, [B, Q, L]
     if fw.update_rule is UpdateRule.DELTA:
         beta = jax.nn.sigmoid(beta_logit)
         if norm.uses_normalizer:
-            fk, beta, s = fk / d[..., None], beta * d, s / d[:, None, :]
-        a = beta[:, :, None] * jnp.einsum("blk,bmk->blm", fk, fk)  # row t scaled by β_t
-        s = solve_unit_lower(s, a) * beta[:, None, :]  # r = s (I + A)⁻¹ diag(β)
+            fk, beta = fk / d[..., None], beta * d
+        s = _delta_read_weights(fq, fk, beta)  # r = s (I + A)⁻¹ diag(β)
+    else:
+        s = jnp.einsum("bqk,blk->bql", fq, fk)  # scores q̂·k̂_t, [B, Q, L]
     y = _scatter_values(s, values, cfg.num_values)  # Σ_t s_t e_{v_t}
     if z_last is not None:
         y = y / (jnp.einsum("bqk,bk->bq", fq, z_last) + 1e-5)[..., None]
