@@ -63,6 +63,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.records import write_json_atomic
 from fwjax.data.retrieval import RetrievalSetting, RetrievalTask, retrieval_loss
 from fwjax.nn.config import FastWeightConfig
 from fwjax.nn.retrieval import RetrievalConfig
@@ -320,10 +321,7 @@ def _layer_stats(sown) -> list[dict]:
 
 
 def _write(path: Path, record: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.replace(path)
+    write_json_atomic(path, record)
 
 
 def _records(kind: str) -> list[dict]:

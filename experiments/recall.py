@@ -35,6 +35,7 @@ from pathlib import Path
 
 import jax
 
+from experiments.records import write_json_atomic
 from fwjax.data.recall import MQARTask, MultiHopTask, RecallTask
 from fwjax.nn.config import AttentionKind, FastWeightConfig, ModelConfig, NormPosition
 from fwjax.ops import FeatureMap, FeatureMapKind, Normalization, UpdateRule
@@ -235,10 +236,7 @@ def run_point(point: Point, scale: Scale, out_dir: Path) -> dict:
         history=[list(h) for h in result.history],
     )
     path = point_path(out_dir, point)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.replace(path)  # atomic: a point file is either complete or absent
+    write_json_atomic(path, record)
     return record
 
 

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import jax
 
+from experiments.records import write_json_atomic
 from fwjax.data.retrieval import RetrievalSetting, RetrievalTask
 from fwjax.nn.config import AttentionKind, FastWeightConfig
 from fwjax.nn.retrieval import RetrievalConfig
@@ -196,10 +197,7 @@ def run_point(point: GridPoint, protocol: RetrievalProtocol, out_dir: Path) -> d
         history=[list(h) for h in result.history],
     )
     path = point_path(out_dir, point)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.replace(path)  # atomic: a point file is either complete or absent
+    write_json_atomic(path, record)
     return record
 
 
