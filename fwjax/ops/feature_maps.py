@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import math
 
 import jax
@@ -38,6 +39,13 @@ def dpfp(x: jax.Array, nu: int = 1) -> jax.Array:
     (dimension 2·d·ν). Non-negative and sparse; ``roll`` is ``jnp.roll`` (= ``torch.roll``)
     along the feature axis, as in the official code.
 
+    Reverse-mode derivatives use a hand-written VJP: with ``ḡ_j`` the cotangent of the j-th
+    block, ``r̄ = Σ_j ḡ_j ⊙ roll(r, j) + roll(ḡ_j ⊙ r, −j)``. Autodiff through ``roll`` gives the
+    same numbers, but XLA:CPU fuses its transpose (pads and adds) poorly: with the VJP, DPFP-2's
+    gradient alone is 4× faster and the synthetic retrieval grid's sum-rule training steps
+    1.2–2.9× (``benchmarks/feature_maps.py``). Forward-mode (``jax.jvp``, ``jax.jacfwd``) is therefore
+    not available for DPFP.
+
     Args:
       x: ``[..., D]``.
       nu: number of rolls ν >= 1.
@@ -45,9 +53,38 @@ def dpfp(x: jax.Array, nu: int = 1) -> jax.Array:
     Returns:
       ``[..., 2·D·ν]``.
     """
-    nu = _check_nu(nu)
-    r = jnp.concatenate([jax.nn.relu(x), jax.nn.relu(-x)], axis=-1)
+    return _dpfp(x, _check_nu(nu))
+
+
+def _dpfp_r(x):
+    return jnp.concatenate([jax.nn.relu(x), jax.nn.relu(-x)], axis=-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _dpfp(x, nu):
+    r = _dpfp_r(x)
     return jnp.concatenate([r * jnp.roll(r, j, axis=-1) for j in range(1, nu + 1)], axis=-1)
+
+
+def _dpfp_fwd(x, nu):
+    return _dpfp(x, nu), x
+
+
+def _dpfp_bwd(nu, x, g):
+    r = _dpfp_r(x)
+    # φ_j = r ⊙ roll(r, j) is bilinear in r: both factors receive a cotangent.
+    r_bar = sum(
+        g_j * jnp.roll(r, j, axis=-1) + jnp.roll(g_j * r, -j, axis=-1)
+        for j, g_j in zip(range(1, nu + 1), jnp.split(g, nu, axis=-1), strict=True)
+    )
+    d = x.shape[-1]
+    # r = [relu(x), relu(−x)]; relu'(0) = 0, as jax.nn.relu's own derivative.
+    zero = jnp.zeros((), r_bar.dtype)
+    x_bar = jnp.where(x > 0, r_bar[..., :d], zero) - jnp.where(x < 0, r_bar[..., d:], zero)
+    return (x_bar.astype(x.dtype),)
+
+
+_dpfp.defvjp(_dpfp_fwd, _dpfp_bwd)
 
 
 def draw_favor_projection(key: jax.Array, d: int, m: int, dtype=jnp.float32) -> jax.Array:

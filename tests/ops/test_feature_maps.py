@@ -59,6 +59,27 @@ def test_dpfp_opposite_sign_patterns_are_orthogonal(magnitudes, nu, seed):
     assert jnp.all(phi_x >= 0) and jnp.all(phi_y >= 0)
 
 
+def _dpfp_autodiff(x, nu):
+    r = jnp.concatenate([jax.nn.relu(x), jax.nn.relu(-x)], axis=-1)
+    return jnp.concatenate([r * jnp.roll(r, j, axis=-1) for j in range(1, nu + 1)], axis=-1)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("nu", [1, 2, 3])
+def test_dpfp_vjp_matches_autodiff_of_the_definition(nu, dtype):
+    """The hand-written VJP equals JAX's autodiff through relu/roll, zeros of x included
+    (relu'(0) = 0), with a random cotangent."""
+    kx, kg = jax.random.split(jax.random.key(nu))
+    x = jax.random.normal(kx, (2, 5, 8)).at[0, 0, :3].set(0.0).astype(dtype)
+    g = jax.random.normal(kg, (2, 5, 16 * nu)).astype(dtype)
+    got = jax.vjp(lambda x: feature_maps.dpfp(x, nu), x)[1](g)[0]
+    want = jax.vjp(lambda x: _dpfp_autodiff(x, nu), x)[1](g)[0]
+    assert got.dtype == want.dtype == dtype
+    tol = 1e-6 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(np.float32(got), np.float32(want), rtol=tol, atol=tol)
+    assert np.all(np.float32(got)[0, 0, :3] == 0)
+
+
 @pytest.mark.parametrize("nu", [0, -1, 1.5, True])
 def test_dpfp_rejects_bad_nu(nu):
     with pytest.raises(ValueError, match="nu"):

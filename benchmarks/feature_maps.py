@@ -1,0 +1,103 @@
+"""DPFP-ν's hand-written VJP vs autodiff through its definition (``relu``, ``roll``) on XLA:CPU,
+side by side in one process, alternating: the feature map's gradient alone on ``[32, 400, 64]``,
+then whole training-step gradients of synthetic retrieval grid points (``experiments/synthetic.py``,
+batch 32, one query, the closed-form readout).
+
+    XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \\
+        taskset -c 0 python -m benchmarks.feature_maps [--repeats 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from experiments.synthetic import GridPoint
+from fwjax.data.retrieval import retrieval_loss
+from fwjax.nn.retrieval import RetrievalModel
+from fwjax.ops import feature_maps
+from fwjax.train import retrieval
+
+POINTS = (
+    (1, "dpfp1", "sum", 400),
+    (1, "dpfp3", "sum", 300),
+    (1, "dpfp3", "sum", 600),
+    (2, "dpfp2", "delta", 200),
+)
+
+
+def dpfp_autodiff(x, nu=1):
+    """DPFP's definition, differentiated by JAX (what ``feature_maps.dpfp`` was)."""
+    r = jnp.concatenate([jax.nn.relu(x), jax.nn.relu(-x)], axis=-1)
+    return jnp.concatenate([r * jnp.roll(r, j, axis=-1) for j in range(1, nu + 1)], axis=-1)
+
+
+def _time(fn, args, repeats):
+    jax.block_until_ready(fn(*args))
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        jax.block_until_ready(fn(*args))
+    return (time.perf_counter() - t0) / repeats * 1e3
+
+
+def _compare(make_grad, args, repeats, rounds):
+    """Best times (ms) with autodiff and with the VJP, and the max gradient difference."""
+    forms = (dpfp_autodiff, feature_maps.dpfp)
+    best, grads = [float("inf")] * 2, [None] * 2
+    try:
+        for _ in range(rounds):
+            for i, fn in enumerate(forms):
+                feature_maps.dpfp = fn  # read at trace time by FeatureMap
+                grad = jax.jit(make_grad())
+                best[i] = min(best[i], _time(grad, args, repeats))
+                grads[i] = grad(*args)
+    finally:
+        feature_maps.dpfp = forms[1]
+    diff = max(
+        float(jnp.max(jnp.abs(a - b)))
+        for a, b in zip(*(jax.tree.leaves(g) for g in grads), strict=True)
+    )
+    return best[0], best[1], diff
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3, help="alternations of the two forms")
+    args = parser.parse_args()
+    print(f"backend={jax.default_backend()} repeats={args.repeats} rounds={args.rounds}")
+    header = ("gradient of", "autodiff (ms)", "vjp (ms)", "speed-up", "max |Δg|")
+    print("{:<26} {:>13} {:>9} {:>9} {:>9}".format(*header))
+
+    def row(name, old, new, diff):
+        print(f"{name:<26} {old:>13.1f} {new:>9.1f} {old / new:>8.1f}x {diff:>9.1e}", flush=True)
+
+    kx, kg = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(kx, (32, 400, 64))
+    for nu in (1, 2, 3):
+        g = jax.random.normal(kg, (32, 400, 128 * nu))
+
+        def make_grad(g=g, nu=nu):
+            return jax.grad(lambda x: jnp.sum(feature_maps.dpfp(x, nu) * g))
+
+        row(f"dpfp{nu} alone", *_compare(make_grad, (x,), args.repeats, args.rounds))
+    for setting, fm, rule, n in POINTS:
+        point = GridPoint(setting, fm, rule, n)
+        model = RetrievalModel(point.model_config(), rngs=nnx.Rngs(params=0))
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        batch = point.task().batch(0, 0, 32)
+
+        def loss(params, graphdef=graphdef, rest=rest, batch=batch):
+            m = nnx.merge(graphdef, params, rest)
+            pred = retrieval.predictions(m, batch, retrieval.Readout.DIRECT)
+            return retrieval_loss(pred, batch["targets"], batch["mask"])
+
+        row(point.name, *_compare(lambda: jax.grad(loss), (params,), args.repeats, args.rounds))
+
+
+if __name__ == "__main__":
+    main()
