@@ -43,8 +43,8 @@ def dpfp(x: jax.Array, nu: int = 1) -> jax.Array:
     block, ``r̄ = Σ_j ḡ_j ⊙ roll(r, j) + roll(ḡ_j ⊙ r, −j)``. Autodiff through ``roll`` gives the
     same numbers, but XLA:CPU fuses its transpose (pads and adds) poorly: with the VJP, DPFP-2's
     gradient alone is 4× faster and the synthetic retrieval grid's sum-rule training steps
-    1.2–2.9× (``benchmarks/feature_maps.py``). Forward-mode (``jax.jvp``, ``jax.jacfwd``) is therefore
-    not available for DPFP.
+    1.2–2.9× (``benchmarks/feature_maps.py``). Forward-mode (``jax.jvp``, ``jax.jacfwd``) is
+    therefore not available for DPFP.
 
     Args:
       x: ``[..., D]``.
