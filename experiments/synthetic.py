@@ -398,6 +398,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-steps", type=int, default=MAX_STEPS)
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--only", default="", help="comma-separated feature maps to run")
+    parser.add_argument(
+        "--points", default="", help="comma-separated points to run, e.g. dpfp2_sum_n220"
+    )
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error(f"--workers={args.workers} must be >= 1")
@@ -410,6 +413,12 @@ def main(argv: list[str] | None = None) -> None:
         if unknown:
             parser.error(f"--only has unknown feature maps {sorted(unknown)}")
         points = [p for p in points if p.feature_map in keep]
+    if args.points:
+        names = {f"{name}_seed{args.seed}" for name in args.points.split(",")}
+        unknown = names - {p.name for p in points}
+        if unknown:
+            parser.error(f"--points not in this grid: {sorted(unknown)}")
+        points = [p for p in points if p.name in names]
     start = time.perf_counter()
     run_grid(
         points,

@@ -4,6 +4,7 @@ solve and its gradient, the stopping rule, and a tiny grid run end to end with r
 
 import csv
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -174,3 +175,16 @@ def test_tiny_grid_end_to_end_and_resume(tmp_path, monkeypatch):
     again = synthetic.run_grid([first, second], protocol, **kw)
     assert ran == [second]
     assert len(again) == 2 and records[0] in again
+
+
+def test_cli_points_selects_single_grid_points(tmp_path, monkeypatch):
+    """``--points`` runs just the named points (here one softmax point, one evaluation) and
+    rejects names outside the grid."""
+    # main() limits XLA threads through XLA_FLAGS (for subprocesses): restore it afterwards.
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
+    argv = ["--setting", "1", "--grid", "quick", "--max-steps", "100", "--results", str(tmp_path)]
+    with pytest.raises(SystemExit):
+        synthetic.main([*argv, "--points", "softmax_sum_n30"])
+    synthetic.main([*argv, "--points", "softmax_sum_n20"])
+    files = sorted(p.name for p in (tmp_path / "synthetic" / "setting1").glob("*.json"))
+    assert files == ["softmax_sum_n20_seed0.json"]
