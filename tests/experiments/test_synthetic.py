@@ -95,7 +95,15 @@ def test_direct_predictions_of_a_delta_memory_by_hand():
     assert_close(y[0, 0], c * (u1 + u2))
 
 
-@pytest.mark.parametrize("n, block", [(37, 8), (16, 16), (5, 64)])
+@pytest.mark.parametrize(
+    "n, block",
+    # (37, 8): padding and several blocks, in the default suite; the others are slow (~12 s each).
+    [
+        (37, 8),
+        pytest.param(16, 16, marks=pytest.mark.slow),
+        pytest.param(5, 64, marks=pytest.mark.slow),
+    ],
+)
 def test_solve_unit_lower_and_its_gradient(n, block):
     rng = np.random.default_rng(0)
     a = jnp.asarray(rng.normal(size=(2, n, n)) * 0.3, jnp.float32)
