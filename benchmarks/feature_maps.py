@@ -10,12 +10,12 @@ batch 32, one query, the closed-form readout).
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from benchmarks.swap import compare_swapped
 from experiments.synthetic import GridPoint
 from fwjax.data.retrieval import retrieval_loss
 from fwjax.nn.retrieval import RetrievalModel
@@ -36,32 +36,10 @@ def dpfp_autodiff(x, nu=1):
     return jnp.concatenate([r * jnp.roll(r, j, axis=-1) for j in range(1, nu + 1)], axis=-1)
 
 
-def _time(fn, args, repeats):
-    jax.block_until_ready(fn(*args))
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        jax.block_until_ready(fn(*args))
-    return (time.perf_counter() - t0) / repeats * 1e3
-
-
-def _compare(make_grad, args, repeats, rounds):
+def compare(make_grad, args, repeats, rounds):
     """Best times (ms) with autodiff and with the VJP, and the max gradient difference."""
     forms = (dpfp_autodiff, feature_maps.dpfp)
-    best, grads = [float("inf")] * 2, [None] * 2
-    try:
-        for _ in range(rounds):
-            for i, fn in enumerate(forms):
-                feature_maps.dpfp = fn  # read at trace time by FeatureMap
-                grad = jax.jit(make_grad())
-                best[i] = min(best[i], _time(grad, args, repeats))
-                grads[i] = grad(*args)
-    finally:
-        feature_maps.dpfp = forms[1]
-    diff = max(
-        float(jnp.max(jnp.abs(a - b)))
-        for a, b in zip(*(jax.tree.leaves(g) for g in grads), strict=True)
-    )
-    return best[0], best[1], diff
+    return compare_swapped(feature_maps, "dpfp", forms, make_grad, args, repeats, rounds)
 
 
 def main():
@@ -84,7 +62,7 @@ def main():
         def make_grad(g=g, nu=nu):
             return jax.grad(lambda x: jnp.sum(feature_maps.dpfp(x, nu) * g))
 
-        row(f"dpfp{nu} alone", *_compare(make_grad, (x,), args.repeats, args.rounds))
+        row(f"dpfp{nu} alone", *compare(make_grad, (x,), args.repeats, args.rounds))
     for setting, fm, rule, n in POINTS:
         point = GridPoint(setting, fm, rule, n)
         model = RetrievalModel(point.model_config(), rngs=nnx.Rngs(params=0))
@@ -96,7 +74,7 @@ def main():
             pred = retrieval.predictions(m, batch, retrieval.Readout.DIRECT)
             return retrieval_loss(pred, batch["targets"], batch["mask"])
 
-        row(point.name, *_compare(lambda: jax.grad(loss), (params,), args.repeats, args.rounds))
+        row(point.name, *compare(lambda: jax.grad(loss), (params,), args.repeats, args.rounds))
 
 
 if __name__ == "__main__":

@@ -18,12 +18,12 @@ Each point is a grid point of ``experiments/synthetic.py`` (setting, feature map
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from benchmarks.swap import compare_swapped
 from experiments.synthetic import GridPoint
 from fwjax.data.retrieval import retrieval_loss
 from fwjax.nn.retrieval import RetrievalModel
@@ -65,14 +65,6 @@ CHANGES = (
 )
 
 
-def _time(fn, args, repeats):
-    jax.block_until_ready(fn(*args))
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        jax.block_until_ready(fn(*args))
-    return (time.perf_counter() - t0) / repeats * 1e3
-
-
 def _compare(point, attribute, former, repeats, rounds):
     """Best times (ms) of the former and the current form, and the max gradient difference."""
     model = RetrievalModel(point.model_config(), rngs=nnx.Rngs(params=0))
@@ -84,22 +76,10 @@ def _compare(point, attribute, former, repeats, rounds):
         pred = retrieval.predictions(m, batch, retrieval.Readout.DIRECT)
         return retrieval_loss(pred, batch["targets"], batch["mask"])
 
-    current = getattr(retrieval, attribute)
-    best, grads = [float("inf")] * 2, [None] * 2
-    try:
-        for _ in range(rounds):
-            for i, fn in enumerate((former, current)):
-                setattr(retrieval, attribute, fn)  # read at trace time by the readout
-                grad = jax.jit(jax.grad(loss))
-                best[i] = min(best[i], _time(grad, (params,), repeats))
-                grads[i] = grad(params)
-    finally:
-        setattr(retrieval, attribute, current)
-    diff = max(
-        float(jnp.max(jnp.abs(a - b)))
-        for a, b in zip(*(jax.tree.leaves(g) for g in grads), strict=True)
+    forms = (former, getattr(retrieval, attribute))
+    return compare_swapped(
+        retrieval, attribute, forms, lambda: jax.grad(loss), (params,), repeats, rounds
     )
-    return best[0], best[1], diff
 
 
 def main():
