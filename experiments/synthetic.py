@@ -28,6 +28,7 @@ import argparse
 import concurrent.futures as cf
 import csv
 import dataclasses
+import enum
 import json
 import multiprocessing
 import os
@@ -62,10 +63,24 @@ FEATURE_MAPS: dict[str, FeatureMap | None] = {
     "softmax": None,
 }
 
+
+class KeyEmbedding(enum.Enum):
+    """How keys enter the model.
+
+    PAPER: the issue's model, a ``d_key``-wide key embedding and projections without biases.
+    OFFICIAL: the official synthetic code's, an ``int(2.2·N)``-wide key embedding
+    (``int((N_keys + N_values)·1.1)``) and projections with biases.
+    """
+
+    PAPER = "paper"
+    OFFICIAL = "official"
+
+
 CSV_COLUMNS = (
     "setting",
     "feature_map",
     "update_rule",
+    "key_embedding",
     "normalization",
     "n_keys",
     "d_dot",
@@ -90,6 +105,7 @@ class GridPoint:
       update_rule: "sum" or "delta" (softmax: "sum", i.e. no fast weight rule).
       n_keys: N.
       seed: the protocol's seed.
+      embedding: the key embedding (:class:`KeyEmbedding`).
     """
 
     setting: int
@@ -97,6 +113,7 @@ class GridPoint:
     update_rule: str
     n_keys: int
     seed: int = 0
+    embedding: KeyEmbedding = KeyEmbedding.PAPER
 
     def __post_init__(self):
         RetrievalSetting(self.setting)
@@ -107,10 +124,17 @@ class GridPoint:
             raise ValueError(f"softmax takes update_rule='sum', got {self.update_rule!r}")
         if isinstance(self.n_keys, bool) or not isinstance(self.n_keys, int) or self.n_keys < 2:
             raise ValueError(f"n_keys={self.n_keys!r} must be an int >= 2")
+        object.__setattr__(self, "embedding", KeyEmbedding(self.embedding))
+
+    @property
+    def stem(self) -> str:
+        """The point's name without seed and embedding, e.g. ``dpfp2_sum_n220``."""
+        return f"{self.feature_map}_{self.update_rule}_n{self.n_keys}"
 
     @property
     def name(self) -> str:
-        return f"{self.feature_map}_{self.update_rule}_n{self.n_keys}_seed{self.seed}"
+        emb = "" if self.embedding is KeyEmbedding.PAPER else f"_{self.embedding.value}"
+        return f"{self.stem}{emb}_seed{self.seed}"
 
     @property
     def normalization(self) -> Normalization | None:
@@ -133,12 +157,15 @@ class GridPoint:
     def model_config(self) -> RetrievalConfig:
         fm = FEATURE_MAPS[self.feature_map]
         n = self.n_keys
+        emb = {}
+        if self.embedding is KeyEmbedding.OFFICIAL:
+            emb = dict(d_embed=int((n + n) * 1.1), use_bias=True)
         if fm is None:
-            return RetrievalConfig(n, n, d_key=D_KEY, attention=AttentionKind.SOFTMAX)
+            return RetrievalConfig(n, n, d_key=D_KEY, attention=AttentionKind.SOFTMAX, **emb)
         fw = FastWeightConfig(
             feature_map=fm, normalization=self.normalization, update_rule=self.update_rule
         )
-        return RetrievalConfig(n, n, d_key=D_KEY, fast_weight=fw)
+        return RetrievalConfig(n, n, d_key=D_KEY, fast_weight=fw, **emb)
 
 
 def grid(setting: int, which: str, seed: int = 0) -> list[GridPoint]:
@@ -183,6 +210,7 @@ def run_point(point: GridPoint, protocol: RetrievalProtocol, out_dir: Path) -> d
         setting=point.setting,
         feature_map=point.feature_map,
         update_rule=point.update_rule,
+        key_embedding=point.embedding.value,
         normalization="" if norm is None else norm.value,
         n_keys=point.n_keys,
         d_dot="" if point.d_dot is None else point.d_dot,
@@ -206,9 +234,17 @@ def load_records(out_dir: Path, setting: int) -> list[dict]:
     records = [json.loads(p.read_text()) for p in (out_dir / f"setting{setting}").glob("*.json")]
     for r in records:
         r.setdefault("device", "cpu")  # records from before the column was added ran on CPU
+        r.setdefault("key_embedding", KeyEmbedding.PAPER.value)  # and with the paper's embedding
     order = {name: i for i, name in enumerate(FEATURE_MAPS)}
     return sorted(
-        records, key=lambda r: (r["update_rule"], order[r["feature_map"]], r["n_keys"], r["seed"])
+        records,
+        key=lambda r: (
+            r["update_rule"],
+            r["key_embedding"],
+            order[r["feature_map"]],
+            r["n_keys"],
+            r["seed"],
+        ),
     )
 
 
@@ -219,28 +255,38 @@ def write_csv(records: list[dict], path: Path) -> None:
         writer.writerows(records)
 
 
-def _curve_label(feature_map: str, rule: str) -> str:
+def _curve(record: dict) -> tuple[str, str, str]:
+    """A record's curve: (feature map, rule, key embedding)."""
+    return record["feature_map"], record["update_rule"], record["key_embedding"]
+
+
+def _curve_name(feature_map: str, rule: str, embedding: str) -> str:
+    emb = "" if embedding == KeyEmbedding.PAPER.value else f" {embedding} emb."
+    return f"{feature_map} {rule}{emb}"
+
+
+def _curve_label(feature_map: str, rule: str, embedding: str) -> str:
     d = GridPoint(1, feature_map, rule, 2).d_dot
-    return f"{feature_map} {rule}" + ("" if d is None else f" (d_dot={d})")
+    return _curve_name(feature_map, rule, embedding) + ("" if d is None else f" (d_dot={d})")
 
 
 def write_table(records: list[dict], path: Path, setting: int) -> None:
     """Markdown table: one row per N, one column per (feature map, rule); cells
     ``final loss (steps)``, ``†`` when the step cap was hit."""
-    curves = list(dict.fromkeys((r["feature_map"], r["update_rule"]) for r in records))
-    cells = {(r["feature_map"], r["update_rule"], r["n_keys"]): r for r in records}
+    curves = list(dict.fromkeys(_curve(r) for r in records))
+    cells = {(*_curve(r), r["n_keys"]): r for r in records}
     ns = sorted({r["n_keys"] for r in records})
     lines = [
         f"Setting {setting}: final evaluation loss (training steps) per N; "
         "† = stopped at the step cap.",
         "",
-        "| N | " + " | ".join(f"{fm} {rule}" for fm, rule in curves) + " |",
+        "| N | " + " | ".join(_curve_name(*c) for c in curves) + " |",
         "|---:|" + "---:|" * len(curves),
     ]
     for n in ns:
         row = []
-        for fm, rule in curves:
-            r = cells.get((fm, rule, n))
+        for curve in curves:
+            r = cells.get((*curve, n))
             if r is None:
                 row.append("")
                 continue
@@ -263,21 +309,21 @@ def write_plot(records: list[dict], path: Path, setting: int) -> None:
     colors = dict(zip(FEATURE_MAPS, plt.get_cmap("tab10").colors, strict=False))
     for ax, rule in zip(axes[0], rules, strict=True):
         subset = [r for r in records if rule == "all" or r["update_rule"] == rule]
-        curves = dict.fromkeys((r["feature_map"], r["update_rule"]) for r in subset)
-        for fm, rl in curves:
+        curves = dict.fromkeys(_curve(r) for r in subset)
+        for fm, rl, emb in curves:
             pts = sorted(
-                (r["n_keys"], r["final_eval_loss"])
-                for r in subset
-                if (r["feature_map"], r["update_rule"]) == (fm, rl)
+                (r["n_keys"], r["final_eval_loss"]) for r in subset if _curve(r) == (fm, rl, emb)
             )
             style = "--" if (setting == 2 and rl == "sum") else "-"
+            if emb != KeyEmbedding.PAPER.value:
+                style = "-."
             ax.plot(
                 *zip(*pts, strict=True),
                 style,
                 marker="o",
                 ms=3,
                 color=colors[fm],
-                label=_curve_label(fm, rl),
+                label=_curve_label(fm, rl, emb),
             )
             d = GridPoint(1, fm, rl, 2).d_dot
             if setting == 1 and d is not None and not fm.startswith("favor"):
@@ -401,12 +447,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--points", default="", help="comma-separated points to run, e.g. dpfp2_sum_n220"
     )
+    parser.add_argument(
+        "--embedding",
+        choices=[e.value for e in KeyEmbedding],
+        default=KeyEmbedding.PAPER.value,
+        help="key embedding: the paper's d_key-wide one, or the official code's 2.2·N-wide one "
+        "with biased projections",
+    )
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error(f"--workers={args.workers} must be >= 1")
     if args.workers == 1:
         _limit_threads(None)  # one XLA thread: the other cores stay free
-    points = grid(args.setting, args.grid, args.seed)
+    embedding = KeyEmbedding(args.embedding)
+    points = [
+        dataclasses.replace(p, embedding=embedding)
+        for p in grid(args.setting, args.grid, args.seed)
+    ]
     if args.only:
         keep = set(args.only.split(","))
         unknown = keep - set(FEATURE_MAPS)
@@ -414,11 +471,11 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--only has unknown feature maps {sorted(unknown)}")
         points = [p for p in points if p.feature_map in keep]
     if args.points:
-        names = {f"{name}_seed{args.seed}" for name in args.points.split(",")}
-        unknown = names - {p.name for p in points}
+        stems = set(args.points.split(","))
+        unknown = stems - {p.stem for p in points}
         if unknown:
             parser.error(f"--points not in this grid: {sorted(unknown)}")
-        points = [p for p in points if p.name in names]
+        points = [p for p in points if p.stem in stems]
     start = time.perf_counter()
     run_grid(
         points,

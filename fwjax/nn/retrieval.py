@@ -20,6 +20,9 @@ class RetrievalConfig:
     num_keys: N distinct key tokens.
     num_values: distinct value tokens (N in the paper); values are one-hot and frozen.
     d_key: dimension of the key/query projections (64 in the paper).
+    d_embed: width of the key embedding; ``None`` means ``d_key`` (the official synthetic code
+      uses ``int(2.2·N)``).
+    use_bias: whether the key, query and β projections have biases (the official code's do).
     attention: FAST_WEIGHT (any φ, rule, normalisation) or SOFTMAX.
     fast_weight: the memory's configuration (short_conv / output_norm are not used here).
     """
@@ -27,6 +30,8 @@ class RetrievalConfig:
     num_keys: int
     num_values: int
     d_key: int = 64
+    d_embed: int | None = None
+    use_bias: bool = False
     attention: AttentionKind = AttentionKind.FAST_WEIGHT
     fast_weight: FastWeightConfig = _DEFAULT_FAST_WEIGHT
 
@@ -35,6 +40,11 @@ class RetrievalConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive int")
+        if self.d_embed is None:
+            object.__setattr__(self, "d_embed", self.d_key)
+        e = self.d_embed
+        if isinstance(e, bool) or not isinstance(e, int) or e < 1:
+            raise ValueError(f"d_embed={e!r} must be a positive int or None")
         object.__setattr__(self, "attention", AttentionKind(self.attention))
         if self.fast_weight.update_rule is UpdateRule.GATED_DELTA:
             raise ValueError("RetrievalModel supports the sum and delta rules, not GATED_DELTA")
@@ -45,20 +55,21 @@ class RetrievalModel(nnx.Module):
 
     Step ``t`` sees ``x_t = [onehot(value_t); embed(key_t)]``; the memory key is ``W_k x_t``, the
     memory value is ``onehot(value_t)`` itself (frozen), the write strength ``σ(w_β·x_t)``. A
-    query is ``W_q embed(query_key)``, read from the memory after all writes: the prediction
-    ``ŷ ∈ R^{num_values}``. The softmax variant attends from each query to all written keys.
+    query is ``W_q embed(query_key)`` (each projection plus a bias if ``use_bias``), read from
+    the memory after all writes: the prediction ``ŷ ∈ R^{num_values}``. The softmax variant
+    attends from each query to all written keys.
 
     ``__call__(keys [B, L], values [B, L], queries [B, Q]) -> [B, Q, num_values]`` (float32).
     """
 
     def __init__(self, config: RetrievalConfig, *, rngs: nnx.Rngs):
         self.config = config
-        d = config.d_key
-        self.embed = nnx.Embed(config.num_keys, d, rngs=rngs)
-        d_in = config.num_values + d
-        self.key_proj = nnx.Linear(d_in, d, use_bias=False, rngs=rngs)
-        self.query_proj = nnx.Linear(d, d, use_bias=False, rngs=rngs)
-        self.beta_proj = nnx.Linear(d_in, 1, use_bias=False, rngs=rngs)
+        d, e, bias = config.d_key, config.d_embed, config.use_bias
+        self.embed = nnx.Embed(config.num_keys, e, rngs=rngs)
+        d_in = config.num_values + e
+        self.key_proj = nnx.Linear(d_in, d, use_bias=bias, rngs=rngs)
+        self.query_proj = nnx.Linear(e, d, use_bias=bias, rngs=rngs)
+        self.beta_proj = nnx.Linear(d_in, 1, use_bias=bias, rngs=rngs)
         fm = config.fast_weight.feature_map
         favor = config.attention is AttentionKind.FAST_WEIGHT and fm.needs_projection
         self.projection = nnx.data(

@@ -199,15 +199,15 @@ def official_init(model: RetrievalModel, key: jax.Array) -> None:
 
     ``embeddingK ~ N(0, 1)``; for fast weight models ``W_k, W_q ~ U(±1/√d_key)``, for softmax
     ``W_k, W_q`` Xavier-uniform (``U(±√(6/(fan_in+fan_out)))``); ``W_β`` PyTorch's default
-    Linear init ``U(±1/√fan_in)``. (The official layers also have biases, and its key embedding
-    is ``2.2·N`` wide instead of ``d_key``: ``RetrievalModel`` has neither.)
+    Linear init ``U(±1/√fan_in)``; biases (``use_bias``) PyTorch's default ``U(±1/√fan_in)``.
+    (The official key embedding is ``int(2.2·N)`` wide: ``RetrievalConfig.d_embed``.)
 
     Args:
       model: the model to re-initialise.
       key: a PRNG key.
     """
     d = model.config.d_key
-    k_embed, k_key, k_query, k_beta = jax.random.split(key, 4)
+    k_embed, k_key, k_query, k_beta, k_bias = jax.random.split(key, 5)
 
     def uniform(k, shape, bound):
         return jax.random.uniform(k, shape, jnp.float32, -bound, bound)
@@ -222,6 +222,11 @@ def official_init(model: RetrievalModel, key: jax.Array) -> None:
         layer.kernel[...] = uniform(k, layer.kernel.shape, bound)
     fan_in = model.beta_proj.kernel.shape[0]
     model.beta_proj.kernel[...] = uniform(k_beta, model.beta_proj.kernel.shape, fan_in**-0.5)
+    if model.config.use_bias:
+        layers = (model.key_proj, model.query_proj, model.beta_proj)
+        for k, layer in zip(jax.random.split(k_bias, len(layers)), layers, strict=True):
+            bound = layer.kernel.shape[0] ** -0.5
+            layer.bias[...] = uniform(k, layer.bias.shape, bound)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,11 +244,14 @@ def _token_projections(model: RetrievalModel, keys, values):
     the per-position product's weight gradient needs, which alone took 34 of a training step's
     128 ms (``jax.profiler``, setting 1, DPFP-1, N = 400)."""
     num_values = model.config.num_values
-    table = model.embed.embedding[...]  # [num_keys, d]
-    wk = model.key_proj.kernel[...]  # [V + d, d]
-    wb = model.beta_proj.kernel[...]  # [V + d, 1]
+    table = model.embed.embedding[...]  # [num_keys, d_embed]
+    wk = model.key_proj.kernel[...]  # [V + d_embed, d]
+    wb = model.beta_proj.kernel[...]  # [V + d_embed, 1]
     k = wk[:num_values][values] + (table @ wk[num_values:])[keys]  # [B, L, d]
     beta_logit = (wb[:num_values][values] + (table @ wb[num_values:])[keys])[..., 0]  # [B, L]
+    if model.config.use_bias:
+        k = k + model.key_proj.bias[...]
+        beta_logit = beta_logit + model.beta_proj.bias[...][0]
     return k, beta_logit
 
 

@@ -28,37 +28,48 @@ from fwjax.train.retrieval import (
 )
 from tests.tolerances import assert_close
 
+OFFICIAL = dict(d_embed=23, use_bias=True)  # the official code's wide embedding, biases
 CASES = [
-    # (setting, feature map, update rule, normalisation); None map = softmax attention.
-    (1, FeatureMap(FeatureMapKind.DPFP, nu=2), UpdateRule.SUM, Normalization.ATTENTION),
-    (2, FeatureMap(FeatureMapKind.FAVOR_PLUS, num_features=8), UpdateRule.DELTA, Normalization.SUM),
+    # (setting, feature map, update rule, normalisation, embedding); None map = softmax.
+    (1, FeatureMap(FeatureMapKind.DPFP, nu=2), UpdateRule.SUM, Normalization.ATTENTION, OFFICIAL),
+    (
+        2,
+        FeatureMap(FeatureMapKind.FAVOR_PLUS, num_features=8),
+        UpdateRule.DELTA,
+        Normalization.SUM,
+        {},
+    ),  # noqa: E501
     pytest.param(
         2,
         FeatureMap(FeatureMapKind.ELU_P1),
         UpdateRule.DELTA,
         Normalization.ATTENTION,
+        OFFICIAL,
         marks=pytest.mark.slow,  # not used by the grids
     ),
-    (2, None, UpdateRule.SUM, None),
+    (2, None, UpdateRule.SUM, None, OFFICIAL),
 ]
 
 
-def _model(n, fm, rule, norm, d_key=16):
+def _model(n, fm, rule, norm, d_key=16, embedding=None):
+    embedding = embedding or {}
     if fm is None:
-        cfg = RetrievalConfig(n, n, d_key=d_key, attention=AttentionKind.SOFTMAX)
+        cfg = RetrievalConfig(n, n, d_key=d_key, attention=AttentionKind.SOFTMAX, **embedding)
     else:
         fw = FastWeightConfig(feature_map=fm, normalization=norm, update_rule=rule)
-        cfg = RetrievalConfig(n, n, d_key=d_key, fast_weight=fw)
+        cfg = RetrievalConfig(n, n, d_key=d_key, fast_weight=fw, **embedding)
     model = RetrievalModel(cfg, rngs=nnx.Rngs(0))
     official_init(model, jax.random.key(1))
     return model
 
 
-@pytest.mark.parametrize("setting, fm, rule, norm", CASES)
-def test_direct_readout_matches_generic_model(setting, fm, rule, norm):
+@pytest.mark.parametrize("setting, fm, rule, norm, embedding", CASES)
+def test_direct_readout_matches_generic_model(setting, fm, rule, norm, embedding):
     n = 11
     batch = RetrievalTask(RetrievalSetting(setting), n).batch(3, 0, 3, eval=True)
-    model = _model(n, fm, rule, norm)
+    model = _model(n, fm, rule, norm, embedding=embedding)
+    if embedding:  # the biases are initialised (non-zero) and take part in the gradient check
+        assert float(jnp.max(jnp.abs(model.key_proj.bias[...]))) > 0
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     def loss(params, readout):
@@ -187,7 +198,7 @@ def test_tiny_grid_end_to_end_and_resume(tmp_path, monkeypatch):
 
 def test_cli_points_selects_single_grid_points(tmp_path, monkeypatch):
     """``--points`` runs just the named points (here one softmax point, one evaluation) and
-    rejects names outside the grid."""
+    rejects names outside the grid; ``--embedding official`` runs the same point as its own."""
     # main() limits XLA threads through XLA_FLAGS (for subprocesses): restore it afterwards.
     monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
     argv = ["--setting", "1", "--grid", "quick", "--max-steps", "100", "--results", str(tmp_path)]
@@ -196,3 +207,11 @@ def test_cli_points_selects_single_grid_points(tmp_path, monkeypatch):
     synthetic.main([*argv, "--points", "softmax_sum_n20"])
     files = sorted(p.name for p in (tmp_path / "synthetic" / "setting1").glob("*.json"))
     assert files == ["softmax_sum_n20_seed0.json"]
+    # The official code's key embedding is a separate point (own file, own table column).
+    synthetic.main([*argv, "--points", "softmax_sum_n20", "--embedding", "official"])
+    files = sorted(p.name for p in (tmp_path / "synthetic" / "setting1").glob("*.json"))
+    assert files == ["softmax_sum_n20_official_seed0.json", "softmax_sum_n20_seed0.json"]
+    record = json.loads((tmp_path / "synthetic" / "setting1" / files[0]).read_text())
+    assert record["key_embedding"] == "official"
+    header = (tmp_path / "synthetic_setting1.md").read_text().splitlines()[2]
+    assert "softmax sum official emb." in header and "| softmax sum |" in header
