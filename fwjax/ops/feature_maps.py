@@ -110,7 +110,8 @@ def draw_favor_projection(key: jax.Array, d: int, m: int, dtype=jnp.float32) -> 
     block_key, norm_key = jax.random.split(key)
     gauss = jax.random.normal(block_key, (n_blocks, d, d), jnp.float32)
     q, _ = jnp.linalg.qr(gauss)  # orthonormal columns per block
-    directions = jnp.concatenate(list(q), axis=-1)[:, :m]  # [d, m]
+    # Block b's column j becomes column b·d + j (one transpose, not n_blocks slices).
+    directions = jnp.transpose(q, (1, 0, 2)).reshape(d, n_blocks * d)[:, :m]  # [d, m]
     norms = jnp.linalg.norm(jax.random.normal(norm_key, (m, d), jnp.float32), axis=-1)
     return (directions * norms[None, :]).astype(dtype)
 

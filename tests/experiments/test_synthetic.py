@@ -38,7 +38,7 @@ CASES = [
         UpdateRule.DELTA,
         Normalization.SUM,
         {},
-    ),  # noqa: E501
+    ),
     pytest.param(
         2,
         FeatureMap(FeatureMapKind.ELU_P1),

@@ -132,7 +132,7 @@ def test_favor_plus_is_an_unbiased_softmax_kernel_estimate():
         r = feature_maps.draw_favor_projection(key, d, m)
         return jnp.sum(feature_maps.favor_plus(q, r) * feature_maps.favor_plus(k, r), -1)
 
-    est = np.asarray(jax.vmap(estimate)(keys), np.float64)  # [draws, 6]
+    est = np.asarray(jax.jit(jax.vmap(estimate))(keys), np.float64)  # [draws, 6]
     truth = np.exp(np.sum(np.asarray(q, np.float64) * np.asarray(k, np.float64), -1))
     stderr = est.std(0, ddof=1) / np.sqrt(draws)
     assert np.all(np.abs(est.mean(0) - truth) <= 5 * stderr + 1e-6), (est.mean(0), truth, stderr)
