@@ -30,6 +30,7 @@ import csv
 import dataclasses
 import enum
 import json
+import math
 import multiprocessing
 import os
 import sys
@@ -68,12 +69,17 @@ class KeyEmbedding(enum.Enum):
     """How keys enter the model.
 
     PAPER: the issue's model, a ``d_key``-wide key embedding and projections without biases.
-    OFFICIAL: the official synthetic code's, an ``int(2.2·N)``-wide key embedding
-    (``int((N_keys + N_values)·1.1)``) and projections with biases.
+    OFFICIAL: the official synthetic code's, an ``e = int(2.2·N)``-wide key embedding
+      (``int((N_keys + N_values)·1.1)``) and projections with biases. With its init
+      (embedding ``N(0, 1)``, ``W_k, W_q ~ U(±1/√d_key)``) the pre-φ keys have variance
+      ``e / (3·d_key)`` per component, growing with N; PAPER's have ``1/3``.
+    SCALED: PAPER's model, with the embedding's standard deviation ``√(e / d_key)`` so that
+      the pre-φ keys start at OFFICIAL's scale (width and biases as PAPER): an ablation.
     """
 
     PAPER = "paper"
     OFFICIAL = "official"
+    SCALED = "scaled"
 
 
 CSV_COLUMNS = (
@@ -151,6 +157,18 @@ class GridPoint:
         fm = FEATURE_MAPS[self.feature_map]
         return None if fm is None else fm.output_dim(D_KEY)
 
+    @property
+    def official_embed_width(self) -> int:
+        """The official code's key embedding width, ``int((N + N)·1.1)``."""
+        return int((self.n_keys + self.n_keys) * 1.1)
+
+    @property
+    def embed_std(self) -> float:
+        """The key embedding's initial standard deviation (see :class:`KeyEmbedding`)."""
+        if self.embedding is KeyEmbedding.SCALED:
+            return math.sqrt(self.official_embed_width / D_KEY)
+        return 1.0
+
     def task(self) -> RetrievalTask:
         return RetrievalTask(RetrievalSetting(self.setting), self.n_keys)
 
@@ -159,7 +177,7 @@ class GridPoint:
         n = self.n_keys
         emb = {}
         if self.embedding is KeyEmbedding.OFFICIAL:
-            emb = dict(d_embed=int((n + n) * 1.1), use_bias=True)
+            emb = dict(d_embed=self.official_embed_width, use_bias=True)
         if fm is None:
             return RetrievalConfig(n, n, d_key=D_KEY, attention=AttentionKind.SOFTMAX, **emb)
         fw = FastWeightConfig(
@@ -211,6 +229,7 @@ def run_point(point: GridPoint, protocol: RetrievalProtocol, out_dir: Path) -> d
         feature_map=point.feature_map,
         update_rule=point.update_rule,
         key_embedding=point.embedding.value,
+        embed_std=point.embed_std,
         normalization="" if norm is None else norm.value,
         n_keys=point.n_keys,
         d_dot="" if point.d_dot is None else point.d_dot,
@@ -415,7 +434,7 @@ def run_grid(
         )
         write_outputs(out_dir, results_dir, setting)
 
-    protocols = {p: dataclasses.replace(protocol, seed=p.seed) for p in todo}
+    protocols = {p: dataclasses.replace(protocol, seed=p.seed, embed_std=p.embed_std) for p in todo}
     if workers == 1:
         for p in todo:
             done(p, run_point(p, protocols[p], out_dir))

@@ -124,6 +124,8 @@ class RetrievalProtocol:
       favor: FAVOR+'s projection policy (:class:`FavorPolicy`).
       init: parameter initialisation (:class:`Init`).
       readout: how predictions are computed (:class:`Readout`).
+      embed_std: standard deviation of the OFFICIAL init's key embedding (1, as the official
+        code); the pre-φ keys' scale is proportional to it.
     """
 
     batch_size: int = 32
@@ -138,6 +140,7 @@ class RetrievalProtocol:
     favor: FavorPolicy = FavorPolicy.REDRAW
     init: Init = Init.OFFICIAL
     readout: Readout = Readout.DIRECT
+    embed_std: float = 1.0
 
     def __post_init__(self):
         _positive_int(
@@ -151,6 +154,10 @@ class RetrievalProtocol:
             raise ValueError(f"seed={self.seed!r} must be a non-negative int")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate={self.learning_rate} must be > 0")
+        if not self.embed_std > 0:
+            raise ValueError(f"embed_std={self.embed_std} must be > 0")
+        if self.embed_std != 1.0 and Init(self.init) is not Init.OFFICIAL:
+            raise ValueError(f"embed_std={self.embed_std} needs init=Init.OFFICIAL")
         if not self.target_loss >= 0:
             raise ValueError(f"target_loss={self.target_loss} must be >= 0")
         if self.max_steps % self.eval_every:
@@ -194,17 +201,19 @@ class RetrievalResult:
 # ----------------------------------------------------------------------------------------------
 
 
-def official_init(model: RetrievalModel, key: jax.Array) -> None:
+def official_init(model: RetrievalModel, key: jax.Array, *, embed_std: float = 1.0) -> None:
     """Re-initialises ``model`` in place with the official synthetic code's distributions.
 
-    ``embeddingK ~ N(0, 1)``; for fast weight models ``W_k, W_q ~ U(±1/√d_key)``, for softmax
-    ``W_k, W_q`` Xavier-uniform (``U(±√(6/(fan_in+fan_out)))``); ``W_β`` PyTorch's default
-    Linear init ``U(±1/√fan_in)``; biases (``use_bias``) PyTorch's default ``U(±1/√fan_in)``.
-    (The official key embedding is ``int(2.2·N)`` wide: ``RetrievalConfig.d_embed``.)
+    ``embeddingK ~ N(0, embed_std²)`` (official: ``embed_std = 1``); for fast weight models
+    ``W_k, W_q ~ U(±1/√d_key)``, for softmax ``W_k, W_q`` Xavier-uniform
+    (``U(±√(6/(fan_in+fan_out)))``); ``W_β`` PyTorch's default Linear init ``U(±1/√fan_in)``;
+    biases (``use_bias``) PyTorch's default ``U(±1/√fan_in)``. (The official key embedding is
+    ``int(2.2·N)`` wide: ``RetrievalConfig.d_embed``.)
 
     Args:
       model: the model to re-initialise.
       key: a PRNG key.
+      embed_std: the key embedding's standard deviation.
     """
     d = model.config.d_key
     k_embed, k_key, k_query, k_beta, k_bias = jax.random.split(key, 5)
@@ -212,7 +221,7 @@ def official_init(model: RetrievalModel, key: jax.Array) -> None:
     def uniform(k, shape, bound):
         return jax.random.uniform(k, shape, jnp.float32, -bound, bound)
 
-    model.embed.embedding[...] = jax.random.normal(k_embed, model.embed.embedding.shape)
+    model.embed.embedding[...] = embed_std * jax.random.normal(k_embed, model.embed.embedding.shape)
     for k, layer in ((k_key, model.key_proj), (k_query, model.query_proj)):
         fan_in, fan_out = layer.kernel.shape
         if model.config.attention is AttentionKind.SOFTMAX:
@@ -490,7 +499,7 @@ def train_retrieval(
     init_key, official_key, train_favor_key, eval_favor_key = jax.random.split(root, 4)
     model = RetrievalModel(model_config, rngs=nnx.Rngs(params=init_key))
     if p.init is Init.OFFICIAL:
-        official_init(model, official_key)
+        official_init(model, official_key, embed_std=p.embed_std)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx = optax.adam(p.learning_rate)
     opt_state = tx.init(params)

@@ -18,6 +18,7 @@ from fwjax.nn import AttentionKind, FastWeightConfig, RetrievalConfig, Retrieval
 from fwjax.ops import FeatureMap, FeatureMapKind, Normalization, UpdateRule, feature_maps
 from fwjax.ops.linalg import solve_unit_lower
 from fwjax.train.retrieval import (
+    Init,
     Readout,
     RetrievalProtocol,
     StopReason,
@@ -159,6 +160,34 @@ def test_protocol_and_grid_validation():
     assert len(synthetic.grid(1, "full")) == 30 * 12
     assert len(synthetic.grid(2, "full")) == 10 * 5
     assert set(synthetic.grid(2, "quick")) <= set(synthetic.grid(2, "full"))
+    with pytest.raises(ValueError, match="embed_std=0"):
+        RetrievalProtocol(embed_std=0)
+    with pytest.raises(ValueError, match="needs init="):
+        RetrievalProtocol(embed_std=2.0, init=Init.MODEL)
+
+
+def test_key_embedding_variants():
+    """OFFICIAL: int(2.2·N)-wide embedding with biases; SCALED: the paper's model whose
+    embedding starts with the standard deviation that gives OFFICIAL's pre-φ key scale."""
+    kinds = synthetic.KeyEmbedding
+    paper, official, scaled = (
+        synthetic.GridPoint(1, "dpfp2", "sum", 100, embedding=k) for k in kinds
+    )
+    assert (paper.model_config().d_embed, paper.model_config().use_bias, paper.embed_std) == (
+        64,
+        False,
+        1.0,
+    )
+    assert (official.model_config().d_embed, official.model_config().use_bias) == (220, True)
+    assert official.embed_std == 1.0 and scaled.model_config() == paper.model_config()
+    assert scaled.embed_std == pytest.approx((220 / 64) ** 0.5)
+    assert len({paper.name, official.name, scaled.name}) == 3
+    # Pre-φ key variance: e/(3·d_key) for OFFICIAL and SCALED alike, 1/3 for PAPER.
+    for point, want in ((paper, 1 / 3), (official, 220 / 192), (scaled, 220 / 192)):
+        model = RetrievalModel(point.model_config(), rngs=nnx.Rngs(0))
+        official_init(model, jax.random.key(0), embed_std=point.embed_std)
+        keys = model.query_proj(model.embed(jnp.arange(100)))
+        assert float(jnp.var(keys)) == pytest.approx(want, rel=0.15)
 
 
 def test_tiny_grid_end_to_end_and_resume(tmp_path, monkeypatch):
