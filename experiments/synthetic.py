@@ -74,12 +74,18 @@ class KeyEmbedding(enum.Enum):
       (embedding ``N(0, 1)``, ``W_k, W_q ~ U(±1/√d_key)``) the pre-φ keys have variance
       ``e / (3·d_key)`` per component, growing with N; PAPER's have ``1/3``.
     SCALED: PAPER's model, with the embedding's standard deviation ``√(e / d_key)`` so that
-      the pre-φ keys start at OFFICIAL's scale (width and biases as PAPER): an ablation.
+      the pre-φ keys start at OFFICIAL's scale (width and biases as PAPER).
+    WIDE: OFFICIAL's model, with the embedding's standard deviation ``√(d_key / e)`` so that
+      the pre-φ keys start at PAPER's scale.
+
+    SCALED and WIDE are ablations: with PAPER and OFFICIAL they cross width (× biases) with the
+    initial key scale.
     """
 
     PAPER = "paper"
     OFFICIAL = "official"
     SCALED = "scaled"
+    WIDE = "wide"
 
 
 CSV_COLUMNS = (
@@ -167,6 +173,8 @@ class GridPoint:
         """The key embedding's initial standard deviation (see :class:`KeyEmbedding`)."""
         if self.embedding is KeyEmbedding.SCALED:
             return math.sqrt(self.official_embed_width / D_KEY)
+        if self.embedding is KeyEmbedding.WIDE:
+            return math.sqrt(D_KEY / self.official_embed_width)
         return 1.0
 
     def task(self) -> RetrievalTask:
@@ -176,7 +184,7 @@ class GridPoint:
         fm = FEATURE_MAPS[self.feature_map]
         n = self.n_keys
         emb = {}
-        if self.embedding is KeyEmbedding.OFFICIAL:
+        if self.embedding in (KeyEmbedding.OFFICIAL, KeyEmbedding.WIDE):
             emb = dict(d_embed=self.official_embed_width, use_bias=True)
         if fm is None:
             return RetrievalConfig(n, n, d_key=D_KEY, attention=AttentionKind.SOFTMAX, **emb)

@@ -167,27 +167,27 @@ def test_protocol_and_grid_validation():
 
 
 def test_key_embedding_variants():
-    """OFFICIAL: int(2.2·N)-wide embedding with biases; SCALED: the paper's model whose
-    embedding starts with the standard deviation that gives OFFICIAL's pre-φ key scale."""
-    kinds = synthetic.KeyEmbedding
-    paper, official, scaled = (
-        synthetic.GridPoint(1, "dpfp2", "sum", 100, embedding=k) for k in kinds
-    )
-    assert (paper.model_config().d_embed, paper.model_config().use_bias, paper.embed_std) == (
-        64,
-        False,
-        1.0,
-    )
+    """OFFICIAL: int(2.2·N)-wide embedding with biases; SCALED / WIDE: PAPER's / OFFICIAL's
+    model started at the other's pre-φ key scale."""
+    points = {
+        k: synthetic.GridPoint(1, "dpfp2", "sum", 100, embedding=k) for k in synthetic.KeyEmbedding
+    }
+    paper, official, scaled, wide = points.values()
+    narrow = paper.model_config()
+    assert (narrow.d_embed, narrow.use_bias) == (64, False)
     assert (official.model_config().d_embed, official.model_config().use_bias) == (220, True)
-    assert official.embed_std == 1.0 and scaled.model_config() == paper.model_config()
+    assert scaled.model_config() == narrow and wide.model_config() == official.model_config()
+    assert paper.embed_std == official.embed_std == 1.0
     assert scaled.embed_std == pytest.approx((220 / 64) ** 0.5)
-    assert len({paper.name, official.name, scaled.name}) == 3
-    # Pre-φ key variance: e/(3·d_key) for OFFICIAL and SCALED alike, 1/3 for PAPER.
-    for point, want in ((paper, 1 / 3), (official, 220 / 192), (scaled, 220 / 192)):
+    assert wide.embed_std == pytest.approx((64 / 220) ** 0.5)
+    assert len({p.name for p in points.values()}) == 4
+    # Pre-φ query variance: e/(3·d_key) for OFFICIAL and SCALED, 1/3 for PAPER and WIDE.
+    large = 220 / 192
+    for point, want in ((paper, 1 / 3), (official, large), (scaled, large), (wide, 1 / 3)):
         model = RetrievalModel(point.model_config(), rngs=nnx.Rngs(0))
         official_init(model, jax.random.key(0), embed_std=point.embed_std)
-        keys = model.query_proj(model.embed(jnp.arange(100)))
-        assert float(jnp.var(keys)) == pytest.approx(want, rel=0.15)
+        queries = model.query_proj(model.embed(jnp.arange(100)))
+        assert float(jnp.var(queries)) == pytest.approx(want, rel=0.15)
 
 
 def test_tiny_grid_end_to_end_and_resume(tmp_path, monkeypatch):
