@@ -77,15 +77,17 @@ class KeyEmbedding(enum.Enum):
       the pre-φ keys start at OFFICIAL's scale (width and biases as PAPER).
     WIDE: OFFICIAL's model, with the embedding's standard deviation ``√(d_key / e)`` so that
       the pre-φ keys start at PAPER's scale.
+    WIDE_NO_BIAS: WIDE without the biases.
 
-    SCALED and WIDE are ablations: with PAPER and OFFICIAL they cross width (× biases) with the
-    initial key scale.
+    SCALED, WIDE and WIDE_NO_BIAS are ablations: with PAPER and OFFICIAL they cross the width
+    with the initial key scale, and take out the biases.
     """
 
     PAPER = "paper"
     OFFICIAL = "official"
     SCALED = "scaled"
     WIDE = "wide"
+    WIDE_NO_BIAS = "wide_no_bias"
 
 
 CSV_COLUMNS = (
@@ -173,7 +175,7 @@ class GridPoint:
         """The key embedding's initial standard deviation (see :class:`KeyEmbedding`)."""
         if self.embedding is KeyEmbedding.SCALED:
             return math.sqrt(self.official_embed_width / D_KEY)
-        if self.embedding is KeyEmbedding.WIDE:
+        if self.embedding in (KeyEmbedding.WIDE, KeyEmbedding.WIDE_NO_BIAS):
             return math.sqrt(D_KEY / self.official_embed_width)
         return 1.0
 
@@ -184,8 +186,10 @@ class GridPoint:
         fm = FEATURE_MAPS[self.feature_map]
         n = self.n_keys
         emb = {}
-        if self.embedding in (KeyEmbedding.OFFICIAL, KeyEmbedding.WIDE):
-            emb = dict(d_embed=self.official_embed_width, use_bias=True)
+        wide = (KeyEmbedding.OFFICIAL, KeyEmbedding.WIDE, KeyEmbedding.WIDE_NO_BIAS)
+        if self.embedding in wide:
+            bias = self.embedding is not KeyEmbedding.WIDE_NO_BIAS
+            emb = dict(d_embed=self.official_embed_width, use_bias=bias)
         if fm is None:
             return RetrievalConfig(n, n, d_key=D_KEY, attention=AttentionKind.SOFTMAX, **emb)
         fw = FastWeightConfig(

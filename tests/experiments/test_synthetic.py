@@ -172,7 +172,7 @@ def test_key_embedding_variants():
     points = {
         k: synthetic.GridPoint(1, "dpfp2", "sum", 100, embedding=k) for k in synthetic.KeyEmbedding
     }
-    paper, official, scaled, wide = points.values()
+    paper, official, scaled, wide, wide_no_bias = points.values()
     narrow = paper.model_config()
     assert (narrow.d_embed, narrow.use_bias) == (64, False)
     assert (official.model_config().d_embed, official.model_config().use_bias) == (220, True)
@@ -180,7 +180,10 @@ def test_key_embedding_variants():
     assert paper.embed_std == official.embed_std == 1.0
     assert scaled.embed_std == pytest.approx((220 / 64) ** 0.5)
     assert wide.embed_std == pytest.approx((64 / 220) ** 0.5)
-    assert len({p.name for p in points.values()}) == 4
+    assert wide_no_bias.model_config().use_bias is False
+    assert wide_no_bias.model_config().d_embed == 220
+    assert wide_no_bias.embed_std == wide.embed_std
+    assert len({p.name for p in points.values()}) == 5
     # Pre-φ query variance: e/(3·d_key) for OFFICIAL and SCALED, 1/3 for PAPER and WIDE.
     large = 220 / 192
     for point, want in ((paper, 1 / 3), (official, large), (scaled, large), (wide, 1 / 3)):
