@@ -89,6 +89,21 @@ class KeyEmbedding(enum.Enum):
     WIDE = "wide"
     WIDE_NO_BIAS = "wide_no_bias"
 
+    @property
+    def wide(self) -> bool:
+        """Whether the embedding has the official width (else ``d_key``)."""
+        return self in (KeyEmbedding.OFFICIAL, KeyEmbedding.WIDE, KeyEmbedding.WIDE_NO_BIAS)
+
+    @property
+    def bias(self) -> bool:
+        """Whether the key, query and β projections have biases."""
+        return self in (KeyEmbedding.OFFICIAL, KeyEmbedding.WIDE)
+
+    @property
+    def official_scale(self) -> bool:
+        """Whether the pre-φ keys start at the official code's scale (else PAPER's)."""
+        return self in (KeyEmbedding.OFFICIAL, KeyEmbedding.SCALED)
+
 
 CSV_COLUMNS = (
     "setting",
@@ -172,12 +187,14 @@ class GridPoint:
 
     @property
     def embed_std(self) -> float:
-        """The key embedding's initial standard deviation (see :class:`KeyEmbedding`)."""
-        if self.embedding is KeyEmbedding.SCALED:
-            return math.sqrt(self.official_embed_width / D_KEY)
-        if self.embedding in (KeyEmbedding.WIDE, KeyEmbedding.WIDE_NO_BIAS):
-            return math.sqrt(D_KEY / self.official_embed_width)
-        return 1.0
+        """The key embedding's initial standard deviation (see :class:`KeyEmbedding`).
+
+        Under the official init the pre-φ key variance is ``width · embed_std² / (3·d_key)``;
+        the official code has ``embed_std = 1`` at width ``e``, PAPER at width ``d_key``."""
+        e = self.embedding
+        width = self.official_embed_width if e.wide else D_KEY
+        target = self.official_embed_width if e.official_scale else D_KEY
+        return math.sqrt(target / width)
 
     def task(self) -> RetrievalTask:
         return RetrievalTask(RetrievalSetting(self.setting), self.n_keys)
@@ -185,11 +202,8 @@ class GridPoint:
     def model_config(self) -> RetrievalConfig:
         fm = FEATURE_MAPS[self.feature_map]
         n = self.n_keys
-        emb = {}
-        wide = (KeyEmbedding.OFFICIAL, KeyEmbedding.WIDE, KeyEmbedding.WIDE_NO_BIAS)
-        if self.embedding in wide:
-            bias = self.embedding is not KeyEmbedding.WIDE_NO_BIAS
-            emb = dict(d_embed=self.official_embed_width, use_bias=bias)
+        e = self.embedding
+        emb = dict(d_embed=self.official_embed_width if e.wide else None, use_bias=e.bias)
         if fm is None:
             return RetrievalConfig(n, n, d_key=D_KEY, attention=AttentionKind.SOFTMAX, **emb)
         fw = FastWeightConfig(
