@@ -341,6 +341,10 @@ def write_table(records: list[dict], path: Path, setting: int) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def _has_rule(records: list[dict], rule: str) -> bool:
+    return any(r["update_rule"] == rule for r in records)
+
+
 def write_plot(records: list[dict], path: Path, setting: int) -> None:
     """Final evaluation loss against N, one curve per feature map (one panel per update rule in
     setting 1; log y in setting 2); dotted verticals at each deterministic map's d_dot."""
@@ -349,7 +353,11 @@ def write_plot(records: list[dict], path: Path, setting: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rules = ["sum", "delta"] if setting == 1 else ["all"]
+    if setting == 1:  # a panel per update rule that has points (the sum rule at least)
+        rules = [rl for rl in ("sum", "delta") if rl == "sum" or _has_rule(records, rl)]
+    else:
+        rules = ["all"]
+    markers = dict(zip((e.value for e in KeyEmbedding), "osv^x", strict=True))
     fig, axes = plt.subplots(1, len(rules), figsize=(6.5 * len(rules), 4.5), squeeze=False)
     colors = dict(zip(FEATURE_MAPS, plt.get_cmap("tab10").colors, strict=False))
     for ax, rule in zip(axes[0], rules, strict=True):
@@ -365,7 +373,7 @@ def write_plot(records: list[dict], path: Path, setting: int) -> None:
             ax.plot(
                 *zip(*pts, strict=True),
                 style,
-                marker="o",
+                marker=markers[emb],
                 ms=3,
                 color=colors[fm],
                 label=_curve_label(fm, rl, emb),
