@@ -216,6 +216,8 @@ def official_init(model: RetrievalModel, key: jax.Array, *, embed_std: float = 1
       embed_std: the key embedding's standard deviation.
     """
     d = model.config.d_key
+    # The first four keys equal those of split(key, 4) (JAX's partitionable threefry, the default),
+    # so points run before the biases existed keep their draws.
     k_embed, k_key, k_query, k_beta, k_bias = jax.random.split(key, 5)
 
     def uniform(k, shape, bound):
