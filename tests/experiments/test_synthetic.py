@@ -184,6 +184,9 @@ def test_key_embedding_variants():
     assert wide_no_bias.model_config().d_embed == 220
     assert wide_no_bias.embed_std == wide.embed_std
     assert len({p.name for p in points.values()}) == 5
+    # official_init's 5-way split keeps split(key, 4)'s keys: bias-free points keep their draws.
+    four, five = jax.random.split(jax.random.key(7), 4), jax.random.split(jax.random.key(7), 5)
+    np.testing.assert_array_equal(jax.random.key_data(four), jax.random.key_data(five[:4]))
     # Pre-φ query variance: e/(3·d_key) for OFFICIAL and SCALED, 1/3 for PAPER and WIDE.
     large = 220 / 192
     for point, want in ((paper, 1 / 3), (official, large), (scaled, large), (wide, 1 / 3)):
