@@ -300,24 +300,25 @@ def write_csv(records: list[dict], path: Path) -> None:
         writer.writerows(records)
 
 
-def _curve(record: dict) -> tuple[str, str, str]:
-    """A record's curve: (feature map, rule, key embedding)."""
-    return record["feature_map"], record["update_rule"], record["key_embedding"]
+def _curve(record: dict) -> tuple[str, str, str, int]:
+    """A record's curve: (feature map, rule, key embedding, seed)."""
+    return record["feature_map"], record["update_rule"], record["key_embedding"], record["seed"]
 
 
-def _curve_name(feature_map: str, rule: str, embedding: str) -> str:
+def _curve_name(feature_map: str, rule: str, embedding: str, seed: int) -> str:
     emb = "" if embedding == KeyEmbedding.PAPER.value else f" {embedding} emb."
-    return f"{feature_map} {rule}{emb}"
+    return f"{feature_map} {rule}{emb}" + (f" seed {seed}" if seed else "")
 
 
-def _curve_label(feature_map: str, rule: str, embedding: str) -> str:
+def _curve_label(feature_map: str, rule: str, embedding: str, seed: int) -> str:
     d = GridPoint(1, feature_map, rule, 2).d_dot
-    return _curve_name(feature_map, rule, embedding) + ("" if d is None else f" (d_dot={d})")
+    name = _curve_name(feature_map, rule, embedding, seed)
+    return name + ("" if d is None else f" (d_dot={d})")
 
 
 def write_table(records: list[dict], path: Path, setting: int) -> None:
-    """Markdown table: one row per N, one column per (feature map, rule); cells
-    ``final loss (steps)``, ``†`` when the step cap was hit."""
+    """Markdown table: one row per N, one column per curve (feature map, rule, embedding,
+    seed); cells ``final loss (steps)``, ``†`` when the step cap was hit."""
     curves = list(dict.fromkeys(_curve(r) for r in records))
     cells = {(*_curve(r), r["n_keys"]): r for r in records}
     ns = sorted({r["n_keys"] for r in records})
@@ -341,10 +342,6 @@ def write_table(records: list[dict], path: Path, setting: int) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def _has_rule(records: list[dict], rule: str) -> bool:
-    return any(r["update_rule"] == rule for r in records)
-
-
 def write_plot(records: list[dict], path: Path, setting: int) -> None:
     """Final evaluation loss against N, one curve per feature map (one panel per update rule in
     setting 1; log y in setting 2); dotted verticals at each deterministic map's d_dot."""
@@ -354,7 +351,7 @@ def write_plot(records: list[dict], path: Path, setting: int) -> None:
     import matplotlib.pyplot as plt
 
     if setting == 1:  # a panel per update rule that has points (the sum rule at least)
-        rules = [rl for rl in ("sum", "delta") if rl == "sum" or _has_rule(records, rl)]
+        rules = ["sum"] + (["delta"] if any(r["update_rule"] == "delta" for r in records) else [])
     else:
         rules = ["all"]
     markers = dict(zip((e.value for e in KeyEmbedding), "osv^x", strict=True))
@@ -363,10 +360,9 @@ def write_plot(records: list[dict], path: Path, setting: int) -> None:
     for ax, rule in zip(axes[0], rules, strict=True):
         subset = [r for r in records if rule == "all" or r["update_rule"] == rule]
         curves = dict.fromkeys(_curve(r) for r in subset)
-        for fm, rl, emb in curves:
-            pts = sorted(
-                (r["n_keys"], r["final_eval_loss"]) for r in subset if _curve(r) == (fm, rl, emb)
-            )
+        for curve in curves:
+            fm, rl, emb, _ = curve
+            pts = sorted((r["n_keys"], r["final_eval_loss"]) for r in subset if _curve(r) == curve)
             style = "--" if (setting == 2 and rl == "sum") else "-"
             if emb != KeyEmbedding.PAPER.value:
                 style = "-."
@@ -376,7 +372,7 @@ def write_plot(records: list[dict], path: Path, setting: int) -> None:
                 marker=markers[emb],
                 ms=3,
                 color=colors[fm],
-                label=_curve_label(fm, rl, emb),
+                label=_curve_label(*curve),
             )
             d = GridPoint(1, fm, rl, 2).d_dot
             if setting == 1 and d is not None and not fm.startswith("favor"):
