@@ -45,6 +45,8 @@ class RetrievalConfig:
         e = self.d_embed
         if isinstance(e, bool) or not isinstance(e, int) or e < 1:
             raise ValueError(f"d_embed={e!r} must be a positive int or None")
+        if not isinstance(self.use_bias, bool):
+            raise ValueError(f"use_bias={self.use_bias!r} must be a bool")
         object.__setattr__(self, "attention", AttentionKind(self.attention))
         if self.fast_weight.update_rule is UpdateRule.GATED_DELTA:
             raise ValueError("RetrievalModel supports the sum and delta rules, not GATED_DELTA")
