@@ -95,8 +95,47 @@ def _write_context(
     return tokens
 
 
+class _TokenLayout:
+    """The token ranges and lengths both tasks share (the layout in the module docstring).
+
+    A task defines ``num_pairs``, ``num_queries``, ``num_distractors``, ``num_noise`` and the
+    four layout sizes below; this class derives the offsets of the ranges and the lengths.
+    """
+
+    _hop_tokens: int  # HOP_1 … HOP_H tokens after SEP
+    _key_range: int
+    _value_range: int
+    _query_width: int  # tokens per query, answer included
+
+    @property
+    def key_offset(self) -> int:
+        return FIRST_HOP + self._hop_tokens
+
+    @property
+    def value_offset(self) -> int:
+        return self.key_offset + self._key_range
+
+    @property
+    def noise_offset(self) -> int:
+        return self.value_offset + self._value_range
+
+    @property
+    def vocab_size(self) -> int:
+        return self.noise_offset + self.num_noise
+
+    @property
+    def context_length(self) -> int:
+        """Tokens before SEP: ``2P + D``."""
+        return 2 * self.num_pairs + self.num_distractors
+
+    @property
+    def length(self) -> int:
+        """Sequence length ``T = 2P + D + 1 + wQ`` (``w`` tokens per query)."""
+        return self.context_length + 1 + self._query_width * self.num_queries
+
+
 @dataclasses.dataclass(frozen=True)
-class MQARTask:
+class MQARTask(_TokenLayout):
     """Multi-query associative recall with distractors (Zoology's MQAR).
 
     Attributes:
@@ -135,32 +174,16 @@ class MQARTask:
             raise ValueError(f"{self.num_queries=} must be <= {self.num_pairs=} (distinct keys)")
 
     max_hops = 1  # no hop tokens; every answer is a 1-hop lookup
+    _hop_tokens = 0
+    _query_width = 2  # key, value
 
     @property
-    def key_offset(self) -> int:
-        return FIRST_HOP
+    def _key_range(self) -> int:
+        return self.num_keys
 
     @property
-    def value_offset(self) -> int:
-        return self.key_offset + self.num_keys
-
-    @property
-    def noise_offset(self) -> int:
-        return self.value_offset + self.num_values
-
-    @property
-    def vocab_size(self) -> int:
-        return self.noise_offset + self.num_noise
-
-    @property
-    def context_length(self) -> int:
-        """Tokens before SEP: ``2P + D``."""
-        return 2 * self.num_pairs + self.num_distractors
-
-    @property
-    def length(self) -> int:
-        """Sequence length ``T = 2P + D + 1 + 2Q``."""
-        return self.context_length + 1 + 2 * self.num_queries
+    def _value_range(self) -> int:
+        return self.num_values
 
     def batch(self, seed: int, index: int, batch_size: int, *, eval: bool = False) -> dict:
         """The batch at position ``index`` of the stream ``seed`` (``eval`` selects a disjoint
@@ -210,7 +233,7 @@ def _outputs(tokens, answer_pos, answers, hops) -> dict:
 
 
 @dataclasses.dataclass(frozen=True)
-class MultiHopTask:
+class MultiHopTask(_TokenLayout):
     """Multi-hop recall: follow ``key → value → key`` chains of written pairs.
 
     Each sequence draws ``C · (L + 1)`` distinct entities (``C`` chains of ``L + 1`` entities,
@@ -266,31 +289,19 @@ class MultiHopTask:
         """``P = C · L`` written links."""
         return self.num_chains * self.chain_length
 
-    @property
-    def key_offset(self) -> int:
-        return FIRST_HOP + self.max_hops
+    _query_width = 3  # HOP_h, entity, answer
 
     @property
-    def value_offset(self) -> int:
-        return self.key_offset + self.num_entities
+    def _hop_tokens(self) -> int:
+        return self.max_hops
 
     @property
-    def noise_offset(self) -> int:
-        return self.value_offset + self.num_entities
+    def _key_range(self) -> int:
+        return self.num_entities
 
     @property
-    def vocab_size(self) -> int:
-        return self.noise_offset + self.num_noise
-
-    @property
-    def context_length(self) -> int:
-        """Tokens before SEP: ``2P + D``."""
-        return 2 * self.num_pairs + self.num_distractors
-
-    @property
-    def length(self) -> int:
-        """Sequence length ``T = 2P + D + 1 + 3Q``."""
-        return self.context_length + 1 + 3 * self.num_queries
+    def _value_range(self) -> int:
+        return self.num_entities
 
     def batch(self, seed: int, index: int, batch_size: int, *, eval: bool = False) -> dict:
         """The batch at position ``index`` of the stream ``seed`` (see :meth:`MQARTask.batch`).
