@@ -78,9 +78,14 @@ class KeyEmbedding(enum.Enum):
     WIDE: OFFICIAL's model, with the embedding's standard deviation ``√(d_key / e)`` so that
       the pre-φ keys start at PAPER's scale.
     WIDE_NO_BIAS: WIDE without the biases.
+    UNTIED: PAPER with a second ``d_key``-wide table for the queries (``tie_queries=False``).
+    FACTORED: PAPER with its table factorised as ``E·P`` through OFFICIAL's width ``e``
+      (``embed_factor=e``): over-parametrised like OFFICIAL, queries still tied to the keys.
 
     SCALED, WIDE and WIDE_NO_BIAS are ablations: with PAPER and OFFICIAL they cross the width
-    with the initial key scale, and take out the biases.
+    with the initial key scale, and take out the biases. UNTIED and FACTORED split what a wide
+    table changes: with ``e >= 2·d_key`` the key and query maps of a key id become independent
+    (untied), and the table is over-parametrised.
     """
 
     PAPER = "paper"
@@ -88,6 +93,8 @@ class KeyEmbedding(enum.Enum):
     SCALED = "scaled"
     WIDE = "wide"
     WIDE_NO_BIAS = "wide_no_bias"
+    UNTIED = "untied"
+    FACTORED = "factored"
 
     @property
     def wide(self) -> bool:
@@ -203,7 +210,12 @@ class GridPoint:
         fm = FEATURE_MAPS[self.feature_map]
         n = self.n_keys
         e = self.embedding
-        emb = dict(d_embed=self.official_embed_width if e.wide else None, use_bias=e.bias)
+        emb = dict(
+            d_embed=self.official_embed_width if e.wide else None,
+            use_bias=e.bias,
+            tie_queries=e is not KeyEmbedding.UNTIED,
+            embed_factor=self.official_embed_width if e is KeyEmbedding.FACTORED else None,
+        )
         if fm is None:
             return RetrievalConfig(n, n, d_key=D_KEY, attention=AttentionKind.SOFTMAX, **emb)
         fw = FastWeightConfig(
@@ -354,7 +366,7 @@ def write_plot(records: list[dict], path: Path, setting: int) -> None:
         rules = ["sum"] + (["delta"] if any(r["update_rule"] == "delta" for r in records) else [])
     else:
         rules = ["all"]
-    markers = dict(zip((e.value for e in KeyEmbedding), "osv^x", strict=True))
+    markers = dict(zip((e.value for e in KeyEmbedding), "osv^xDP", strict=True))
     fig, axes = plt.subplots(1, len(rules), figsize=(6.5 * len(rules), 4.5), squeeze=False)
     colors = dict(zip(FEATURE_MAPS, plt.get_cmap("tab10").colors, strict=False))
     for ax, rule in zip(axes[0], rules, strict=True):

@@ -23,6 +23,11 @@ class RetrievalConfig:
     d_embed: width of the key embedding; ``None`` means ``d_key`` (the official synthetic code
       uses ``int(2.2·N)``).
     use_bias: whether the key, query and β projections have biases (the official code's do).
+    tie_queries: whether queries are embedded with the keys' table (the paper's and the official
+      code's model); ``False`` gives them a table of their own.
+    embed_factor: if set, every embedding table is a product ``E·P`` of a
+      ``[num_keys, embed_factor]`` table and one shared ``[embed_factor, d_embed]`` matrix: an
+      over-parametrisation with the same function class.
     attention: FAST_WEIGHT (any φ, rule, normalisation) or SOFTMAX.
     fast_weight: the memory's configuration (short_conv / output_norm are not used here).
     """
@@ -32,6 +37,8 @@ class RetrievalConfig:
     d_key: int = 64
     d_embed: int | None = None
     use_bias: bool = False
+    tie_queries: bool = True
+    embed_factor: int | None = None
     attention: AttentionKind = AttentionKind.FAST_WEIGHT
     fast_weight: FastWeightConfig = _DEFAULT_FAST_WEIGHT
 
@@ -45,8 +52,12 @@ class RetrievalConfig:
         e = self.d_embed
         if isinstance(e, bool) or not isinstance(e, int) or e < 1:
             raise ValueError(f"d_embed={e!r} must be a positive int or None")
-        if not isinstance(self.use_bias, bool):
-            raise ValueError(f"use_bias={self.use_bias!r} must be a bool")
+        for name in ("use_bias", "tie_queries"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a bool")
+        f = self.embed_factor
+        if f is not None and (isinstance(f, bool) or not isinstance(f, int) or f < 1):
+            raise ValueError(f"embed_factor={f!r} must be a positive int or None")
         object.__setattr__(self, "attention", AttentionKind(self.attention))
         if self.fast_weight.update_rule is UpdateRule.GATED_DELTA:
             raise ValueError("RetrievalModel supports the sum and delta rules, not GATED_DELTA")
@@ -57,7 +68,8 @@ class RetrievalModel(nnx.Module):
 
     Step ``t`` sees ``x_t = [onehot(value_t); embed(key_t)]``; the memory key is ``W_k x_t``, the
     memory value is ``onehot(value_t)`` itself (frozen), the write strength ``σ(w_β·x_t)``. A
-    query is ``W_q embed(query_key)`` (each projection plus a bias if ``use_bias``), read from
+    query is ``W_q embed_q(query_key)`` (each projection plus a bias if ``use_bias``;
+    ``embed_q = embed`` unless ``tie_queries`` is off), read from
     the memory after all writes: the prediction ``ŷ ∈ R^{num_values}``. The softmax variant
     attends from each query to all written keys.
 
@@ -67,7 +79,16 @@ class RetrievalModel(nnx.Module):
     def __init__(self, config: RetrievalConfig, *, rngs: nnx.Rngs):
         self.config = config
         d, e, bias = config.d_key, config.d_embed, config.use_bias
-        self.embed = nnx.Embed(config.num_keys, e, rngs=rngs)
+        f = config.embed_factor
+        self.embed = nnx.Embed(config.num_keys, e if f is None else f, rngs=rngs)
+        self.query_embed = nnx.data(
+            None
+            if config.tie_queries
+            else nnx.Embed(config.num_keys, e if f is None else f, rngs=rngs)
+        )
+        self.embed_factor = nnx.data(
+            None if f is None else nnx.Linear(f, e, use_bias=False, rngs=rngs)
+        )
         d_in = config.num_values + e
         self.key_proj = nnx.Linear(d_in, d, use_bias=bias, rngs=rngs)
         self.query_proj = nnx.Linear(e, d, use_bias=bias, rngs=rngs)
@@ -85,12 +106,25 @@ class RetrievalModel(nnx.Module):
             d, m = self.projection[...].shape
             self.projection[...] = feature_maps.draw_favor_projection(key, d, m)
 
+    def key_table(self) -> jax.Array:
+        """The key embedding table ``[num_keys, d_embed]`` (``E·P`` if ``embed_factor``)."""
+        table = self.embed.embedding[...]
+        return table if self.embed_factor is None else self.embed_factor(table)
+
+    def query_table(self) -> jax.Array:
+        """The query embedding table ``[num_keys, d_embed]``: the key table unless
+        ``tie_queries`` is off."""
+        if self.query_embed is None:
+            return self.key_table()
+        table = self.query_embed.embedding[...]
+        return table if self.embed_factor is None else self.embed_factor(table)
+
     def __call__(self, keys, values, queries):
         cfg = self.config
         v = jax.nn.one_hot(values, cfg.num_values, dtype=jnp.float32)  # [B, L, V]
-        x = jnp.concatenate([v, self.embed(keys)], axis=-1)
+        x = jnp.concatenate([v, self.key_table()[keys]], axis=-1)
         k = self.key_proj(x)[:, :, None]  # [B, L, 1, d]
-        q = self.query_proj(self.embed(queries))[:, :, None]  # [B, Q, 1, d]
+        q = self.query_proj(self.query_table()[queries])[:, :, None]  # [B, Q, 1, d]
         if cfg.attention is AttentionKind.SOFTMAX:
             logits = jnp.einsum("bqhd,blhd->bhql", q, k) / math.sqrt(cfg.d_key)
             return jnp.einsum("bhql,blv->bqv", jax.nn.softmax(logits, axis=-1), v)

@@ -208,7 +208,10 @@ def official_init(model: RetrievalModel, key: jax.Array, *, embed_std: float = 1
     ``W_k, W_q ~ U(±1/√d_key)``, for softmax ``W_k, W_q`` Xavier-uniform
     (``U(±√(6/(fan_in+fan_out)))``); ``W_β`` PyTorch's default Linear init ``U(±1/√fan_in)``;
     biases (``use_bias``) PyTorch's default ``U(±1/√fan_in)``. (The official key embedding is
-    ``int(2.2·N)`` wide: ``RetrievalConfig.d_embed``.)
+    ``int(2.2·N)`` wide: ``RetrievalConfig.d_embed``.) Options the official model lacks: an
+    untied query table (``tie_queries=False``) is drawn like the key table; with
+    ``embed_factor = f`` the tables ``E`` are drawn as above and the shared factor
+    ``P ~ N(0, 1/f)``, so that ``E·P`` has the unfactored table's variance.
 
     Args:
       model: the model to re-initialise.
@@ -223,7 +226,15 @@ def official_init(model: RetrievalModel, key: jax.Array, *, embed_std: float = 1
     def uniform(k, shape, bound):
         return jax.random.uniform(k, shape, jnp.float32, -bound, bound)
 
-    model.embed.embedding[...] = embed_std * jax.random.normal(k_embed, model.embed.embedding.shape)
+    # The optional tables draw from keys folded out of k_embed: the others' draws are unchanged.
+    tables = ((k_embed, model.embed), (jax.random.fold_in(k_embed, 1), model.query_embed))
+    for k, table in tables:
+        if table is not None:
+            table.embedding[...] = embed_std * jax.random.normal(k, table.embedding.shape)
+    if model.embed_factor is not None:
+        factor = model.embed_factor.kernel
+        draw = jax.random.normal(jax.random.fold_in(k_embed, 2), factor.shape)
+        factor[...] = draw / math.sqrt(model.config.embed_factor)
     for k, layer in ((k_key, model.key_proj), (k_query, model.query_proj)):
         fan_in, fan_out = layer.kernel.shape
         if model.config.attention is AttentionKind.SOFTMAX:
@@ -255,7 +266,7 @@ def _token_projections(model: RetrievalModel, keys, values):
     the per-position product's weight gradient needs, which alone took 34 of a training step's
     128 ms (``jax.profiler``, setting 1, DPFP-1, N = 400)."""
     num_values = model.config.num_values
-    table = model.embed.embedding[...]  # [num_keys, d_embed]
+    table = model.key_table()  # [num_keys, d_embed]
     wk = model.key_proj.kernel[...]  # [V + d_embed, d]
     wb = model.beta_proj.kernel[...]  # [V + d_embed, 1]
     k = wk[:num_values][values] + (table @ wk[num_values:])[keys]  # [B, L, d]
@@ -302,7 +313,7 @@ def memory_writes(model: RetrievalModel, keys, values, queries):
         raise ValueError("memory_writes needs a fast weight model, not softmax attention")
     k, beta_logit = _token_projections(model, keys, values)
     fk = _fast_weight_features(model, k, key=True)
-    fq = _fast_weight_features(model, model.query_proj(model.embed(queries)), key=False)
+    fq = _fast_weight_features(model, model.query_proj(model.query_table()[queries]), key=False)
     delta = model.config.fast_weight.update_rule is UpdateRule.DELTA
     return fk, (jax.nn.sigmoid(beta_logit) if delta else None), fq
 
@@ -375,7 +386,7 @@ def direct_predictions(model: RetrievalModel, keys, values, queries) -> jax.Arra
     """
     cfg = model.config
     k, beta_logit = _token_projections(model, keys, values)  # [B, L, d], [B, L]
-    q = model.query_proj(model.embed(queries))  # [B, Q, d]
+    q = model.query_proj(model.query_table()[queries])  # [B, Q, d]
     if cfg.attention is AttentionKind.SOFTMAX:
         logits = jnp.einsum("bqd,bld->bql", q, k) / math.sqrt(cfg.d_key)
         return _scatter_values(jax.nn.softmax(logits, axis=-1), values, cfg.num_values)

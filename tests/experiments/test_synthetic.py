@@ -3,6 +3,7 @@
 solve and its gradient, the stopping rule, and a tiny grid run end to end with resumption."""
 
 import csv
+import dataclasses
 import json
 import os
 
@@ -48,7 +49,8 @@ CASES = [
         OFFICIAL,
         marks=pytest.mark.slow,  # not used by the grids
     ),
-    (2, None, UpdateRule.SUM, None, OFFICIAL),
+    # Softmax, with the options the official model lacks: an untied, factorised query table.
+    (2, None, UpdateRule.SUM, None, dict(OFFICIAL, tie_queries=False, embed_factor=7)),
 ]
 
 
@@ -168,11 +170,12 @@ def test_protocol_and_grid_validation():
 
 def test_key_embedding_variants():
     """OFFICIAL: int(2.2·N)-wide embedding with biases; SCALED / WIDE: PAPER's / OFFICIAL's
-    model started at the other's pre-φ key scale."""
+    model started at the other's pre-φ key scale; UNTIED / FACTORED: PAPER with a query table of
+    its own / a factorised table."""
     points = {
         k: synthetic.GridPoint(1, "dpfp2", "sum", 100, embedding=k) for k in synthetic.KeyEmbedding
     }
-    paper, official, scaled, wide, wide_no_bias = points.values()
+    paper, official, scaled, wide, wide_no_bias, untied, factored = points.values()
     narrow = paper.model_config()
     assert (narrow.d_embed, narrow.use_bias) == (64, False)
     assert (official.model_config().d_embed, official.model_config().use_bias) == (220, True)
@@ -183,17 +186,29 @@ def test_key_embedding_variants():
     assert wide_no_bias.model_config().use_bias is False
     assert wide_no_bias.model_config().d_embed == 220
     assert wide_no_bias.embed_std == wide.embed_std
-    assert len({p.name for p in points.values()}) == 5
+    assert dataclasses.replace(untied.model_config(), tie_queries=True) == narrow
+    assert dataclasses.replace(factored.model_config(), embed_factor=None) == narrow
+    assert factored.model_config().embed_factor == 220
+    assert untied.embed_std == factored.embed_std == 1.0
+    assert len({p.name for p in points.values()}) == 7
     # official_init's 5-way split keeps split(key, 4)'s keys: bias-free points keep their draws.
     four, five = jax.random.split(jax.random.key(7), 4), jax.random.split(jax.random.key(7), 5)
     np.testing.assert_array_equal(jax.random.key_data(four), jax.random.key_data(five[:4]))
     # Pre-φ query variance: e/(3·d_key) for OFFICIAL and SCALED, 1/3 for PAPER and WIDE.
     large = 220 / 192
-    for point, want in ((paper, 1 / 3), (official, large), (scaled, large), (wide, 1 / 3)):
-        model = RetrievalModel(point.model_config(), rngs=nnx.Rngs(0))
+    cases = [(paper, 1 / 3), (official, large), (scaled, large), (wide, 1 / 3)]
+    cases += [(untied, 1 / 3), (factored, 1 / 3)]
+    models = {}
+    for point, want in cases:
+        model = models[point.embedding] = RetrievalModel(point.model_config(), rngs=nnx.Rngs(0))
         official_init(model, jax.random.key(0), embed_std=point.embed_std)
-        queries = model.query_proj(model.embed(jnp.arange(100)))
+        queries = model.query_proj(model.query_table()[jnp.arange(100)])
         assert float(jnp.var(queries)) == pytest.approx(want, rel=0.15)
+    # UNTIED: the key table keeps PAPER's draw; the query table is another one.
+    key_table = models[synthetic.KeyEmbedding.UNTIED].key_table()
+    query_table = models[synthetic.KeyEmbedding.UNTIED].query_table()
+    np.testing.assert_array_equal(key_table, models[synthetic.KeyEmbedding.PAPER].key_table())
+    assert not np.allclose(key_table, query_table)
 
 
 def test_tiny_grid_end_to_end_and_resume(tmp_path, monkeypatch):

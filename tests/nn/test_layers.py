@@ -251,6 +251,10 @@ def test_config_validation_names_the_values():
         RetrievalConfig(num_keys=3, num_values=3, d_embed=0)
     with pytest.raises(ValueError, match="use_bias='yes'"):
         RetrievalConfig(num_keys=3, num_values=3, use_bias="yes")
+    with pytest.raises(ValueError, match="tie_queries=1"):
+        RetrievalConfig(num_keys=3, num_values=3, tie_queries=1)
+    with pytest.raises(ValueError, match="embed_factor=0"):
+        RetrievalConfig(num_keys=3, num_values=3, embed_factor=0)
     assert RetrievalConfig(num_keys=3, num_values=3, d_key=8).d_embed == 8  # None: d_key
     assert ModelConfig(layer_kinds=("softmax", "fast_weight")).layer_kinds[0] is (
         AttentionKind.SOFTMAX
