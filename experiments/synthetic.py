@@ -81,6 +81,7 @@ class KeyEmbedding(enum.Enum):
     UNTIED: PAPER with a second ``d_key``-wide table for the queries (``tie_queries=False``).
     FACTORED: PAPER with its table factorised as ``E·P`` through OFFICIAL's width ``e``
       (``embed_factor=e``): over-parametrised like OFFICIAL, queries still tied to the keys.
+    FACTORED_NARROW: FACTORED through ``d_key`` instead of ``e`` (a deeper table, not a wider).
 
     SCALED, WIDE and WIDE_NO_BIAS are ablations: with PAPER and OFFICIAL they cross the width
     with the initial key scale, and take out the biases. UNTIED and FACTORED split what a wide
@@ -95,6 +96,7 @@ class KeyEmbedding(enum.Enum):
     WIDE_NO_BIAS = "wide_no_bias"
     UNTIED = "untied"
     FACTORED = "factored"
+    FACTORED_NARROW = "factored_narrow"
 
     @property
     def wide(self) -> bool:
@@ -214,7 +216,10 @@ class GridPoint:
             d_embed=self.official_embed_width if e.wide else None,
             use_bias=e.bias,
             tie_queries=e is not KeyEmbedding.UNTIED,
-            embed_factor=self.official_embed_width if e is KeyEmbedding.FACTORED else None,
+            embed_factor={
+                KeyEmbedding.FACTORED: self.official_embed_width,
+                KeyEmbedding.FACTORED_NARROW: D_KEY,
+            }.get(e),
         )
         if fm is None:
             return RetrievalConfig(n, n, d_key=D_KEY, attention=AttentionKind.SOFTMAX, **emb)
@@ -366,7 +371,7 @@ def write_plot(records: list[dict], path: Path, setting: int) -> None:
         rules = ["sum"] + (["delta"] if any(r["update_rule"] == "delta" for r in records) else [])
     else:
         rules = ["all"]
-    markers = dict(zip((e.value for e in KeyEmbedding), "osv^xDP", strict=True))
+    markers = dict(zip((e.value for e in KeyEmbedding), "osv^xDPh", strict=True))
     fig, axes = plt.subplots(1, len(rules), figsize=(6.5 * len(rules), 4.5), squeeze=False)
     colors = dict(zip(FEATURE_MAPS, plt.get_cmap("tab10").colors, strict=False))
     for ax, rule in zip(axes[0], rules, strict=True):

@@ -175,7 +175,7 @@ def test_key_embedding_variants():
     points = {
         k: synthetic.GridPoint(1, "dpfp2", "sum", 100, embedding=k) for k in synthetic.KeyEmbedding
     }
-    paper, official, scaled, wide, wide_no_bias, untied, factored = points.values()
+    paper, official, scaled, wide, wide_no_bias, untied, factored, narrow_factor = points.values()
     narrow = paper.model_config()
     assert (narrow.d_embed, narrow.use_bias) == (64, False)
     assert (official.model_config().d_embed, official.model_config().use_bias) == (220, True)
@@ -189,8 +189,11 @@ def test_key_embedding_variants():
     assert dataclasses.replace(untied.model_config(), tie_queries=True) == narrow
     assert dataclasses.replace(factored.model_config(), embed_factor=None) == narrow
     assert factored.model_config().embed_factor == 220
+    assert dataclasses.replace(factored.model_config(), embed_factor=64) == (
+        narrow_factor.model_config()
+    )
     assert untied.embed_std == factored.embed_std == 1.0
-    assert len({p.name for p in points.values()}) == 7
+    assert len({p.name for p in points.values()}) == 8
     # official_init's 5-way split keeps split(key, 4)'s keys: bias-free points keep their draws.
     four, five = jax.random.split(jax.random.key(7), 4), jax.random.split(jax.random.key(7), 5)
     np.testing.assert_array_equal(jax.random.key_data(four), jax.random.key_data(five[:4]))
