@@ -129,6 +129,7 @@ CSV_COLUMNS = (
     "seconds",
     "seed",
     "max_steps",
+    "learning_rate",
     "device",
 )
 
@@ -283,6 +284,7 @@ def run_point(point: GridPoint, protocol: RetrievalProtocol, out_dir: Path) -> d
         seconds=round(result.seconds, 1),
         seed=point.seed,
         max_steps=protocol.max_steps,
+        learning_rate=protocol.learning_rate,
         device=jax.default_backend(),
         history=[list(h) for h in result.history],
     )
@@ -297,6 +299,7 @@ def load_records(out_dir: Path, setting: int) -> list[dict]:
     for r in records:
         r.setdefault("device", "cpu")  # records from before the column was added ran on CPU
         r.setdefault("key_embedding", KeyEmbedding.PAPER.value)  # and with the paper's embedding
+        r.setdefault("learning_rate", RetrievalProtocol.learning_rate)  # and learning rate
     order = {name: i for i, name in enumerate(FEATURE_MAPS)}
     return sorted(
         records,
@@ -508,6 +511,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--first-core", type=int, default=0, help="pin workers from this core")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-steps", type=int, default=MAX_STEPS)
+    parser.add_argument(
+        "--learning-rate",
+        type=float,
+        default=RetrievalProtocol.learning_rate,
+        help="Adam's learning rate (the paper's 1e-3; other values only as probes, each in its "
+        "own --results folder: point files do not name it)",
+    )
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--only", default="", help="comma-separated feature maps to run")
     parser.add_argument(
@@ -523,6 +533,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error(f"--workers={args.workers} must be >= 1")
+    if args.learning_rate != RetrievalProtocol.learning_rate and args.results == RESULTS:
+        parser.error(f"--learning-rate={args.learning_rate} needs a --results folder of its own")
     if args.workers == 1:
         _limit_threads(None)  # one XLA thread: the other cores stay free
     embedding = KeyEmbedding(args.embedding)
@@ -545,7 +557,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     run_grid(
         points,
-        RetrievalProtocol(max_steps=args.max_steps),
+        RetrievalProtocol(max_steps=args.max_steps, learning_rate=args.learning_rate),
         out_dir=args.results / "synthetic",
         results_dir=args.results,
         workers=args.workers,
