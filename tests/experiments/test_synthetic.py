@@ -227,6 +227,7 @@ def test_tiny_grid_end_to_end_and_resume(tmp_path, monkeypatch):
     assert (row["setting"], row["feature_map"], row["update_rule"]) == ("2", "dpfp1", "sum")
     assert (row["n_keys"], row["d_dot"], row["normalization"]) == ("5", "128", "attention")
     assert (row["steps"], row["stop_reason"]) == ("5", "target")
+    assert float(row["learning_rate"]) == protocol.learning_rate
     assert float(row["final_eval_loss"]) == records[0]["final_eval_loss"] <= 1.0
     assert len(records[0]["history"]) == 1
     assert (tmp_path / "synthetic_setting2.png").stat().st_size > 0
@@ -257,6 +258,8 @@ def test_cli_points_selects_single_grid_points(tmp_path, monkeypatch):
     argv = ["--setting", "1", "--grid", "quick", "--max-steps", "100", "--results", str(tmp_path)]
     with pytest.raises(SystemExit):
         synthetic.main([*argv, "--points", "softmax_sum_n30"])
+    with pytest.raises(SystemExit):  # a probe's learning rate, into the grid's results folder
+        synthetic.main(["--setting", "1", "--learning-rate", "0.01"])
     synthetic.main([*argv, "--points", "softmax_sum_n20"])
     files = sorted(p.name for p in (tmp_path / "synthetic" / "setting1").glob("*.json"))
     assert files == ["softmax_sum_n20_seed0.json"]
