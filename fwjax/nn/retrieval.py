@@ -80,11 +80,10 @@ class RetrievalModel(nnx.Module):
         self.config = config
         d, e, bias = config.d_key, config.d_embed, config.use_bias
         f = config.embed_factor
-        self.embed = nnx.Embed(config.num_keys, e if f is None else f, rngs=rngs)
+        width = e if f is None else f  # of the table(s) E
+        self.embed = nnx.Embed(config.num_keys, width, rngs=rngs)
         self.query_embed = nnx.data(
-            None
-            if config.tie_queries
-            else nnx.Embed(config.num_keys, e if f is None else f, rngs=rngs)
+            None if config.tie_queries else nnx.Embed(config.num_keys, width, rngs=rngs)
         )
         self.embed_factor = nnx.data(
             None if f is None else nnx.Linear(f, e, use_bias=False, rngs=rngs)
