@@ -118,12 +118,17 @@ class RetrievalModel(nnx.Module):
         table = self.query_embed.embedding[...]
         return table if self.embed_factor is None else self.embed_factor(table)
 
+    def embed_queries(self, queries) -> jax.Array:
+        """``[..., d_embed]`` rows of :meth:`query_table`; out-of-range ids give NaN rows (as
+        ``nnx.Embed``), so a bad id shows up as a non-finite loss."""
+        return jnp.take(self.query_table(), queries, axis=0)
+
     def __call__(self, keys, values, queries):
         cfg = self.config
         v = jax.nn.one_hot(values, cfg.num_values, dtype=jnp.float32)  # [B, L, V]
-        x = jnp.concatenate([v, self.key_table()[keys]], axis=-1)
+        x = jnp.concatenate([v, jnp.take(self.key_table(), keys, axis=0)], axis=-1)
         k = self.key_proj(x)[:, :, None]  # [B, L, 1, d]
-        q = self.query_proj(self.query_table()[queries])[:, :, None]  # [B, Q, 1, d]
+        q = self.query_proj(self.embed_queries(queries))[:, :, None]  # [B, Q, 1, d]
         if cfg.attention is AttentionKind.SOFTMAX:
             logits = jnp.einsum("bqhd,blhd->bhql", q, k) / math.sqrt(cfg.d_key)
             return jnp.einsum("bhql,blv->bqv", jax.nn.softmax(logits, axis=-1), v)

@@ -313,7 +313,7 @@ def memory_writes(model: RetrievalModel, keys, values, queries):
         raise ValueError("memory_writes needs a fast weight model, not softmax attention")
     k, beta_logit = _token_projections(model, keys, values)
     fk = _fast_weight_features(model, k, key=True)
-    fq = _fast_weight_features(model, model.query_proj(model.query_table()[queries]), key=False)
+    fq = _fast_weight_features(model, model.query_proj(model.embed_queries(queries)), key=False)
     delta = model.config.fast_weight.update_rule is UpdateRule.DELTA
     return fk, (jax.nn.sigmoid(beta_logit) if delta else None), fq
 
@@ -386,7 +386,7 @@ def direct_predictions(model: RetrievalModel, keys, values, queries) -> jax.Arra
     """
     cfg = model.config
     k, beta_logit = _token_projections(model, keys, values)  # [B, L, d], [B, L]
-    q = model.query_proj(model.query_table()[queries])  # [B, Q, d]
+    q = model.query_proj(model.embed_queries(queries))  # [B, Q, d]
     if cfg.attention is AttentionKind.SOFTMAX:
         logits = jnp.einsum("bqd,bld->bql", q, k) / math.sqrt(cfg.d_key)
         return _scatter_values(jax.nn.softmax(logits, axis=-1), values, cfg.num_values)
