@@ -6,10 +6,12 @@ alternating, with the largest gradient difference between the two forms:
   tables vs the per-position product ``W_v[v_t] + embed(k_t) @ W_e``;
 * ``delta readout``: the delta rule's read weights by back substitution with one ``K``-vector
   per query (``_delta_read_weights``) vs forming ``A = tril(diag(β) K̂K̂ᵀ, −1)`` and the blocked
-  solve ``fwjax.ops.linalg.solve_unit_lower``.
+  solve ``fwjax.ops.linalg.solve_unit_lower``;
+* ``readout VJP``: that back substitution's hand-written VJP (a forward scan rebuilding the
+  carried vector) vs autodiff through its scan.
 
     XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \\
-        taskset -c 0 python -m benchmarks.retrieval_step [--repeats 10]
+        taskset -c 0 python -m benchmarks.retrieval_step [--repeats 10] [--change "readout VJP"]
 
 Each point is a grid point of ``experiments/synthetic.py`` (setting, feature map, rule, N), batch
 32, one query per sequence, the closed-form readout (``Readout.DIRECT``).
@@ -37,6 +39,8 @@ POINTS = (
     (1, "dpfp3", "sum", 300),
     (2, "favor64", "delta", 160),
     (2, "dpfp2", "delta", 200),
+    (1, "linear", "delta", 600),
+    (1, "dpfp1", "delta", 600),
     (1, "dpfp3", "delta", 600),
 )
 
@@ -58,10 +62,17 @@ def solve_read_weights(fq, fk, beta):
     return solve_unit_lower(s, a) * beta[:, None, :]
 
 
+def autodiff_read_weights(fq, fk, beta):
+    """The back substitution differentiated by autodiff (before its hand-written VJP)."""
+    _, r_prime = retrieval._back_substitution(fq, fk, beta)
+    return jnp.transpose(r_prime, (1, 2, 0)) * beta[:, None, :]
+
+
 # (name, module attribute, the former form), the current form being the attribute itself.
 CHANGES = (
     ("projections", "_token_projections", per_position_projections),
     ("delta readout", "_delta_read_weights", solve_read_weights),
+    ("readout VJP", "_delta_read_weights", autodiff_read_weights),
 )
 
 
@@ -86,13 +97,18 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=2, help="alternations of the two forms")
+    parser.add_argument(
+        "--change", action="append", choices=[c[0] for c in CHANGES], help="only these changes"
+    )
     args = parser.parse_args()
     print(f"backend={jax.default_backend()} batch=32 repeats={args.repeats} rounds={args.rounds}")
     header = ("change", "point", "former (ms)", "current (ms)", "speed-up", "max |Δg|")
     print("{:<14} {:<24} {:>12} {:>12} {:>9} {:>9}".format(*header))
     for name, attribute, former in CHANGES:
+        if args.change and name not in args.change:
+            continue
         for setting, fm, rule, n in POINTS:
-            if name == "delta readout" and rule != "delta":
+            if name != "projections" and rule != "delta":
                 continue
             point = GridPoint(setting, fm, rule, n)
             old, new, diff = _compare(point, attribute, former, args.repeats, args.rounds)

@@ -318,6 +318,25 @@ def memory_writes(model: RetrievalModel, keys, values, queries):
     return fk, (jax.nn.sigmoid(beta_logit) if delta else None), fq
 
 
+def _back_substitution(fq: jax.Array, fk: jax.Array, beta: jax.Array):
+    """The query carried backwards through the writes (see :func:`_delta_read_weights`).
+
+    Returns:
+      ``(u_1 [B, Q, K], r' [L, B, Q])``: the carried vector after the first write and the
+      unscaled read weights ``r'_t = k̂_t·u_{t+1}``, time-major.
+    """
+
+    def step(u, xs):
+        k, b = xs  # [B, K], [B]
+        r = jnp.einsum("bqk,bk->bq", u, k)  # r'_t = k̂_t·u_{t+1}
+        u = u - (b[:, None] * r)[..., None] * k[:, None, :]  # u_t = u_{t+1} − β_t r'_t k̂_t
+        return u, r
+
+    xs = (jnp.swapaxes(fk, 0, 1), jnp.swapaxes(beta, 0, 1))  # scanned over L
+    return jax.lax.scan(step, fq, xs, reverse=True)
+
+
+@jax.custom_vjp
 def _delta_read_weights(fq: jax.Array, fk: jax.Array, beta: jax.Array) -> jax.Array:
     """What each write of a delta-rule memory (zero initial state) contributes to each query's
     read-out: ``ŷ_q = S_Lᵀ q̂ = Σ_t r_{q,t} v_t``.
@@ -326,13 +345,18 @@ def _delta_read_weights(fq: jax.Array, fk: jax.Array, beta: jax.Array) -> jax.Ar
     system ``r' (I + A) = s`` is upper-triangular in ``r'``, solved by back substitution from the
     last write, with one ``K``-vector per query instead of the ``L × L`` matrix ``A``::
 
-        u ← q̂;  for t = L … 1:  r'_t = k̂_t·u,  u ← u − β_t r'_t k̂_t   (u = (I − β_t k̂_t k̂_tᵀ) u)
+        u_{L+1} = q̂;  for t = L … 1:  r'_t = k̂_t·u_{t+1},  u_t = u_{t+1} − β_t r'_t k̂_t
 
-    i.e. the query carried backwards through the writes (the adjoint of the delta recurrence
-    ``S_t = (I − β_t k̂_t k̂_tᵀ) S_{t−1} + β_t k̂_t v_tᵀ``). ``O(Q·L·K)`` instead of the
-    ``O(L²·K)`` of forming ``A``: on XLA:CPU a whole training step (one query) of the synthetic
-    grid's delta rule points is 1.9–2.2× faster than with ``A`` and the blocked solve
-    :func:`~fwjax.ops.linalg.solve_unit_lower` (``benchmarks/retrieval_step.py``).
+    i.e. the query carried backwards through the writes (``u_t = (I − β_t k̂_t k̂_tᵀ) u_{t+1}``,
+    the adjoint of the delta recurrence ``S_t = (I − β_t k̂_t k̂_tᵀ) S_{t−1} + β_t k̂_t v_tᵀ``).
+    ``O(Q·L·K)`` instead of the ``O(L²·K)`` of forming ``A``: on XLA:CPU a whole training step
+    (one query) of the synthetic grid's delta rule points is 1.9–2.2× faster than with ``A`` and
+    the blocked solve :func:`~fwjax.ops.linalg.solve_unit_lower` (``benchmarks/retrieval_step.py``).
+
+    The gradient is hand-written (``_delta_read_weights_bwd``): a forward scan that rebuilds
+    ``u_{t+1} = u_t + β_t r'_t k̂_t`` from the stored ``u_1`` and ``r'`` (exact additions of the
+    stored terms, so rounding errors add up rather than grow) instead of autodiff's stored
+    per-step residuals; ``benchmarks/retrieval_step.py`` compares the two.
 
     Args:
       fq: query features ``[B, Q, K]``.
@@ -342,16 +366,44 @@ def _delta_read_weights(fq: jax.Array, fk: jax.Array, beta: jax.Array) -> jax.Ar
     Returns:
       ``r`` ``[B, Q, L]``.
     """
+    return _delta_read_weights_fwd(fq, fk, beta)[0]
 
-    def step(u, xs):
-        k, b = xs  # [B, K], [B]
-        r = jnp.einsum("bqk,bk->bq", u, k)  # r'_t = k̂_t·u
-        u = u - (b[:, None] * r)[..., None] * k[:, None, :]  # u ← u − β_t r'_t k̂_t
-        return u, r * b[:, None]
 
-    xs = (jnp.swapaxes(fk, 0, 1), jnp.swapaxes(beta, 0, 1))  # scanned over L
-    _, r = jax.lax.scan(step, fq, xs, reverse=True)  # [L, B, Q]
-    return jnp.transpose(r, (1, 2, 0))
+def _delta_read_weights_fwd(fq, fk, beta):
+    u_first, r_prime = _back_substitution(fq, fk, beta)
+    r = jnp.transpose(r_prime, (1, 2, 0)) * beta[:, None, :]  # r_t = β_t r'_t, [B, Q, L]
+    return r, (u_first, r_prime, fk, beta)
+
+
+def _delta_read_weights_bwd(res, r_bar):
+    """Reverse of the back substitution, run forwards from ``t = 1`` with ``ū_1 = 0``. For
+    ``r_t = β_t r'_t``, ``r'_t = k̂_t·u_{t+1}``, ``u_t = u_{t+1} − β_t r'_t k̂_t``:
+
+        r̄'_t = β_t (r̄_t − ū_t·k̂_t)          β̄_t = Σ_q r'_t (r̄_t − ū_t·k̂_t)
+        k̄_t = Σ_q r̄'_t u_{t+1} − β_t r'_t ū_t   ū_{t+1} = ū_t + r̄'_t k̂_t
+
+    and ``q̄ = ū_{L+1}``."""
+    u_first, r_prime, fk, beta = res
+
+    def step(carry, xs):
+        u, u_bar = carry  # u_t, ū_t: [B, Q, K]
+        k, b, r, r_bar_t = xs  # [B, K], [B], [B, Q], [B, Q]
+        g = r_bar_t - jnp.einsum("bqk,bk->bq", u_bar, k)  # r̄_t − ū_t·k̂_t
+        r_prime_bar = b[:, None] * g
+        u_next = u + (b[:, None] * r)[..., None] * k[:, None, :]  # u_{t+1}
+        k_bar = jnp.einsum("bq,bqk->bk", r_prime_bar, u_next) - jnp.einsum(
+            "bq,bqk->bk", b[:, None] * r, u_bar
+        )
+        u_bar = u_bar + r_prime_bar[..., None] * k[:, None, :]
+        return (u_next, u_bar), (k_bar, jnp.sum(r * g, axis=1))
+
+    time_major = (jnp.swapaxes(fk, 0, 1), jnp.swapaxes(beta, 0, 1))
+    xs = (*time_major, r_prime, jnp.transpose(r_bar, (2, 0, 1)))
+    (_, q_bar), (k_bar, beta_bar) = jax.lax.scan(step, (u_first, jnp.zeros_like(u_first)), xs)
+    return q_bar, jnp.swapaxes(k_bar, 0, 1), jnp.swapaxes(beta_bar, 0, 1)
+
+
+_delta_read_weights.defvjp(_delta_read_weights_fwd, _delta_read_weights_bwd)
 
 
 def direct_predictions(model: RetrievalModel, keys, values, queries) -> jax.Array:

@@ -18,6 +18,7 @@ from fwjax.data.retrieval import RetrievalSetting, RetrievalTask, retrieval_loss
 from fwjax.nn import AttentionKind, FastWeightConfig, RetrievalConfig, RetrievalModel
 from fwjax.ops import FeatureMap, FeatureMapKind, Normalization, UpdateRule, feature_maps
 from fwjax.ops.linalg import solve_unit_lower
+from fwjax.train import retrieval
 from fwjax.train.retrieval import (
     Init,
     Readout,
@@ -107,6 +108,31 @@ def test_direct_predictions_of_a_delta_memory_by_hand():
     u1 = 0.5 * e[1]
     u2 = 0.5 * (e[3] - c * u1)
     assert_close(y[0, 0], c * (u1 + u2))
+
+
+@pytest.mark.parametrize("beta_scale", [1.0, 3.0])  # 3: β' = β·d > 1, attention normalisation
+def test_delta_read_weights_and_their_vjp_match_the_definition(beta_scale):
+    """The back substitution equals ``r = (s (I + A)⁻¹) ⊙ β`` (float64), and its hand-written
+    VJP equals autodiff of that definition for random cotangents, w.r.t. q̂, k̂ and β."""
+    rng = np.random.default_rng(0)
+    b, q, length, k = 2, 3, 13, 5
+    with jax.enable_x64(True):
+        fq = jnp.asarray(rng.normal(size=(b, q, k)))
+        fk = jnp.asarray(rng.normal(size=(b, length, k)) * 0.4)
+        beta = jnp.asarray(rng.uniform(0.05, 1.0, size=(b, length)) * beta_scale)
+        r_bar = jnp.asarray(rng.normal(size=(b, q, length)))
+
+        def definition(fq, fk, beta):
+            s = jnp.einsum("bqk,blk->bql", fq, fk)
+            a = jnp.tril(beta[:, :, None] * jnp.einsum("blk,bmk->blm", fk, fk), -1)
+            return s @ jnp.linalg.inv(jnp.eye(length) + a) * beta[:, None, :]
+
+        ours, pullback = jax.vjp(retrieval._delta_read_weights, fq, fk, beta)
+        ref, ref_pullback = jax.vjp(definition, fq, fk, beta)
+        assert_close(ours, ref)
+        for x, y in zip(pullback(r_bar), ref_pullback(r_bar), strict=True):
+            assert float(jnp.max(jnp.abs(y))) > 1e-3  # a non-trivial comparison
+            assert_close(x, y)
 
 
 @pytest.mark.parametrize(
