@@ -62,17 +62,11 @@ def solve_read_weights(fq, fk, beta):
     return solve_unit_lower(s, a) * beta[:, None, :]
 
 
-def autodiff_read_weights(fq, fk, beta):
-    """The back substitution differentiated by autodiff (before its hand-written VJP)."""
-    _, r_prime = retrieval._back_substitution(fq, fk, beta)
-    return jnp.transpose(r_prime, (1, 2, 0)) * beta[:, None, :]
-
-
 # (name, module attribute, the former form), the current form being the attribute itself.
 CHANGES = (
     ("projections", "_token_projections", per_position_projections),
     ("delta readout", "_delta_read_weights", solve_read_weights),
-    ("readout VJP", "_delta_read_weights", autodiff_read_weights),
+    ("readout VJP", "_delta_read_weights", retrieval._delta_read_weights_autodiff),
 )
 
 

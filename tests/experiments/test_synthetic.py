@@ -110,29 +110,69 @@ def test_direct_predictions_of_a_delta_memory_by_hand():
     assert_close(y[0, 0], c * (u1 + u2))
 
 
-@pytest.mark.parametrize("beta_scale", [1.0, 3.0])  # 3: β' = β·d > 1, attention normalisation
-def test_delta_read_weights_and_their_vjp_match_the_definition(beta_scale):
-    """The back substitution equals ``r = (s (I + A)⁻¹) ⊙ β`` (float64), and its hand-written
-    VJP equals autodiff of that definition for random cotangents, w.r.t. q̂, k̂ and β."""
+def _read_weights_definition(fq, fk, beta):
+    """``r = (s (I + A)⁻¹) ⊙ β``, ``s = q̂K̂ᵀ``, ``A = tril(diag(β) K̂K̂ᵀ, −1)``, by a dense inverse."""
+    s = jnp.einsum("bqk,blk->bql", fq, fk)
+    a = jnp.tril(beta[:, :, None] * jnp.einsum("blk,bmk->blm", fk, fk), -1)
+    return s @ jnp.linalg.inv(jnp.eye(fk.shape[1], dtype=fk.dtype) + a) * beta[:, None, :]
+
+
+# (read weights, β scale, key scale): the hand-written VJP with writes up to β‖k̂‖² ≈ 0.5 and,
+# in float64 where rebuilding a grown u is still exact enough, up to ≈ 4; the autodiff form.
+READ_WEIGHT_CASES = [
+    ("_delta_read_weights", 1.0, 0.4),
+    ("_delta_read_weights", 3.0, 0.6),
+    ("_delta_read_weights_autodiff", 3.0, 0.6),
+]
+
+
+@pytest.mark.parametrize("form, beta_scale, key_scale", READ_WEIGHT_CASES)
+def test_delta_read_weights_and_their_vjp_match_the_definition(form, beta_scale, key_scale):
+    """The back substitution equals the definition (float64), and so does its VJP (hand-written
+    or autodiff) for random cotangents, w.r.t. q̂, k̂ and β."""
     rng = np.random.default_rng(0)
     b, q, length, k = 2, 3, 13, 5
     with jax.enable_x64(True):
         fq = jnp.asarray(rng.normal(size=(b, q, k)))
-        fk = jnp.asarray(rng.normal(size=(b, length, k)) * 0.4)
+        fk = jnp.asarray(rng.normal(size=(b, length, k)) * key_scale)
         beta = jnp.asarray(rng.uniform(0.05, 1.0, size=(b, length)) * beta_scale)
         r_bar = jnp.asarray(rng.normal(size=(b, q, length)))
-
-        def definition(fq, fk, beta):
-            s = jnp.einsum("bqk,blk->bql", fq, fk)
-            a = jnp.tril(beta[:, :, None] * jnp.einsum("blk,bmk->blm", fk, fk), -1)
-            return s @ jnp.linalg.inv(jnp.eye(length) + a) * beta[:, None, :]
-
-        ours, pullback = jax.vjp(retrieval._delta_read_weights, fq, fk, beta)
-        ref, ref_pullback = jax.vjp(definition, fq, fk, beta)
+        ours, pullback = jax.vjp(getattr(retrieval, form), fq, fk, beta)
+        ref, ref_pullback = jax.vjp(_read_weights_definition, fq, fk, beta)
         assert_close(ours, ref)
         for x, y in zip(pullback(r_bar), ref_pullback(r_bar), strict=True):
             assert float(jnp.max(jnp.abs(y))) > 1e-3  # a non-trivial comparison
             assert_close(x, y)
+
+
+def test_delta_read_weights_vjp_float32_for_the_grids_keys():
+    """float32, sum-normalised DPFP keys over a long sequence (the grids' contractive writes):
+    the hand-written VJP against the float64 definition; and which form each normalisation
+    gets (the hand-written one only where every write is a contraction)."""
+    rng = np.random.default_rng(1)
+    b, q, length, d = 2, 2, 300, 8
+    fk = feature_maps.sum_norm(feature_maps.dpfp(jnp.asarray(rng.normal(size=(b, length, d))), 2))
+    fq = feature_maps.sum_norm(feature_maps.dpfp(jnp.asarray(rng.normal(size=(b, q, d))), 2))
+    beta = jax.nn.sigmoid(jnp.asarray(rng.normal(size=(b, length)), jnp.float32))
+    r_bar = jnp.asarray(rng.normal(size=(b, q, length)), jnp.float32)
+    args = (fq.astype(jnp.float32), fk.astype(jnp.float32), beta)
+    grads = jax.vjp(retrieval._delta_read_weights, *args)[1](r_bar)
+    with jax.enable_x64(True):
+        args64 = [jnp.asarray(np.asarray(x), jnp.float64) for x in args]
+        ref = jax.vjp(_read_weights_definition, *args64)[1](jnp.asarray(r_bar, jnp.float64))
+    for x, y in zip(grads, ref, strict=True):
+        assert_close(x, y, dtype=jnp.float32)
+
+    def contractive(kind, norm):
+        fm = FeatureMap(kind, num_features=4 if kind is FeatureMapKind.FAVOR_PLUS else None)
+        return retrieval._contractive_writes(FastWeightConfig(feature_map=fm, normalization=norm))
+
+    assert contractive(FeatureMapKind.DPFP, Normalization.SUM)
+    assert contractive(FeatureMapKind.FAVOR_PLUS, Normalization.SUM)
+    assert contractive(FeatureMapKind.IDENTITY, Normalization.L2)
+    assert not contractive(FeatureMapKind.IDENTITY, Normalization.SUM)  # signed: ‖k̂‖ unbounded
+    assert not contractive(FeatureMapKind.ELU_P1, Normalization.ATTENTION)  # β' = β·d
+    assert not contractive(FeatureMapKind.ELU_P1, Normalization.NONE)
 
 
 @pytest.mark.parametrize(
