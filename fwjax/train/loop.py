@@ -3,17 +3,24 @@ multi-host pod.
 
 :func:`train` runs a :class:`~fwjax.train.config.TrainConfig` in a work directory:
 
-* ``workdir/config.json``: the resolved config (``fwjax eval`` / ``generate`` read it back);
+* ``workdir/config.json``: the resolved config (``fwjax eval`` / ``generate`` read it back); a
+  different model, data or optimizer config in the same workdir is refused
+  (:mod:`fwjax.train.workdir`);
 * ``workdir/checkpoints/``: Orbax checkpoints (resumed from automatically: restarting the same
-  command after a crash continues from the last good checkpoint and ends with the same
-  parameters as an uninterrupted run);
-* ``workdir/metrics.jsonl``: train and eval metrics; ``workdir/summary.json``: the final line.
+  command after a crash or an interrupt continues from the last good checkpoint and ends with
+  the same parameters as an uninterrupted run); unreadable ones go to ``workdir/corrupt/``;
+* ``workdir/metrics.jsonl``: train and eval metrics; ``workdir/summary.json``: the final line;
+* ``workdir/tokenizer.json``: a language model's vocabulary, written when training starts.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,10 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from fwjax.train import mesh as mesh_lib
+from fwjax.train import workdir as workdir_lib
 from fwjax.train.checkpoint import Checkpointer
-from fwjax.train.config import DistributedConfig, NonFinitePolicy, TrainConfig
-from fwjax.train.config_io import unstructure
-from fwjax.train.metrics import MetricsWriter, Progress
+from fwjax.train.config import DistributedConfig, NonFinitePolicy, TaskKind, TrainConfig
+from fwjax.train.metrics import MetricsWriter, Progress, read_metrics
 from fwjax.train.optim import make_optimizer
 from fwjax.train.step import create_train_state, make_eval_step, make_train_step
 from fwjax.train.tasks import make_task
@@ -128,22 +135,144 @@ def _check_finite(run: Run, history: list[dict]) -> None:
         )
 
 
-def train(config: TrainConfig, workdir: str | Path, *, devices=None) -> dict:
+class Interrupted(RuntimeError):
+    """SIGINT or SIGTERM stopped the run after a step; a checkpoint of that step was saved.
+
+    Attributes:
+      signum: the signal received.
+      step: the step the run stopped at (and saved).
+    """
+
+    def __init__(self, signum: int, step: int):
+        self.signum, self.step = signum, step
+        super().__init__(
+            f"interrupted at step {step}; checkpoint saved; re-run the same command to resume"
+        )
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's convention for a process ended by a signal: 128 + its number."""
+        return 128 + self.signum
+
+
+class _StopSignals:
+    """While active, the first SIGINT/SIGTERM only records itself (the loop then saves and stops
+    after the current step); a second one exits the process at once (no save)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.received is not None:
+            print(
+                f"fwjax train: second signal ({signal.Signals(signum).name}); aborting without "
+                "a checkpoint",
+                file=sys.stderr,
+                flush=True,
+            )
+            os._exit(128 + signum)
+        self.received = signum
+        print(
+            f"fwjax train: {signal.Signals(signum).name} received; saving a checkpoint after "
+            "this step (send it again to abort at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
+def _save_tokenizer(run: Run) -> None:
+    """Writes ``workdir/tokenizer.json`` (a language model's vocabulary) if it is missing."""
+    path = run.workdir / "tokenizer.json"
+    if run.config.task is TaskKind.LM and not path.is_file() and jax.process_index() == 0:
+        run.task.tokenizer.save(path)
+
+
+def _last_train_record(workdir: Path) -> dict:
+    records = [r for r in read_metrics(workdir) if r.get("split") == "train"]
+    if not records:
+        return {}
+    return {k: v for k, v in records[-1].items() if k not in ("step", "split", "time")}
+
+
+def train(
+    config: TrainConfig, workdir: str | Path, *, devices=None, overwrite: bool = False
+) -> dict:
     """Trains (or resumes) the run of ``config`` in ``workdir``; returns the final summary.
 
+    A workdir holds one run (:mod:`fwjax.train.workdir`): a config that differs from the
+    stored one in the model, data or optimizer is refused before any file is touched, unless
+    ``overwrite`` deletes the old run first; a larger ``steps`` extends the run. A run that has
+    already reached ``steps`` with a summary prints that summary again and changes no file.
+    SIGINT / SIGTERM stop the run after the current step with a checkpoint
+    (:class:`Interrupted`).
+
+    Args:
+      config: the run.
+      workdir: its directory (created if missing).
+      devices: the devices of the mesh (default: all).
+      overwrite: delete the workdir's previous run (its checkpoints, metrics, summary, config)
+        before starting.
+
+    Returns:
+      The summary: ``steps``, ``resumed_from``, ``seconds``, ``train`` and ``eval`` metrics.
+
     Raises:
+      WorkdirError: the workdir holds a different run, or one beyond ``config.steps``.
       NonFiniteLossError: per ``config.nonfinite``.
+      Interrupted: after SIGINT / SIGTERM, once the checkpoint is saved.
       ValueError / FileNotFoundError: bad config values, a global batch not divisible by the
         data-parallel size, a missing data path.
     """
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        (workdir / "config.json").write_text(json.dumps(unstructure(config), indent=2))
-    run = Run(config, workdir, devices)
     cfg = config
-    writer = MetricsWriter(workdir, tensorboard=cfg.tensorboard)
+    main_process = jax.process_index() == 0
+    if overwrite and main_process and workdir.is_dir():
+        removed = workdir_lib.remove_run(workdir)
+        if removed:
+            log.warning("--overwrite: deleted the previous run's %s in %s", removed, workdir)
+    previous = workdir_lib.stored_config(workdir)
+    changed = {} if previous is None else workdir_lib.check_config(workdir, previous, config)
+    run = Run(config, workdir, devices)
     start_step = int(run.state.step)
+    if start_step > cfg.steps:
+        run.checkpointer.close()
+        raise workdir_lib.WorkdirError(
+            f"workdir {str(workdir)!r} holds a run at step {start_step}, beyond "
+            f"steps={cfg.steps}; train with steps >= {start_step} to extend it, or use another "
+            "--workdir"
+        )
+    stored = workdir_lib.read_summary(workdir)
+    if start_step == cfg.steps and not changed and stored and stored.get("steps") == cfg.steps:
+        run.checkpointer.close()
+        if main_process:
+            print(workdir_lib.summary_line(stored, cfg.steps))
+        return stored
+    if main_process:
+        workdir.mkdir(parents=True, exist_ok=True)
+        workdir_lib.write_config(workdir, config)
+    _save_tokenizer(run)
+    writer = MetricsWriter(workdir, tensorboard=cfg.tensorboard)
+    dropped = writer.truncate_after(run.restored_step)
+    if dropped:
+        log.info("dropped %d metrics records written after the restored step", dropped)
+    if changed:
+        shown = {k: list(v) for k, v in changed.items()}
+        log.info("config changed since the last run in %s: %s", workdir, shown)
+        writer.write(start_step, "config", {"changed": json.dumps(shown)})
     if run.restored_step is not None:
         log.info("resumed from the checkpoint at step %d", run.restored_step)
     progress = Progress(cfg.steps, start_step, cfg.progress_bar)
@@ -151,40 +280,50 @@ def train(config: TrainConfig, workdir: str | Path, *, devices=None) -> dict:
     history, t0, t_log, step_log = [], time.time(), time.time(), start_step
     last_train, last_eval = {}, {}
     try:
-        for step in range(start_step, cfg.steps):
-            run.state, metrics = run.train_step(run.state, run.batch(step))
-            history.append(dict(metrics, step=step))
-            done = step + 1
-            at_log = done % cfg.log_every == 0 or done == cfg.steps
-            at_ckpt = done % cfg.checkpoint.every_steps == 0 or done == cfg.steps
-            at_eval = done % cfg.eval_every == 0 or done == cfg.steps
-            if at_log or at_ckpt or at_eval:
-                history = jax.device_get(history)
-                _check_finite(run, history)
-                now = time.time()
-                diagnostics = history[-1].pop("diagnostics", None)
-                for m in history:
-                    m.pop("diagnostics", None)
-                sums = {k: sum(float(m[k]) for m in history) for k in history[0]}
-                last_train = run.task.summarize(sums)
-                last_train["grad_norm"] = sums["grad_norm"] / len(history)
-                last_train["tokens_per_s"] = tokens_per_step * (done - step_log) / (now - t_log)
-                writer.write(done, "train", last_train)
-                if diagnostics:  # the last step's memory diagnostics, per layer and head
-                    writer.write(done, "memory", flatten_diagnostics(diagnostics))
-                progress.update(
-                    done - step_log, loss=last_train["loss"], tok_s=last_train["tokens_per_s"]
-                )
-                history, t_log, step_log = [], now, done
-            if at_eval:
-                last_eval = run.evaluate()
-                writer.write(done, "eval", last_eval)
-            if at_ckpt:
-                run.checkpointer.save(run.state, _record(run))
+        with _StopSignals() as stop:
+            for step in range(start_step, cfg.steps):
+                run.state, metrics = run.train_step(run.state, run.batch(step))
+                history.append(dict(metrics, step=step))
+                done = step + 1
+                at_log = done % cfg.log_every == 0 or done == cfg.steps
+                at_ckpt = done % cfg.checkpoint.every_steps == 0 or done == cfg.steps
+                at_eval = done % cfg.eval_every == 0 or done == cfg.steps
+                if at_log or at_ckpt or at_eval or stop.received:
+                    history = jax.device_get(history)
+                    _check_finite(run, history)
+                if at_log or at_ckpt or at_eval:
+                    now = time.time()
+                    diagnostics = history[-1].pop("diagnostics", None)
+                    for m in history:
+                        m.pop("diagnostics", None)
+                    sums = {k: sum(float(m[k]) for m in history) for k in history[0]}
+                    last_train = run.task.summarize(sums)
+                    last_train["grad_norm"] = sums["grad_norm"] / len(history)
+                    last_train["tokens_per_s"] = tokens_per_step * (done - step_log) / (now - t_log)
+                    writer.write(done, "train", last_train)
+                    if diagnostics:  # the last step's memory diagnostics, per layer and head
+                        writer.write(done, "memory", flatten_diagnostics(diagnostics))
+                    progress.update(
+                        done,
+                        done - step_log,
+                        {"loss": last_train["loss"], "tokens/s": last_train["tokens_per_s"]},
+                    )
+                    history, t_log, step_log = [], now, done
+                if at_eval:
+                    last_eval = run.evaluate()
+                    writer.write(done, "eval", last_eval)
+                if at_ckpt or stop.received:
+                    run.checkpointer.save(run.state, _record(run))
+                if stop.received:
+                    run.checkpointer.wait()
+                    raise Interrupted(stop.received, done)
     finally:
         progress.close()
         run.checkpointer.close()
         writer.close()
+    if start_step >= cfg.steps:  # finished before, without a summary: evaluate it now
+        last_train = _last_train_record(workdir)
+        last_eval = run.evaluate()
     seconds = time.time() - t0
     summary = dict(
         steps=int(run.state.step),
@@ -194,10 +333,9 @@ def train(config: TrainConfig, workdir: str | Path, *, devices=None) -> dict:
         eval=last_eval,
     )
     writer.write(int(run.state.step), "summary", {"seconds": seconds})
-    if jax.process_index() == 0:
-        (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
-        evals = " ".join(f"{k}={v:.4g}" for k, v in last_eval.items())
-        print(f"fwjax train: step {summary['steps']}/{cfg.steps} in {seconds:.1f} s; eval {evals}")
+    if main_process:
+        workdir_lib.write_text_atomic(workdir / "summary.json", json.dumps(summary, indent=2))
+        print(workdir_lib.summary_line(summary, cfg.steps))
     return summary
 
 

@@ -1,13 +1,20 @@
 """Host-side metrics: a JSONL file (always), a tqdm progress bar, TensorBoard (optional).
 
 Only process 0 writes. Each JSONL line is ``{"step": ..., "split": "train"|"eval"|"summary",
-...metrics}``; a resumed run appends to the same file.
+...metrics}``; a resumed run first drops the records after its restored step (written by the
+interrupted run after its last checkpoint), then appends: every step is logged once.
+
+Without a progress bar (``progress_bar = false``, or stderr is not a terminal), a one-line log
+(step, loss, tokens/s, elapsed time and ETA) goes to stderr at the first logged step and then at
+most every ``interval_s`` seconds.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -51,6 +58,32 @@ class MetricsWriter:
                 if isinstance(v, int | float) and math.isfinite(v):
                     self._tb.add_scalar(f"{split}/{k}", v, step)
 
+    def truncate_after(self, step: int | None) -> int:
+        """Drops the records after ``step`` (all records when None); returns how many.
+
+        Args:
+          step: the step a resumed run restarts from (its restored checkpoint), or None.
+
+        Returns:
+          The number of records removed.
+        """
+        if not self.enabled or not self.path.exists():
+            return 0
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        keep = []
+        for line in lines:
+            try:
+                record_step = json.loads(line)["step"]
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by a kill
+            if step is not None and record_step <= step:
+                keep.append(line)
+        if len(keep) != len(lines):
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text("".join(line + "\n" for line in keep))
+            os.replace(tmp, self.path)
+        return len(lines) - len(keep)
+
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
@@ -64,20 +97,62 @@ def read_metrics(workdir: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-class Progress:
-    """A tqdm bar over the run's steps (process 0, when enabled), showing loss and tokens/s."""
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
-    def __init__(self, total: int, initial: int, enabled: bool):
+
+class Progress:
+    """Progress of a run on process 0: a tqdm bar, or periodic one-line logs.
+
+    Args:
+      total: the run's last step.
+      initial: the step it starts (or resumes) from.
+      bar: show a tqdm bar when stderr is a terminal; otherwise (or when False) log lines.
+      interval_s: the least time between two log lines.
+      stream: where log lines go (default: ``sys.stderr``).
+    """
+
+    def __init__(
+        self, total: int, initial: int, bar: bool, *, interval_s: float = 30.0, stream=None
+    ):
+        self.total, self.initial = total, initial
+        self.interval_s = interval_s
+        self.enabled = jax.process_index() == 0
+        self._stream = stream
         self._bar = None
-        if enabled and jax.process_index() == 0:
+        self._start = time.monotonic()
+        self._last_line = None
+        if self.enabled and bar and sys.stderr.isatty():
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
 
-    def update(self, n: int, **postfix) -> None:
+    def update(self, step: int, n: int, postfix: dict[str, float]) -> None:
+        """Advances to ``step`` (``n`` steps since the last update), showing ``postfix``
+        (e.g. ``{"loss": 1.2, "tokens/s": 9e3}``)."""
+        if not self.enabled:
+            return
         if self._bar is not None:
             self._bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
             self._bar.update(n)
+            return
+        now = time.monotonic()
+        if self._last_line is not None and now - self._last_line < self.interval_s:
+            return
+        self._last_line = now
+        elapsed = now - self._start
+        done = step - self.initial
+        eta = elapsed / done * (self.total - step) if done > 0 else float("nan")
+        parts = [f"step {step}/{self.total}"]
+        parts += [f"{k} {v:.4g}" for k, v in postfix.items()]
+        parts.append(f"elapsed {_duration(elapsed)}")
+        if math.isfinite(eta):
+            parts.append(f"ETA {_duration(eta)}")
+        stream = self._stream if self._stream is not None else sys.stderr
+        print("fwjax train: " + ", ".join(parts), file=stream, flush=True)
 
     def close(self) -> None:
         if self._bar is not None:
