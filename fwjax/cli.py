@@ -2,13 +2,18 @@
 
 ::
 
-    fwjax train --config NAME_OR_PATH --workdir DIR [--set key.path=value ...]
+    fwjax train --config NAME_OR_PATH --workdir DIR [--set key.path=value ...] [--overwrite]
     fwjax eval --workdir DIR [--mode segments|sliding|carried] [--stride S] [--streams B]
     fwjax generate --workdir DIR --prompt TEXT [--tokens N] [--temperature T] [--top-k K]
 
 ``NAME`` is a file ``experiments/configs/NAME.toml`` (looked up in the current directory's
 ``experiments/configs`` and in the fwjax source checkout's); overrides use TOML literals, e.g.
 ``--set optimizer.learning_rate=1e-3 --set retrieval.fast_weight.update_rule=delta``.
+
+User errors (a bad config or value, a missing file, malformed TOML, a workdir holding another
+run) print one line to stderr and exit with status 2; ``--debug`` (or ``FWJAX_DEBUG=1``) shows
+the traceback. Unexpected errors keep their traceback. SIGINT / SIGTERM during ``train`` save a
+checkpoint after the current step and exit with 130 / 143.
 """
 
 from __future__ import annotations
@@ -16,7 +21,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import tomllib
+import traceback
 from pathlib import Path
 
 from fwjax.train.config import TaskKind, TrainConfig
@@ -26,16 +34,43 @@ CONFIG_DIRS = [
     Path.cwd() / "experiments" / "configs",
     Path(__file__).resolve().parents[1] / "experiments" / "configs",
 ]
+_PACKAGE_DIR = Path(__file__).resolve().parent
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A mistake in the command's input, reported in one line (exit status 2)."""
 
 
 def load_train_config(name_or_path: str, overrides: list[str] | None = None) -> TrainConfig:
-    """Reads a TOML config (a path or a name in ``experiments/configs``), applies
-    ``key.path=value`` overrides and converts it to a validated :class:`TrainConfig`."""
-    data = load_toml(find_config(name_or_path, CONFIG_DIRS))
+    """Reads a TOML config and converts it to a validated :class:`TrainConfig`.
+
+    Args:
+      name_or_path: a path, or a name in ``experiments/configs``.
+      overrides: ``key.path=value`` strings (TOML literals).
+
+    Returns:
+      The config.
+
+    Raises:
+      FileNotFoundError: no such config (the message lists the available names).
+      ValueError / TypeError: malformed TOML (naming the file and line), unknown keys or bad
+        values (naming them).
+    """
+    path = find_config(name_or_path, CONFIG_DIRS)
+    try:
+        data = load_toml(path)
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"malformed TOML in {str(path)!r}: {e}") from e
     return structure(TrainConfig, apply_overrides(data, overrides or []))
 
 
 def config_from_workdir(workdir: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """The config stored in ``workdir/config.json``, with ``key.path=value`` overrides.
+
+    Raises:
+      FileNotFoundError: ``workdir`` holds no config (it is not a training workdir).
+    """
     path = Path(workdir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{str(path)!r} not found: is {str(workdir)!r} a training workdir?")
@@ -48,6 +83,7 @@ def _restored_run(workdir: str):
     config = config_from_workdir(workdir, ["progress_bar=false"])
     run = Run(config, workdir)
     if run.restored_step is None:
+        run.checkpointer.close()
         raise FileNotFoundError(f"no checkpoint found in {workdir}/checkpoints")
     return run
 
@@ -55,14 +91,18 @@ def _restored_run(workdir: str):
 def cmd_train(args) -> int:
     from fwjax.train.loop import initialize_distributed, train
 
-    config = load_train_config(args.config, args.set)
+    try:
+        config = load_train_config(args.config, args.set)
+    except (ValueError, TypeError) as e:
+        raise UsageError(str(e)) from e
     initialize_distributed(config.distributed)
-    train(config, args.workdir)
+    train(config, args.workdir, overwrite=args.overwrite)
     return 0
 
 
 def _save_tokenizer(run, workdir: str) -> None:
-    """Writes ``workdir/tokenizer.json`` (the LM's vocabulary) if it is not there yet."""
+    """Writes ``workdir/tokenizer.json`` (the LM's vocabulary) if it is not there yet (runs
+    trained before ``train`` wrote it)."""
     path = Path(workdir) / "tokenizer.json"
     if run.config.task is TaskKind.LM and not path.is_file():
         run.task.tokenizer.save(path)
@@ -71,14 +111,13 @@ def _save_tokenizer(run, workdir: str) -> None:
 def cmd_eval(args) -> int:
     run = _restored_run(args.workdir)
     run.checkpointer.close()
-    _save_tokenizer(run, args.workdir)
     if args.mode is None:
         metrics = run.evaluate()
     else:
         from fwjax.train.tasks import evaluate_lm
 
         if run.config.task is not TaskKind.LM:
-            raise SystemExit(f"--mode needs a language model; this run's task is {run.config.task}")
+            raise UsageError(f"--mode needs a language model; this run's task is {run.config.task}")
         metrics = evaluate_lm(
             run,
             args.mode,
@@ -90,6 +129,27 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def unknown_symbols(tokenizer, text: str) -> list[str]:
+    """The symbols of ``text`` outside ``tokenizer``'s vocabulary, each once, in order.
+
+    Args:
+      tokenizer: a :class:`~fwjax.data.tokenizers.Tokenizer`.
+      text: the text to encode.
+
+    Returns:
+      Characters (char tokenizer) or words (word tokenizer); always empty for bytes.
+    """
+    from fwjax.data.tokenizers import TokenizerKind
+
+    if tokenizer.kind is TokenizerKind.BYTE:
+        return []
+    vocab = set(tokenizer.vocab)
+    symbols = text if tokenizer.kind is TokenizerKind.CHAR else text.split()
+    if tokenizer.kind is TokenizerKind.CHAR:
+        symbols = [c for c in symbols if c != "\n" or "\n" not in vocab]
+    return list(dict.fromkeys(s for s in symbols if s not in vocab))
+
+
 def cmd_generate(args) -> int:
     import jax
     import numpy as np
@@ -97,41 +157,101 @@ def cmd_generate(args) -> int:
     from fwjax.data.tokenizers import Tokenizer, TokenizerKind
     from fwjax.nn import generate
 
+    if args.prompt == "":
+        raise UsageError("--prompt must not be empty")
     run = _restored_run(args.workdir)
     run.checkpointer.close()
     if run.config.task is not TaskKind.LM:
-        raise SystemExit(f"generate needs a language model; this run's task is {run.config.task}")
+        raise UsageError(f"generate needs a language model; this run's task is {run.config.task}")
     _save_tokenizer(run, args.workdir)
     tokenizer = Tokenizer.load(Path(args.workdir) / "tokenizer.json")
     if tokenizer != run.task.tokenizer:
-        raise SystemExit(
+        raise UsageError(
             f"{args.workdir}/tokenizer.json differs from the vocabulary of the run's data "
             f"({tokenizer.vocab_size} vs {run.task.tokenizer.vocab_size} symbols)"
+        )
+    if args.top_k is not None and args.top_k > tokenizer.vocab_size:
+        raise UsageError(
+            f"--top-k {args.top_k} must be <= the vocabulary size {tokenizer.vocab_size}"
+        )
+    unknown = unknown_symbols(tokenizer, args.prompt)
+    if unknown and args.unknown == "error":
+        raise UsageError(
+            f"the prompt has {len(unknown)} symbol(s) outside the {tokenizer.unit} vocabulary: "
+            f"{unknown[:20]!r}; change the prompt, or pass --unknown replace"
+        )
+    if unknown:
+        print(
+            f"fwjax generate: warning: replaced {len(unknown)} unknown symbol(s) "
+            f"{unknown[:20]!r} with the unknown token",
+            file=sys.stderr,
         )
     prompt = tokenizer.encode(args.prompt)
     if tokenizer.kind is TokenizerKind.WORD and not args.prompt.endswith("\n"):
         prompt = prompt[:-1]  # the prompt's last line is unfinished: no <eos> yet
     if prompt.size == 0:
-        raise SystemExit("--prompt must not be empty")
+        raise UsageError(f"--prompt {args.prompt!r} has no {tokenizer.unit} tokens")
+    greedy = args.temperature == 0
     tokens = generate(
         run.model(),
         jax.numpy.asarray(prompt[None]),
         args.tokens,
         key=jax.random.key(args.seed),
-        temperature=args.temperature,
-        top_k=args.top_k,
+        temperature=0.0 if greedy else args.temperature,
+        top_k=None if greedy else args.top_k,
     )
     print(tokenizer.decode(np.asarray(tokens[0])))
     return 0
 
 
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} must be >= {low}")
+        return value
+
+    return parse
+
+
+def _nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{value} must be a finite number >= 0")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (argparse prints the whole usage before them)."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fwjax", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    """The ``fwjax`` argument parser (subcommands ``train``, ``eval``, ``generate``)."""
+    parser = _Parser(prog="fwjax", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the traceback of every error (also FWJAX_DEBUG=1)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser("train", help="train (or resume) a run")
     p.add_argument("--config", required=True, help="config name in experiments/configs, or path")
     p.add_argument("--workdir", required=True, help="checkpoints, metrics and config go here")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete the workdir's previous run (checkpoints, metrics, summary, config) first",
+    )
     p.set_defaults(fn=cmd_train)
     p = sub.add_parser("eval", help="evaluate the latest checkpoint of a workdir")
     p.add_argument("--workdir", required=True)
@@ -142,27 +262,88 @@ def build_parser() -> argparse.ArgumentParser:
         help="LM: over the whole split; independent segments, a sliding window, or fast weights "
         "carried across all segments (default: the training loop's eval batches)",
     )
-    p.add_argument("--segment-len", type=int, default=None, help="LM: T (default: training's)")
-    p.add_argument("--stride", type=int, default=None, help="sliding: stride (lm.eval_stride)")
-    p.add_argument("--streams", type=int, default=1, help="carried: parallel streams")
+    p.add_argument(
+        "--segment-len", type=_int_at_least(1), default=None, help="LM: T (default: training's)"
+    )
+    p.add_argument(
+        "--stride", type=_int_at_least(1), default=None, help="sliding: stride (lm.eval_stride)"
+    )
+    p.add_argument("--streams", type=_int_at_least(1), default=1, help="carried: parallel streams")
     p.set_defaults(fn=cmd_eval)
     p = sub.add_parser("generate", help="sample text from a trained language model")
     p.add_argument("--workdir", required=True)
     p.add_argument("--prompt", required=True)
-    p.add_argument("--tokens", type=int, default=200, help="new tokens to sample")
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--tokens", type=_int_at_least(1), default=200, help="new tokens to sample")
+    p.add_argument(
+        "--temperature",
+        type=_nonnegative_float,
+        default=0.8,
+        help="sampling temperature; 0 is greedy decoding (always the most likely token)",
+    )
+    p.add_argument("--top-k", type=_int_at_least(1), default=None, help="sample the k best")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--unknown",
+        choices=["error", "replace"],
+        default="error",
+        help="prompt symbols outside the vocabulary: an error (default), or replace them with "
+        "the unknown token and warn",
+    )
     p.set_defaults(fn=cmd_generate)
     return parser
 
 
+def _is_user_error(error: BaseException) -> bool:
+    """Errors that describe a mistake in the input: usage errors, files that are missing or
+    unreadable, and ValueErrors raised by fwjax's own validation (not by a library)."""
+    from fwjax.train.workdir import WorkdirError
+
+    if isinstance(error, UsageError | WorkdirError | OSError):
+        return True
+    if isinstance(error, ValueError) and error.__traceback__ is not None:
+        origin = Path(traceback.extract_tb(error.__traceback__)[-1].filename).resolve()
+        return origin.is_relative_to(_PACKAGE_DIR)
+    return False
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    return text or type(error).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("absl", "jax", "orbax"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    """Runs the ``fwjax`` command; returns the exit status."""
+    # Libraries log at WARNING and above; fwjax's own notes (resumed from step N, a config
+    # change, a checkpoint set aside) at INFO. force: an import may have configured logging.
+    logging.basicConfig(
+        level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", force=True
+    )
+    logging.getLogger("fwjax").setLevel(logging.INFO)
     args = build_parser().parse_args(argv)
-    return args.fn(args)
+    debug = args.debug or os.environ.get("FWJAX_DEBUG", "") not in ("", "0")
+    prog = f"fwjax {args.command}"
+    from fwjax.train.loop import Interrupted, NonFiniteLossError
+
+    try:
+        return args.fn(args)
+    except Interrupted as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except NonFiniteLossError as e:
+        if debug:
+            raise
+        print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except Exception as e:
+        if debug or not _is_user_error(e):
+            raise
+        print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

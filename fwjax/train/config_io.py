@@ -136,7 +136,7 @@ def find_config(name_or_path: str | Path, search_dirs: list[Path]) -> Path:
         for candidate in (d / path, d / f"{path}.toml"):
             if candidate.is_file():
                 return candidate
-    names = sorted(p.stem for d in search_dirs if d.is_dir() for p in d.glob("*.toml"))
+    names = sorted({p.stem for d in search_dirs if d.is_dir() for p in d.glob("*.toml")})
     raise FileNotFoundError(
         f"config {str(name_or_path)!r} is neither a file nor one of {names} "
         f"(searched {[str(d) for d in search_dirs]})"

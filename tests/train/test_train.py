@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -179,7 +180,7 @@ def test_sigkill_mid_run_then_restart_ends_with_the_same_parameters(tmp_path):
     assert summary["resumed_from"] is not None and 40 <= summary["resumed_from"] < steps
 
 
-def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path):
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
     config = load_train_config(
         "retrieval_delta", [*TINY_RETRIEVAL, "steps=8", "checkpoint.every_steps=4"]
     )
@@ -189,9 +190,12 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path):
     assert files
     for p in files:
         p.write_bytes(b"\x00garbage")
-    with pytest.warns(UserWarning, match="checkpoint step 8 .* could not be restored"):
+    with caplog.at_level(logging.WARNING, logger="fwjax"):
         step, _ = _params(tmp_path)
     assert step == 4
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "checkpoint step 8 could not be restored" in warning and "corrupt" in warning
+    assert (tmp_path / "corrupt" / "8").is_dir() and not latest.exists()
 
 
 # --- non-finite losses -----------------------------------------------------------------------
