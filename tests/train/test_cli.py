@@ -286,3 +286,60 @@ def test_without_a_bar_a_periodic_log_line_is_printed(finished):
     assert lines, proc.stderr
     assert "loss" in lines[0] and "tokens/s" in lines[0] and "ETA" in lines[0]
     assert "\r" not in proc.stderr  # no tqdm bar
+
+
+# --- language models: tokenizer, generate / eval arguments ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def char_lm(tmp_path_factory):
+    """A 2-step char-level LM run on generated text."""
+    workdir = tmp_path_factory.mktemp("char_lm") / "run"
+    sets = [f"--set={s}" for s in TINY_CHAR_LM]
+    proc = fwjax("train", "--config", "lm_tiny", "--workdir", workdir, *sets)
+    assert proc.returncode == 0, proc.stderr
+    return workdir
+
+
+def test_train_writes_the_tokenizer_and_generate_writes_nothing(char_lm):
+    assert (char_lm / "tokenizer.json").is_file()
+    before = _snapshot(char_lm)  # a read-only copy of the workdir would do
+    proc = fwjax("generate", "--workdir", char_lm, "--prompt", "the", "--tokens", "4")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("the")
+    assert _snapshot(char_lm) == before
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["generate", "--prompt", "a", "--tokens", "-3"], "--tokens: -3 must be >= 1"),
+        (["generate", "--prompt", "a", "--top-k", "0"], "--top-k: 0 must be >= 1"),
+        (["generate", "--prompt", "a", "--temperature", "-1"], "--temperature: -1.0 must be"),
+        (["eval", "--mode", "sliding", "--stride", "0"], "--stride: 0 must be >= 1"),
+        (["eval", "--mode", "segments", "--segment-len", "0"], "--segment-len: 0 must be >= 1"),
+        (["generate", "--prompt", "a€b¤€"], "2 symbol(s) outside the char vocabulary: ['€', '¤']"),
+        (["generate", "--prompt", "a", "--top-k", "100000"], "--top-k 100000 must be <="),
+    ],
+    ids=["tokens", "top_k", "temperature", "stride", "segment_len", "unknown", "top_k_vocab"],
+)
+def test_generate_and_eval_arguments_are_validated(char_lm, args, needle):
+    command, *rest = args
+    proc = fwjax(command, "--workdir", char_lm, *rest)
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and needle in proc.stderr, proc.stderr
+
+
+def test_unknown_symbols_can_be_replaced_and_temperature_0_is_greedy(char_lm):
+    proc = fwjax("generate", "--workdir", char_lm, "--prompt", "a€", "--unknown", "replace")
+    assert proc.returncode == 0, proc.stderr
+    assert "replaced 1 unknown symbol(s) ['€']" in proc.stderr
+    outs = [
+        fwjax(
+            "generate", "--workdir", char_lm, "--prompt", "the", "--tokens", "8",
+            "--temperature", "0", "--seed", seed,
+        )
+        for seed in (0, 1)
+    ]  # fmt: skip
+    assert all(p.returncode == 0 for p in outs), [p.stderr for p in outs]
+    assert outs[0].stdout == outs[1].stdout and outs[0].stdout.startswith("the")
