@@ -1,41 +1,49 @@
-"""Language modelling: the paper's six attention variants (Schlag et al., 2021), resumable.
+"""Language modelling on Tiny Shakespeare (char level): the paper's attention variants compared
+under a standard small-LM recipe, with seeds; resumable.
 
 ::
 
     python -m experiments.lm configs                  # (re)write the TOML configs
+    python -m experiments.lm run --budget small --seeds 0,1,2 [--variants softmax,delta]
+    python -m experiments.lm run --budget long --seeds 0 --variants softmax,delta,linear
+    python -m experiments.lm report                   # redraw table and plot from the JSONs
     python -m experiments.lm time [--steps 6]         # seconds per training step, per variant
-    python -m experiments.lm run --steps N [--variants delta,linear] [--runs runs/lm_ts]
 
-``configs`` writes ``experiments/configs/tinyshakespeare_{variant}.toml`` (the CPU-scale
-reproduction) and ``wt103_{small,medium}_{variant}.toml`` (the paper's WikiText-103 settings).
+``configs`` writes, for every variant,
 
-``run`` trains every variant of the Tiny Shakespeare reproduction with ``fwjax train`` in its own
-workdir ``RUNS/{variant}`` (a subprocess each; Orbax checkpoints every ``--ckpt-every`` steps),
-then evaluates it over the whole validation split: independent segments (``val_bpc``), fast
-weights carried across the whole split as one stream (``carry_eval_bpc``, fast weight variants)
-and a sliding window (stride T/2). A finished variant's row is appended to
-``experiments/results/lm_tinyshakespeare.csv`` (and its JSON to
-``experiments/results/lm/{variant}.json``); then the table (``.md``) and the learning curves
-(``.png``) are redrawn (and, with ``--commit``, those files alone are committed). Re-running
-the same command skips finished variants and resumes an unfinished one from its last checkpoint
-(``fwjax train`` resumes by itself).
+* ``shakespeare_char_{variant}.toml``: the reference recipe at the budget of nanoGPT's
+  char-level "baby" Shakespeare model (4 layers, 4 heads, d 128, context 64, batch 12, 2000
+  steps ≈ 1.5M tokens; AdamW 1e-3 → 1e-4 cosine after 100 warmup steps, weight decay 0.1 on
+  matrices, β₂ 0.99, clip 1.0; no dropout; pre-LN, learned positions, embeddings N(0, 0.02²),
+  GELU, residual projections scaled by 1/√(2L); random training windows);
+* ``shakespeare_char_long_{variant}.toml``: the same model at context 256, batch 16, 1200 steps
+  (≈ 4.9M tokens);
+* ``tinyshakespeare_{variant}.toml``: the paper's Transformer-XL-style recipe at CPU scale
+  (post-LN, dropout 0.1, N(0, 1)·√d embeddings, Adam, clip 0.25; fast weight variants carry
+  their memory across segments with no positions) — kept as an explicit config;
+* ``wt103_{small,medium}_{variant}.toml``: the paper's WikiText-103 settings (paper recipe).
 
-Variants (all: post-LN Transformer blocks, ReLU feed-forward, dropout 0.1):
+``run`` trains every (variant, seed) of a budget with ``fwjax train`` in its own workdir
+``RUNS/{budget}/{variant}_s{seed}`` (a subprocess each; seed 0 of every variant first), then
+evaluates it over the whole validation split: independent segments of the training context
+(``val_loss_nats`` / ``val_bpc``, the number compared), a sliding window (stride T/2) and, for
+fast weight variants, the memory carried across the whole split as one stream
+(``carried_val_bpc``). Each finished run is one JSON under
+``experiments/results/lm/{budget}/``; after each, ``experiments/results/lm_tinyshakespeare.csv``
+(one row per seed), ``.md`` (mean ± std per variant) and ``.png`` (learning curves) are
+rewritten from all JSONs. Re-running skips finished runs and resumes an unfinished one from its
+last checkpoint.
 
-* ``softmax``: softmax attention, sinusoidal positions.
+Variants:
+
+* ``softmax``: softmax attention.
 * ``linear``: ELU+1, sum rule, attention normalisation (Katharopoulos et al., 2020).
 * ``performer``: FAVOR+ (m = 16, redrawn every training step), sum rule, attention normalisation.
 * ``delta``: ELU+1, sum normalisation, delta rule, no attention normalisation.
 * ``delta_dpfp2``: DPFP-2, sum normalisation, delta rule.
 * ``delta_favor``: FAVOR+ (m = 16), sum normalisation, delta rule.
-
-and, for the normalisation study (``experiments/normalisation.py``), the ``delta`` variant with
-attention (``delta_attention``), L2 (``delta_l2``) or centred L2 (``delta_centered_l2``)
-normalisation; ``run`` trains the paper's six unless ``--variants`` names others.
-
-In the Tiny Shakespeare reproduction the fast weight variants are trained with their memory
-carried across the segments of each stream (``carry_state``) and no positional encoding; the
-WikiText-103 configs follow the paper (independent segments, positions everywhere).
+* ``delta_attention`` / ``delta_l2`` / ``delta_centered_l2``: the delta network with attention,
+  L2 (DeltaNet, 2024) or centred L2 (fwjax's own) key/query normalisation.
 """
 
 from __future__ import annotations
@@ -55,13 +63,15 @@ CONFIGS = ROOT / "experiments" / "configs"
 RESULTS = ROOT / "experiments" / "results"
 CSV_PATH = RESULTS / "lm_tinyshakespeare.csv"
 COLUMNS = [
+    "budget",
     "model",
     "params",
     "steps",
     "tokens",
+    "seed",
     "val_loss_nats",
     "val_bpc",
-    "carry_eval_bpc",
+    "carried_val_bpc",
     "seconds",
 ]
 TEXT_PATH = "../shared/data/tinyshakespeare/input.txt"
@@ -114,19 +124,35 @@ VARIANTS: dict[str, tuple[str, dict | None]] = {
         dict(feature_map='{ kind = "elu_p1" }', update_rule="delta", normalization="centered_l2"),
     ),
 }
-# The paper's six variants (the reproduction; the others are the normalisation study's).
+# The paper's six variants (the reproduction); the rest are the normalisation study's.
 PAPER_VARIANTS = ("softmax", "linear", "performer", "delta", "delta_dpfp2", "delta_favor")
+# The variants compared under the reference recipe.
+RECIPE_VARIANTS = (*PAPER_VARIANTS, "delta_l2", "delta_centered_l2")
 
 # The paper's WikiText-103 settings (Sec. 6.2 / App. B.2).
 WT103 = {
     "small": dict(d_model=128, segment_len=256, batch_size=96),
     "medium": dict(d_model=256, segment_len=384, batch_size=56),
 }
-# The CPU-scale Tiny Shakespeare reproduction: every variant the same size and steps.
-# Measured on one loaded core: 0.8-0.9 s per step at batch 8 × 256 (all variants), so 1200 steps
-# take 16-18 minutes per variant.
+# The paper's recipe at CPU scale (the earlier Tiny Shakespeare reproduction).
 TS = dict(d_model=128, num_layers=4, num_heads=8, d_ff=512, segment_len=256, batch_size=8)
 TS_STEPS = 1200
+
+# The reference recipe's budgets: nanoGPT's baby Shakespeare model (small) and a longer context.
+BUDGETS = {
+    "small": dict(prefix="shakespeare_char", segment_len=64, batch_size=12, steps=2000),
+    "long": dict(prefix="shakespeare_char_long", segment_len=256, batch_size=16, steps=1200),
+}
+RECIPE_MODEL = dict(d_model=128, num_layers=4, num_heads=4, d_ff=512)
+# The paper's Transformer-XL-style model options, written out in its configs.
+PAPER_MODEL = dict(
+    norm_position="post",
+    embed_init_std=1.0,
+    embed_scale=True,
+    activation="relu",
+    scale_residual_init=False,
+    dropout=0.1,
+)
 
 
 def _quote(value) -> str:
@@ -152,30 +178,87 @@ def _config_text(header: str, top: dict, lm: dict, model: dict, fw: dict | None,
     return "\n".join(parts)
 
 
-def _model_table(variant: str, *, d_model, num_layers, num_heads, d_ff, positional) -> dict:
+def _softmax_kinds(variant: str, model: dict) -> dict:
+    if VARIANTS[variant][1] is None:
+        model["layer_kinds"] = "[" + ", ".join(['"softmax"'] * model["num_layers"]) + "]"
+    return model
+
+
+def _paper_model(variant: str, *, d_model, num_layers, num_heads, d_ff, positional) -> dict:
     model = dict(
         d_model=d_model,
         num_layers=num_layers,
         num_heads=num_heads,
         d_ff=d_ff,
-        dropout=0.1,
         positional=positional,
-        norm_position="post",
+        **PAPER_MODEL,
     )
-    if VARIANTS[variant][1] is None:
-        model["layer_kinds"] = "[" + ", ".join(['"softmax"'] * num_layers) + "]"
-    return model
+    return _softmax_kinds(variant, model)
+
+
+def recipe_config(variant: str, budget: str = "small") -> str:
+    """The TOML text of the reference recipe's config of ``variant`` at ``budget``."""
+    desc, fw = VARIANTS[variant]
+    b = BUDGETS[budget]
+    t = b["segment_len"]
+    tokens = b["steps"] * b["batch_size"] * t
+    header = (
+        f"# Tiny Shakespeare (char level), reference small-LM recipe, {budget} budget: {desc}.\n"
+        f"# {b['steps']} steps × {b['batch_size']} × {t} tokens ≈ {tokens / 1e6:.2f}M tokens; "
+        "nanoGPT's baby model recipe (pre-LN, learned positions,\n"
+        "# N(0, 0.02²) embeddings, GELU, AdamW 1e-3 → 1e-4, weight decay 0.1, no dropout), "
+        "random training windows.\n"
+        "# Written by `python -m experiments.lm configs`; results: `python -m experiments.lm run "
+        f"--budget {budget}`.\n"
+    )
+    top = dict(
+        task="lm",
+        steps=b["steps"],
+        batch_size=b["batch_size"],
+        seed=0,
+        eval_every=250,
+        eval_batches=8,
+        log_every=50,
+        progress_bar=False,
+    )
+    lm = dict(
+        dataset="text_file",
+        tokenizer="char",
+        text_path=TEXT_PATH,
+        validation_fraction=0.1,
+        segment_len=t,
+        sampling="random_windows",
+        carry_state=False,
+        eval_stride=t // 2,
+    )
+    model = _softmax_kinds(
+        variant,
+        dict(**RECIPE_MODEL, max_len=t, positional="learned", norm_position="pre", dropout=0.0),
+    )
+    opt = dict(
+        kind="adamw",
+        learning_rate=1e-3,
+        warmup_steps=100,
+        schedule="cosine",
+        final_lr_fraction=0.1,
+        b1=0.9,
+        b2=0.99,
+        weight_decay=0.1,
+        clip_norm=1.0,
+    )
+    text = _config_text(header, top, lm, model, fw, opt)
+    return text + "\n" + _table("checkpoint", dict(every_steps=500, keep=2))
 
 
 def tinyshakespeare_config(variant: str, steps: int = TS_STEPS) -> str:
-    """The TOML text of the Tiny Shakespeare reproduction config of ``variant``."""
+    """The TOML text of the paper-recipe Tiny Shakespeare config of ``variant``."""
     desc, fw = VARIANTS[variant]
     fast = fw is not None
     header = (
-        f"# Tiny Shakespeare (char level), CPU-scale reproduction: {desc}.\n"
-        "# Written by `python -m experiments.lm configs`; run all variants with `python -m "
-        "experiments.lm run`.\n"
-        "# Fast weight variants carry their memory across segments and use no positions.\n"
+        f"# Tiny Shakespeare (char level), the paper's Transformer-XL-style recipe: {desc}.\n"
+        "# Written by `python -m experiments.lm configs`. Fast weight variants carry their "
+        "memory across\n# segments and use no positions. The reference recipe is "
+        "shakespeare_char_*.\n"
     )
     top = dict(
         task="lm",
@@ -197,13 +280,13 @@ def tinyshakespeare_config(variant: str, steps: int = TS_STEPS) -> str:
         carry_state=fast,
         eval_stride=TS["segment_len"] // 2,
     )
-    model = _model_table(
+    model = _paper_model(
         variant,
         d_model=TS["d_model"],
         num_layers=TS["num_layers"],
         num_heads=TS["num_heads"],
         d_ff=TS["d_ff"],
-        positional=not fast,
+        positional="none" if fast else "sinusoidal",
     )
     opt = dict(
         kind="adam",
@@ -242,8 +325,13 @@ def wt103_config(size: str, variant: str) -> str:
         carry_state=False,
         eval_stride=s["segment_len"] // 2,
     )
-    model = _model_table(
-        variant, d_model=s["d_model"], num_layers=16, num_heads=8, d_ff=2048, positional=True
+    model = _paper_model(
+        variant,
+        d_model=s["d_model"],
+        num_layers=16,
+        num_heads=8,
+        d_ff=2048,
+        positional="sinusoidal",
     )
     opt = dict(
         kind="adam", learning_rate=2.5e-4, warmup_steps=2000, schedule="cosine", clip_norm=0.25
@@ -253,16 +341,17 @@ def wt103_config(size: str, variant: str) -> str:
 
 
 def write_configs() -> list[Path]:
-    """Writes every Tiny Shakespeare config and the paper variants' WikiText-103 configs;
-    returns their paths."""
+    """Writes every config of every variant; returns their paths."""
     paths = []
     for variant in VARIANTS:
-        path = CONFIGS / f"tinyshakespeare_{variant}.toml"
-        path.write_text(tinyshakespeare_config(variant))
-        paths.append(path)
+        texts = {f"tinyshakespeare_{variant}": tinyshakespeare_config(variant)}
+        for budget, b in BUDGETS.items():
+            texts[f"{b['prefix']}_{variant}"] = recipe_config(variant, budget)
         for size in WT103 if variant in PAPER_VARIANTS else ():
-            path = CONFIGS / f"wt103_{size}_{variant}.toml"
-            path.write_text(wt103_config(size, variant))
+            texts[f"wt103_{size}_{variant}"] = wt103_config(size, variant)
+        for name, text in texts.items():
+            path = CONFIGS / f"{name}.toml"
+            path.write_text(text)
             paths.append(path)
     return paths
 
@@ -270,8 +359,8 @@ def write_configs() -> list[Path]:
 # -- timing -----------------------------------------------------------------------------------
 
 
-def time_steps(variant: str, steps: int, overrides: list[str]) -> float:
-    """Median seconds per training step of ``variant`` (after two compile/warm-up steps)."""
+def time_steps(config_name: str, steps: int, overrides: list[str]) -> float:
+    """Median seconds per training step of a config (after two compile/warm-up steps)."""
     import tempfile
 
     import jax
@@ -279,7 +368,7 @@ def time_steps(variant: str, steps: int, overrides: list[str]) -> float:
     from fwjax.cli import load_train_config
     from fwjax.train.loop import Run
 
-    config = load_train_config(f"tinyshakespeare_{variant}", overrides)
+    config = load_train_config(config_name, overrides)
     with tempfile.TemporaryDirectory() as workdir:
         run = Run(config, workdir)
         times = []
@@ -292,20 +381,13 @@ def time_steps(variant: str, steps: int, overrides: list[str]) -> float:
     return sorted(times[2:])[len(times[2:]) // 2]
 
 
-# -- the reproduction ----------------------------------------------------------------------------
+# -- the comparison -------------------------------------------------------------------------------
 
 
 def _fwjax(*args: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "fwjax.cli", *args]
     print("+", " ".join(cmd), flush=True)
     return subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
-
-
-def _finished() -> set[str]:
-    if not CSV_PATH.is_file():
-        return set()
-    with open(CSV_PATH) as f:
-        return {row["model"] for row in csv.DictReader(f)}
 
 
 def _count_params(workdir: Path) -> int:
@@ -323,39 +405,47 @@ def _eval(workdir: Path, mode: str, *extra: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run_variant(variant: str, runs: Path, steps: int, ckpt_every: int) -> dict:
-    """Trains (or resumes) and evaluates one variant; returns its results row."""
-    workdir = runs / variant
-    overrides = [f"steps={steps}", f"checkpoint.every_steps={ckpt_every}", "checkpoint.keep=2"]
-    sets = [a for o in overrides for a in ("--set", o)]
+def result_path(budget: str, variant: str, seed: int) -> Path:
+    return RESULTS / "lm" / budget / f"{variant}_s{seed}.json"
+
+
+def run_one(budget: str, variant: str, seed: int, runs: Path, overrides: list[str]) -> dict:
+    """Trains (or resumes) and evaluates one (budget, variant, seed); returns its record."""
+    name = f"{BUDGETS[budget]['prefix']}_{variant}"
+    workdir = runs / budget / f"{variant}_s{seed}"
+    sets = [a for o in [f"seed={seed}", *overrides] for a in ("--set", o)]
     t0 = time.time()
-    _fwjax("train", "--config", f"tinyshakespeare_{variant}", "--workdir", str(workdir), *sets)
+    _fwjax("train", "--config", name, "--workdir", str(workdir), *sets)
     config = json.loads((workdir / "config.json").read_text())
+    steps = config["steps"]
     tokens_per_step = config["batch_size"] * config["lm"]["segment_len"]
     train_seconds = _train_seconds(workdir, tokens_per_step)
-    print(f"{variant}: trained ({train_seconds:.0f} s in training steps)", flush=True)
+    print(f"{name} seed {seed}: trained ({train_seconds:.0f} s in training steps)", flush=True)
     segments = _eval(workdir, "segments")
     sliding = _eval(workdir, "sliding")
     carried = None
-    if VARIANTS[variant][1] is not None:
+    if VARIANTS[variant][1] is not None and config["lm"]["model"]["positional"] != "learned":
         carried = _eval(workdir, "carried", "--streams", "1")
-    tokens = steps * tokens_per_step
     result = dict(
+        budget=budget,
+        config=name,
         model=variant,
         description=VARIANTS[variant][0],
         params=_count_params(workdir),
         steps=steps,
-        tokens=tokens,
+        tokens=steps * tokens_per_step,
+        seed=seed,
         val_loss_nats=segments["loss"],
         val_bpc=segments["bpc"],
-        carry_eval_bpc=None if carried is None else carried["bpc"],
+        carried_val_bpc=None if carried is None else carried["bpc"],
         seconds=round(train_seconds, 1),
         eval=dict(segments=segments, sliding=sliding, carried=carried),
         curve=_curve(workdir),
         wall_seconds_this_invocation=round(time.time() - t0, 1),
     )
-    (RESULTS / "lm").mkdir(parents=True, exist_ok=True)
-    (RESULTS / "lm" / f"{variant}.json").write_text(json.dumps(result, indent=2))
+    path = result_path(budget, variant, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
     return result
 
 
@@ -389,85 +479,116 @@ def _curve(workdir: Path) -> dict:
     return curve
 
 
-def _commit(variant: str) -> None:
-    """Commits only this experiment's result files (``git commit --only``: whatever else is
-    staged in the shared checkout stays out of the commit); failures are reported, not fatal."""
-    paths = [CSV_PATH, CSV_PATH.with_suffix(".md"), CSV_PATH.with_suffix(".png")]
-    paths += sorted((RESULTS / "lm").glob("*.json"))
-    rel = [str(p.relative_to(ROOT)) for p in paths if p.is_file()]
-    for cmd in (
-        ["git", "add", *rel],
-        ["git", "commit", "-q", "--only", "-m", f"LM Tiny Shakespeare results: {variant}", *rel],
-    ):
-        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-        if done.returncode:
-            print(f"{' '.join(cmd[:3])} failed: {done.stderr.strip()}", flush=True)
-            return
-
-
 def _set_results(folder: Path) -> None:
     global RESULTS, CSV_PATH
     RESULTS, CSV_PATH = folder, folder / "lm_tinyshakespeare.csv"
     folder.mkdir(parents=True, exist_ok=True)
 
 
-def append_row(result: dict) -> None:
-    new = not CSV_PATH.is_file()
-    with open(CSV_PATH, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        if new:
-            writer.writeheader()
-        row = {k: result[k] for k in COLUMNS}
-        for k in ("val_loss_nats", "val_bpc", "carry_eval_bpc"):
-            row[k] = "" if row[k] is None else f"{row[k]:.4f}"
-        writer.writerow(row)
+def load_results() -> list[dict]:
+    """Every finished run's record, budgets in order, then variants, then seeds."""
+    order = {v: i for i, v in enumerate(VARIANTS)}
+    out = []
+    for budget in BUDGETS:
+        for path in (RESULTS / "lm" / budget).glob("*.json"):
+            out.append(json.loads(path.read_text()))
+    return sorted(
+        out, key=lambda r: (list(BUDGETS).index(r["budget"]), order[r["model"]], r["seed"])
+    )
+
+
+def _fmt(x, digits=4):
+    return "" if x is None else f"{x:.{digits}f}"
+
+
+def _mean_std(values: list[float]) -> str:
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return f"{mean:.3f}"
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return f"{mean:.3f} ± {std:.3f}"
 
 
 def write_report() -> None:
-    """Redraws ``lm_tinyshakespeare.md`` (table) and ``.png`` (learning curves) from the JSONs."""
-    results = []
-    for variant in VARIANTS:
-        path = RESULTS / "lm" / f"{variant}.json"
-        if path.is_file():
-            results.append(json.loads(path.read_text()))
+    """Rewrites the CSV (one row per run), the table (mean ± sample std over seeds per budget and
+    variant) and the learning-curve plot from the per-run JSONs."""
+    results = load_results()
     if not results:
         return
+    with open(CSV_PATH, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        for r in results:
+            row = {k: r[k] for k in COLUMNS}
+            for k in ("val_loss_nats", "val_bpc", "carried_val_bpc"):
+                row[k] = _fmt(row[k])
+            writer.writerow(row)
     lines = [
-        "| model | params | steps | tokens | val loss (nats) | val bpc (segments) | "
-        "sliding bpc | carried bpc | train s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "Validation loss over the whole 10 % split in independent segments of the training "
+        "context (nats/char; mean ± sample std over seeds). Sliding: windows of the context "
+        "every T/2 chars. Carried: the fast weights carried across the whole split as one stream "
+        "(bits/char).",
+        "",
+        "| budget | model | params | tokens | seeds | val loss (nats) | val bpc | sliding bpc | "
+        "carried bpc | train s / run |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in sorted(results, key=lambda r: r["val_bpc"]):
-        carried = "—" if r["carry_eval_bpc"] is None else f"{r['carry_eval_bpc']:.4f}"
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["budget"], r["model"]), []).append(r)
+    ranked = sorted(
+        groups.items(),
+        key=lambda kv: (
+            list(BUDGETS).index(kv[0][0]),
+            sum(r["val_loss_nats"] for r in kv[1]) / len(kv[1]),
+        ),
+    )
+    for (budget, model), rs in ranked:
+        carried = [r["carried_val_bpc"] for r in rs if r["carried_val_bpc"] is not None]
         lines.append(
-            f"| {r['model']} | {r['params']:,} | {r['steps']} | {r['tokens']:,} | "
-            f"{r['val_loss_nats']:.4f} | {r['val_bpc']:.4f} | "
-            f"{r['eval']['sliding']['bpc']:.4f} | {carried} | {r['seconds']:.0f} |"
+            f"| {budget} | {model} | {rs[0]['params']:,} | {rs[0]['tokens']:,} | {len(rs)} | "
+            f"{_mean_std([r['val_loss_nats'] for r in rs])} | "
+            f"{_mean_std([r['val_bpc'] for r in rs])} | "
+            f"{_mean_std([r['eval']['sliding']['bpc'] for r in rs])} | "
+            f"{_mean_std(carried) if carried else '—'} | "
+            f"{sum(r['seconds'] for r in rs) / len(rs):.0f} |"
         )
-    (RESULTS / "lm_tinyshakespeare.md").write_text("\n".join(lines) + "\n")
+    CSV_PATH.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for r in results:
-        for ax, split in zip(axes, ("train", "eval"), strict=True):
-            pts = r["curve"][split]
-            if pts:
+    budgets = [b for b in BUDGETS if any(r["budget"] == b for r in results)]
+    fig, axes = plt.subplots(1, len(budgets), figsize=(6 * len(budgets), 4.2), squeeze=False)
+    for ax, budget in zip(axes[0], budgets, strict=True):
+        colors: dict[str, str] = {}
+        for (b, model), rs in groups.items():
+            if b != budget:
+                continue
+            for j, r in enumerate(rs):
+                pts = r["curve"]["eval"]
+                if not pts:
+                    continue
                 xs, ys = zip(*pts, strict=True)
-                ax.plot(xs, [y / math.log(2) for y in ys], label=r["model"])
-    axes[0].set_title("training loss (bits/char, running mean over log interval)")
-    axes[1].set_title("validation (first segments, bits/char)")
-    for ax in axes:
-        ax.set_xlabel("step")
+                tokens = [x * r["tokens"] / r["steps"] / 1e6 for x in xs]
+                line = ax.plot(
+                    tokens,
+                    ys,
+                    color=colors.get(model),
+                    alpha=0.8,
+                    label=model if j == 0 else None,
+                )[0]
+                colors[model] = line.get_color()
+        ax.set_title(f"{budget} budget: validation loss during training")
+        ax.set_xlabel("training tokens (millions)")
+        ax.set_ylabel("nats / char (first validation segments)")
+        ax.set_ylim(1.3, 2.8)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("bits per character")
-    axes[1].legend()
-    axes[0].set_ylim(top=4.0)
+        ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(RESULTS / "lm_tinyshakespeare.png", dpi=110)
+    fig.savefig(CSV_PATH.with_suffix(".png"), dpi=110)
     plt.close(fig)
 
 
@@ -477,53 +598,54 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("configs", help="write the TOML configs")
     p = sub.add_parser("time", help="seconds per training step of each variant")
     p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--variants", default=",".join(PAPER_VARIANTS))
+    p.add_argument("--budget", choices=list(BUDGETS), default="small")
+    p.add_argument("--variants", default=",".join(RECIPE_VARIANTS))
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p = sub.add_parser("run", help="train and evaluate the variants (resumable)")
-    p.add_argument("--steps", type=int, default=TS_STEPS)
-    p.add_argument("--variants", default=",".join(PAPER_VARIANTS))
-    p.add_argument("--runs", default="runs/lm_ts")
-    p.add_argument("--ckpt-every", type=int, default=100)
+    p = sub.add_parser("run", help="train and evaluate (budget, variant, seed) runs; resumable")
+    p.add_argument("--budget", choices=list(BUDGETS), default="small")
+    p.add_argument("--variants", default=",".join(RECIPE_VARIANTS))
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--runs", default="runs/lm_recipe")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--results", default=str(RESULTS), help="results folder (tests: a tmp dir)")
-    p.add_argument(
-        "--commit",
-        action="store_true",
-        help="git-commit the results files (only those) after each finished variant",
-    )
-    sub.add_parser("report", help="redraw the table and plot from the per-variant JSONs")
+    p = sub.add_parser("report", help="redraw the CSV, table and plot from the per-run JSONs")
+    p.add_argument("--results", default=str(RESULTS))
     args = parser.parse_args(argv)
     if args.command == "configs":
         for path in write_configs():
             print(path.relative_to(ROOT))
         return 0
     if args.command == "report":
+        _set_results(Path(args.results).absolute())
         write_report()
         return 0
     variants = [v for v in args.variants.split(",") if v]
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         raise SystemExit(f"unknown variant(s) {unknown}; valid: {list(VARIANTS)}")
+    prefix = BUDGETS[args.budget]["prefix"]
     if args.command == "time":
         for v in variants:
-            print(f"{v}: {time_steps(v, args.steps, args.set):.3f} s/step", flush=True)
+            seconds = time_steps(f"{prefix}_{v}", args.steps, args.set)
+            print(f"{prefix}_{v}: {seconds:.3f} s/step", flush=True)
         return 0
     os.chdir(ROOT)
     _set_results(Path(args.results).absolute())
     runs = Path(args.runs)
-    for variant in variants:
-        if variant in _finished():
-            print(f"{variant}: finished, skipped", flush=True)
-            continue
-        try:
-            result = run_variant(variant, runs, args.steps, args.ckpt_every)
-        except subprocess.CalledProcessError as e:
-            print(f"{variant}: FAILED\n{e.stdout[-2000:]}\n{e.stderr[-4000:]}", flush=True)
-            continue
-        append_row(result)
-        write_report()
-        print(f"{variant}: {json.dumps({k: result[k] for k in COLUMNS})}", flush=True)
-        if args.commit:
-            _commit(variant)
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    for seed in seeds:  # every variant's first seed before any second seed
+        for variant in variants:
+            if result_path(args.budget, variant, seed).is_file():
+                print(f"{prefix}_{variant} seed {seed}: finished, skipped", flush=True)
+                continue
+            try:
+                result = run_one(args.budget, variant, seed, runs, args.set)
+            except subprocess.CalledProcessError as e:
+                print(f"{variant} seed {seed}: FAILED\n{e.stdout[-2000:]}\n{e.stderr[-4000:]}")
+                continue
+            write_report()
+            print(f"{variant} seed {seed}: {json.dumps({k: result[k] for k in COLUMNS})}")
+            sys.stdout.flush()
     return 0
 
 

@@ -1,10 +1,11 @@
-"""Text for language modelling as contiguous streams (Transformer-XL style batching).
+"""Text for language modelling: contiguous streams or random windows (:class:`Sampling`).
 
-The text is split into ``B`` contiguous streams; batch ``i`` holds segment ``i`` of every stream,
-so segment ``i + 1`` of a stream continues segment ``i`` and a model may carry its fast weights
-from one batch to the next. Batches are pure functions of their index (wrapping around at the
-end of an epoch, where ``reset`` tells a carrying model to start from empty memories), so the
-data position of a run is one integer.
+STREAMS (Transformer-XL style batching): the text is split into ``B`` contiguous streams; batch
+``i`` holds segment ``i`` of every stream, so segment ``i + 1`` of a stream continues segment
+``i`` and a model may carry its fast weights from one batch to the next. RANDOM_WINDOWS
+(nanoGPT style): every row of batch ``i`` is a window at a uniformly random offset. Either way,
+batches are pure functions of their index (and seed), so the data position of a run is one
+integer.
 
 :func:`load_lm_data` gives a tokeniser and the train / evaluation token arrays of an
 :class:`LMDataset`: a text file split in memory (byte, char or word tokens), or a TFDS dataset
@@ -26,6 +27,8 @@ __all__ = [
     "ContiguousStreams",
     "LMData",
     "LMDataset",
+    "RandomWindows",
+    "Sampling",
     "decode",
     "encode",
     "generated_text",
@@ -129,6 +132,48 @@ class ContiguousStreams:
         window = self.tokens[starts[:, None] + np.arange(t + 1)]
         reset = np.full((self.batch_size,), seg == 0)
         return dict(inputs=window[:, :-1], targets=window[:, 1:], reset=reset)
+
+
+class RandomWindows:
+    """Batches of ``B`` windows of ``T + 1`` tokens at uniformly random offsets (nanoGPT's
+    ``get_batch``), drawn from ``numpy.random.default_rng((seed, index))``: batch ``index`` is a
+    pure function of the seed and the index, whatever came before.
+    """
+
+    def __init__(self, tokens: np.ndarray, batch_size: int, segment_len: int, seed: int = 0):
+        tokens = np.asarray(tokens, dtype=np.int32)
+        if len(tokens) < segment_len + 1:
+            raise ValueError(
+                f"{len(tokens)=} tokens are too few for windows of {segment_len=} (need at least "
+                f"{segment_len + 1})"
+            )
+        self.tokens = tokens
+        self.batch_size = batch_size
+        self.segment_len = segment_len
+        self.seed = seed
+
+    def batch(self, index: int) -> dict:
+        """Returns ``dict(inputs [B, T] int32, targets [B, T] int32, reset [B] bool)``;
+        ``reset`` is all True (windows are independent: nothing may be carried across them)."""
+        t = self.segment_len
+        rng = np.random.default_rng((self.seed, index))
+        starts = rng.integers(0, len(self.tokens) - t, size=self.batch_size)
+        window = self.tokens[starts[:, None] + np.arange(t + 1)]
+        reset = np.ones((self.batch_size,), bool)
+        return dict(inputs=window[:, :-1], targets=window[:, 1:], reset=reset)
+
+
+class Sampling(enum.Enum):
+    """How training batches are cut from the training tokens.
+
+    Attributes:
+      STREAMS: :class:`ContiguousStreams`: ``B`` contiguous streams, batch ``i`` holds segment
+        ``i`` of each (needed to carry fast weights across segments: ``carry_state``).
+      RANDOM_WINDOWS: :class:`RandomWindows`: independent windows at random offsets (nanoGPT).
+    """
+
+    STREAMS = "streams"
+    RANDOM_WINDOWS = "random_windows"
 
 
 class LMDataset(enum.Enum):

@@ -7,13 +7,17 @@ from fwjax.nn.attention import (
     KVCache,
     SoftmaxAttention,
     causal_depthwise_conv,
+    rotary_embedding,
 )
 from fwjax.nn.config import (
+    PAPER_RECIPE,
+    Activation,
     AttentionKind,
     FastWeightConfig,
     FavorRedraw,
     ModelConfig,
     NormPosition,
+    Positional,
 )
 from fwjax.nn.retrieval import RetrievalConfig, RetrievalModel
 from fwjax.nn.transformer import (
@@ -28,6 +32,8 @@ from fwjax.nn.transformer import (
 )
 
 __all__ = [
+    "PAPER_RECIPE",
+    "Activation",
     "AttentionKind",
     "FastWeightAttention",
     "FastWeightConfig",
@@ -39,6 +45,7 @@ __all__ = [
     "LMState",
     "ModelConfig",
     "NormPosition",
+    "Positional",
     "RetrievalConfig",
     "RetrievalModel",
     "SoftmaxAttention",
@@ -47,6 +54,7 @@ __all__ = [
     "causal_depthwise_conv",
     "generate",
     "redraw_favor_projections",
+    "rotary_embedding",
     "sample_logits",
     "sinusoidal_positions",
 ]

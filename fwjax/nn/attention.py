@@ -38,8 +38,9 @@ def logical(init, axes):
     return nnx.with_partitioning(init, axes, eager_sharding=False)
 
 
-def _dense(d_in, d_out, axes, *, dtype, rngs):
-    init = logical(nnx.initializers.lecun_normal(), axes)
+def _dense(d_in, d_out, axes, *, dtype, rngs, scale: float = 1.0):
+    """A bias-free projection with LeCun-normal weights, their std multiplied by ``scale``."""
+    init = logical(nnx.initializers.variance_scaling(scale**2, "fan_in", "truncated_normal"), axes)
     return nnx.Linear(d_in, d_out, use_bias=False, dtype=dtype, kernel_init=init, rngs=rngs)
 
 
@@ -73,6 +74,7 @@ class FastWeightAttention(nnx.Module):
         num_heads: int,
         *,
         dtype=jnp.float32,
+        out_scale: float = 1.0,
         rngs: nnx.Rngs,
     ):
         if d_model % num_heads:
@@ -87,7 +89,9 @@ class FastWeightAttention(nnx.Module):
         ]
         width = 3 * d_model + self.num_gates * num_heads
         self.qkvb = _dense(d_model, width, ("embed", "heads"), dtype=dtype, rngs=rngs)
-        self.out = _dense(d_model, d_model, ("heads", "embed"), dtype=dtype, rngs=rngs)
+        self.out = _dense(
+            d_model, d_model, ("heads", "embed"), dtype=dtype, rngs=rngs, scale=out_scale
+        )
         fm = config.feature_map
         # Optional submodules/variables are wrapped in nnx.data so that None stays a data slot.
         self.projection = nnx.data(
@@ -238,7 +242,9 @@ class SoftmaxAttention(nnx.Module):
 
     Without a state the whole sequence attends causally to itself; with a :class:`KVCache`
     (``init_state``) new keys/values are appended and queries attend to every filled position
-    up to their own (memory grows with the context, unlike fast weights).
+    up to their own (memory grows with the context, unlike fast weights). With ``rotary`` the
+    queries and keys are rotated by their absolute positions (:func:`rotary_embedding`; the
+    cached keys are stored rotated).
     """
 
     def __init__(
@@ -248,14 +254,21 @@ class SoftmaxAttention(nnx.Module):
         max_len: int = 2048,
         *,
         dtype=jnp.float32,
+        rotary: bool = False,
+        out_scale: float = 1.0,
         rngs: nnx.Rngs,
     ):
         if d_model % num_heads:
             raise ValueError(f"{num_heads=} must divide {d_model=}")
         self.num_heads, self.head_dim, self.max_len = num_heads, d_model // num_heads, max_len
+        if rotary and self.head_dim % 2:
+            raise ValueError(f"rotary positions need an even head dimension; got {self.head_dim}")
         self.dtype = dtype
+        self.rotary = rotary
         self.qkv = _dense(d_model, 3 * d_model, ("embed", "heads"), dtype=dtype, rngs=rngs)
-        self.out = _dense(d_model, d_model, ("heads", "embed"), dtype=dtype, rngs=rngs)
+        self.out = _dense(
+            d_model, d_model, ("heads", "embed"), dtype=dtype, rngs=rngs, scale=out_scale
+        )
 
     def init_state(self, batch_size: int) -> KVCache:
         shape = (batch_size, self.max_len, self.num_heads, self.head_dim)
@@ -267,10 +280,13 @@ class SoftmaxAttention(nnx.Module):
         b, t, _ = x.shape
         h, dh = self.num_heads, self.head_dim
         q, k, v = (z.reshape(b, t, h, dh) for z in jnp.split(self.qkv(x), 3, axis=-1))
+        start = jnp.zeros((), jnp.int32) if state is None else state.length
+        if self.rotary:
+            positions = start + jnp.arange(t)
+            q, k = rotary_embedding(q, positions), rotary_embedding(k, positions)
         if state is None:
             y = softmax_attention(q, k, v, causal=True)
             return self.out(y.reshape(b, t, h * dh)), None
-        start = state.length
         keys = jax.lax.dynamic_update_slice_in_dim(state.keys, k.astype(self.dtype), start, 1)
         values = jax.lax.dynamic_update_slice_in_dim(state.values, v.astype(self.dtype), start, 1)
         logits = jnp.einsum("bthd,bshd->bhts", q.astype(jnp.float32), keys.astype(jnp.float32))
@@ -279,3 +295,25 @@ class SoftmaxAttention(nnx.Module):
         weights = jax.nn.softmax(jnp.where(visible, logits, -jnp.inf), axis=-1)
         y = jnp.einsum("bhts,bshd->bthd", weights, values.astype(jnp.float32)).astype(x.dtype)
         return self.out(y.reshape(b, t, h * dh)), KVCache(keys, values, start + t)
+
+
+def rotary_embedding(x, positions, base: float = 10000.0):
+    """Rotary position embedding (Su et al., 2021, "RoFormer"), half-split (GPT-NeoX) layout.
+
+    Channel pairs ``(x_i, x_{i+D/2})`` are rotated by the angle ``p · base^{−2i/D}`` of their
+    position ``p``, so the dot product of a rotated query and key depends only on their offset.
+
+    Args:
+      x: ``[B, T, H, D]`` with even ``D``.
+      positions: ``[T]`` integer positions.
+
+    Returns:
+      ``[B, T, H, D]`` in ``x``'s dtype (the rotation is computed in float32).
+    """
+    d = x.shape[-1]
+    inv = 1.0 / (base ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))  # [D/2]
+    angles = positions.astype(jnp.float32)[:, None] * inv  # [T, D/2]
+    cos, sin = jnp.cos(angles)[None, :, None, :], jnp.sin(angles)[None, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)

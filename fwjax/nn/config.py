@@ -28,6 +28,38 @@ class NormPosition(enum.Enum):
     PRE = "pre"
 
 
+class Positional(enum.Enum):
+    """How a language model knows where a token is.
+
+    Attributes:
+      NONE: no positions (fast weight models that carry their memory across segments).
+      SINUSOIDAL: fixed sinusoidal encodings added to the embeddings (Vaswani et al., 2017).
+      LEARNED: a trained table of ``max_len`` position embeddings added to the token embeddings
+        (GPT-2); positions must stay below ``max_len``.
+      ROTARY: rotary embeddings of queries and keys in softmax attention layers (Su et al.,
+        2021); fast weight layers see no positions.
+    """
+
+    NONE = "none"
+    SINUSOIDAL = "sinusoidal"
+    LEARNED = "learned"
+    ROTARY = "rotary"
+
+    @classmethod
+    def _missing_(cls, value):
+        # Booleans of the earlier API: True meant sinusoidal positions, False none.
+        if isinstance(value, bool):
+            return cls.SINUSOIDAL if value else cls.NONE
+        return None
+
+
+class Activation(enum.Enum):
+    """The feed-forward nonlinearity: ReLU (Transformer-XL, the paper) or GELU (GPT-2)."""
+
+    RELU = "relu"
+    GELU = "gelu"
+
+
 class FavorRedraw(enum.Enum):
     """When FAVOR+'s random projection is redrawn.
 
@@ -114,13 +146,26 @@ class ModelConfig:
         ``d_model`` (head dimension ``d_model // num_heads``).
       layer_kinds: one ``AttentionKind`` per layer (hybrids allowed); None means all FAST_WEIGHT.
       fast_weight: the fast weight layers' configuration.
-      norm_position: POST (the paper) or PRE layer normalisation.
-      positional: add sinusoidal positions (off for models that carry state across segments).
+      norm_position: PRE (GPT-2; a final LayerNorm before the output) or POST (the paper).
+      positional: :class:`Positional`: LEARNED, SINUSOIDAL, ROTARY (softmax layers) or NONE
+        (models that carry their memory across segments). ``True``/``False`` still mean
+        SINUSOIDAL/NONE.
       tie_embeddings: share the input embedding with the output projection.
       dropout: residual/feed-forward dropout rate.
-      max_len: the KV-cache length of softmax layers when decoding.
+      max_len: the KV-cache length of softmax layers when decoding, and the size of the
+        LEARNED position table.
+      embed_init_std: the token (and learned position) embeddings are drawn from
+        N(0, embed_init_std²): 0.02 as GPT-2; the paper's Transformer-XL recipe uses 1.0 with
+        ``embed_scale``.
+      embed_scale: multiply token embeddings by √d_model (Vaswani et al.; the paper's recipe).
+      activation: the feed-forward nonlinearity, :class:`Activation` (GELU or RELU).
+      scale_residual_init: scale the initial weights of the projections that write into the
+        residual stream (attention output, feed-forward down) by 1/√(2·num_layers), as GPT-2.
       dtype: compute dtype (e.g. bfloat16); parameters are float32 and the fast weight state is
         always float32.
+
+    The defaults are the GPT-2 / nanoGPT recipe of small language models; the paper's
+    Transformer-XL-style recipe is :data:`PAPER_RECIPE` (``ModelConfig(**PAPER_RECIPE, ...)``).
     """
 
     vocab_size: int = 256
@@ -130,11 +175,15 @@ class ModelConfig:
     d_ff: int = 512
     layer_kinds: tuple[AttentionKind, ...] | None = None
     fast_weight: FastWeightConfig = _DEFAULT_FAST_WEIGHT
-    norm_position: NormPosition = NormPosition.POST
-    positional: bool = False
+    norm_position: NormPosition = NormPosition.PRE
+    positional: Positional = Positional.LEARNED
     tie_embeddings: bool = False
     dropout: float = 0.0
     max_len: int = 2048
+    embed_init_std: float = 0.02
+    embed_scale: bool = False
+    activation: Activation = Activation.GELU
+    scale_residual_init: bool = True
     dtype: str = "float32"
 
     def __post_init__(self):
@@ -155,6 +204,10 @@ class ModelConfig:
             raise ValueError(f"layer_kinds has {len(kinds)} entries; num_layers={self.num_layers}")
         object.__setattr__(self, "layer_kinds", kinds)
         object.__setattr__(self, "norm_position", NormPosition(self.norm_position))
+        object.__setattr__(self, "positional", Positional(self.positional))
+        object.__setattr__(self, "activation", Activation(self.activation))
+        if not self.embed_init_std > 0:
+            raise ValueError(f"embed_init_std={self.embed_init_std} must be > 0")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
         jnp.dtype(self.dtype)  # raises TypeError for an unknown dtype name
@@ -162,3 +215,17 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.num_heads
+
+
+# The paper's Transformer-XL-style recipe (Schlag et al., 2021; Dai et al., 2019): post-LN,
+# ReLU feed-forward, sinusoidal positions, N(0, 1) embeddings scaled by √d_model, LeCun-normal
+# projections without residual scaling, dropout 0.1.
+PAPER_RECIPE = dict(
+    norm_position=NormPosition.POST,
+    positional=Positional.SINUSOIDAL,
+    embed_init_std=1.0,
+    embed_scale=True,
+    activation=Activation.RELU,
+    scale_residual_init=False,
+    dropout=0.1,
+)

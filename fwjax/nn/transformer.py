@@ -10,21 +10,38 @@ import numpy as np
 from flax import nnx
 
 from fwjax.nn.attention import FastWeightAttention, SoftmaxAttention, _dense, logical
-from fwjax.nn.config import AttentionKind, ModelConfig, NormPosition
+from fwjax.nn.config import Activation, AttentionKind, ModelConfig, NormPosition, Positional
+
+_ACTIVATIONS = {Activation.RELU: jax.nn.relu, Activation.GELU: jax.nn.gelu}
 
 
 class FeedForward(nnx.Module):
-    """``W₂ dropout(relu(W₁ x + b₁)) + b₂`` (the Transformer-XL feed-forward of the paper)."""
+    """``W₂ dropout(act(W₁ x + b₁)) + b₂`` with ``act`` ReLU (Transformer-XL, the paper) or GELU
+    (GPT-2). LeCun-normal weights; ``out_scale`` multiplies the std of ``W₂``."""
 
-    def __init__(self, d_model: int, d_ff: int, dropout: float, *, dtype, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        dropout: float,
+        *,
+        dtype,
+        activation: Activation = Activation.RELU,
+        out_scale: float = 1.0,
+        rngs: nnx.Rngs,
+    ):
         init_in = logical(nnx.initializers.lecun_normal(), ("embed", "mlp"))
-        init_out = logical(nnx.initializers.lecun_normal(), ("mlp", "embed"))
+        init_out = logical(
+            nnx.initializers.variance_scaling(out_scale**2, "fan_in", "truncated_normal"),
+            ("mlp", "embed"),
+        )
         self.up = nnx.Linear(d_model, d_ff, dtype=dtype, kernel_init=init_in, rngs=rngs)
         self.down = nnx.Linear(d_ff, d_model, dtype=dtype, kernel_init=init_out, rngs=rngs)
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
+        self.activation = Activation(activation)
 
     def __call__(self, x):
-        return self.down(self.dropout(jax.nn.relu(self.up(x))))
+        return self.down(self.dropout(_ACTIVATIONS[self.activation](self.up(x))))
 
 
 class TransformerBlock(nnx.Module):
@@ -33,15 +50,36 @@ class TransformerBlock(nnx.Module):
     def __init__(self, kind: AttentionKind, config: ModelConfig, *, rngs: nnx.Rngs):
         dtype = jnp.dtype(config.dtype)
         self.norm_position = config.norm_position
+        # GPT-2: projections into the residual stream start 1/√(2L) smaller.
+        out_scale = (2 * config.num_layers) ** -0.5 if config.scale_residual_init else 1.0
         if kind is AttentionKind.FAST_WEIGHT:
             self.attention = FastWeightAttention(
-                config.fast_weight, config.d_model, config.num_heads, dtype=dtype, rngs=rngs
+                config.fast_weight,
+                config.d_model,
+                config.num_heads,
+                dtype=dtype,
+                out_scale=out_scale,
+                rngs=rngs,
             )
         else:
             self.attention = SoftmaxAttention(
-                config.d_model, config.num_heads, config.max_len, dtype=dtype, rngs=rngs
+                config.d_model,
+                config.num_heads,
+                config.max_len,
+                dtype=dtype,
+                rotary=config.positional is Positional.ROTARY,
+                out_scale=out_scale,
+                rngs=rngs,
             )
-        self.ff = FeedForward(config.d_model, config.d_ff, config.dropout, dtype=dtype, rngs=rngs)
+        self.ff = FeedForward(
+            config.d_model,
+            config.d_ff,
+            config.dropout,
+            dtype=dtype,
+            activation=config.activation,
+            out_scale=out_scale,
+            rngs=rngs,
+        )
         self.norm1 = nnx.LayerNorm(config.d_model, dtype=dtype, rngs=rngs)
         self.norm2 = nnx.LayerNorm(config.d_model, dtype=dtype, rngs=rngs)
         self.dropout = nnx.Dropout(config.dropout, rngs=rngs)
@@ -82,14 +120,30 @@ class TransformerLM(nnx.Module):
     ``__call__(tokens, state)`` continues from a carried :class:`LMState` (from ``init_state`` or a
     previous call); without one, the sequence starts from empty memories and the returned state
     carries the fast weights (softmax layers keep no cache unless started from ``init_state``).
+
+    The input is ``embed(tokens) · (√d_model if embed_scale) + positions`` (LEARNED: a table of
+    ``max_len`` rows; SINUSOIDAL: fixed encodings; ROTARY / NONE: nothing added here). Positions
+    count from the carried ``state.position``.
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
         dtype = jnp.dtype(config.dtype)
-        embed_init = logical(nnx.initializers.normal(1.0), ("vocab", "embed"))
+        std = config.embed_init_std
+        embed_init = logical(nnx.initializers.normal(std), ("vocab", "embed"))
         self.embed = nnx.Embed(
             config.vocab_size, config.d_model, dtype=dtype, embedding_init=embed_init, rngs=rngs
+        )
+        self.position_embed = nnx.data(
+            nnx.Embed(
+                config.max_len,
+                config.d_model,
+                dtype=dtype,
+                embedding_init=logical(nnx.initializers.normal(std), (None, "embed")),
+                rngs=rngs,
+            )
+            if config.positional is Positional.LEARNED
+            else None
         )
         self.blocks = nnx.List(
             [TransformerBlock(kind, config, rngs=rngs) for kind in config.layer_kinds]
@@ -115,9 +169,14 @@ class TransformerLM(nnx.Module):
     def __call__(self, tokens, state: LMState | None = None):
         t = tokens.shape[1]
         start = jnp.zeros((), jnp.int32) if state is None else state.position
-        x = self.embed(tokens) * np.sqrt(self.config.d_model)
-        if self.config.positional:
-            x = x + sinusoidal_positions(start + jnp.arange(t), self.config.d_model).astype(x.dtype)
+        x = self.embed(tokens)
+        if self.config.embed_scale:
+            x = x * np.sqrt(self.config.d_model)
+        positions = start + jnp.arange(t)
+        if self.config.positional is Positional.SINUSOIDAL:
+            x = x + sinusoidal_positions(positions, self.config.d_model).astype(x.dtype)
+        elif self.config.positional is Positional.LEARNED:
+            x = x + self.position_embed(positions)  # out-of-range positions give NaN
         x = self.dropout(x)
         layer_states = []
         for i, block in enumerate(self.blocks):
@@ -145,15 +204,30 @@ def generate(
 ):
     """Autoregressive sampling: ``prompt [B, P] -> [B, P + max_new_tokens]``.
 
-    The prompt is processed in parallel from ``init_state``; each new token is one jitted step
-    that carries the state (O(1) memory per step for fast weight layers, a KV cache for softmax
-    layers, which bounds ``P + max_new_tokens`` by ``config.max_len``).
+    When the whole sequence fits the model's positions (always for fast weight models without
+    LEARNED positions; ``P + max_new_tokens ≤ config.max_len`` for softmax layers, whose KV
+    cache holds ``max_len`` positions, and for LEARNED positions), the prompt is processed in
+    parallel from ``init_state`` and each new token is one step that carries the state (O(1)
+    memory per step for fast weight layers). Otherwise the context is cropped as in nanoGPT:
+    each new token is predicted from the last ``max_len`` tokens, recomputed from scratch with
+    positions counted from the window's start.
+
+    Raises:
+      ValueError: ``max_new_tokens < 0`` or an empty prompt.
     """
+    config = model.config
+    p = prompt.shape[1]
+    if max_new_tokens < 0:
+        raise ValueError(f"{max_new_tokens=} must be >= 0")
+    if p < 1:
+        raise ValueError(f"the prompt has {p} tokens; need at least 1")
+    bounded = config.positional is Positional.LEARNED or AttentionKind.SOFTMAX in config.layer_kinds
+    window = config.max_len if bounded and p + max_new_tokens > config.max_len else None
     model.eval()
     graphdef, params = nnx.split(model)
 
     @jax.jit
-    def run(params, prompt, key):
+    def carried(params, prompt, key):
         m = nnx.merge(graphdef, params)
         logits, state = m(prompt, m.init_state(prompt.shape[0]))
 
@@ -167,7 +241,26 @@ def generate(
         _, tokens = jax.lax.scan(step, carry, jax.random.split(key, max_new_tokens))
         return jnp.concatenate([prompt, tokens.T.astype(prompt.dtype)], axis=1)
 
-    return run(params, prompt, key)
+    @jax.jit
+    def cropped(params, prompt, key):
+        m = nnx.merge(graphdef, params)
+        b = prompt.shape[0]
+        buffer = jnp.zeros((b, p + max_new_tokens), prompt.dtype).at[:, :p].set(prompt)
+
+        def step(buffer, xs):
+            length, key = xs  # tokens so far; predict position `length`
+            begin = jnp.maximum(length - window, 0)
+            context = jax.lax.dynamic_slice_in_dim(buffer, begin, window, axis=1)
+            logits, _ = m(context)  # causal: positions after `length` cannot leak in
+            last = jax.lax.dynamic_index_in_dim(logits, length - begin - 1, 1, keepdims=False)
+            token = sample_logits(key, last, temperature, top_k).astype(buffer.dtype)
+            return jax.lax.dynamic_update_slice_in_dim(buffer, token[:, None], length, 1), None
+
+        lengths = p + jnp.arange(max_new_tokens)
+        buffer, _ = jax.lax.scan(step, buffer, (lengths, jax.random.split(key, max_new_tokens)))
+        return buffer
+
+    return (carried if window is None else cropped)(params, prompt, key)
 
 
 def redraw_favor_projections(model: nnx.Module, key: jax.Array) -> None:

@@ -11,9 +11,15 @@ import dataclasses
 import enum
 
 from fwjax.data.retrieval import RetrievalSetting
-from fwjax.data.text import LMDataset
+from fwjax.data.text import LMDataset, Sampling
 from fwjax.data.tokenizers import TokenizerKind
-from fwjax.nn.config import _DEFAULT_FAST_WEIGHT, AttentionKind, FastWeightConfig, ModelConfig
+from fwjax.nn.config import (
+    _DEFAULT_FAST_WEIGHT,
+    AttentionKind,
+    FastWeightConfig,
+    ModelConfig,
+    Positional,
+)
 
 
 def _check_positive(**values):
@@ -53,6 +59,10 @@ class OptimizerConfig:
       warmup_steps: linear warmup from 0.
       schedule: after warmup, CONSTANT or COSINE decay to ``final_lr_fraction · learning_rate``
         at the last training step.
+      b1, b2, eps: Adam's moment decay rates and epsilon.
+      weight_decay: AdamW's decoupled weight decay.
+      decay_matrices_only: apply ``weight_decay`` to parameters with two or more axes only
+        (weight matrices and embedding tables), not to biases, gains or gates (GPT-2, nanoGPT).
       clip_norm: global gradient-norm clipping threshold; None disables clipping.
     """
 
@@ -65,6 +75,7 @@ class OptimizerConfig:
     b2: float = 0.999
     eps: float = 1e-8
     weight_decay: float = 0.0
+    decay_matrices_only: bool = True
     clip_norm: float | None = 0.25
 
     def __post_init__(self):
@@ -203,7 +214,7 @@ class LMEvalMode(enum.Enum):
 
 @dataclasses.dataclass(frozen=True)
 class LMTaskConfig:
-    """Language modelling on a text corpus, as contiguous streams.
+    """Language modelling on a text corpus.
 
     Attributes:
       model: the :class:`~fwjax.nn.ModelConfig`. With ``tokenizer="byte"`` its ``vocab_size``
@@ -219,8 +230,12 @@ class LMTaskConfig:
       manual_dir: ``wikitext103``: a folder holding ``wiki.*.tokens`` or the official zip.
       eval_split: ``validation`` or (``wikitext103``) ``test``.
       segment_len: T tokens per training segment.
+      sampling: :class:`~fwjax.data.text.Sampling` of training batches: ``streams``
+        (contiguous streams, Transformer-XL) or ``random_windows`` (nanoGPT). Evaluation always
+        reads the split in order.
       carry_state: carry the fast weights from one segment of a stream to the next, in training
-        and evaluation (Transformer-XL style streams make this meaningful).
+        and evaluation (needs ``sampling="streams"`` and positions that do not run out:
+        ``positional`` NONE, SINUSOIDAL or ROTARY).
       eval_stride: the default stride of SLIDING evaluation (≤ ``segment_len``; None:
         ``segment_len // 2``).
     """
@@ -234,11 +249,24 @@ class LMTaskConfig:
     manual_dir: str | None = None
     eval_split: str = "validation"
     segment_len: int = 128
+    sampling: Sampling = Sampling.STREAMS
     carry_state: bool = False
     eval_stride: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "dataset", LMDataset(self.dataset))
+        object.__setattr__(self, "sampling", Sampling(self.sampling))
+        if self.carry_state and self.sampling is not Sampling.STREAMS:
+            raise ValueError(f"carry_state=True needs sampling='streams'; got {self.sampling}")
+        if self.carry_state and self.model.positional is Positional.LEARNED:
+            raise ValueError(
+                "carry_state=True with positional='learned': carried positions grow past the "
+                f"table of {self.model.max_len=}; use positional='none' (the paper's protocol)"
+            )
+        if self.model.positional is Positional.LEARNED and self.segment_len > self.model.max_len:
+            raise ValueError(
+                f"{self.segment_len=} exceeds the learned position table ({self.model.max_len=})"
+            )
         object.__setattr__(self, "tokenizer", TokenizerKind(self.tokenizer))
         _check_positive(segment_len=self.segment_len)
         if self.eval_stride is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import jax
+import numpy as np
 import optax
 
 from fwjax.train.config import OptimizerConfig, OptimizerKind, ScheduleKind
@@ -24,12 +26,21 @@ def learning_rate_schedule(config: OptimizerConfig, total_steps: int) -> optax.S
 
 
 def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
-    """Global-norm clipping (if ``clip_norm``), then Adam or AdamW on the schedule."""
+    """Global-norm clipping (if ``clip_norm``), then Adam or AdamW on the schedule (AdamW's decay
+    masked to matrices when ``decay_matrices_only``)."""
     lr = learning_rate_schedule(config, total_steps)
     if config.kind is OptimizerKind.ADAMW:
-        opt = optax.adamw(lr, config.b1, config.b2, config.eps, weight_decay=config.weight_decay)
+        mask = matrices_mask if config.decay_matrices_only else None
+        opt = optax.adamw(
+            lr, config.b1, config.b2, config.eps, weight_decay=config.weight_decay, mask=mask
+        )
     else:
         opt = optax.adam(lr, config.b1, config.b2, config.eps)
     if config.clip_norm is None:
         return opt
     return optax.chain(optax.clip_by_global_norm(config.clip_norm), opt)
+
+
+def matrices_mask(params):
+    """True for every parameter leaf with two or more axes (weights, embedding tables)."""
+    return jax.tree.map(lambda x: np.ndim(x) >= 2, params)

@@ -94,6 +94,7 @@ class RecallProtocol:
             warmup_steps=self.warmup_steps,
             final_lr_fraction=self.final_lr_fraction,
             weight_decay=self.weight_decay,
+            decay_matrices_only=False,  # the stored recall results decayed every parameter
             clip_norm=self.clip_norm,
         )
 
@@ -184,8 +185,9 @@ def train_recall(
     start_time = time.perf_counter()
     model = TransformerLM(model_config, rngs=nnx.Rngs(protocol.seed))
     if protocol.embedding_std is not None:
-        # The embedding was drawn from N(0, 1): rescaling gives N(0, embedding_std²).
-        model.embed.embedding[...] = model.embed.embedding[...] * protocol.embedding_std
+        # Rescale the N(0, embed_init_std²) table to N(0, embedding_std²).
+        scale = protocol.embedding_std / model_config.embed_init_std
+        model.embed.embedding[...] = model.embed.embedding[...] * scale
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     tx = make_optimizer(protocol.optimizer(), protocol.steps)

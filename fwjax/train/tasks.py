@@ -25,6 +25,7 @@ from fwjax.data.tokenizers import TokenizerKind
 from fwjax.nn import (
     AttentionKind,
     FavorRedraw,
+    Positional,
     RetrievalConfig,
     RetrievalModel,
     TransformerLM,
@@ -135,7 +136,8 @@ def _reset_rows(state, fresh, reset):
 
 
 class LMTrainTask:
-    """Language modelling over contiguous streams with a :class:`~fwjax.nn.TransformerLM`.
+    """Language modelling with a :class:`~fwjax.nn.TransformerLM`, trained on contiguous streams
+    or random windows (``config.lm.sampling``) and evaluated on the split in order.
 
     The corpus and tokeniser come from ``config.lm`` (:func:`fwjax.data.text.load_lm_data`); the
     model's ``vocab_size`` is the tokeniser's for char and word tokens. With ``carry_state`` the
@@ -164,9 +166,14 @@ class LMTrainTask:
         )
         self.tokenizer = data.tokenizer
         self.valid_tokens = data.valid
-        self.train_streams = text_data.ContiguousStreams(
-            data.train, config.batch_size, cfg.segment_len
-        )
+        if cfg.sampling is text_data.Sampling.RANDOM_WINDOWS:
+            self.train_streams = text_data.RandomWindows(
+                data.train, config.batch_size, cfg.segment_len, config.seed
+            )
+        else:
+            self.train_streams = text_data.ContiguousStreams(
+                data.train, config.batch_size, cfg.segment_len
+            )
         self.valid_streams = text_data.ContiguousStreams(
             data.valid, config.batch_size, cfg.segment_len
         )
@@ -292,7 +299,8 @@ def evaluate_lm(
       for char and byte tokens (bits per character / byte).
 
     Raises:
-      ValueError: CARRIED with softmax layers, or a bad ``stride`` / ``streams``.
+      ValueError: CARRIED with softmax layers or LEARNED positions, or a bad ``stride`` /
+        ``streams``.
     """
     task: LMTrainTask = run.task
     cfg = task.config
@@ -308,6 +316,12 @@ def evaluate_lm(
     ):
         raise ValueError(
             f"mode='carried' needs fast weight layers only; got {task.model_config.layer_kinds}"
+        )
+    if mode is LMEvalMode.CARRIED and task.model_config.positional is Positional.LEARNED:
+        raise ValueError(
+            "mode='carried' with positional='learned': positions of one stream grow past the "
+            f"table of {task.model_config.max_len=}; carried evaluation needs a model trained "
+            "without learned positions"
         )
     tokens = np.asarray(task.valid_tokens)
     n = len(tokens) - 1

@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from fwjax.nn import (
+    PAPER_RECIPE,
     AttentionKind,
     FastWeightAttention,
     FastWeightConfig,
@@ -133,7 +134,13 @@ def test_parameter_count_formula():
     n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     attention = d * (3 * d + heads) + d * d  # qkvβ projection + output projection, no biases
     block = attention + (d * ff + ff + ff * d + d) + 2 * 2 * d  # feed-forward + 2 LayerNorms
-    assert n_params == v * d + layers * block + d * v  # embedding + blocks + untied head
+    embeddings = v * d + 2048 * d  # tokens + learned positions (max_len 2048, the default)
+    final_norm = 2 * d  # pre-LN (the default) ends with a LayerNorm
+    assert n_params == embeddings + layers * block + final_norm + d * v  # + untied head
+    paper = _lm(**dict(PAPER_RECIPE, dropout=0.0))  # post-LN, sinusoidal positions
+    assert sum(x.size for x in jax.tree.leaves(nnx.state(paper, nnx.Param))) == (
+        v * d + layers * block + d * v
+    )
     tied = _lm(tie_embeddings=True)
     assert sum(x.size for x in jax.tree.leaves(nnx.state(tied, nnx.Param))) == n_params - d * v
 
