@@ -553,6 +553,20 @@ def write_report() -> None:
             f"{_mean_std(carried) if carried else '—'} | "
             f"{sum(r['seconds'] for r in rs) / len(rs):.0f} |"
         )
+    baselines = sorted((RESULTS / "lm" / "nanogpt").glob("s*.json"))
+    if baselines:
+        rs = [json.loads(p.read_text()) for p in baselines]
+        lines += [
+            "",
+            f"Baseline beside it: nanoGPT (commit {rs[0]['nanogpt_commit']}, PyTorch) baby "
+            "model, its own recipe and data order, scored the same way "
+            "(`python -m experiments.nanogpt_baseline`):",
+            "",
+            "| model | params | tokens | seeds | val loss (nats) |",
+            "|---|---:|---:|---:|---:|",
+            f"| nanogpt_baby | {rs[0]['params']:,} | {rs[0]['tokens']:,} | {len(rs)} | "
+            f"{_mean_std([r['val_loss_nats'] for r in rs])} |",
+        ]
     CSV_PATH.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
     import matplotlib
