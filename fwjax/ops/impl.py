@@ -60,8 +60,17 @@ def _platform() -> str:
 
 
 def resolve_impl(impl: Impl | str) -> Impl:
-    """Returns a concrete :class:`Impl`, resolving ``AUTO`` for the default backend."""
-    impl = Impl(impl)
+    """Returns a concrete :class:`Impl`, resolving ``AUTO`` for the default backend.
+
+    Raises:
+      ValueError: ``impl`` is not an :class:`Impl` or one of its values (the message lists
+        them).
+    """
+    try:
+        impl = Impl(impl)
+    except ValueError:
+        valid = [i.value for i in Impl]
+        raise ValueError(f"{impl=} is not one of {valid} (or an fwjax.ops.Impl)") from None
     if impl is Impl.AUTO:
         return _AUTO_IMPL.get(_platform(), Impl.CHUNKED)
     return impl
@@ -140,3 +149,80 @@ def prepare_inputs(q, k, v, beta, initial_state, *, needs_beta: bool) -> Prepare
     else:
         initial_state = initial_state.astype(compute_dtype)
     return Prepared(q, k, v, beta, initial_state, compute_dtype, out_dtype)
+
+
+def resolve_scale(scale, key_dim: int):
+    """The output scale: ``scale`` as given, or ``key_dim ** -0.5`` when it is None (the
+    convention of flash-linear-attention)."""
+    return key_dim**-0.5 if scale is None else scale
+
+
+def empty_sequence(p: Prepared) -> tuple[jax.Array, jax.Array]:
+    """The result of a fast weight op over ``T = 0`` steps: an empty output ``[B, 0, H, V]``
+    and the initial state (differentiable: its cotangent passes straight through)."""
+    b, _, h, _ = p.k.shape
+    return jnp.zeros((b, 0, h, p.v.shape[-1]), p.out_dtype), p.initial_state
+
+
+class NonFiniteSteps(NamedTuple):
+    """Where the inputs of a chunkwise form are not finite.
+
+    Attributes:
+      read: ``[B, T, H]``: the query of step t is not finite (only ``o_t`` depends on it).
+      write: ``[B, T, H, V]``: the write of step t into value column j is not finite (its key,
+        β or α, or its value ``v_t[j]``); column j of the state from step t on, and of every
+        later output, depends on it.
+    """
+
+    read: jax.Array
+    write: jax.Array
+
+
+def _finite_rows(x: jax.Array) -> jax.Array:
+    return jnp.all(jnp.isfinite(x), axis=-1) if x.ndim == 4 else jnp.isfinite(x)
+
+
+def guard_nonfinite(q, k, v, gates) -> tuple[tuple, NonFiniteSteps]:
+    """Replaces non-finite entries of the inputs by zero, remembering where they were.
+
+    The chunkwise forms mix every step of a chunk in matmuls (``Q Kᵀ``, the triangular inverse,
+    ``W = T K``) whose masked-out products are ``0 · x``; a NaN or infinity at step t would turn
+    them into NaN for the earlier steps of its chunk. Computed on cleaned inputs, outputs before
+    t are exact; :func:`restore_nonfinite` then puts NaN where the recurrence has it. The cost
+    is a few elementwise passes and one reduction over time: +4–8 % for CHUNKED's forward and
+    forward + backward at B4 T2048 H8 d64, C 32 (2 shared CPU cores, float32).
+
+    Args:
+      q, k, v: ``[B, T, H, K|V]``.
+      gates: the per-step ``[B, T, H]`` inputs that write, as ``(array, neutral value)``
+        pairs: ``(β, 0.0)`` writes nothing, ``(α, 1.0)`` decays nothing (``log α`` stays
+        finite).
+
+    Returns:
+      ``((q, k, v, *gates), steps)``: the cleaned inputs and the :class:`NonFiniteSteps`.
+    """
+
+    def clean(x, fill=0.0):
+        return jnp.where(jnp.isfinite(x), x, jnp.asarray(fill, x.dtype))
+
+    whole_write = ~_finite_rows(k)
+    for g, _ in gates:
+        whole_write = whole_write | ~_finite_rows(g)
+    write = whole_write[..., None] | ~jnp.isfinite(v)
+    cleaned = (clean(q), clean(k), clean(v), *(clean(g, fill) for g, fill in gates))
+    return cleaned, NonFiniteSteps(~_finite_rows(q), write)
+
+
+def restore_nonfinite(out, state, steps: NonFiniteSteps):
+    """NaN in ``out [B, T, H, V]`` and ``state [B, H, K, V]`` where the step-by-step recurrence
+    has it: at steps with a non-finite query, in a value column at and after its first
+    non-finite write, and in the final state's columns written with a non-finite value."""
+    t = steps.write.shape[1]
+    steps_index = jnp.arange(t, dtype=jnp.int32)[None, :, None, None]
+    # The first non-finite write per [B, H, V] (T when none): a reduction, not a scan over T.
+    first = jnp.min(jnp.where(steps.write, steps_index, t), axis=1, keepdims=True)
+    bad_out = steps.read[..., None] | (steps_index >= first)
+    out = jnp.where(bad_out, jnp.array(jnp.nan, out.dtype), out)
+    bad_state = jnp.any(steps.write, axis=1)[:, :, None, :]
+    state = jnp.where(bad_state, jnp.array(jnp.nan, state.dtype), state)
+    return out, state

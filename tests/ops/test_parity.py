@@ -17,6 +17,7 @@ from tests.ops.rules import (
     IMPLS,
     PARITY_RULES,
     SUM,
+    Case,
     make_inputs,
     state_tolerance,
     upcast,
@@ -174,3 +175,63 @@ def test_sum_rule_quadratic_form_matches_oracle(case):
     expected_out, expected_state = SUM.oracle(inputs)
     assert_close(out, expected_out)
     assert_close(state, expected_state)
+
+
+# --- edge cases: empty sequences, non-finite inputs -------------------------------------------
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=lambda i: i.value)
+@pytest.mark.parametrize("rule", PARITY_RULES, ids=lambda r: r.name)
+def test_empty_sequence_returns_the_initial_state_with_gradients(rule, impl):
+    inputs = make_inputs(Case(b=2, t=3, h=2, k=4, v=3, chunk=4), jnp.float32)
+    empty = {
+        n: (x[:, :0] if n in ("q", "k", "v", "beta", "alpha") else x) for n, x in inputs.items()
+    }
+    out, state = rule(empty, impl, 4)
+    assert out.shape == (2, 0, 2, 3) and out.dtype == jnp.float32
+    np.testing.assert_array_equal(state, inputs["s0"])
+    out, state = rule({**empty, "s0": None}, impl, 4)
+    np.testing.assert_array_equal(state, np.zeros((2, 2, 4, 3)))
+    d_state = jnp.asarray(np.random.default_rng(0).normal(size=state.shape), jnp.float32)
+    grads = _vjp(rule, empty, impl, 4, (jnp.zeros_like(out), d_state))
+    np.testing.assert_array_equal(grads["s0"], d_state)
+    for name in rule.diff_args[:-1]:
+        assert grads[name].shape == empty[name].shape, name
+
+
+@pytest.mark.parametrize(
+    ("rule", "impl", "where"),
+    [
+        pytest.param(rule, impl, where, id=f"{rule.name}-{impl.value}-{where}")
+        for rule in PARITY_RULES
+        for impl in IMPLS
+        for where in ("q", "k", "v", "beta", "alpha")
+        if (where != "beta" or rule.has_beta) and (where != "alpha" or rule.has_alpha)
+    ],
+)
+def test_a_nan_leaves_earlier_outputs_exact_as_in_the_recurrence(rule, impl, where):
+    """A NaN at step t (in the middle of a chunk) must not reach outputs before t."""
+    case = Case(b=1, t=40, h=2, k=4, v=3, chunk=16)
+    inputs = make_inputs(case, jnp.float32)
+    t = 21  # chunk 2 of 3 (at C=16) starts at step 16
+    x = inputs[where]
+    poisoned = {**inputs, where: x.at[(0, t, 1, *[0] * (x.ndim - 3))].set(jnp.nan)}
+    clean_out, _ = rule(inputs, impl, case.chunk)
+    out, state = rule(poisoned, impl, case.chunk)
+    ref_out, ref_state = rule(poisoned, Impl.RECURRENT, case.chunk)
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(ref_out))
+    # The sum rule's recurrence poisons only the state's row of a NaN key entry; the chunkwise
+    # forms poison the whole columns that the step writes.
+    np.testing.assert_array_equal(np.isnan(state).any(-2), np.isnan(ref_state).any(-2))
+    assert np.isnan(out[0, t, 1]).any()
+    assert np.isfinite(out[0, :t]).all()
+    np.testing.assert_allclose(out[0, :t, 1], clean_out[0, :t, 1], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(out[:, :, 0], clean_out[:, :, 0], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("rule", PARITY_RULES, ids=lambda r: r.name)
+def test_scale_none_is_the_inverse_square_root_of_the_key_dimension(rule):
+    inputs = make_inputs(CASES[1], jnp.float32)
+    out, _ = rule({**inputs, "scale": None}, Impl.CHUNKED, 16)
+    expected, _ = rule({**inputs, "scale": CASES[1].k ** -0.5}, Impl.CHUNKED, 16)
+    np.testing.assert_array_equal(out, expected)

@@ -30,8 +30,10 @@ def test_shape_errors_name_the_values():
 def test_chunk_size_and_impl_validation():
     with pytest.raises(ValueError, match="chunk_size=0"):
         sum_rule(Q, Q, V, impl=Impl.CHUNKED, chunk_size=0)
-    with pytest.raises(ValueError, match="'fastest'"):
-        sum_rule(Q, Q, V, impl="fastest")
+    valid = r"\['auto', 'reference', 'recurrent', 'chunked', 'pallas'\]"
+    for op in (sum_rule, lambda q, k, v, impl: delta_rule(q, k, v, BETA, impl=impl)):
+        with pytest.raises(ValueError, match=rf"impl='fastest' is not one of {valid}"):
+            op(Q, Q, V, impl="fastest")
     with pytest.raises(ValueError, match="value_block=0"):
         PallasOptions(value_block=0)
     with pytest.raises(ValueError, match="value_block=8 must be a power of two"):

@@ -14,7 +14,16 @@ from fwjax.ops.gated_delta_rule.recurrent import (
     gated_delta_rule_step,
 )
 from fwjax.ops.gated_delta_rule.reference import gated_delta_rule_reference
-from fwjax.ops.impl import Impl, prepare_inputs, resolve_chunk_size, resolve_impl
+from fwjax.ops.impl import (
+    Impl,
+    empty_sequence,
+    guard_nonfinite,
+    prepare_inputs,
+    resolve_chunk_size,
+    resolve_impl,
+    resolve_scale,
+    restore_nonfinite,
+)
 from fwjax.ops.pallas import PallasOptions
 
 _IMPLS = {
@@ -55,10 +64,10 @@ def gated_delta_rule(
       alpha: decay gates ``[B, T, H]``, in ``(0, 1]`` (e.g. ``exp(−softplus(·))``); the CHUNKED
         form works with ``log α``, so ``α = 0`` is not allowed there.
       initial_state: ``S_0``, ``[B, H, K, V]``; zeros when None.
-      scale: output scale.
-      impl: an :class:`Impl`: REFERENCE, RECURRENT (block-rematerialised scan), CHUNKED (any
-        ``T``) or PALLAS (the delta rule's chunk-scan kernel with the chunk decay; its backward
-        pass is CHUNKED's VJP in XLA); AUTO picks the backend's default.
+      scale: output scale; None: ``K ** -0.5`` (flash-linear-attention's convention).
+      impl: an :class:`Impl` (or its value): REFERENCE, RECURRENT (block-rematerialised scan),
+        CHUNKED (any ``T``) or PALLAS (the delta rule's chunk-scan kernel with the chunk decay;
+        its backward pass is CHUNKED's VJP in XLA); AUTO picks the backend's default.
       chunk_size: the chunk length of CHUNKED / PALLAS and the rematerialisation block of
         RECURRENT.
       pallas: :class:`fwjax.ops.pallas.PallasOptions` of ``Impl.PALLAS`` (backend, interpret
@@ -67,7 +76,9 @@ def gated_delta_rule(
 
     Returns:
       ``(out, state)``: ``out [B, T, H, V]`` in the inputs' promoted dtype and ``S_T``
-      ``[B, H, K, V]`` in the state dtype (at least float32).
+      ``[B, H, K, V]`` in the state dtype (at least float32). ``T = 0`` gives an empty ``out``
+      and the initial state; non-finite inputs at step t leave the outputs before t exact in
+      every form (see :func:`fwjax.ops.delta_rule`).
     """
     p = prepare_inputs(q, k, v, beta, initial_state, needs_beta=True)
     alpha = jnp.asarray(alpha)
@@ -77,12 +88,21 @@ def gated_delta_rule(
         raise TypeError(f"alpha must be floating point; got {alpha.dtype=}")
     impl = resolve_impl(impl)
     chunk_size = resolve_chunk_size(chunk_size)
+    scale = resolve_scale(scale, p.k.shape[-1])
+    if p.k.shape[1] == 0:
+        return empty_sequence(p)
+    if impl is Impl.REFERENCE or impl is Impl.RECURRENT:
+        args = (p.q, p.k, p.v, p.beta, alpha, p.initial_state, scale, chunk_size)
+        out, state = _IMPLS[impl](*args)
+        return out.astype(p.out_dtype), state
+    (q, k, v, beta, alpha), steps = guard_nonfinite(p.q, p.k, p.v, [(p.beta, 0.0), (alpha, 1.0)])
     if impl is Impl.PALLAS:
         out, state = gated_delta_rule_pallas(
-            p.q, p.k, p.v, p.beta, alpha, p.initial_state, scale, chunk_size, pallas, p.out_dtype
+            q, k, v, beta, alpha, p.initial_state, scale, chunk_size, pallas, p.out_dtype
         )
-        return out.astype(p.out_dtype), state
-    out, state = _IMPLS[impl](p.q, p.k, p.v, p.beta, alpha, p.initial_state, scale, chunk_size)
+    else:
+        out, state = _IMPLS[impl](q, k, v, beta, alpha, p.initial_state, scale, chunk_size)
+    out, state = restore_nonfinite(out, state, steps)
     return out.astype(p.out_dtype), state
 
 

@@ -6,7 +6,16 @@ import functools
 
 import jax
 
-from fwjax.ops.impl import Impl, prepare_inputs, resolve_chunk_size, resolve_impl
+from fwjax.ops.impl import (
+    Impl,
+    empty_sequence,
+    guard_nonfinite,
+    prepare_inputs,
+    resolve_chunk_size,
+    resolve_impl,
+    resolve_scale,
+    restore_nonfinite,
+)
 from fwjax.ops.pallas import PallasOptions
 from fwjax.ops.sum_rule.chunked import sum_rule_chunked
 from fwjax.ops.sum_rule.pallas import sum_rule_pallas
@@ -46,8 +55,9 @@ def sum_rule(
       k: keys ``[B, T, H, K]``.
       v: values ``[B, T, H, V]``.
       initial_state: ``S_0``, ``[B, H, K, V]``; zeros when None.
-      scale: output scale.
-      impl: an :class:`Impl`. ``AUTO`` picks the fastest measured form for the backend.
+      scale: output scale; None: ``K ** -0.5`` (flash-linear-attention's convention).
+      impl: an :class:`Impl` or its value. ``AUTO`` picks the fastest measured form for the
+        backend.
       chunk_size: chunk length of the CHUNKED and PALLAS forms; None picks the backend's
         default.
       pallas: :class:`fwjax.ops.pallas.PallasOptions` of ``Impl.PALLAS``; None: the defaults
@@ -55,17 +65,27 @@ def sum_rule(
 
     Returns:
       ``(out, state)``: ``out [B, T, H, V]`` in the inputs' promoted dtype, and ``S_T``
-      ``[B, H, K, V]`` in the state dtype (at least float32).
+      ``[B, H, K, V]`` in the state dtype (at least float32). ``T = 0`` gives an empty ``out``
+      and the initial state; non-finite inputs at step t leave the outputs before t exact in
+      every form (see :func:`fwjax.ops.delta_rule`).
     """
     p = prepare_inputs(q, k, v, None, initial_state, needs_beta=False)
     impl = resolve_impl(impl)
     chunk_size = resolve_chunk_size(chunk_size)
+    scale = resolve_scale(scale, p.k.shape[-1])
+    if p.k.shape[1] == 0:
+        return empty_sequence(p)
+    if impl is Impl.REFERENCE or impl is Impl.RECURRENT:
+        out, state = _IMPLS[impl](p.q, p.k, p.v, p.initial_state, scale, chunk_size)
+        return out.astype(p.out_dtype), state
+    (q, k, v), steps = guard_nonfinite(p.q, p.k, p.v, [])
     if impl is Impl.PALLAS:
         out, state = sum_rule_pallas(
-            p.q, p.k, p.v, p.initial_state, scale, chunk_size, pallas, p.out_dtype
+            q, k, v, p.initial_state, scale, chunk_size, pallas, p.out_dtype
         )
-        return out.astype(p.out_dtype), state
-    out, state = _IMPLS[impl](p.q, p.k, p.v, p.initial_state, scale, chunk_size)
+    else:
+        out, state = _IMPLS[impl](q, k, v, p.initial_state, scale, chunk_size)
+    out, state = restore_nonfinite(out, state, steps)
     return out.astype(p.out_dtype), state
 
 
