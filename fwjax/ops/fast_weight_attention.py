@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from fwjax.ops.delta_rule import delta_rule
 from fwjax.ops.feature_maps import FeatureMap, centered_l2_norm, l2_norm, sum_norm
 from fwjax.ops.gated_delta_rule import gated_delta_rule
-from fwjax.ops.impl import Impl, state_dtype
+from fwjax.ops.impl import Impl, resolve_scale, state_dtype
 from fwjax.ops.sum_rule import sum_rule
 
 
@@ -162,7 +162,8 @@ def fast_weight_attention(
       normalization: a :class:`Normalization`.
       update_rule: an :class:`UpdateRule`.
       projection: FAVOR+'s ``[D, M]`` random projection; None for other maps.
-      scale: output scale (the paper: ``1/√d_head``).
+      scale: output scale (the paper: ``1/√d_head``); None: ``K ** -0.5`` with ``K`` the
+        feature dimension (flash-linear-attention's convention).
       state: a carried :class:`FastWeightState`, or None for an empty memory.
       impl, chunk_size: passed to :func:`delta_rule` / :func:`sum_rule`.
       eps: added to the attention normalisation's output denominator.
@@ -210,7 +211,7 @@ def fast_weight_attention(
     else:
         z0 = state.normalizer.astype(dtype)
     z_incl = z0[:, None] + jnp.cumsum(fk, axis=1)  # z_t, [B, T, H, K]
-    z_prev = jnp.concatenate([z0[:, None], z_incl[:, :-1]], axis=1)  # z_{t-1}
+    z_prev = jnp.concatenate([z0[:, None], z_incl], axis=1)[:, :-1]  # z_{t-1} (any T, 0 too)
     if update_rule is UpdateRule.DELTA:
         d = jnp.einsum("bthk,bthk->bth", z_prev, fk)
         d = jnp.where(d == 0, jnp.ones_like(d), d)
@@ -221,7 +222,8 @@ def fast_weight_attention(
         y, s = sum_rule(fq, fk, v, s0, scale, impl=impl, chunk_size=chunk_size)
     n = jnp.einsum("bthk,bthk->bth", z_incl, fq) + eps
     y = y.astype(dtype) / n[..., None]
-    return y.astype(out_dtype), FastWeightState(s, z_incl[:, -1])
+    z_final = z_incl[:, -1] if fk.shape[1] else z0  # z_T
+    return y.astype(out_dtype), FastWeightState(s, z_final)
 
 
 def memory_keys(k, feature_map: FeatureMap, normalization: Normalization, projection=None):
@@ -273,7 +275,7 @@ def fast_weight_read(
     normalization = Normalization(normalization)
     s = state.fast_weights
     fq = _query_features(q, feature_map, normalization, projection).astype(s.dtype)
-    y = scale * jnp.einsum("bthk,bhkv->bthv", fq, s)
+    y = resolve_scale(scale, fq.shape[-1]) * jnp.einsum("bthk,bhkv->bthv", fq, s)
     if normalization.uses_normalizer:
         if state.normalizer is None:
             raise ValueError(f"{normalization=} needs state.normalizer (the z accumulator)")

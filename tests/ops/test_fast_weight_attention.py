@@ -13,6 +13,7 @@ from fwjax.ops import (
     Normalization,
     UpdateRule,
     fast_weight_attention,
+    fast_weight_read,
     feature_maps,
     init_fast_weight_state,
 )
@@ -198,3 +199,31 @@ def test_gated_composition_matches_the_literal_equations(norm):
             q, k, v, beta, alpha=alpha, update_rule="gated_delta",
             normalization=Normalization.ATTENTION,
         )  # fmt: skip
+
+
+@pytest.mark.parametrize("impl", [Impl.RECURRENT, Impl.CHUNKED], ids=lambda i: i.value)
+@pytest.mark.parametrize("norm", list(Normalization), ids=lambda n: n.value)
+def test_an_empty_sequence_keeps_the_state(norm, impl):
+    b, h, d = 2, 2, 4
+    x = jnp.ones((b, 3, h, d))
+    beta = jnp.full((b, 3, h), 0.5)
+    fm = FeatureMap(FeatureMapKind.ELU_P1)
+    rules = [UpdateRule.SUM, UpdateRule.DELTA]
+    if not norm.uses_normalizer:
+        rules.append(UpdateRule.GATED_DELTA)
+    for rule in rules:
+        kw = dict(feature_map=fm, normalization=norm, update_rule=rule, impl=impl)
+        gates = {"alpha": beta} if rule is UpdateRule.GATED_DELTA else {}
+        b_ = None if rule is UpdateRule.SUM else beta
+        _, state = fast_weight_attention(x, x, x, b_, **kw, **gates)
+        empty = {n: g[:, :0] for n, g in gates.items()}
+        e = x[:, :0]
+        y, same = fast_weight_attention(
+            e, e, e, None if b_ is None else b_[:, :0], state=state, **kw, **empty
+        )
+        assert y.shape == (b, 0, h, d), rule
+        for a, c in zip(jax.tree.leaves(same), jax.tree.leaves(state), strict=True):
+            np.testing.assert_array_equal(a, c)
+    read = fast_weight_read(x, state, feature_map=fm, normalization=norm, scale=None)
+    expected = fast_weight_read(x, state, feature_map=fm, normalization=norm, scale=d**-0.5)
+    np.testing.assert_array_equal(read, expected)
