@@ -235,3 +235,21 @@ def test_scale_none_is_the_inverse_square_root_of_the_key_dimension(rule):
     out, _ = rule({**inputs, "scale": None}, Impl.CHUNKED, 16)
     expected, _ = rule({**inputs, "scale": CASES[1].k ** -0.5}, Impl.CHUNKED, 16)
     np.testing.assert_array_equal(out, expected)
+
+
+def test_decode_steps_take_scale_none():
+    from fwjax.ops import delta_rule_step, gated_delta_rule_step, sum_rule_step
+
+    rng = np.random.default_rng(0)
+    q, k = (jnp.asarray(rng.normal(size=(2, 3, 5)), jnp.float32) for _ in range(2))
+    v = jnp.asarray(rng.normal(size=(2, 3, 4)), jnp.float32)
+    beta = alpha = jnp.full((2, 3), 0.5)
+    s = jnp.asarray(rng.normal(size=(2, 3, 5, 4)), jnp.float32)
+    for step, args in [
+        (delta_rule_step, (q, k, v, beta, s)),
+        (sum_rule_step, (q, k, v, s)),
+        (gated_delta_rule_step, (q, k, v, beta, alpha, s)),
+    ]:
+        out, _ = step(*args, scale=None)
+        expected, _ = step(*args, scale=5**-0.5)
+        np.testing.assert_array_equal(out, expected)

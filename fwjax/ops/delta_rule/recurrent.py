@@ -25,6 +25,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from fwjax.ops.impl import resolve_scale
+
 
 def delta_rule_step(q_t, k_t, v_t, beta_t, state, scale=1.0):
     """One delta rule step for every batch element and head (the decode path).
@@ -36,7 +38,7 @@ def delta_rule_step(q_t, k_t, v_t, beta_t, state, scale=1.0):
       v_t: ``[B, H, V]``.
       beta_t: ``[B, H]``.
       state: ``[B, H, K, V]``; its dtype is the compute dtype.
-      scale: output scale.
+      scale: output scale; None: ``K ** -0.5``.
 
     Returns:
       ``(o_t: [B, H, V], new_state: [B, H, K, V])``; ``o_t`` in the state dtype.
@@ -44,7 +46,7 @@ def delta_rule_step(q_t, k_t, v_t, beta_t, state, scale=1.0):
     dtype = state.dtype
     q_t, k_t, v_t, beta_t = (x.astype(dtype) for x in (q_t, k_t, v_t, beta_t))
     _, state, _ = _step(q_t, k_t, v_t, beta_t, state)
-    o_t = scale * jnp.einsum("bhk,bhkv->bhv", q_t, state)
+    o_t = resolve_scale(scale, k_t.shape[-1]) * jnp.einsum("bhk,bhkv->bhv", q_t, state)
     return o_t, state
 
 

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from fwjax.ops.chunking import from_chunks, to_chunks
+from fwjax.ops.impl import resolve_scale
 
 
 def _step(q_t, k_t, v_t, beta_t, alpha_t, s):
@@ -39,7 +40,7 @@ def gated_delta_rule_step(q_t, k_t, v_t, beta_t, alpha_t, state, scale=1.0):
       v_t: ``[B, H, V]``.
       beta_t, alpha_t: ``[B, H]``.
       state: ``[B, H, K, V]``; its dtype is the compute dtype.
-      scale: output scale.
+      scale: output scale; None: ``K ** -0.5``.
 
     Returns:
       ``(o_t: [B, H, V], new_state: [B, H, K, V])``; ``o_t`` in the state dtype.
@@ -47,7 +48,7 @@ def gated_delta_rule_step(q_t, k_t, v_t, beta_t, alpha_t, state, scale=1.0):
     dtype = state.dtype
     args = (x.astype(dtype) for x in (q_t, k_t, v_t, beta_t, alpha_t))
     o_t, state = _step(*args, state)
-    return scale * o_t, state
+    return resolve_scale(scale, k_t.shape[-1]) * o_t, state
 
 
 def gated_delta_rule_recurrent(q, k, v, beta, alpha, initial_state, scale, chunk_size):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from fwjax.ops.impl import resolve_scale
+
 
 def sum_rule_step(q_t, k_t, v_t, state, scale=1.0):
     """One sum rule step for every batch element and head (the decode path).
@@ -21,7 +23,7 @@ def sum_rule_step(q_t, k_t, v_t, state, scale=1.0):
       q_t, k_t: ``[B, H, K]``.
       v_t: ``[B, H, V]``.
       state: ``[B, H, K, V]``; its dtype is the compute dtype.
-      scale: output scale.
+      scale: output scale; None: ``K ** -0.5``.
 
     Returns:
       ``(o_t: [B, H, V], new_state: [B, H, K, V])``; ``o_t`` in the state dtype.
@@ -29,7 +31,7 @@ def sum_rule_step(q_t, k_t, v_t, state, scale=1.0):
     dtype = state.dtype
     q_t, k_t, v_t = (x.astype(dtype) for x in (q_t, k_t, v_t))
     o_t, state = _step(q_t, k_t, v_t, state)
-    return scale * o_t, state
+    return resolve_scale(scale, k_t.shape[-1]) * o_t, state
 
 
 def _step(q_t, k_t, v_t, s):
