@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import re
 from pathlib import Path
 from typing import ClassVar
@@ -37,6 +38,17 @@ _WT_FILES = {
     "validation": "wiki.valid.tokens",
     "test": "wiki.test.tokens",
 }
+
+
+class _DropCustomConfigNotice(logging.Filter):
+    """Drops TFDS's "Using custom data configuration" warning: every local text file is a
+    custom configuration of :class:`LocalTextCorpus` by design."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Using custom data configuration")
+
+
+logging.getLogger("absl").addFilter(_DropCustomConfigNotice())
 
 
 def _text_features():
@@ -188,12 +200,20 @@ def local_text_builder(
 
     Raises:
       FileNotFoundError: ``text_path`` is missing.
-      ValueError: the dataset in ``data_dir`` was prepared from a different file content.
+      ValueError: the file is too short to give both splits a character, or the dataset in
+        ``data_dir`` was prepared from a different file content.
     """
     path = Path(text_path).expanduser().absolute()
     if not path.is_file():
         raise FileNotFoundError(f"text_path={str(path)!r} does not exist (or is not a file)")
     config = local_text_config(path.name, validation_fraction)
+    length = len(path.read_text(encoding="utf-8"))
+    cut = round(length * (1.0 - validation_fraction))
+    if cut == 0 or cut == length:  # a split without examples: TFDS refuses to write it
+        raise ValueError(
+            f"text_path={str(path)!r} has {length} characters: too few for a train and a "
+            f"validation split with {validation_fraction=}"
+        )
     builder = LocalTextCorpus(config=config, data_dir=data_dir, file_format="array_record")
     dl_config = tfds.download.DownloadConfig(manual_dir=str(path.parent))
     builder.download_and_prepare(download_config=dl_config, file_format="array_record")

@@ -72,3 +72,20 @@ def test_wikitext103_from_manual_dir_word_level(tmp_path):
     assert [test.tokenizer.vocab[i] for i in test.valid] == ["the", "mat", ".", EOS]
     with pytest.raises(ValueError, match="eval_split='dev'"):
         load_lm_data("wikitext103", "word", data_dir=str(tmp_path / "tfds"), eval_split="dev")
+
+
+@pytest.mark.parametrize("text", ["", "x"])
+def test_a_file_too_short_for_both_splits_is_named_before_tfds(tmp_path, text):
+    path = tmp_path / "tiny.txt"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"tiny\.txt' has {len(text)} characters: too few"):
+        tfds_builders.local_text_builder(path, 0.1, tmp_path / "tfds")
+    assert not (tmp_path / "tfds").exists()
+
+
+def test_the_custom_configuration_notice_is_dropped(tmp_path, caplog):
+    path = tmp_path / "corpus.txt"
+    path.write_text(generated_text(1000), encoding="utf-8")
+    with caplog.at_level("INFO"):
+        tfds_builders.local_text_builder(path, 0.1, tmp_path / "tfds")
+    assert not [r for r in caplog.records if "custom data configuration" in r.getMessage()]
