@@ -140,6 +140,8 @@ class Progress:
             self._bar.update(n)
             return
         now = time.monotonic()
+        if step >= self.total:  # the run's summary line follows
+            return
         if self._last_line is not None and now - self._last_line < self.interval_s:
             return
         self._last_line = now
