@@ -17,10 +17,13 @@ Requires the ``data`` extra (``tensorflow-datasets``, ``grain``, ``importlib_res
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import io
 import logging
 import re
+import sys
 from pathlib import Path
 from typing import ClassVar
 
@@ -187,9 +190,32 @@ def read_split_text(builder: tfds.core.DatasetBuilder, split: str, *, join: str 
     return text + join if join == "\n" and parts else text
 
 
-def prepare(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuilder:
-    """Prepares ``builder`` (array_record files) unless it already is."""
-    builder.download_and_prepare(file_format="array_record")
+def prepare(builder: tfds.core.DatasetBuilder, download_config=None) -> tfds.core.DatasetBuilder:
+    """Prepares ``builder`` (array_record files) unless it already is.
+
+    Preparing prints one line to stderr instead of TFDS's banners and progress bars (which
+    fill a log with carriage returns when stderr is not a terminal).
+
+    Args:
+      builder: the dataset builder.
+      download_config: a ``tfds.download.DownloadConfig`` (e.g. with the manual directory).
+
+    Returns:
+      ``builder``, prepared.
+    """
+    if builder.is_prepared():
+        return builder
+    print(
+        f"fwjax: preparing the dataset {builder.name} in {builder.data_dir} (once)", file=sys.stderr
+    )
+    tfds.display_progress_bar(False)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            builder.download_and_prepare(
+                download_config=download_config, file_format="array_record"
+            )
+    finally:
+        tfds.display_progress_bar(True)
     return builder
 
 
@@ -215,8 +241,7 @@ def local_text_builder(
             f"validation split with {validation_fraction=}"
         )
     builder = LocalTextCorpus(config=config, data_dir=data_dir, file_format="array_record")
-    dl_config = tfds.download.DownloadConfig(manual_dir=str(path.parent))
-    builder.download_and_prepare(download_config=dl_config, file_format="array_record")
+    prepare(builder, tfds.download.DownloadConfig(manual_dir=str(path.parent)))
     stored = builder.info.metadata.get("source_sha256") if builder.info.metadata else None
     actual = _sha256(path)
     if stored is not None and stored != actual:
@@ -235,8 +260,7 @@ def wikitext103_builder(
     dl_config = tfds.download.DownloadConfig(
         manual_dir=None if manual_dir is None else str(Path(manual_dir).expanduser())
     )
-    builder.download_and_prepare(download_config=dl_config, file_format="array_record")
-    return builder
+    return prepare(builder, dl_config)
 
 
 def tokenized_splits(

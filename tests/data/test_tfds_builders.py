@@ -89,3 +89,18 @@ def test_the_custom_configuration_notice_is_dropped(tmp_path, caplog):
     with caplog.at_level("INFO"):
         tfds_builders.local_text_builder(path, 0.1, tmp_path / "tfds")
     assert not [r for r in caplog.records if "custom data configuration" in r.getMessage()]
+
+
+def test_preparing_prints_one_line_and_nothing_once_prepared(tmp_path, capfd):
+    path = tmp_path / "corpus.txt"
+    path.write_text(generated_text(1000), encoding="utf-8")
+    capfd.readouterr()
+    tfds_builders.local_text_builder(path, 0.1, tmp_path / "tfds")
+    out, err = capfd.readouterr()
+    assert out == ""
+    assert err.splitlines() == [
+        f"fwjax: preparing the dataset local_text_corpus in {tmp_path / 'tfds'}"
+        "/local_text_corpus/corpus_val100/1.0.0 (once)"
+    ]
+    tfds_builders.local_text_builder(path, 0.1, tmp_path / "tfds")
+    assert capfd.readouterr() == ("", "")
