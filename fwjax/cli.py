@@ -77,11 +77,24 @@ def config_from_workdir(workdir: str | Path, overrides: list[str] | None = None)
     return structure(TrainConfig, apply_overrides(json.loads(path.read_text()), overrides or []))
 
 
+def _eval_devices(config: TrainConfig) -> list:
+    """The devices ``eval`` / ``generate`` use: the run's mesh, with the data axis shrunk to the
+    largest size that divides the run's batch (a run trained on fewer devices than this
+    machine has, e.g. batch 4 on a laptop evaluated on 8 devices, stays readable)."""
+    import jax
+
+    devices = jax.devices()
+    model = config.mesh.model
+    data = config.mesh.data if config.mesh.data != -1 else max(len(devices) // model, 1)
+    data = max(d for d in range(1, data + 1) if config.batch_size % d == 0)
+    return devices[: data * model]
+
+
 def _restored_run(workdir: str):
     from fwjax.train.loop import Run
 
     config = config_from_workdir(workdir, ["progress_bar=false"])
-    run = Run(config, workdir)
+    run = Run(config, workdir, _eval_devices(config))
     if run.restored_step is None:
         run.checkpointer.close()
         raise FileNotFoundError(f"no checkpoint found in {workdir}/checkpoints")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from fwjax.cli import main
 from fwjax.train.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
@@ -104,7 +105,10 @@ def copy_of_finished(finished, tmp_path):
 def _user_error_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
     bad_toml = tmp / "bad.toml"
     bad_toml.write_text('task = "retrieval"\nsteps = = 3\n')
+    empty = tmp / "empty.txt"
+    empty.write_text("")
     w = str(tmp / "w")
+    train_lm = ["train", "--config", "lm_tiny", "--workdir", w]
     return {
         "unknown_config": (["train", "--config", "no_such", "--workdir", w], "no_such"),
         "unknown_key": (
@@ -117,40 +121,27 @@ def _user_error_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
         ),
         "malformed_toml": (["train", "--config", bad_toml, "--workdir", w], "line 2"),
         "missing_text": (
-            [
-                "train",
-                "--config",
-                "lm_tiny",
-                "--workdir",
-                w,
-                "--set",
-                "lm.text_path=/nonexistent/corpus.txt",
-            ],
+            [*train_lm, "--set", "lm.text_path=/nonexistent/corpus.txt"],
             "/nonexistent/corpus.txt",
         ),
         "not_a_workdir": (["eval", "--workdir", tmp / "nothing"], "config.json"),
         "bad_argument": (["generate", "--workdir", w, "--prompt", "x", "--tokens", "-3"], "-3"),
+        "empty_tfds_text": (
+            [
+                *train_lm,
+                f"--set=lm.text_path={empty}",
+                "--set=lm.dataset=local_text",
+                f"--set=lm.data_dir={tmp / 'tfds'}",
+            ],
+            "has 0 characters: too few for a train and a validation split",
+        ),
     }
 
 
-@pytest.mark.parametrize(
-    "case",
-    [
-        "unknown_config",
-        "unknown_key",
-        "bad_value",
-        "malformed_toml",
-        "missing_text",
-        "not_a_workdir",
-        "bad_argument",
-    ],
-)
-def test_user_errors_print_one_line_and_exit_2(case, tmp_path):
-    args, needle = _user_error_cases(tmp_path)[case]
-    proc = fwjax(*args)
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
+def _check_one_line(code: int, err: str, case: str, needle: str) -> None:
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
     assert lines[0].startswith("fwjax ") and "error: " in lines[0]
     assert needle in lines[0]
     if case == "malformed_toml":
@@ -158,6 +149,27 @@ def test_user_errors_print_one_line_and_exit_2(case, tmp_path):
     if case == "unknown_config":  # every candidate once, even when two folders hold them
         names = lines[0].split("one of ")[1]
         assert names.count("'retrieval_delta'") == 1
+
+
+# In subprocesses: the real entry point, one case per kind of failure (config lookup, TOML
+# parsing, data loading); the other cases run the same main() in-process.
+@pytest.mark.parametrize("case", ["unknown_config", "malformed_toml", "missing_text"])
+def test_user_errors_print_one_line_and_exit_2(case, tmp_path):
+    args, needle = _user_error_cases(tmp_path)[case]
+    proc = fwjax(*args)
+    _check_one_line(proc.returncode, proc.stderr, case, needle)
+
+
+@pytest.mark.parametrize(
+    "case", ["unknown_key", "bad_value", "not_a_workdir", "bad_argument", "empty_tfds_text"]
+)
+def test_user_errors_in_process(case, tmp_path, capsys):
+    args, needle = _user_error_cases(tmp_path)[case]
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as e:  # argparse
+        code = e.code
+    _check_one_line(code, capsys.readouterr().err, case, needle)
 
 
 def test_debug_shows_the_traceback(tmp_path):
@@ -323,23 +335,33 @@ def test_train_writes_the_tokenizer_and_generate_writes_nothing(char_lm):
     ],
     ids=["tokens", "top_k", "temperature", "stride", "segment_len", "unknown", "top_k_vocab"],
 )
-def test_generate_and_eval_arguments_are_validated(char_lm, args, needle):
+def test_generate_and_eval_arguments_are_validated(char_lm, args, needle, capsys):
     command, *rest = args
-    proc = fwjax(command, "--workdir", char_lm, *rest)
-    assert proc.returncode == 2, proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1 and needle in proc.stderr, proc.stderr
+    try:
+        code = main([command, "--workdir", str(char_lm), *rest])
+    except SystemExit as e:  # argparse
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and needle in err, err
 
 
-def test_unknown_symbols_can_be_replaced_and_temperature_0_is_greedy(char_lm):
-    proc = fwjax("generate", "--workdir", char_lm, "--prompt", "a€", "--unknown", "replace")
-    assert proc.returncode == 0, proc.stderr
-    assert "replaced 1 unknown symbol(s) ['€']" in proc.stderr
-    outs = [
-        fwjax(
-            "generate", "--workdir", char_lm, "--prompt", "the", "--tokens", "8",
-            "--temperature", "0", "--seed", seed,
-        )
-        for seed in (0, 1)
-    ]  # fmt: skip
-    assert all(p.returncode == 0 for p in outs), [p.stderr for p in outs]
-    assert outs[0].stdout == outs[1].stdout and outs[0].stdout.startswith("the")
+def test_unknown_symbols_can_be_replaced_and_temperature_0_is_greedy(char_lm, capsys):
+    w = str(char_lm)
+    assert main(["generate", "--workdir", w, "--prompt", "a€", "--unknown", "replace"]) == 0
+    assert "replaced 1 unknown symbol(s) ['€']" in capsys.readouterr().err
+    outs = []
+    for seed in ("0", "1"):
+        args = ["--prompt", "the", "--tokens", "8", "--temperature", "0", "--seed", seed]
+        assert main(["generate", "--workdir", w, *args]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1] and outs[0].startswith("the")
+
+
+def test_a_run_trained_on_one_device_evaluates_on_eight(char_lm, capsys):
+    """batch_size=4 does not divide 8 devices: eval shrinks the data axis instead of failing."""
+    import jax
+
+    assert len(jax.devices()) == 8
+    assert main(["eval", "--workdir", str(char_lm)]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 2
