@@ -1,4 +1,5 @@
-"""Host-side metrics: periodic log lines without a bar, the bar on a terminal, resume cleanup."""
+"""The loop's host side: periodic log lines without a bar, the bar on a terminal, resume cleanup
+of metrics, and the signal handler."""
 
 from __future__ import annotations
 
@@ -52,3 +53,25 @@ def test_records_after_the_restored_step_are_dropped(tmp_path):
         30,
     ]
     assert writer.truncate_after(None) == 3 and read_metrics(tmp_path) == []
+
+
+def test_a_second_signal_aborts_at_once(monkeypatch, capsys):
+    import signal
+
+    import pytest
+
+    from fwjax.train import loop
+
+    def exit_now(code):
+        raise SystemExit(code)
+
+    monkeypatch.setattr(loop.os, "_exit", exit_now)
+    with loop._StopSignals() as stop:
+        assert signal.getsignal(signal.SIGTERM) == stop._handle
+        stop._handle(signal.SIGTERM, None)
+        assert stop.received == signal.SIGTERM  # the loop saves and stops after this step
+        with pytest.raises(SystemExit) as exit_info:
+            stop._handle(signal.SIGINT, None)
+    assert exit_info.value.code == 130
+    assert signal.getsignal(signal.SIGTERM) is not stop._handle  # restored
+    assert "aborting without a checkpoint" in capsys.readouterr().err
