@@ -365,3 +365,17 @@ def test_a_run_trained_on_one_device_evaluates_on_eight(char_lm, capsys):
     assert len(jax.devices()) == 8
     assert main(["eval", "--workdir", str(char_lm)]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 2
+
+
+def test_unexpected_errors_keep_their_traceback(monkeypatch, tmp_path):
+    def bug(args):
+        return 1 / 0
+
+    def library_error(args):
+        return json.loads("{")  # a ValueError raised outside fwjax's own validation
+
+    args = ["train", "--config", "retrieval_delta", "--workdir", str(tmp_path)]
+    for fn, error in ((bug, ZeroDivisionError), (library_error, ValueError)):
+        monkeypatch.setattr("fwjax.cli.cmd_train", fn)
+        with pytest.raises(error):
+            main(args)
