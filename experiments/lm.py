@@ -17,7 +17,8 @@ under a standard small-LM recipe, with seeds; resumable.
   matrices, β₂ 0.99, clip 1.0; no dropout; pre-LN, learned positions, embeddings N(0, 0.02²),
   GELU, residual projections scaled by 1/√(2L); random training windows);
 * ``shakespeare_char_long_{variant}.toml``: the same model at context 256, batch 16, 1200 steps
-  (≈ 4.9M tokens);
+  (≈ 4.9M tokens); ``shakespeare_char_long_rotary_{variant}.toml`` the same with rotary
+  positions in softmax layers (and none in fast weight layers) instead of learned ones;
 * ``tinyshakespeare_{variant}.toml``: the paper's Transformer-XL-style recipe at CPU scale
   (post-LN, dropout 0.1, N(0, 1)·√d embeddings, Adam, clip 0.25; fast weight variants carry
   their memory across segments with no positions) — kept as an explicit config;
@@ -142,6 +143,14 @@ TS_STEPS = 1200
 BUDGETS = {
     "small": dict(prefix="shakespeare_char", segment_len=64, batch_size=12, steps=2000),
     "long": dict(prefix="shakespeare_char_long", segment_len=256, batch_size=16, steps=1200),
+    # The long budget with rotary positions in softmax layers (fast weight layers: none).
+    "long_rotary": dict(
+        prefix="shakespeare_char_long_rotary",
+        segment_len=256,
+        batch_size=16,
+        steps=1200,
+        positional="rotary",
+    ),
 }
 RECIPE_MODEL = dict(d_model=128, num_layers=4, num_heads=4, d_ff=512)
 # The paper's Transformer-XL-style model options, written out in its configs.
@@ -205,7 +214,7 @@ def recipe_config(variant: str, budget: str = "small") -> str:
     header = (
         f"# Tiny Shakespeare (char level), reference small-LM recipe, {budget} budget: {desc}.\n"
         f"# {b['steps']} steps × {b['batch_size']} × {t} tokens ≈ {tokens / 1e6:.2f}M tokens; "
-        "nanoGPT's baby model recipe (pre-LN, learned positions,\n"
+        f"nanoGPT's baby model recipe (pre-LN, {b.get('positional', 'learned')} positions,\n"
         "# N(0, 0.02²) embeddings, GELU, AdamW 1e-3 → 1e-4, weight decay 0.1, no dropout), "
         "random training windows.\n"
         "# Written by `python -m experiments.lm configs`; results: `python -m experiments.lm run "
@@ -233,7 +242,13 @@ def recipe_config(variant: str, budget: str = "small") -> str:
     )
     model = _softmax_kinds(
         variant,
-        dict(**RECIPE_MODEL, max_len=t, positional="learned", norm_position="pre", dropout=0.0),
+        dict(
+            **RECIPE_MODEL,
+            max_len=t,
+            positional=b.get("positional", "learned"),
+            norm_position="pre",
+            dropout=0.0,
+        ),
     )
     opt = dict(
         kind="adamw",
