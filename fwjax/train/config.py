@@ -303,7 +303,8 @@ class TrainConfig:
       eval_every: evaluate every this many steps (and at the end); ``eval_batches`` batches.
       log_every: host-side metrics (JSONL, progress bar, TensorBoard) every this many steps.
       nonfinite: :class:`NonFinitePolicy`; ``max_consecutive_nonfinite`` bounds SKIP.
-      progress_bar: a tqdm bar on process 0. ``tensorboard``: also write tensorboardX events.
+      progress_bar: a tqdm bar on process 0 when stderr is a terminal (otherwise, or when False,
+        a one-line log at most every 30 s). ``tensorboard``: also write tensorboardX events.
     """
 
     task: TaskKind = TaskKind.RETRIEVAL
