@@ -217,6 +217,8 @@ def recipe_config(variant: str, budget: str = "small") -> str:
         f"nanoGPT's baby model recipe (pre-LN, {b.get('positional', 'learned')} positions,\n"
         "# N(0, 0.02²) embeddings, GELU, AdamW 1e-3 → 1e-4, weight decay 0.1, no dropout), "
         "random training windows.\n"
+        "# Unlike nanoGPT: an untied output layer, feed-forward biases, LeCun-normal "
+        "projections.\n"
         "# Written by `python -m experiments.lm configs`; results: `python -m experiments.lm run "
         f"--budget {budget}`.\n"
     )
@@ -247,6 +249,10 @@ def recipe_config(variant: str, budget: str = "small") -> str:
             max_len=t,
             positional=b.get("positional", "learned"),
             norm_position="pre",
+            embed_init_std=0.02,
+            embed_scale=False,
+            activation="gelu",
+            scale_residual_init=True,
             dropout=0.0,
         ),
     )

@@ -36,7 +36,7 @@ def _fwjax(*args: str) -> str:
 
 def run_probe(shape: str, positional: str, steps: int, runs: Path) -> dict:
     batch, t = SHAPES[shape]
-    workdir = runs / f"{shape}_{positional}"
+    workdir = runs / f"{shape}_{positional}_{steps}"
     sets = [
         f"steps={steps}",
         f"batch_size={batch}",

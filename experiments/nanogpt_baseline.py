@@ -1,5 +1,5 @@
 """The baseline beside the LM recipe: nanoGPT's char-level "baby" Shakespeare model, run from a
-nanoGPT checkout and scored exactly as fwjax scores its models; resumable.
+nanoGPT checkout and scored as fwjax scores its models; resumable.
 
 ::
 
@@ -14,8 +14,9 @@ separate processes). Each seed trains nanoGPT's documented CPU command for the b
 (4 layers, 4 heads, d 128, context 64, batch 12, 2000 iterations, no dropout, lr 1e-3 with
 cosine decay to 1e-4 over 2000 iterations, β₂ 0.99) with ``torch.manual_seed(1337 + seed)``,
 then scores the final checkpoint over the whole validation split (the last 10 % of the
-characters, as nanoGPT's ``prepare.py`` splits it) in independent 64-character segments,
-every target once — the ``segments`` evaluation of ``fwjax eval``. Each seed is a JSON under
+characters, as nanoGPT's ``prepare.py`` splits it: ``int(0.9 n)``, one character earlier than
+fwjax's ``round(0.9 n)``) in independent 64-character segments, every target once — the
+``segments`` evaluation of ``fwjax eval``. Each seed is a JSON under
 ``experiments/results/lm/nanogpt/``; ``python -m experiments.lm report`` lists them beside the
 fwjax models.
 """
@@ -40,8 +41,8 @@ FILES = (
     "config/train_shakespeare_char.py",
     "data/shakespeare_char/prepare.py",
 )
-# nanoGPT's README command for the baby model on a CPU, with every checkpoint kept (the
-# last evaluation's, at iteration 2000, is scored).
+# nanoGPT's README command for the baby model on a CPU, saving a checkpoint at every evaluation
+# whether or not it improved (so the scored one is iteration 2000's).
 BABY = [
     "config/train_shakespeare_char.py",
     "--device=cpu",

@@ -28,7 +28,13 @@ import traceback
 from pathlib import Path
 
 from fwjax.train.config import TaskKind, TrainConfig
-from fwjax.train.config_io import apply_overrides, find_config, load_toml, structure
+from fwjax.train.config_io import (
+    apply_overrides,
+    find_config,
+    load_toml,
+    structure,
+    upgrade_stored,
+)
 
 CONFIG_DIRS = [
     Path.cwd() / "experiments" / "configs",
@@ -74,7 +80,8 @@ def config_from_workdir(workdir: str | Path, overrides: list[str] | None = None)
     path = Path(workdir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{str(path)!r} not found: is {str(workdir)!r} a training workdir?")
-    return structure(TrainConfig, apply_overrides(json.loads(path.read_text()), overrides or []))
+    stored = upgrade_stored(json.loads(path.read_text()))
+    return structure(TrainConfig, apply_overrides(stored, overrides or []))
 
 
 def _eval_devices(config: TrainConfig) -> list:

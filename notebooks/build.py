@@ -801,10 +801,11 @@ def notebook_03() -> list[tuple[str, str]]:
                 ## 2. Sample
 
                 `fwjax.train.loop.Run` restores the last checkpoint and holds the character
-                vocabulary (`run.task.tokenizer`). `generate` processes the prompt in parallel,
-                then decodes one token per step from the carried fast weights; past the
-                `SEGMENT` learned positions it predicts each character from the last `SEGMENT`
-                characters, as nanoGPT does.
+                vocabulary (`run.task.tokenizer`). When a prompt and its continuation fit the
+                model's `SEGMENT` learned positions, `generate` processes the prompt in parallel
+                and decodes one token per step from the carried fast weights; here they do not,
+                so it predicts each character from the last `SEGMENT` characters at most,
+                recomputed, as nanoGPT does.
                 """
             ),
         ),

@@ -38,9 +38,15 @@ def logical(init, axes):
     return nnx.with_partitioning(init, axes, eager_sharding=False)
 
 
+def lecun_normal(scale: float = 1.0):
+    """LeCun-normal initialisation (truncated normal, variance 1/fan_in) with its std times
+    ``scale``; ``scale=1`` is ``nnx.initializers.lecun_normal()`` exactly."""
+    return nnx.initializers.variance_scaling(scale**2, "fan_in", "truncated_normal")
+
+
 def _dense(d_in, d_out, axes, *, dtype, rngs, scale: float = 1.0):
     """A bias-free projection with LeCun-normal weights, their std multiplied by ``scale``."""
-    init = logical(nnx.initializers.variance_scaling(scale**2, "fan_in", "truncated_normal"), axes)
+    init = logical(lecun_normal(scale), axes)
     return nnx.Linear(d_in, d_out, use_bias=False, dtype=dtype, kernel_init=init, rngs=rngs)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import types
 
 import jax.numpy as jnp
 
@@ -220,12 +221,14 @@ class ModelConfig:
 # The paper's Transformer-XL-style recipe (Schlag et al., 2021; Dai et al., 2019): post-LN,
 # ReLU feed-forward, sinusoidal positions, N(0, 1) embeddings scaled by √d_model, LeCun-normal
 # projections without residual scaling, dropout 0.1.
-PAPER_RECIPE = dict(
-    norm_position=NormPosition.POST,
-    positional=Positional.SINUSOIDAL,
-    embed_init_std=1.0,
-    embed_scale=True,
-    activation=Activation.RELU,
-    scale_residual_init=False,
-    dropout=0.1,
+PAPER_RECIPE = types.MappingProxyType(
+    dict(
+        norm_position=NormPosition.POST,
+        positional=Positional.SINUSOIDAL,
+        embed_init_std=1.0,
+        embed_scale=True,
+        activation=Activation.RELU,
+        scale_residual_init=False,
+        dropout=0.1,
+    )
 )

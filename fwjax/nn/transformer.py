@@ -9,7 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fwjax.nn.attention import FastWeightAttention, SoftmaxAttention, _dense, logical
+from fwjax.nn.attention import (
+    FastWeightAttention,
+    SoftmaxAttention,
+    _dense,
+    lecun_normal,
+    logical,
+)
 from fwjax.nn.config import Activation, AttentionKind, ModelConfig, NormPosition, Positional
 
 _ACTIVATIONS = {Activation.RELU: jax.nn.relu, Activation.GELU: jax.nn.gelu}
@@ -30,11 +36,8 @@ class FeedForward(nnx.Module):
         out_scale: float = 1.0,
         rngs: nnx.Rngs,
     ):
-        init_in = logical(nnx.initializers.lecun_normal(), ("embed", "mlp"))
-        init_out = logical(
-            nnx.initializers.variance_scaling(out_scale**2, "fan_in", "truncated_normal"),
-            ("mlp", "embed"),
-        )
+        init_in = logical(lecun_normal(), ("embed", "mlp"))
+        init_out = logical(lecun_normal(out_scale), ("mlp", "embed"))
         self.up = nnx.Linear(d_model, d_ff, dtype=dtype, kernel_init=init_in, rngs=rngs)
         self.down = nnx.Linear(d_ff, d_model, dtype=dtype, kernel_init=init_out, rngs=rngs)
         self.dropout = nnx.Dropout(dropout, rngs=rngs)

@@ -257,7 +257,9 @@ class LMTaskConfig:
         object.__setattr__(self, "dataset", LMDataset(self.dataset))
         object.__setattr__(self, "sampling", Sampling(self.sampling))
         if self.carry_state and self.sampling is not Sampling.STREAMS:
-            raise ValueError(f"carry_state=True needs sampling='streams'; got {self.sampling}")
+            raise ValueError(
+                f"carry_state=True needs sampling='streams'; got {self.sampling.value!r}"
+            )
         if self.carry_state and self.model.positional is Positional.LEARNED:
             raise ValueError(
                 "carry_state=True with positional='learned': carried positions grow past the "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 import tomllib
 import types
 import typing
@@ -146,3 +147,35 @@ def find_config(name_or_path: str | Path, search_dirs: list[Path]) -> Path:
 def load_toml(path: Path) -> dict:
     with open(path, "rb") as f:
         return tomllib.load(f)
+
+
+# Values that configs stored before a field existed were trained with (the field's behaviour
+# then), by the table the field belongs to. A run's ``config.json`` holds every field of its
+# time, so a missing field means an older run, never an omission.
+_STORED_BEFORE = {
+    ("lm", "model"): dict(
+        embed_init_std=1.0, embed_scale=True, activation="relu", scale_residual_init=False
+    ),
+    ("optimizer",): dict(decay_matrices_only=False),
+}
+
+
+def upgrade_stored(data: dict) -> dict:
+    """A stored run config (``workdir/config.json``) with the fields it predates filled with
+    the behaviour it was trained with, so an old run is rebuilt as the model it was.
+
+    Args:
+      data: the parsed JSON of a stored config (not modified).
+
+    Returns:
+      A copy with the missing fields of :data:`_STORED_BEFORE` added.
+    """
+    data = json.loads(json.dumps(data))
+    for path, fields in _STORED_BEFORE.items():
+        table = data
+        for key in path:
+            table = table.get(key) if isinstance(table, dict) else None
+        if isinstance(table, dict):
+            for key, value in fields.items():
+                table.setdefault(key, value)
+    return data

@@ -299,8 +299,8 @@ def evaluate_lm(
       for char and byte tokens (bits per character / byte).
 
     Raises:
-      ValueError: CARRIED with softmax layers or LEARNED positions, or a bad ``stride`` /
-        ``streams``.
+      ValueError: CARRIED with softmax layers or LEARNED positions, a segment longer than
+        LEARNED positions hold, or a bad ``stride`` / ``streams``.
     """
     task: LMTrainTask = run.task
     cfg = task.config
@@ -322,6 +322,10 @@ def evaluate_lm(
             "mode='carried' with positional='learned': positions of one stream grow past the "
             f"table of {task.model_config.max_len=}; carried evaluation needs a model trained "
             "without learned positions"
+        )
+    if task.model_config.positional is Positional.LEARNED and t > task.model_config.max_len:
+        raise ValueError(
+            f"segment_len={t} exceeds the learned position table ({task.model_config.max_len=})"
         )
     tokens = np.asarray(task.valid_tokens)
     n = len(tokens) - 1

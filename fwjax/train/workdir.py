@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fwjax.train.config import TrainConfig
-from fwjax.train.config_io import structure, unstructure
+from fwjax.train.config_io import structure, unstructure, upgrade_stored
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def stored_config(workdir: Path) -> TrainConfig | None:
     if not path.is_file():
         return None
     try:
-        return structure(TrainConfig, json.loads(path.read_text()))
+        return structure(TrainConfig, upgrade_stored(json.loads(path.read_text())))
     except (ValueError, TypeError) as e:
         raise WorkdirError(f"{str(path)!r} is not a valid fwjax config ({e})") from e
 

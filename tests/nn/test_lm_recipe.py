@@ -61,6 +61,11 @@ def test_bad_recipe_values_name_themselves():
         ModelConfig(activation="tanh")
 
 
+def test_rotary_needs_an_even_head_dimension():
+    with pytest.raises(ValueError, match="even head dimension; got 3"):
+        _lm(d_model=6, num_heads=2, positional="rotary", layer_kinds=("softmax", "softmax"))
+
+
 def test_embedding_init_std_and_residual_scaling():
     a = _lm(scale_residual_init=False)
     b = _lm(scale_residual_init=True)

@@ -10,14 +10,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from experiments import lm as lm_experiment
-from fwjax.cli import load_train_config
+from fwjax.cli import config_from_workdir, load_train_config
 from fwjax.data import text
-from fwjax.nn import ModelConfig
+from fwjax.nn import ModelConfig, TransformerLM
 from fwjax.train import Run
 from fwjax.train.config import LMEvalMode, LMTaskConfig, OptimizerConfig
-from fwjax.train.optim import make_optimizer
+from fwjax.train.config_io import unstructure
+from fwjax.train.optim import make_optimizer, matrices_mask
 from fwjax.train.tasks import evaluate_lm
 
 
@@ -77,6 +79,34 @@ def test_weight_decay_reaches_matrices_only():
         np.testing.assert_allclose(updates["scale"], expected, rtol=1e-6)
 
 
+def test_weight_decay_mask_on_a_models_parameters():
+    model = TransformerLM(
+        ModelConfig(vocab_size=11, d_model=8, num_layers=1, num_heads=2, d_ff=16, max_len=8),
+        rngs=nnx.Rngs(0),
+    )
+    mask = nnx.to_pure_dict(matrices_mask(nnx.state(model, nnx.Param)))
+    block = mask["blocks"][0]
+    assert mask["embed"]["embedding"] and mask["position_embed"]["embedding"]
+    assert mask["head"]["kernel"] and block["ff"]["up"]["kernel"]
+    assert block["attention"]["qkvb"]["kernel"] and block["attention"]["out"]["kernel"]
+    assert not block["ff"]["up"]["bias"] and not block["norm1"]["scale"]
+    assert not block["norm1"]["bias"] and not mask["final_norm"]["scale"]
+
+
+def test_stored_configs_from_before_the_recipe_options_rebuild_their_model(tmp_path):
+    config = load_train_config("lm_tiny")
+    stored = unstructure(config)
+    for key in ("embed_init_std", "embed_scale", "activation", "scale_residual_init"):
+        del stored["lm"]["model"][key]  # a config.json written before these fields existed
+    del stored["optimizer"]["decay_matrices_only"]
+    (tmp_path / "config.json").write_text(json.dumps(stored))
+    old = config_from_workdir(tmp_path)
+    assert old.lm.model.activation.value == "relu" and old.lm.model.embed_scale
+    assert old.lm.model.embed_init_std == 1.0 and not old.lm.model.scale_residual_init
+    assert not old.optimizer.decay_matrices_only
+    assert config.lm.model.activation.value == "gelu"  # new configs keep the new defaults
+
+
 def test_random_window_training_runs_and_refuses_carried_eval(tmp_path):
     text_path = tmp_path / "text.txt"
     text_path.write_text(text.generated_text(20_000))
@@ -103,6 +133,8 @@ def test_random_window_training_runs_and_refuses_carried_eval(tmp_path):
     assert np.isfinite(float(metrics["loss"]))
     with pytest.raises(ValueError, match="mode='carried' with positional='learned'"):
         evaluate_lm(run, LMEvalMode.CARRIED)
+    with pytest.raises(ValueError, match="segment_len=32 exceeds the learned position table"):
+        evaluate_lm(run, LMEvalMode.SEGMENTS, segment_len=32)
     run.checkpointer.close()
 
 
@@ -148,7 +180,9 @@ def test_report_has_one_row_per_seed_and_mean_std(tmp_path, monkeypatch):
     with open(tmp_path / "lm_tinyshakespeare.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["seed"] for r in rows] == ["0", "1"]
-    assert set(lm_experiment.COLUMNS) <= set(rows[0])
+    required = "model,params,steps,tokens,seed,val_loss_nats,val_bpc,carried_val_bpc,seconds"
+    assert set(required.split(",")) <= set(rows[0])
+    assert rows[1]["val_loss_nats"] == "1.7400" and rows[1]["carried_val_bpc"] == ""
     table = (tmp_path / "lm_tinyshakespeare.md").read_text()
     assert "| small | softmax | 100 | 7,680 | 2 | 1.720 ± 0.028 |" in table
     assert (tmp_path / "lm_tinyshakespeare.png").stat().st_size > 0
