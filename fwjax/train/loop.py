@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from fwjax.train import mesh as mesh_lib
 from fwjax.train import workdir as workdir_lib
 from fwjax.train.checkpoint import Checkpointer
 from fwjax.train.config import DistributedConfig, NonFinitePolicy, TaskKind, TrainConfig
-from fwjax.train.metrics import MetricsWriter, Progress, read_metrics
+from fwjax.train.metrics import MetricsWriter, Progress, read_metrics, say
 from fwjax.train.optim import make_optimizer
 from fwjax.train.step import create_train_state, make_eval_step, make_train_step
 from fwjax.train.tasks import make_task
@@ -167,19 +166,15 @@ class _StopSignals:
 
     def _handle(self, signum, frame):
         if self.received is not None:
-            print(
+            say(
                 f"fwjax train: second signal ({signal.Signals(signum).name}); aborting without "
-                "a checkpoint",
-                file=sys.stderr,
-                flush=True,
+                "a checkpoint"
             )
             os._exit(128 + signum)
         self.received = signum
-        print(
+        say(
             f"fwjax train: {signal.Signals(signum).name} received; saving a checkpoint after "
-            "this step (send it again to abort at once)",
-            file=sys.stderr,
-            flush=True,
+            "this step (send it again to abort at once)"
         )
 
     def __enter__(self):

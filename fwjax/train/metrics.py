@@ -11,6 +11,7 @@ most every ``interval_s`` seconds.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -153,9 +154,15 @@ class Progress:
         parts.append(f"elapsed {_duration(elapsed)}")
         if math.isfinite(eta):
             parts.append(f"ETA {_duration(eta)}")
-        stream = self._stream if self._stream is not None else sys.stderr
-        print("fwjax train: " + ", ".join(parts), file=stream, flush=True)
+        say("fwjax train: " + ", ".join(parts), self._stream)
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+
+
+def say(message: str, stream=None) -> None:
+    """Prints one line to ``stream`` (default stderr), ignoring a closed output: a run whose
+    reader has gone (a parent process killed, a closed pipe) keeps training and saving."""
+    with contextlib.suppress(OSError):  # BrokenPipeError, or a closed file descriptor
+        print(message, file=stream if stream is not None else sys.stderr, flush=True)

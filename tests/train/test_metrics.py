@@ -75,3 +75,24 @@ def test_a_second_signal_aborts_at_once(monkeypatch, capsys):
     assert exit_info.value.code == 130
     assert signal.getsignal(signal.SIGTERM) is not stop._handle  # restored
     assert "aborting without a checkpoint" in capsys.readouterr().err
+
+
+class _ClosedPipe(io.StringIO):
+    def write(self, text):
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_a_closed_output_neither_stops_the_log_nor_the_signal_handler(monkeypatch):
+    """A run whose reader has gone (its parent killed) still records a signal, and so still
+    saves a checkpoint; its progress lines are dropped instead of raising."""
+    import signal
+
+    from fwjax.train import loop
+
+    monkeypatch.setattr("sys.stderr", _ClosedPipe())
+    with loop._StopSignals() as stop:
+        stop._handle(signal.SIGINT, None)
+        assert stop.received == signal.SIGINT
+    progress = Progress(10, 0, False, stream=_ClosedPipe())
+    progress.update(1, 1, {"loss": 1.0})
+    progress.close()
