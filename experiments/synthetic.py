@@ -68,7 +68,7 @@ FEATURE_MAPS: dict[str, FeatureMap | None] = {
 class KeyEmbedding(enum.Enum):
     """How keys enter the model.
 
-    PAPER: the issue's model, a ``d_key``-wide key embedding and projections without biases.
+    PAPER: the paper's model, a ``d_key``-wide key embedding and projections without biases.
     OFFICIAL: the official synthetic code's, an ``e = int(2.2·N)``-wide key embedding
       (``int((N_keys + N_values)·1.1)``) and projections with biases. With its init
       (embedding ``N(0, 1)``, ``W_k, W_q ~ U(±1/√d_key)``) the pre-φ keys have variance

@@ -46,7 +46,8 @@ class Impl(enum.Enum):
 
 
 # Default chunk size per backend platform. On XLA:CPU, C=32 gave the best throughput of the
-# chunked form (shared/NOTES.md); accelerators want larger tiles for their matrix units.
+# chunked form (measured on a 2-core x86 CPU); accelerators want larger tiles for their matrix
+# units.
 _DEFAULT_CHUNK_SIZE = {"cpu": 32, "gpu": 64, "cuda": 64, "rocm": 64, "tpu": 64}
 
 # AUTO per backend platform. On XLA:CPU the per-token scan is the fastest measured form in the

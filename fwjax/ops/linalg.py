@@ -1,9 +1,9 @@
 """Matmul-only inverse of unit lower-triangular matrices, for the chunkwise delta rule.
 
 ``jax.scipy.linalg.solve_triangular`` is avoided on purpose: its gradient hung intermittently on
-XLA:CPU (shared/NOTES.md), and a matmul-only algorithm maps onto matrix units on GPU/TPU and
-differentiates through plain autodiff. Powers of the strictly lower part are never formed (a
-Neumann series overflows once ``|A| > 1``).
+XLA:CPU (the process idled on futexes), and a matmul-only algorithm maps onto matrix units on
+GPU/TPU and differentiates through plain autodiff. Powers of the strictly lower part are never
+formed (a Neumann series overflows once ``|A| > 1``).
 """
 
 from __future__ import annotations
