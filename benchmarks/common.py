@@ -65,7 +65,8 @@ def model_flops(cfg: Config) -> float:
 
 def algorithm_flops(cfg: Config) -> float:
     """FLOPs the chunked form actually executes (forward ``6KV + C(6K + 4V) + C²/3`` per
-    head-token, shared/NOTES.md; ×3 with the backward); equal to model FLOPs otherwise."""
+    head-token, counted from the WY form's matmuls; ×3 with the backward); equal to model FLOPs
+    otherwise."""
     if not cfg.chunk:
         return model_flops(cfg)
     c = cfg.chunk

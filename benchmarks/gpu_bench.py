@@ -17,7 +17,7 @@ results survive a timeout) and printed. Usage (repo root, the machine's python3)
     PYTHONPATH=. python3 benchmarks/gpu_bench.py --cpu-smoke --out /tmp/smoke   # CPU dry run
 
 Models (the same for every impl, so the rates compare times): FLOPs of the chunked algorithm
-with ``C = 64``, per head-token ``6·K·V + C·(6K + 4V) + C²/3`` forward (shared/NOTES.md) and 3×
+with ``C = 64``, per head-token ``6·K·V + C·(6K + 4V) + C²/3`` forward (WY matmuls) and 3×
 that for forward + backward; bytes: inputs read and outputs written once in bf16 (fwd: q, k,
 v, β, o; fwd+bwd adds do read and dq, dk, dv, dβ written, plus the forward again).
 """
@@ -424,7 +424,7 @@ def main():
 
 
 def summarize(path):
-    """Prints the fwd+bwd ratios the issue targets, from the JSONL results."""
+    """Prints the fwd+bwd ratios the GPU targets compare (fwjax vs fla), from the JSONL results."""
     with open(path) as f:
         rows = [json.loads(x) for x in f if x.strip()]
     times = {
