@@ -60,7 +60,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "experiments" / "configs"
+CONFIGS = ROOT / "fwjax" / "configs"
 RESULTS = ROOT / "experiments" / "results"
 CSV_PATH = RESULTS / "lm_tinyshakespeare.csv"
 COLUMNS = [

@@ -3,11 +3,13 @@
 ::
 
     fwjax train --config NAME_OR_PATH --workdir DIR [--set key.path=value ...] [--overwrite]
+    fwjax configs
     fwjax eval --workdir DIR [--mode segments|sliding|carried] [--stride S] [--streams B]
     fwjax generate --workdir DIR --prompt TEXT [--tokens N] [--temperature T] [--top-k K]
 
-``NAME`` is a file ``experiments/configs/NAME.toml`` (looked up in the current directory's
-``experiments/configs`` and in the fwjax source checkout's); overrides use TOML literals, e.g.
+``NAME`` is one of the configs shipped in the package (``fwjax/configs/NAME.toml``; ``fwjax
+configs`` lists them with their descriptions) or a path to a TOML file; overrides use TOML
+literals, e.g.
 ``--set optimizer.learning_rate=1e-3 --set retrieval.fast_weight.update_rule=delta``.
 
 User errors (a bad config or value, a missing file, malformed TOML, a workdir holding another
@@ -27,6 +29,7 @@ import tomllib
 import traceback
 from pathlib import Path
 
+from fwjax import configs as shipped_configs
 from fwjax.train.config import TaskKind, TrainConfig
 from fwjax.train.config_io import (
     apply_overrides,
@@ -36,10 +39,8 @@ from fwjax.train.config_io import (
     upgrade_stored,
 )
 
-CONFIG_DIRS = [
-    Path.cwd() / "experiments" / "configs",
-    Path(__file__).resolve().parents[1] / "experiments" / "configs",
-]
+# The shipped configs are package data (a plain directory in a wheel or a checkout).
+CONFIG_DIRS = [Path(str(shipped_configs.config_dir()))]
 _PACKAGE_DIR = Path(__file__).resolve().parent
 EXIT_USAGE = 2
 
@@ -52,7 +53,7 @@ def load_train_config(name_or_path: str, overrides: list[str] | None = None) -> 
     """Reads a TOML config and converts it to a validated :class:`TrainConfig`.
 
     Args:
-      name_or_path: a path, or a name in ``experiments/configs``.
+      name_or_path: a path, or the name of a shipped config (``fwjax configs`` lists them).
       overrides: ``key.path=value`` strings (TOML literals).
 
     Returns:
@@ -117,6 +118,19 @@ def cmd_train(args) -> int:
         raise UsageError(str(e)) from e
     initialize_distributed(config.distributed)
     train(config, args.workdir, overwrite=args.overwrite)
+    return 0
+
+
+def cmd_configs(args) -> int:
+    """Prints each shipped config's name and one-line description."""
+    names = shipped_configs.names()
+    width = max(map(len, names))
+    try:
+        for name in names:
+            print(f"{name:<{width}}  {shipped_configs.describe(name)}")
+        sys.stdout.flush()
+    except BrokenPipeError:  # `fwjax configs | head`: the reader has gone, which is fine
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (lives until exit)
     return 0
 
 
@@ -264,7 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser("train", help="train (or resume) a run")
-    p.add_argument("--config", required=True, help="config name in experiments/configs, or path")
+    p.add_argument(
+        "--config", required=True, help="a shipped config's name (see `fwjax configs`), or a path"
+    )
     p.add_argument("--workdir", required=True, help="checkpoints, metrics and config go here")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override")
     p.add_argument(
@@ -273,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="delete the workdir's previous run (checkpoints, metrics, summary, config) first",
     )
     p.set_defaults(fn=cmd_train)
+    p = sub.add_parser("configs", help="list the shipped configs with their descriptions")
+    p.set_defaults(fn=cmd_configs)
     p = sub.add_parser("eval", help="evaluate the latest checkpoint of a workdir")
     p.add_argument("--workdir", required=True)
     p.add_argument(

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -113,8 +114,7 @@ def test_sigkill_at_random_points_and_during_async_saves_loses_and_repeats_nothi
     step_whole, params_whole = _final_params(whole)
     step_killed, params_killed = _final_params(killed)
     assert step_whole == step_killed == STEPS
-    for a, b in zip(params_whole, params_killed, strict=True):
-        np.testing.assert_array_equal(a, b)
+    chex.assert_trees_all_equal(params_whole, params_killed)  # bit-identical, leaf by leaf
     for split in ("train", "eval"):
         steps = [s for s, _ in _records(killed, split)]
         assert steps == sorted(set(steps)), f"{split} steps repeated: {steps}"
