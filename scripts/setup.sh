@@ -20,7 +20,7 @@ if [[ ! -x .venv/bin/python ]]; then
   echo "fwjax setup: creating .venv with $("$python" --version 2>&1)"
   "$python" -m venv .venv
   : >"$log"
-  quiet .venv/bin/python -m pip install --upgrade pip
+  quiet .venv/bin/python -m pip install --upgrade pip "setuptools>=77"  # the wheel test builds without isolation
 fi
 # Reinstall only when pyproject.toml changed since an install that covered every requested extra.
 IFS=, read -ra wanted <<<"$extras"

@@ -13,6 +13,7 @@ import pytest
 from benchmarks import common
 from benchmarks.reference_np import delta_rule_head
 from fwjax.ops import Impl, delta_rule
+from tests.jax_compat import enable_x64
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_numpy_reference_matches_jax_autodiff():
     q, k, v, beta, do = common.make_inputs(1, 23, 1, seed=3)
     ref = delta_rule_head(q[0, :, 0], k[0, :, 0], v[0, :, 0], beta[0, :, 0], do[0, :, 0])
-    with jax.enable_x64(True):
+    with enable_x64(True):
         args = [jnp.asarray(x, jnp.float64) for x in (q, k, v, beta)]
         o, pullback = jax.vjp(lambda *a: delta_rule(*a, impl=Impl.REFERENCE)[0], *args)
         grads = pullback(jnp.asarray(do, jnp.float64))

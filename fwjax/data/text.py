@@ -75,13 +75,25 @@ def decode(tokens) -> str:
     return bytes(np.asarray(tokens, dtype=np.uint8).tolist()).decode("utf-8", errors="replace")
 
 
+TINY_SHAKESPEARE_URL = (
+    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+)
+
+
+def _missing_text(path: Path) -> str:
+    return (
+        f"text_path={str(path)!r} does not exist (or is not a file); give the text with "
+        f"--set lm.text_path=PATH (Tiny Shakespeare: {TINY_SHAKESPEARE_URL})"
+    )
+
+
 def load_tokens(text_path: str | None) -> np.ndarray:
     """The byte tokens of ``text_path``, or of :func:`generated_text` when it is None."""
     if text_path is None:
         return encode(generated_text())
     path = Path(text_path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"text_path={str(path)!r} does not exist (or is not a file)")
+        raise FileNotFoundError(_missing_text(path))
     return encode(path.read_text(encoding="utf-8"))
 
 
@@ -241,9 +253,7 @@ def load_lm_data(
         else:
             path = Path(text_path).expanduser()
             if not path.is_file():
-                raise FileNotFoundError(
-                    f"text_path={str(path)!r} does not exist (or is not a file)"
-                )
+                raise FileNotFoundError(_missing_text(path))
             text = path.read_text(encoding="utf-8")
         if kind is TokenizerKind.BYTE:
             train, valid = train_validation_split(encode(text), validation_fraction)

@@ -102,3 +102,10 @@ def test_text_file_split_vocab_from_train_only(tmp_path, kind):
 def test_local_text_needs_a_path():
     with pytest.raises(ValueError, match="needs text_path"):
         text.load_lm_data("local_text", "char")
+
+
+def test_a_missing_text_file_says_how_to_give_one(tmp_path):
+    from fwjax.data.text import load_tokens
+
+    with pytest.raises(FileNotFoundError, match=r"nope\.txt.*--set lm\.text_path=PATH.*char-rnn"):
+        load_tokens(str(tmp_path / "nope.txt"))

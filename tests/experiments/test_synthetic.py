@@ -29,6 +29,7 @@ from fwjax.train.retrieval import (
     predictions,
     train_retrieval,
 )
+from tests.jax_compat import enable_x64
 from tests.tolerances import assert_close
 
 OFFICIAL = dict(d_embed=23, use_bias=True)  # the official code's wide embedding, biases
@@ -133,7 +134,7 @@ def test_delta_read_weights_and_their_vjp_match_the_definition(form, beta_scale,
     or autodiff) for random cotangents, w.r.t. q̂, k̂ and β."""
     rng = np.random.default_rng(0)
     b, q, length, k = 2, 3, 13, 5
-    with jax.enable_x64(True):
+    with enable_x64(True):
         fq = jnp.asarray(rng.normal(size=(b, q, k)))
         fk = jnp.asarray(rng.normal(size=(b, length, k)) * key_scale)
         beta = jnp.asarray(rng.uniform(0.05, 1.0, size=(b, length)) * beta_scale)
@@ -158,7 +159,7 @@ def test_delta_read_weights_vjp_float32_for_the_grids_keys():
     r_bar = jnp.asarray(rng.normal(size=(b, q, length)), jnp.float32)
     args = (fq.astype(jnp.float32), fk.astype(jnp.float32), beta)
     grads = jax.vjp(retrieval._delta_read_weights, *args)[1](r_bar)
-    with jax.enable_x64(True):
+    with enable_x64(True):
         args64 = [jnp.asarray(np.asarray(x), jnp.float64) for x in args]
         ref = jax.vjp(_read_weights_definition, *args64)[1](jnp.asarray(r_bar, jnp.float64))
     for x, y in zip(grads, ref, strict=True):

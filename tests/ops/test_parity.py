@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from fwjax.ops import Impl
+from tests.jax_compat import enable_x64
 from tests.ops.rules import (
     CASES,
     GATED,
@@ -111,7 +112,7 @@ def test_vjp_matches_float64_reference(rule, impl, case, dtype):
         case.chunk,
         (jnp.asarray(d_out, jnp.float32).astype(dtype), jnp.asarray(d_state, jnp.float32)),
     )
-    with jax.enable_x64(True):
+    with enable_x64(True):
         expected = _vjp(
             rule,
             upcast(inputs),
@@ -136,7 +137,7 @@ def test_check_grads_float64(rule, impl):
     """Finite differences against autodiff, on a tiny float64 problem."""
     from jax.test_util import check_grads
 
-    with jax.enable_x64(True):
+    with enable_x64(True):
         inputs = upcast(
             make_inputs(CASES[1].__class__(b=1, t=5, h=2, k=3, v=2, chunk=2), jnp.float32, seed=3)
         )
@@ -153,7 +154,7 @@ def test_check_grads_float64(rule, impl):
 
 @pytest.mark.parametrize("rule", PARITY_RULES, ids=lambda r: r.name)
 def test_float64_inputs_compute_in_float64(rule):
-    with jax.enable_x64(True):
+    with enable_x64(True):
         inputs = upcast(make_inputs(CASES[1], jnp.float32))
         expected_out, expected_state = rule.oracle(inputs)
         for impl in rule.impls:
