@@ -1,4 +1,4 @@
-"""The ``fwjax`` command line: ``train``, ``eval`` and ``generate``.
+"""The ``fwjax`` command line: ``train``, ``configs``, ``eval``, ``generate`` and ``export``.
 
 ::
 
@@ -6,6 +6,7 @@
     fwjax configs
     fwjax eval --workdir DIR [--mode segments|sliding|carried] [--stride S] [--streams B]
     fwjax generate --workdir DIR --prompt TEXT [--tokens N] [--temperature T] [--top-k K]
+    fwjax export --workdir DIR OUT.safetensors
 
 ``NAME`` is one of the configs shipped in the package (``fwjax/configs/NAME.toml``; ``fwjax
 configs`` lists them with their descriptions) or a path to a TOML file; overrides use TOML
@@ -238,6 +239,17 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    """Writes the latest checkpoint's model variables to a safetensors file
+    (:func:`fwjax.io.export_workdir`) and prints the file's name and tensor count."""
+    from fwjax.io import export_workdir, read_params
+
+    out = export_workdir(args.workdir, args.out)
+    tensors, metadata = read_params(out)
+    print(json.dumps({"out": str(out), "step": int(metadata["step"]), "tensors": len(tensors)}))
+    return 0
+
+
 def _int_at_least(low: int):
     def parse(text: str) -> int:
         try:
@@ -269,7 +281,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``fwjax`` argument parser (subcommands ``train``, ``eval``, ``generate``)."""
+    """The ``fwjax`` argument parser (subcommands ``train``, ``configs``, ``eval``, ``generate``,
+    ``export``)."""
     parser = _Parser(prog="fwjax", description=__doc__.split("\n")[0])
     parser.add_argument(
         "--debug",
@@ -328,6 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
         "the unknown token and warn",
     )
     p.set_defaults(fn=cmd_generate)
+    p = sub.add_parser(
+        "export", help="write the latest checkpoint's model weights to a safetensors file"
+    )
+    p.add_argument("--workdir", required=True)
+    p.add_argument("out", help="the .safetensors file to write")
+    p.set_defaults(fn=cmd_export)
     return parser
 
 
