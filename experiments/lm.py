@@ -590,41 +590,51 @@ def write_report() -> None:
         ]
     CSV_PATH.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
-    import matplotlib
+    plot_curves(results, CSV_PATH.with_suffix(".png"))
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    budgets = [b for b in BUDGETS if any(r["budget"] == b for r in results)]
-    fig, axes = plt.subplots(1, len(budgets), figsize=(6 * len(budgets), 4.2), squeeze=False)
-    for ax, budget in zip(axes[0], budgets, strict=True):
-        colors: dict[str, str] = {}
-        for (b, model), rs in groups.items():
-            if b != budget:
-                continue
-            for j, r in enumerate(rs):
-                pts = r["curve"]["eval"]
-                if not pts:
-                    continue
-                xs, ys = zip(*pts, strict=True)
-                tokens = [x * r["tokens"] / r["steps"] / 1e6 for x in xs]
-                line = ax.plot(
-                    tokens,
-                    ys,
-                    color=colors.get(model),
-                    alpha=0.8,
-                    label=model if j == 0 else None,
-                )[0]
-                colors[model] = line.get_color()
-        ax.set_title(f"{budget} budget: validation loss during training")
-        ax.set_xlabel("training tokens (millions)")
-        ax.set_ylabel("nats / char (first validation segments)")
-        ax.set_ylim(1.3, 2.8)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(CSV_PATH.with_suffix(".png"), dpi=110)
-    plt.close(fig)
+def plot_curves(results: list[dict], path: Path) -> None:
+    """Validation loss during training against training tokens, one panel per budget (records
+    without one: ``"paper recipe"``), one colour per variant in every panel; the line is the
+    mean over seeds, the band their range. One legend under the panels."""
+    import numpy as np
+
+    from experiments.plotting import MAX_WIDTH_IN, legend_below, style
+
+    order = list(VARIANTS)
+    panels: dict[str, dict[str, list[dict]]] = {}
+    for r in sorted(results, key=lambda r: order.index(r["model"])):
+        if r["curve"]["eval"]:
+            budget = r.get("budget", "the paper's recipe: T = 256")
+            panels.setdefault(budget, {}).setdefault(r["model"], []).append(r)
+    if not panels:
+        return
+    with style() as plt:
+        colors = dict(zip(VARIANTS, plt.get_cmap("tab10").colors, strict=False))
+        width = min(MAX_WIDTH_IN, max(7.5, 4.5 * len(panels)))
+        fig, axes = plt.subplots(
+            1, len(panels), figsize=(width, 4.6), sharey=True, squeeze=False, layout="constrained"
+        )
+        for ax, (budget, models) in zip(axes[0], panels.items(), strict=True):
+            for model, rs in models.items():
+                steps = sorted(set.intersection(*({s for s, _ in r["curve"]["eval"]} for r in rs)))
+                ys = np.asarray([[dict(r["curve"]["eval"])[s] for s in steps] for r in rs])
+                tokens = np.asarray(steps) * rs[0]["tokens"] / rs[0]["steps"] / 1e6
+                ax.plot(tokens, ys.mean(0), color=colors[model], label=model)
+                if len(rs) > 1:
+                    ax.fill_between(tokens, ys.min(0), ys.max(0), color=colors[model], alpha=0.2)
+            seeds = max(len(rs) for rs in models.values())
+            title = budget
+            if budget in BUDGETS:
+                title = f"{budget}: T = {BUDGETS[budget]['segment_len']}"
+            ax.set_title(title + (f", {seeds} seeds" if seeds > 1 else ""))
+            ax.set_xlabel("training tokens (millions)")
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel("validation loss (nats/char)")
+        axes[0][0].set_ylim(1.3, 2.8)
+        legend_below(fig, axes[0], ncol=5 if len(panels) > 1 else 3)
+        fig.savefig(path)
+        plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -653,6 +663,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "report":
         _set_results(Path(args.results).absolute())
         write_report()
+        # The paper-recipe reproduction's records (one run per variant, no budget) sit directly
+        # in lm/ (results/lm_paper_recipe): only their plot is redrawn.
+        earlier = [json.loads(p.read_text()) for p in sorted((RESULTS / "lm").glob("*.json"))]
+        if earlier:
+            plot_curves(earlier, CSV_PATH.with_suffix(".png"))
         return 0
     variants = [v for v in args.variants.split(",") if v]
     unknown = sorted(set(variants) - set(VARIANTS))

@@ -385,67 +385,82 @@ def report() -> None:
 
 
 def _plot(syn: list[dict], lms: list[dict]) -> None:
-    import matplotlib
+    """``normalisation.png``: 2 × 2 panels (update task: ‖S_t‖ over writes, loss against
+    length; Tiny Shakespeare: carried ‖S‖ and carried − reset bpc), one legend under them."""
+    from experiments.plotting import MAX_WIDTH_IN, legend_below, log_ticks, style
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    colors = dict(zip(CONFIGS, plt.get_cmap("tab10").colors, strict=False))
-    fig, axes = plt.subplots(1, 4, figsize=(21, 4.3))
-    ns = sorted({r["n_keys"] for r in syn})
-    if ns:
-        n = ns[-1]
-        for r in (r for r in syn if r["n_keys"] == n):
-            pts = r["replays"][-1]["state_norm_trace"]
-            axes[0].plot(*zip(*pts, strict=True), color=colors[r["config"]], label=r["config"])
-            axes[1].plot(
-                [x["length"] for x in r["replays"]],
-                [x["loss"] for x in r["replays"]],
-                marker="o",
-                color=colors[r["config"]],
-                label=r["config"],
+    with style() as plt:
+        colors = dict(zip(CONFIGS, plt.get_cmap("tab10").colors, strict=False))
+        fig, axes = plt.subplots(2, 2, figsize=(MAX_WIDTH_IN, 9.0), layout="constrained")
+        (trace, length), (norm_ax, gain_ax) = axes
+        # One legend entry per config, naming its LM run where the name differs; the dotted
+        # delta_dpfp2 run (delta_sum with DPFP-2 keys) gets its own.
+        lm_run = {r["config"]: r["run"] for r in lms if r["run"] != "delta_dpfp2"}
+        labels = {
+            c: c if lm_run.get(c, c) == c else f"{c} (LM: {lm_run[c]})" for c in CONFIGS
+        }
+        ns = sorted({r["n_keys"] for r in syn})
+        if ns:
+            n = ns[-1]
+            for r in (r for r in syn if r["n_keys"] == n):
+                pts = r["replays"][-1]["state_norm_trace"]
+                trace.plot(
+                    *zip(*pts, strict=True), color=colors[r["config"]], label=labels[r["config"]]
+                )
+                lengths = [x["length"] for x in r["replays"]]
+                length.plot(
+                    lengths,
+                    [x["loss"] for x in r["replays"]],
+                    marker="o",
+                    color=colors[r["config"]],
+                    label=labels[r["config"]],
+                )
+            trace.set(
+                title=f"update task, N = {n}: ‖S_t‖_F over {pts[-1][0]} writes",
+                xlabel="write step t",
+                ylabel="‖S_t‖_F (mean over sequences)",
+                yscale="log",
             )
-        axes[0].set(
-            title=f"update task N={n}: ‖S_t‖_F over {pts[-1][0]} writes",
-            xlabel="write step t",
-            ylabel="‖S_t‖_F (mean over sequences)",
+            length.set(
+                title=f"update task, N = {n}: loss vs length (trained at {2 * n})",
+                xlabel="sequence length L",
+                ylabel="loss",
+                xscale="log",
+                yscale="log",
+            )
+            log_ticks(length.xaxis, lengths)
+        for r in lms:
+            norm = [
+                np.mean([x["state_norm_final"] for x in s["layers"]]) for s in r["per_segment"]
+            ]
+            x = np.arange(1, len(norm) + 1) * r["segment_len"] / 1000
+            style_ = ":" if r["run"] == "delta_dpfp2" else "-"
+            if r["run"] == "delta_dpfp2":
+                label = "delta_dpfp2 (LM only: delta_sum, DPFP-2 keys)"
+            else:
+                label = labels[r["config"]]
+            norm_ax.plot(x, norm, style_, color=colors[r["config"]], label=label)
+            gain = np.asarray([s["bpc"] - s["bpc_reset"] for s in r["per_segment"]])
+            window = min(20, len(gain))
+            smooth = np.convolve(gain, np.ones(window) / window, mode="valid")
+            gain_ax.plot(x[window - 1 :], smooth, style_, color=colors[r["config"]], label=label)
+        gain_ax.axhline(0.0, color="k", lw=0.8)
+        norm_ax.set(
+            title="Tiny Shakespeare, carried memory: ‖S‖_F",
+            xlabel="characters read (thousands)",
+            ylabel="‖S‖_F (mean over layers, heads)",
             yscale="log",
         )
-        axes[1].set(
-            title=f"update task N={n}: loss vs sequence length (trained at {2 * n})",
-            xlabel="sequence length L",
-            ylabel="loss",
-            xscale="log",
-            yscale="log",
+        gain_ax.set(
+            title="carried − reset memory (20-segment mean)",
+            xlabel="characters read (thousands)",
+            ylabel="Δ bits/char (< 0: carrying helps)",
         )
-    for r in lms:
-        norm = [np.mean([x["state_norm_final"] for x in s["layers"]]) for s in r["per_segment"]]
-        x = np.arange(1, len(norm) + 1) * r["segment_len"]
-        style = ":" if r["run"] == "delta_dpfp2" else "-"
-        axes[2].plot(x, norm, style, color=colors[r["config"]], label=f"{r['run']} ({r['config']})")
-        gain = np.asarray([s["bpc"] - s["bpc_reset"] for s in r["per_segment"]])
-        window = min(20, len(gain))
-        smooth = np.convolve(gain, np.ones(window) / window, mode="valid")
-        axes[3].plot(x[window - 1 :], smooth, style, color=colors[r["config"]], label=r["run"])
-    axes[3].axhline(0.0, color="k", lw=0.8)
-    axes[3].set(
-        title="carried − reset memory, bits/char (20-segment mean)",
-        xlabel="characters read",
-        ylabel="Δ bpc (< 0: the carried memory helps)",
-    )
-    axes[2].set(
-        title="Tiny Shakespeare, carried memory: ‖S‖_F (layer/head mean)",
-        xlabel="characters read",
-        ylabel="‖S‖_F",
-        yscale="log",
-    )
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(RESULTS / "normalisation.png", dpi=110)
-    plt.close(fig)
+        for ax in axes.flat:
+            ax.grid(alpha=0.3)
+        legend_below(fig, axes.flat, ncol=3)
+        fig.savefig(RESULTS / "normalisation.png")
+        plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -364,53 +364,63 @@ def write_table(records: list[dict], path: Path, setting: int) -> None:
 
 def write_plot(records: list[dict], path: Path, setting: int) -> None:
     """Final evaluation loss against N, one curve per feature map (one panel per update rule in
-    setting 1; log y in setting 2); dotted verticals at each deterministic map's d_dot."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    setting 1; log y in setting 2); dotted verticals at each deterministic map's d_dot; one
+    legend under the panels."""
+    from experiments.plotting import MAX_WIDTH_IN, legend_below, style
 
     if setting == 1:  # a panel per update rule that has points (the sum rule at least)
         rules = ["sum"] + (["delta"] if any(r["update_rule"] == "delta" for r in records) else [])
     else:
         rules = ["all"]
     markers = dict(zip((e.value for e in KeyEmbedding), "osv^xDPh", strict=True))
-    fig, axes = plt.subplots(1, len(rules), figsize=(6.5 * len(rules), 4.5), squeeze=False)
-    colors = dict(zip(FEATURE_MAPS, plt.get_cmap("tab10").colors, strict=False))
-    for ax, rule in zip(axes[0], rules, strict=True):
-        subset = [r for r in records if rule == "all" or r["update_rule"] == rule]
-        curves = dict.fromkeys(_curve(r) for r in subset)
-        for curve in curves:
-            fm, rl, emb, _ = curve
-            pts = sorted((r["n_keys"], r["final_eval_loss"]) for r in subset if _curve(r) == curve)
-            style = "--" if (setting == 2 and rl == "sum") else "-"
-            if emb != KeyEmbedding.PAPER.value:
-                style = "-."
-            ax.plot(
-                *zip(*pts, strict=True),
-                style,
-                marker=markers[emb],
-                ms=3,
-                color=colors[fm],
-                label=_curve_label(*curve),
-            )
-            d = GridPoint(1, fm, rl, 2).d_dot
-            if setting == 1 and d is not None and not fm.startswith("favor"):
-                ax.axvline(d, color=colors[fm], ls=":", lw=1)
-        ax.set_xlabel("number of unique keys N")
-        ax.set_ylabel("final evaluation loss")
-        if setting == 2:
-            ax.set_yscale("log")
-            ax.set_title("Setting 2 (update, L = 2N)")
-        else:
-            title = "sum rule (paper)" if rule == "sum" else "delta rule (extra, not in paper)"
-            ax.set_title(f"Setting 1 (capacity, L = N): {title}")
-        ax.grid(alpha=0.3)
-        if curves:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    labels = list(dict.fromkeys(_curve_label(*_curve(r)) for r in records))
+    # Legend columns as wide as the longest label (10-pt characters are about 0.075 in wide).
+    width = MAX_WIDTH_IN if len(rules) > 1 or len(labels) > 8 else 7.5
+    longest = max((len(label) for label in labels), default=1)
+    ncol = max(1, min(4, int(width // (0.075 * longest + 0.8))))
+    height = 4.5 + 0.25 * math.ceil(len(labels) / ncol)
+    with style() as plt:
+        from matplotlib.ticker import MaxNLocator
+
+        fig, axes = plt.subplots(
+            1, len(rules), figsize=(width, height), squeeze=False, layout="constrained"
+        )
+        colors = dict(zip(FEATURE_MAPS, plt.get_cmap("tab10").colors, strict=False))
+        for ax, rule in zip(axes[0], rules, strict=True):
+            subset = [r for r in records if rule == "all" or r["update_rule"] == rule]
+            curves = dict.fromkeys(_curve(r) for r in subset)
+            for curve in curves:
+                fm, rl, emb, _ = curve
+                pts = sorted(
+                    (r["n_keys"], r["final_eval_loss"]) for r in subset if _curve(r) == curve
+                )
+                style_ = "--" if (setting == 2 and rl == "sum") else "-"
+                if emb != KeyEmbedding.PAPER.value:
+                    style_ = "-."
+                ax.plot(
+                    *zip(*pts, strict=True),
+                    style_,
+                    marker=markers[emb],
+                    ms=4,
+                    color=colors[fm],
+                    label=_curve_label(*curve),
+                )
+                d = GridPoint(1, fm, rl, 2).d_dot
+                if setting == 1 and d is not None and not fm.startswith("favor"):
+                    ax.axvline(d, color=colors[fm], ls=":", lw=1)
+            ax.set_xlabel("number of unique keys N")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_ylabel("final evaluation loss")
+            if setting == 2:
+                ax.set_yscale("log")
+                ax.set_title("Setting 2 (update, L = 2N)")
+            else:
+                title = "sum rule (paper)" if rule == "sum" else "delta rule (not in the paper)"
+                ax.set_title(f"Setting 1 (capacity, L = N): {title}")
+            ax.grid(alpha=0.3)
+        legend_below(fig, axes[0], ncol=ncol)
+        fig.savefig(path)
+        plt.close(fig)
 
 
 def write_outputs(out_dir: Path, results_dir: Path, setting: int) -> list[dict]:
