@@ -243,8 +243,9 @@ def load_lm_data(
       eval_split: WIKITEXT103: ``validation`` or ``test``; the others only have ``validation``.
 
     Raises:
-      FileNotFoundError / ValueError naming the offending path or value; ImportError when a TFDS
-      dataset is asked for without the ``data`` extra.
+      FileNotFoundError: a missing text file (naming its path).
+      ValueError: a bad option value (naming it).
+      ImportError: a TFDS dataset asked for without the ``data`` extra.
     """
     dataset, kind = LMDataset(dataset), TokenizerKind(tokenizer)
     if dataset is LMDataset.TEXT_FILE:
