@@ -68,7 +68,9 @@ class FastWeightAttention(nnx.Module):
     One bias-free projection gives ``q, k, v`` and (for the delta rule) one write strength per
     head, ``β = σ(w_β·x)`` (and for the gated delta rule a decay gate ``α = σ(w_α·x + b_α)``);
     φ and the normalisation are applied per head; the memory is read with scale ``1/√d_head``;
-    heads are concatenated and projected back without bias.
+    heads are concatenated and projected back without bias. Optional (:class:`FastWeightConfig`):
+    a short causal convolution with SiLU on q, k, v, a per-head output RMSNorm, and an output
+    gate ``SiLU(W_g x)`` after it (the options of fla's DeltaNet, :mod:`fwjax.interop.fla`).
 
     Shapes: ``x: [B, T, d_model] -> y: [B, T, d_model]``.
     """
@@ -120,7 +122,15 @@ class FastWeightAttention(nnx.Module):
             else None
         )
         self.norm = nnx.data(
-            nnx.RMSNorm(self.head_dim, dtype=dtype, rngs=rngs) if config.output_norm else None
+            nnx.RMSNorm(self.head_dim, epsilon=config.norm_eps, dtype=dtype, rngs=rngs)
+            if config.output_norm
+            else None
+        )
+        # The output gate SiLU(W_g x) (fla DeltaNet's use_gate).
+        self.out_gate = nnx.data(
+            _dense(d_model, d_model, ("embed", "heads"), dtype=dtype, rngs=rngs)
+            if config.output_gate
+            else None
         )
 
     @property
@@ -189,6 +199,8 @@ class FastWeightAttention(nnx.Module):
             self._record_diagnostics(k, v, beta, alpha, projection, state)
         if self.norm is not None:
             y = self.norm(y)
+        if self.out_gate is not None:
+            y = y * jax.nn.silu(self.out_gate(x)).reshape(b, t, h, dh)
         y = self.out(y.astype(self.dtype).reshape(b, t, h * dh))
         return y, FastWeightLayerState(memory, conv_state)
 

@@ -94,9 +94,15 @@ class FastWeightConfig:
       favor_redraw: redraw policy of FAVOR+'s projection.
       short_conv: a causal depthwise convolution of ``conv_size`` on q, k, v (DeltaNet).
       conv_size: its kernel length.
-      silu_l2_qk: SiLU then L2 normalisation of q and k before φ (DeltaNet; use with
-        ``FeatureMap(IDENTITY)`` and ``Normalization.NONE`` for the 2024 recipe).
+      silu_l2_qk: SiLU then L2 normalisation of q and k before φ (DeltaNet without short
+        convolutions; use with ``FeatureMap(IDENTITY)`` and ``Normalization.NONE``). With
+        ``short_conv``, whose SiLU comes first, q and k pass SiLU twice; fla's DeltaNet with
+        short convolutions is ``short_conv`` with ``Normalization.L2`` instead
+        (:mod:`fwjax.interop.fla`).
       output_norm: per-head RMSNorm of the attention output (DeltaNet).
+      output_gate: multiply the normalised output by ``SiLU(W_g x)``, a bias-free projection
+        of the layer input (fla DeltaNet's ``use_gate``); needs ``output_norm``.
+      norm_eps: the output RMSNorm's epsilon (flax's default 1e-6; fla's DeltaNet uses 1e-5).
       impl: how the op is computed; ``chunk_size`` for CHUNKED.
       diagnostics: also record memory diagnostics (:mod:`fwjax.diagnostics`: state norm,
         retrieval error and cosine, β statistics, effective rank; one extra O(T·K·V) scan) as
@@ -112,6 +118,8 @@ class FastWeightConfig:
     conv_size: int = 4
     silu_l2_qk: bool = False
     output_norm: bool = False
+    output_gate: bool = False
+    norm_eps: float = 1e-6
     impl: Impl = Impl.AUTO
     chunk_size: int | None = None
     diagnostics: bool = False
@@ -131,6 +139,10 @@ class FastWeightConfig:
                 f"update_rule=GATED_DELTA has no attention normalisation; got {self.normalization}"
             )
         _positive(conv_size=self.conv_size)
+        if self.output_gate and not self.output_norm:
+            raise ValueError(f"output_gate={self.output_gate} needs output_norm=True")
+        if not self.norm_eps > 0:
+            raise ValueError(f"norm_eps={self.norm_eps} must be > 0")
         if self.chunk_size is not None:
             _positive(chunk_size=self.chunk_size)
 
