@@ -540,7 +540,15 @@ def main(argv: list[str] | None = None) -> None:
         help="key embedding: the paper's d_key-wide one, or the official code's 2.2·N-wide one "
         "with biased projections",
     )
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="only rewrite the setting's CSV, table and plot from the stored points (no training)",
+    )
     args = parser.parse_args(argv)
+    if args.report:
+        write_outputs(args.results / "synthetic", args.results, args.setting)
+        return
     if args.workers < 1:
         parser.error(f"--workers={args.workers} must be >= 1")
     if args.learning_rate != RetrievalProtocol.learning_rate and args.results == RESULTS:
