@@ -89,3 +89,15 @@ def test_quickstart_code_runs():
     joined = jnp.concatenate([namespace["first"], namespace["second"]], 1)
     assert float(abs(joined - namespace["out"]).max()) < 1e-4
     assert float(abs(namespace["ref"] - namespace["out"]).max()) < 1e-4
+
+
+def test_sphinx_roles_render_as_markdown():
+    pytest.importorskip("griffe")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("griffe_rst", DOCS / "griffe_rst.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    text = "Uses :func:`~fwjax.ops.delta_rule` in :class:`fwjax.nn.ModelConfig` (row form)::\n"
+    assert module.markdown(text) == "Uses `delta_rule` in `fwjax.nn.ModelConfig` (row form):\n"
+    assert module.markdown("a :: b\n``x``") == "a :: b\n``x``"  # only roles and line-end ::
