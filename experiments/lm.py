@@ -59,6 +59,8 @@ import sys
 import time
 from pathlib import Path
 
+from fwjax.train.config_io import to_toml
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "fwjax" / "configs"
 RESULTS = ROOT / "experiments" / "results"
@@ -82,12 +84,12 @@ VARIANTS: dict[str, tuple[str, dict | None]] = {
     "softmax": ("Transformer (softmax attention)", None),
     "linear": (
         "Linear Transformer: ELU+1, sum rule, attention normalisation",
-        dict(feature_map='{ kind = "elu_p1" }', update_rule="sum", normalization="attention"),
+        dict(feature_map=dict(kind="elu_p1"), update_rule="sum", normalization="attention"),
     ),
     "performer": (
         "Performer: FAVOR+ (m = 16, redrawn every step), sum rule, attention normalisation",
         dict(
-            feature_map='{ kind = "favor_plus", num_features = 16 }',
+            feature_map=dict(kind="favor_plus", num_features=16),
             update_rule="sum",
             normalization="attention",
             favor_redraw="per_step",
@@ -95,16 +97,16 @@ VARIANTS: dict[str, tuple[str, dict | None]] = {
     ),
     "delta": (
         "Delta Network: ELU+1, sum normalisation, delta rule",
-        dict(feature_map='{ kind = "elu_p1" }', update_rule="delta", normalization="sum"),
+        dict(feature_map=dict(kind="elu_p1"), update_rule="delta", normalization="sum"),
     ),
     "delta_dpfp2": (
         "Delta Network with DPFP-2: sum normalisation, delta rule",
-        dict(feature_map='{ kind = "dpfp", nu = 2 }', update_rule="delta", normalization="sum"),
+        dict(feature_map=dict(kind="dpfp", nu=2), update_rule="delta", normalization="sum"),
     ),
     "delta_favor": (
         "Delta Network with FAVOR+ (m = 16, redrawn every step): sum normalisation, delta rule",
         dict(
-            feature_map='{ kind = "favor_plus", num_features = 16 }',
+            feature_map=dict(kind="favor_plus", num_features=16),
             update_rule="delta",
             normalization="sum",
             favor_redraw="per_step",
@@ -114,15 +116,15 @@ VARIANTS: dict[str, tuple[str, dict | None]] = {
     # network above with its key/query normalisation swapped.
     "delta_attention": (
         "Normalisation study: ELU+1, delta rule, attention normalisation",
-        dict(feature_map='{ kind = "elu_p1" }', update_rule="delta", normalization="attention"),
+        dict(feature_map=dict(kind="elu_p1"), update_rule="delta", normalization="attention"),
     ),
     "delta_l2": (
         "Normalisation study: ELU+1, delta rule, L2 normalisation (DeltaNet, 2024)",
-        dict(feature_map='{ kind = "elu_p1" }', update_rule="delta", normalization="l2"),
+        dict(feature_map=dict(kind="elu_p1"), update_rule="delta", normalization="l2"),
     ),
     "delta_centered_l2": (
         "Normalisation study: ELU+1, delta rule, centred L2 normalisation (fwjax's own)",
-        dict(feature_map='{ kind = "elu_p1" }', update_rule="delta", normalization="centered_l2"),
+        dict(feature_map=dict(kind="elu_p1"), update_rule="delta", normalization="centered_l2"),
     ),
 }
 # The paper's six variants (the reproduction); the rest are the normalisation study's.
@@ -164,32 +166,27 @@ PAPER_MODEL = dict(
 )
 
 
-def _quote(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str) and not value.startswith(("{", "[")):
-        return f'"{value}"'
-    return str(value)
-
-
-def _table(name: str, values: dict) -> str:
-    lines = [f"[{name}]"] + [f"{k} = {_quote(v)}" for k, v in values.items()]
-    return "\n".join(lines) + "\n"
-
-
-def _config_text(header: str, top: dict, lm: dict, model: dict, fw: dict | None, opt: dict) -> str:
-    parts = [header, "\n".join(f"{k} = {_quote(v)}" for k, v in top.items()) + "\n"]
-    parts.append(_table("lm", lm))
-    parts.append(_table("lm.model", model))
+def _config_text(
+    header: str,
+    top: dict,
+    lm: dict,
+    model: dict,
+    fw: dict | None,
+    opt: dict,
+    checkpoint: dict | None = None,
+) -> str:
+    """``header`` (comment lines), a blank line and the TOML of the config's tables."""
     if fw is not None:
-        parts.append(_table("lm.model.fast_weight", fw))
-    parts.append(_table("optimizer", opt))
-    return "\n".join(parts)
+        model = {**model, "fast_weight": fw}
+    data = {**top, "lm": {**lm, "model": model}, "optimizer": opt}
+    if checkpoint is not None:
+        data["checkpoint"] = checkpoint
+    return header + "\n" + to_toml(data, inline=("feature_map",))
 
 
 def _softmax_kinds(variant: str, model: dict) -> dict:
     if VARIANTS[variant][1] is None:
-        model["layer_kinds"] = "[" + ", ".join(['"softmax"'] * model["num_layers"]) + "]"
+        model["layer_kinds"] = ["softmax"] * model["num_layers"]
     return model
 
 
@@ -267,8 +264,7 @@ def recipe_config(variant: str, budget: str = "small") -> str:
         weight_decay=0.1,
         clip_norm=1.0,
     )
-    text = _config_text(header, top, lm, model, fw, opt)
-    return text + "\n" + _table("checkpoint", dict(every_steps=500, keep=2))
+    return _config_text(header, top, lm, model, fw, opt, dict(every_steps=500, keep=2))
 
 
 def tinyshakespeare_config(variant: str, steps: int = TS_STEPS) -> str:
@@ -357,8 +353,7 @@ def wt103_config(size: str, variant: str) -> str:
     opt = dict(
         kind="adam", learning_rate=2.5e-4, warmup_steps=2000, schedule="cosine", clip_norm=0.25
     )
-    text = _config_text(header, top, lm, model, fw, opt)
-    return text + "\n" + _table("checkpoint", dict(every_steps=4000, keep=2))
+    return _config_text(header, top, lm, model, fw, opt, dict(every_steps=4000, keep=2))
 
 
 def write_configs() -> list[Path]:

@@ -1,11 +1,12 @@
 """Config files → typed, validated dataclasses, once, at the boundary.
 
-Configs are TOML files (``experiments/configs/NAME.toml``), read with the standard library's
-``tomllib``; ``key.path=value`` overrides (``--set`` on the command line) are applied to the
-parsed dictionary before it is converted. :func:`structure` converts a nested dictionary into
-the frozen dataclasses of :mod:`fwjax.train.config` (enums from their values, nested
-dataclasses, ``tuple[...]`` and ``X | None``), rejecting unknown keys by name; each dataclass's
-``__post_init__`` then validates the values. :func:`unstructure` is its inverse (JSON-ready).
+Configs are TOML files (the shipped ones are ``fwjax/configs/NAME.toml``), read with the
+standard library's ``tomllib``; ``key.path=value`` overrides (``--set`` on the command line) are
+applied to the parsed dictionary before it is converted. :func:`structure` converts a nested
+dictionary into the frozen dataclasses of :mod:`fwjax.train.config` (enums from their values,
+nested dataclasses, ``tuple[...]`` and ``X | None``), rejecting unknown keys by name; each
+dataclass's ``__post_init__`` then validates the values. :func:`unstructure` is its inverse
+(JSON-ready), and :func:`to_toml` writes such a dictionary back as TOML text.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import math
+import re
 import tomllib
 import types
 import typing
@@ -97,6 +100,80 @@ def unstructure(obj: Any) -> Any:
     if isinstance(obj, tuple | list):
         return [unstructure(x) for x in obj]
     return obj
+
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _toml_key(key: Any) -> str:
+    if not isinstance(key, str):
+        raise TypeError(f"TOML keys are strings, got {key!r}")
+    return key if _BARE_KEY.fullmatch(key) else _toml_string(key)
+
+
+def _toml_string(text: str) -> str:
+    # A JSON string is a TOML basic string (same escapes) once DEL, which TOML forbids raw, is
+    # escaped too.
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
+def _toml_value(value: Any, path: str) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return repr(value)  # 0.001, 2.5e-05, inf, -inf: all TOML floats
+    if isinstance(value, str):
+        return _toml_string(value)
+    if isinstance(value, list | tuple):
+        items = (_toml_value(x, f"{path}[{i}]") for i, x in enumerate(value))
+        return "[" + ", ".join(items) + "]"
+    if isinstance(value, dict):
+        pairs = (f"{_toml_key(k)} = {_toml_value(v, f'{path}.{k}')}" for k, v in value.items())
+        return "{ " + ", ".join(pairs) + " }" if value else "{}"
+    raise TypeError(f"{path}={value!r} has no TOML form (TOML has no null)")
+
+
+def to_toml(data: dict, *, inline: tuple[str, ...] = ()) -> str:
+    """TOML text of a nested dictionary, :func:`load_toml`'s inverse (``tomllib.loads(to_toml(d))
+    == d``).
+
+    Every dictionary becomes a ``[dotted.name]`` table, after the plain values of its parent and
+    separated from the previous table by one blank line, unless its key is in ``inline``: those
+    (and dictionaries inside arrays) are written as inline tables ``{ a = 1, b = "x" }``. A table
+    that holds only tables gets no header of its own. Strings are basic strings, floats their
+    shortest ``repr`` (``1e-3`` -> ``0.001``), arrays ``[a, b]``.
+
+    Args:
+      data: string keys; values bool, int, float, str, lists/tuples of values, dicts.
+      inline: keys (at any depth) whose tables are written inline, e.g. ``("feature_map",)``.
+
+    Returns:
+      The text, ending with a newline (empty for an empty ``data``).
+
+    Raises:
+      TypeError: naming the dotted path of a value with no TOML form (None, objects) or a
+        non-string key.
+    """
+    sections: list[str] = []
+
+    def emit(table: dict, name: str) -> None:
+        plain = {k: v for k, v in table.items() if not isinstance(v, dict) or k in inline}
+        tables = {k: v for k, v in table.items() if isinstance(v, dict) and k not in inline}
+        lines = [f"[{name}]"] if name and (plain or not tables) else []
+        for key, value in plain.items():
+            path = f"{name}.{key}" if name else str(key)
+            lines.append(f"{_toml_key(key)} = {_toml_value(value, path)}")
+        if lines:
+            sections.append("\n".join(lines) + "\n")
+        for key, value in tables.items():
+            emit(value, f"{name}.{_toml_key(key)}" if name else _toml_key(key))
+
+    emit(data, "")
+    return "\n".join(sections)
 
 
 def parse_value(text: str) -> Any:
