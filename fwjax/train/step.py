@@ -135,6 +135,18 @@ def _select(pred, new, old):
     return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
 
 
+def _capture_sown(fn, model, *args):
+    """``fn(model, *args)`` and the ``nnx.Intermediate`` values its layers sowed, as a State.
+
+    ``nnx.capture`` collects them from flax 0.12.6 on (sowing outside it is deprecated in 0.12.8);
+    older flax keeps sown values on the module, from where ``nnx.pop`` takes them.
+    """
+    if hasattr(nnx, "capture"):
+        return nnx.capture(lambda m: fn(m, *args), nnx.Intermediate)(model)
+    out = fn(model, *args)
+    return out, nnx.pop(model, nnx.Intermediate)
+
+
 def make_train_step(task, model_def: ModelDef, tx, seed: int):
     """The pure training step ``(state, batch) -> (state, metrics)``.
 
@@ -157,8 +169,7 @@ def make_train_step(task, model_def: ModelDef, tx, seed: int):
             rng_state = _reseeded(model_def.rng_state, jax.random.fold_in(step_key, 1))
             m = nnx.merge(model_def.train_graph, params, rng_state, rest)
             # Memory diagnostics sown by layers with FastWeightConfig(diagnostics=True).
-            capture = nnx.capture(lambda m: task.loss(m, batch, carry), nnx.Intermediate)
-            (loss, (sums, new_carry)), sown = capture(m)
+            (loss, (sums, new_carry)), sown = _capture_sown(task.loss, m, batch, carry)
             return loss, (sums, new_carry, sown.to_pure_dict())
 
         (loss, (sums, new_carry, diagnostics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
