@@ -409,9 +409,9 @@ def _fwjax(*args: str) -> subprocess.CompletedProcess:
 def _count_params(workdir: Path) -> int:
     import jax
 
-    from fwjax.cli import _restored_run
+    from fwjax.train import Run
 
-    run = _restored_run(str(workdir))
+    run = Run.restore(workdir)
     run.checkpointer.close()
     return int(sum(x.size for x in jax.tree.leaves(run.state.params)))
 

@@ -239,11 +239,11 @@ def lm_point(run_name: str, runs: Path, max_segments: int | None = None) -> dict
     memory diagnostics."""
     from flax import nnx
 
-    from fwjax.cli import _restored_run
     from fwjax.nn.attention import FastWeightAttention
+    from fwjax.train import Run
 
     workdir = runs / run_name
-    run = _restored_run(str(workdir))
+    run = Run.restore(workdir)
     run.checkpointer.close()
     task = run.task
     t = task.config.segment_len

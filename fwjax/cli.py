@@ -37,7 +37,6 @@ from fwjax.train.config_io import (
     find_config,
     load_toml,
     structure,
-    upgrade_stored,
 )
 
 # The shipped configs are package data (a plain directory in a wheel or a checkout).
@@ -79,35 +78,23 @@ def config_from_workdir(workdir: str | Path, overrides: list[str] | None = None)
     Raises:
       FileNotFoundError: ``workdir`` holds no config (it is not a training workdir).
     """
-    path = Path(workdir) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{str(path)!r} not found: is {str(workdir)!r} a training workdir?")
-    stored = upgrade_stored(json.loads(path.read_text()))
-    return structure(TrainConfig, apply_overrides(stored, overrides or []))
+    from fwjax.train.workdir import read_config
 
-
-def _eval_devices(config: TrainConfig) -> list:
-    """The devices ``eval`` / ``generate`` use: the run's mesh, with the data axis shrunk to the
-    largest size that divides the run's batch (a run trained on fewer devices than this
-    machine has, e.g. batch 4 on a laptop evaluated on 8 devices, stays readable)."""
-    import jax
-
-    devices = jax.devices()
-    model = config.mesh.model
-    data = config.mesh.data if config.mesh.data != -1 else max(len(devices) // model, 1)
-    data = max(d for d in range(1, data + 1) if config.batch_size % d == 0)
-    return devices[: data * model]
+    return read_config(workdir, overrides or [])
 
 
 def _restored_run(workdir: str):
+    """Deprecated: :meth:`fwjax.train.Run.restore` (the same run)."""
+    import warnings
+
     from fwjax.train.loop import Run
 
-    config = config_from_workdir(workdir, ["progress_bar=false"])
-    run = Run(config, workdir, _eval_devices(config))
-    if run.restored_step is None:
-        run.checkpointer.close()
-        raise FileNotFoundError(f"no checkpoint found in {workdir}/checkpoints")
-    return run
+    warnings.warn(
+        "fwjax.cli._restored_run is deprecated; use fwjax.train.Run.restore",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return Run.restore(workdir)
 
 
 def cmd_train(args) -> int:
@@ -144,7 +131,9 @@ def _save_tokenizer(run, workdir: str) -> None:
 
 
 def cmd_eval(args) -> int:
-    run = _restored_run(args.workdir)
+    from fwjax.train.loop import Run
+
+    run = Run.restore(args.workdir)
     run.checkpointer.close()
     if args.mode is None:
         metrics = run.evaluate()
@@ -191,10 +180,11 @@ def cmd_generate(args) -> int:
 
     from fwjax.data.tokenizers import Tokenizer, TokenizerKind
     from fwjax.nn import generate
+    from fwjax.train.loop import Run
 
     if args.prompt == "":
         raise UsageError("--prompt must not be empty")
-    run = _restored_run(args.workdir)
+    run = Run.restore(args.workdir)
     run.checkpointer.close()
     if run.config.task is not TaskKind.LM:
         raise UsageError(f"generate needs a language model; this run's task is {run.config.task}")

@@ -217,9 +217,9 @@ def export_workdir(workdir: str | Path, out: str | Path) -> Path:
     Raises:
       FileNotFoundError: ``workdir`` is not a training workdir or has no checkpoint.
     """
-    from fwjax.cli import _restored_run
+    from fwjax.train.loop import Run
 
-    run = _restored_run(str(workdir))
+    run = Run.restore(workdir)
     run.checkpointer.close()
     merged = nnx.merge_state(run.state.params, run.state.rest)
     return save_params(

@@ -99,6 +99,7 @@ def test_reserved_metadata_keys_and_non_string_values_are_refused(tmp_path):
 
 def test_export_writes_the_latest_checkpoints_model_and_config(tmp_path, capsys):
     from fwjax.cli import _restored_run, main
+    from fwjax.train import Run
 
     workdir, out = tmp_path / "run", tmp_path / "out" / "model.safetensors"
     sets = ["retrieval.num_keys=8", "retrieval.d_key=16", "batch_size=8", "steps=3"]
@@ -111,8 +112,19 @@ def test_export_writes_the_latest_checkpoints_model_and_config(tmp_path, capsys)
     tensors, metadata = io.read_params(out)
     assert printed == {"out": str(out), "step": 3, "tensors": len(tensors)}
     assert json.loads(metadata["config"]) == json.loads((workdir / "config.json").read_text())
-    run = _restored_run(str(workdir))
+    run = Run.restore(workdir)
     run.checkpointer.close()
+    assert run.restored_step == 3 and not run.config.progress_bar
+    with pytest.warns(DeprecationWarning, match="Run.restore"):
+        old = _restored_run(str(workdir))  # the former private name still works
+    old.checkpointer.close()
+    assert old.restored_step == 3
+    with pytest.raises(FileNotFoundError, match="training workdir"):
+        Run.restore(tmp_path / "out")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text((workdir / "config.json").read_text())
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        Run.restore(tmp_path / "empty")
     expected = {k: a for k, (a, _) in io.flatten_variables(run.state.params).items()}
     assert set(tensors) == set(expected) and len(tensors) > 2
     for name, array in expected.items():

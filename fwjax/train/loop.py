@@ -21,6 +21,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax
@@ -86,6 +87,38 @@ class Run:
             out_shardings=(replicated, self.shardings.carry),
         )
 
+    @classmethod
+    def restore(
+        cls,
+        workdir: str | Path,
+        overrides: Sequence[str] = ("progress_bar=false",),
+        devices=None,
+    ) -> Run:
+        """The run trained in ``workdir``, at its latest checkpoint (for evaluation, generation,
+        export and analysis).
+
+        Args:
+          workdir: a training workdir (``config.json`` and ``checkpoints/``).
+          overrides: ``key.path=value`` overrides of the stored config (runtime keys only;
+            anything that shapes the model would not match the checkpoint).
+          devices: the devices of the mesh; by default the run's mesh with the data axis shrunk
+            to the largest size that divides the run's batch (a run trained on fewer devices
+            than this machine has stays readable).
+
+        Returns:
+          The :class:`Run`; its ``restored_step`` is the checkpoint's step. Close its
+          ``checkpointer`` when done.
+
+        Raises:
+          FileNotFoundError: no config or no checkpoint in ``workdir``.
+        """
+        config = workdir_lib.read_config(workdir, overrides)
+        run = cls(config, workdir, _restore_devices(config) if devices is None else devices)
+        if run.restored_step is None:
+            run.checkpointer.close()
+            raise FileNotFoundError(f"no checkpoint found in {workdir}/checkpoints")
+        return run
+
     def batch(self, index: int) -> dict:
         return mesh_lib.shard_batch(self.mesh, self.task.train_batch(index))
 
@@ -105,6 +138,16 @@ class Run:
     def model(self, *, train: bool = False):
         """The current model as an ``nnx.Module`` (for generation and inspection)."""
         return self.model_def.merge(self.state.params, self.state.rest, train=train)
+
+
+def _restore_devices(config: TrainConfig) -> list:
+    """The run's mesh devices with the data axis shrunk to the largest size that divides the
+    run's batch (e.g. batch 4 trained on a laptop, read on 8 devices: 4 of them)."""
+    devices = jax.devices()
+    model = config.mesh.model
+    data = config.mesh.data if config.mesh.data != -1 else max(len(devices) // model, 1)
+    data = max(d for d in range(1, data + 1) if config.batch_size % d == 0)
+    return devices[: data * model]
 
 
 def _record(run: Run) -> dict:

@@ -15,11 +15,12 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from fwjax.train.config import TrainConfig
-from fwjax.train.config_io import structure, unstructure, upgrade_stored
+from fwjax.train.config_io import apply_overrides, structure, unstructure, upgrade_stored
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +88,31 @@ def stored_config(workdir: Path) -> TrainConfig | None:
     if not path.is_file():
         return None
     try:
-        return structure(TrainConfig, upgrade_stored(json.loads(path.read_text())))
+        return read_config(workdir)
     except (ValueError, TypeError) as e:
         raise WorkdirError(f"{str(path)!r} is not a valid fwjax config ({e})") from e
+
+
+def read_config(workdir: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
+    """The config stored in ``workdir/config.json`` (fields it predates filled by
+    :func:`~fwjax.train.config_io.upgrade_stored`), with ``key.path=value`` overrides.
+
+    Args:
+      workdir: a training workdir.
+      overrides: ``key.path=value`` strings (TOML literals), applied before validation.
+
+    Returns:
+      The validated config.
+
+    Raises:
+      FileNotFoundError: ``workdir`` holds no config (it is not a training workdir).
+      ValueError / TypeError: the stored config or an override is invalid (naming the key).
+    """
+    path = Path(workdir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} not found: is {str(workdir)!r} a training workdir?")
+    stored = upgrade_stored(json.loads(path.read_text()))
+    return structure(TrainConfig, apply_overrides(stored, list(overrides)))
 
 
 def config_differences(old: TrainConfig, new: TrainConfig) -> dict[str, tuple[Any, Any]]:
