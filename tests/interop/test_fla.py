@@ -9,6 +9,7 @@ The refusals need neither torch nor fla.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -23,6 +24,7 @@ import pytest
 from flax import nnx
 
 from fwjax.interop import fla as fx
+from fwjax.nn import FastWeightAttention, FastWeightConfig
 from fwjax.ops import Normalization, UpdateRule
 
 REFERENCE = Path(__file__).with_name("fla_reference.py")
@@ -155,3 +157,30 @@ def test_unsupported_options_are_refused(options, needle):
 def test_a_wrong_prefix_names_the_available_weights():
     with pytest.raises(ValueError, match=r"no weights start with prefix='model\.'"):
         fx.from_fla_deltanet(_weights(), prefix="model.")
+
+
+# --- the layer options the conversion uses ---------------------------------------------------
+
+
+def test_the_output_gate_needs_the_norm_and_the_epsilon_must_be_positive():
+    with pytest.raises(ValueError, match="output_gate=True needs output_norm=True"):
+        FastWeightConfig(output_gate=True)
+    with pytest.raises(ValueError, match=r"norm_eps=0\.0 must be > 0"):
+        FastWeightConfig(output_norm=True, norm_eps=0.0)
+    plain = FastWeightAttention(FastWeightConfig(output_norm=True), 8, 2, rngs=nnx.Rngs(0))
+    assert plain.out_gate is None and plain.norm.epsilon == 1e-6  # the defaults are unchanged
+
+
+def test_a_gated_layer_decodes_step_by_step_to_its_parallel_output():
+    config = fx.deltanet_config(fx.DeltaNetShape(8, 2, 3, use_gate=True))
+    layer = FastWeightAttention(config, 8, 2, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, 7, 8))
+    parallel, _ = layer(x)
+    ungated_config = dataclasses.replace(config, output_gate=False)
+    ungated = FastWeightAttention(ungated_config, 8, 2, rngs=nnx.Rngs(0))
+    assert not np.allclose(ungated(x)[0], parallel, atol=1e-3)  # the gate changes the output
+    state, ys = layer.init_state(2), []
+    for t in range(x.shape[1]):
+        y, state = layer(x[:, t : t + 1], state)
+        ys.append(y)
+    np.testing.assert_allclose(jnp.concatenate(ys, axis=1), parallel, rtol=1e-5, atol=1e-6)
