@@ -13,14 +13,10 @@ import argparse
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
+from benchmarks.retrieval_points import gradient_problem, point
 from benchmarks.swap import compare_swapped
-from experiments.synthetic import GridPoint
-from fwjax.data.retrieval import retrieval_loss
-from fwjax.nn.retrieval import RetrievalModel
 from fwjax.ops import feature_maps
-from fwjax.train import retrieval
 
 POINTS = (
     (1, "dpfp1", "sum", 400),
@@ -64,17 +60,9 @@ def main():
 
         row(f"dpfp{nu} alone", *compare(make_grad, (x,), args.repeats, args.rounds))
     for setting, fm, rule, n in POINTS:
-        point = GridPoint(setting, fm, rule, n)
-        model = RetrievalModel(point.model_config(), rngs=nnx.Rngs(params=0))
-        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        batch = point.task().batch(0, 0, 32)
-
-        def loss(params, graphdef=graphdef, rest=rest, batch=batch):
-            m = nnx.merge(graphdef, params, rest)
-            pred = retrieval.predictions(m, batch, retrieval.Readout.DIRECT)
-            return retrieval_loss(pred, batch["targets"], batch["mask"])
-
-        row(point.name, *compare(lambda: jax.grad(loss), (params,), args.repeats, args.rounds))
+        name, config, task = point(setting, fm, rule, n)
+        loss, params = gradient_problem(config, task)
+        row(name, *compare(lambda loss=loss: jax.grad(loss), (params,), args.repeats, args.rounds))
 
 
 if __name__ == "__main__":

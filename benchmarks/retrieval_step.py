@@ -23,12 +23,9 @@ import argparse
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
+from benchmarks.retrieval_points import gradient_problem, point
 from benchmarks.swap import compare_swapped
-from experiments.synthetic import GridPoint
-from fwjax.data.retrieval import retrieval_loss
-from fwjax.nn.retrieval import RetrievalModel
 from fwjax.ops.linalg import solve_unit_lower
 from fwjax.train import retrieval
 
@@ -70,17 +67,9 @@ CHANGES = (
 )
 
 
-def _compare(point, attribute, former, repeats, rounds):
+def _compare(config, task, attribute, former, repeats, rounds):
     """Best times (ms) of the former and the current form, and the max gradient difference."""
-    model = RetrievalModel(point.model_config(), rngs=nnx.Rngs(params=0))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    batch = point.task().batch(0, 0, 32)
-
-    def loss(params):
-        m = nnx.merge(graphdef, params, rest)
-        pred = retrieval.predictions(m, batch, retrieval.Readout.DIRECT)
-        return retrieval_loss(pred, batch["targets"], batch["mask"])
-
+    loss, params = gradient_problem(config, task)
     forms = (former, getattr(retrieval, attribute))
     return compare_swapped(
         retrieval, attribute, forms, lambda: jax.grad(loss), (params,), repeats, rounds
@@ -104,9 +93,9 @@ def main():
         for setting, fm, rule, n in POINTS:
             if name != "projections" and rule != "delta":
                 continue
-            point = GridPoint(setting, fm, rule, n)
-            old, new, diff = _compare(point, attribute, former, args.repeats, args.rounds)
-            row = f"{name:<14} {point.name:<24} {old:>12.1f} {new:>12.1f} {old / new:>8.1f}x"
+            label, config, task = point(setting, fm, rule, n)
+            old, new, diff = _compare(config, task, attribute, former, args.repeats, args.rounds)
+            row = f"{name:<14} {label:<24} {old:>12.1f} {new:>12.1f} {old / new:>8.1f}x"
             print(f"{row} {diff:>9.1e}", flush=True)
 
 

@@ -58,3 +58,31 @@ def test_driver_quick_mode_runs_every_fwjax_path(tmp_path):
         assert r["max_rel_err"] < 1e-5, r
         assert r["seconds"] > 0 and r["peak_bytes"] > 0, r
     assert "tokens/s" in proc.stdout
+
+
+def test_retrieval_points_are_the_synthetic_grids_points():
+    """benchmarks.retrieval_points builds, from the library alone, the model and task of
+    experiments.synthetic's grid points (the benchmarks' points and a few more)."""
+    from benchmarks import feature_maps, retrieval_points, retrieval_step
+    from experiments.synthetic import GridPoint
+
+    extra = ((1, "favor128", "sum", 20), (2, "dpfp3", "delta", 40), (1, "softmax", "sum", 20))
+    for spec in {*feature_maps.POINTS, *retrieval_step.POINTS, *extra}:
+        name, config, task = retrieval_points.point(*spec)
+        grid = GridPoint(*spec)
+        assert (name, config, task) == (grid.name, grid.model_config(), grid.task()), spec
+    with pytest.raises(ValueError, match="dpfpN or favorM"):
+        retrieval_points.feature_map("dpfp0")
+    with pytest.raises(ValueError, match="softmax takes"):
+        retrieval_points.point(1, "softmax", "delta", 20)
+
+
+def test_retrieval_gradient_problem_is_the_training_loss():
+    from benchmarks import retrieval_points
+
+    _, config, task = retrieval_points.point(2, "dpfp1", "delta", 4)
+    loss, params = retrieval_points.gradient_problem(config, task, batch_size=2)
+    value, grads = jax.value_and_grad(loss)(params)
+    assert np.isfinite(float(value)) and float(value) > 0
+    norms = [float(jnp.linalg.norm(g)) for g in jax.tree.leaves(grads)]
+    assert all(np.isfinite(norms)) and max(norms) > 0
