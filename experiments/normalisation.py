@@ -65,6 +65,7 @@ import numpy as np
 
 from experiments.records import write_json_atomic
 from fwjax.data.retrieval import RetrievalSetting, RetrievalTask, retrieval_loss
+from fwjax.diagnostics import replay_writes
 from fwjax.nn.config import FastWeightConfig
 from fwjax.nn.retrieval import RetrievalConfig
 from fwjax.ops import FeatureMap, FeatureMapKind, Normalization, UpdateRule
@@ -103,44 +104,8 @@ LM_RUNS = {
 # ----------------------------------------------------------------------------------------------
 
 
-@jax.jit
-def replay(fk, v, beta, attention):
-    """Replays a memory's writes; per step the pre-write retrieval, the post-write read and
-    ``‖S_t‖_F``.
-
-    Args:
-      fk: memory keys ``[B, L, K]`` (after φ and the normalisation).
-      v: written values ``[B, L, V]``.
-      beta: write strengths ``[B, L]`` (delta rule: ``S += k̂ β (v − v̄)ᵀ``), or −1 everywhere
-        for the sum rule (``S += k̂ vᵀ``).
-      attention: bool scalar array, attention normalisation (``z`` division) on.
-
-    Returns:
-      ``(v_bar [B, L, V], read_after [B, L, V], state_norm [B, L], S_L [B, K, V], z_L [B, K])``.
-    """
-    b, _, kd = fk.shape
-    s0 = jnp.zeros((b, kd, v.shape[-1]), jnp.float32)
-    z0 = jnp.zeros((b, kd), jnp.float32)
-
-    def denom(z, k):  # z·k under attention normalisation (1 where 0), else 1
-        d = jnp.einsum("bk,bk->b", z, k)
-        return jnp.where(attention & (d != 0), d, 1.0)[:, None]
-
-    def step(carry, xs):
-        s, z = carry
-        k, v_t, beta_t = xs
-        v_bar = jnp.einsum("bk,bkv->bv", k, s) / denom(z, k)
-        # beta_t < 0 marks the sum rule (u = v); the delta rule writes β (v − v̄).
-        u = jnp.where(beta_t[:, None] < 0, v_t, jnp.abs(beta_t)[:, None] * (v_t - v_bar))
-        s = s + k[:, :, None] * u[:, None, :]
-        z = z + k
-        read = jnp.einsum("bk,bkv->bv", k, s) / denom(z, k)
-        return (s, z), (v_bar, read, jnp.sqrt(jnp.sum(s * s, axis=(1, 2))))
-
-    xs = (jnp.swapaxes(fk, 0, 1), jnp.swapaxes(v, 0, 1), jnp.swapaxes(beta, 0, 1))
-    (s, z), (v_bar, read, norm) = jax.lax.scan(step, (s0, z0), xs)
-    sw = lambda x: jnp.swapaxes(x, 0, 1)
-    return sw(v_bar), sw(read), sw(norm), s, z
+# The memory replayed step by step, compiled once per (shapes, normalisation).
+_replay = jax.jit(replay_writes, static_argnames=("attention_normalized", "read_after"))
 
 
 def previous_values(keys: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -161,8 +126,12 @@ def analyse_memory(model, task: RetrievalTask, seed: int) -> dict:
     fk, beta, fq = memory_writes(model, batch["keys"], batch["values"], batch["queries"])
     norm = model.config.fast_weight.normalization
     v = jax.nn.one_hot(batch["values"], task.num_values, dtype=jnp.float32)
-    beta_in = -jnp.ones(fk.shape[:2]) if beta is None else beta
-    v_bar, read, state_norm, s, z = replay(fk, v, beta_in, jnp.asarray(norm.uses_normalizer))
+    head = lambda x: None if x is None else x[:, :, None]  # one head: [B, L, 1, .]
+    r = _replay(
+        head(fk), head(v), head(beta), attention_normalized=norm.uses_normalizer, read_after=True
+    )
+    v_bar, read, state_norm = r.retrieved[:, :, 0], r.read_after[:, :, 0], r.state_norm[:, :, 0]
+    s, z = r.final_state[:, 0], r.final_normalizer[:, 0]
     # The model's read-out from the final memory (fast_weight_read): q̂ᵀS (/ (z·q̂ + eps)).
     y = jnp.einsum("bqk,bkv->bqv", fq, s)
     if norm.uses_normalizer:

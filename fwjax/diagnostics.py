@@ -26,6 +26,103 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+class Replay(NamedTuple):
+    """A memory's writes replayed step by step (:func:`replay_writes`); ``V`` the value width.
+
+    Attributes:
+      retrieved: ``v̄_t [B, T, H, V]``, the memory's read at ``k_t`` BEFORE the write (divided
+        by ``d_t = z_{t-1}ᵀ k_t`` under attention normalisation).
+      state_norm: ``‖S_t‖_F [B, T, H]`` after each write.
+      final_state: ``S_T [B, H, K, V]``.
+      final_normalizer: ``z_T = z_0 + Σ_t k_t [B, H, K]``.
+      read_after: ``S_tᵀ k_t / (z_tᵀ k_t) [B, T, H, V]``, the read at ``k_t`` right AFTER the
+        write (as the model reads), when asked for; else None.
+      states: ``S_t [B, T, H, K, V]`` after every write, when asked for; else None.
+    """
+
+    retrieved: jax.Array
+    state_norm: jax.Array
+    final_state: jax.Array
+    final_normalizer: jax.Array
+    read_after: jax.Array | None = None
+    states: jax.Array | None = None
+
+
+def replay_writes(
+    k,
+    v,
+    beta=None,
+    alpha=None,
+    *,
+    initial_state=None,
+    initial_normalizer=None,
+    attention_normalized: bool = False,
+    read_after: bool = False,
+    keep_states: bool = False,
+) -> Replay:
+    """Replays a fast weight memory's writes one step at a time (a ``lax.scan``), recording
+    what every step reads and writes: the one replay behind :func:`memory_trace`,
+    :func:`fwjax.explain.fast_weight_snapshots` and the normalisation study.
+
+    Per batch element and head, with ``v̄_t = S_{t-1}ᵀ k_t / d_t`` (``d_t = z_{t-1}ᵀ k_t``
+    under attention normalisation, 1 where that is 0; else 1) and ``z_t = z_{t-1} + k_t``:
+
+    * sum rule (``beta`` None): ``S_t = S_{t-1} + k_t v_tᵀ``;
+    * delta rule: ``S_t = S_{t-1} + β_t k_t (v_t − v̄_t)ᵀ``;
+    * gated delta rule (``alpha``): ``S_t = α_t S_{t-1} + β_t k_t (v_t − α_t v̄_t)ᵀ``.
+
+    Computed in ``promote_types(dtype(k, v), float32)`` with HIGHEST matmul precision.
+
+    Args:
+      k: memory keys ``[B, T, H, K]`` (after the feature map and normalisation).
+      v: values ``[B, T, H, V]``.
+      beta: write strengths ``[B, T, H]``, or None for the sum rule.
+      alpha: decay gates ``[B, T, H]`` (gated delta rule), or None.
+      initial_state: ``S_0 [B, H, K, V]``; zeros when None.
+      initial_normalizer: ``z_0 [B, H, K]``; zeros when None.
+      attention_normalized: divide reads by ``zᵀ k`` (the paper's attention normalisation).
+      read_after: also record the read right after each write (:attr:`Replay.read_after`).
+      keep_states: also record every ``S_t`` (``O(T·K·V)`` memory; for short sequences).
+
+    Returns:
+      A :class:`Replay`.
+    """
+    dtype = jnp.promote_types(jnp.result_type(k, v), jnp.float32)
+    k, v = k.astype(dtype), v.astype(dtype)
+    b, t, h, kd = k.shape
+    s0 = jnp.zeros((b, h, kd, v.shape[-1]), dtype) if initial_state is None else initial_state
+    z0 = jnp.zeros((b, h, kd), dtype) if initial_normalizer is None else initial_normalizer
+    ones = jnp.ones((b, t, h), dtype)
+    beta_ = ones if beta is None else beta.astype(dtype)
+    alpha_ = ones if alpha is None else alpha.astype(dtype)
+
+    def read(s, z, k_t):
+        r = jnp.einsum("bhk,bhkv->bhv", k_t, s, precision=_HIGHEST)
+        if not attention_normalized:
+            return r
+        d = jnp.einsum("bhk,bhk->bh", z, k_t, precision=_HIGHEST)
+        return r / jnp.where(d == 0, 1.0, d)[..., None]
+
+    def step(carry, inputs):
+        s, z = carry
+        k_t, v_t, beta_t, alpha_t = inputs
+        v_bar = read(s, z, k_t)
+        # Sum rule: u_t = v_t; (gated) delta rule: u_t = β_t (v_t − α_t v̄_t).
+        u = v_t if beta is None else beta_t[..., None] * (v_t - alpha_t[..., None] * v_bar)
+        s = alpha_t[..., None, None] * s + k_t[..., :, None] * u[..., None, :]
+        z = z + k_t
+        out = (v_bar, jnp.sqrt(jnp.sum(s**2, axis=(-2, -1))))
+        out += (read(s, z, k_t) if read_after else None, s if keep_states else None)
+        return (s, z), out
+
+    xs = tuple(jnp.moveaxis(x, 1, 0) for x in (k, v, beta_, alpha_))
+    (s, z), outs = jax.lax.scan(step, (s0.astype(dtype), z0.astype(dtype)), xs)
+    v_bar, norm, after, states = (None if o is None else jnp.moveaxis(o, 0, 1) for o in outs)
+    return Replay(v_bar, norm, s, z, after, states)
+
 
 class MemoryTrace(NamedTuple):
     """Per-step diagnostics, each ``[B, T, H]`` (float32)."""
@@ -45,7 +142,9 @@ def memory_trace(
     attention_normalized: bool = False,
     initial_normalizer=None,
 ) -> tuple[MemoryTrace, jax.Array]:
-    """Replays the memory's writes step by step and records the diagnostics.
+    """Replays the memory's writes step by step (:func:`replay_writes`, in float32) and records
+    the diagnostics: ``state_norm_t = ‖S_t‖_F``, ``retrieval_error_t = ‖v_t − v̄_t‖`` and
+    ``retrieval_cosine_t = cos(v̄_t, v_t)`` (0 where ``v̄_t = 0``).
 
     Rules: sum (``beta=None``: ``S_t = S_{t-1} + k_t v_tᵀ``), delta
     (``S_t = S_{t-1} + β_t k_t (v_t − v̄_t)ᵀ``) and gated delta
@@ -65,32 +164,21 @@ def memory_trace(
       ``(MemoryTrace, final state [B, H, K, V])``.
     """
     f32 = jnp.float32
-    k, v = k.astype(f32), v.astype(f32)
-    b, t, h, kd = k.shape
-    s0 = jnp.zeros((b, h, kd, v.shape[-1]), f32) if initial_state is None else initial_state
-    ones = jnp.ones((b, t, h), f32)
-    beta_ = ones if beta is None else beta.astype(f32)
-    alpha_ = ones if alpha is None else alpha.astype(f32)
-
-    def step(carry, inputs):
-        s, z = carry
-        k_t, v_t, beta_t, alpha_t = inputs
-        d = jnp.einsum("bhk,bhk->bh", z, k_t) if attention_normalized else jnp.ones_like(beta_t)
-        d = jnp.where(d == 0, 1.0, d)
-        v_bar = jnp.einsum("bhk,bhkv->bhv", k_t, s) / d[..., None]
-        # Sum rule: u_t = v_t; (gated) delta rule: u_t = β_t (v_t − α_t v̄_t).
-        u = v_t if beta is None else beta_t[..., None] * (v_t - alpha_t[..., None] * v_bar)
-        s = alpha_t[..., None, None] * s + k_t[..., :, None] * u[..., None, :]
-        err = v_t - v_bar
-        nv, nb = jnp.linalg.norm(v_t, axis=-1), jnp.linalg.norm(v_bar, axis=-1)
-        cos = jnp.where(nb > 0, jnp.sum(v_t * v_bar, -1) / jnp.maximum(nv * nb, 1e-30), 0.0)
-        out = (jnp.sqrt(jnp.sum(s**2, axis=(-2, -1))), jnp.linalg.norm(err, axis=-1), cos)
-        return (s, z + k_t), out
-
-    xs = tuple(jnp.moveaxis(x, 1, 0) for x in (k, v, beta_, alpha_))
-    z0 = jnp.zeros((b, h, kd), f32) if initial_normalizer is None else initial_normalizer
-    (s, _), outs = jax.lax.scan(step, (s0.astype(f32), z0.astype(f32)), xs)
-    return MemoryTrace(*(jnp.moveaxis(o, 0, 1) for o in outs)), s
+    v = v.astype(f32)
+    replay = replay_writes(
+        k.astype(f32),
+        v,
+        beta,
+        alpha,
+        initial_state=None if initial_state is None else initial_state.astype(f32),
+        initial_normalizer=None if initial_normalizer is None else initial_normalizer.astype(f32),
+        attention_normalized=attention_normalized,
+    )
+    v_bar = replay.retrieved
+    nv, nb = jnp.linalg.norm(v, axis=-1), jnp.linalg.norm(v_bar, axis=-1)
+    cos = jnp.where(nb > 0, jnp.sum(v * v_bar, -1) / jnp.maximum(nv * nb, 1e-30), 0.0)
+    error = jnp.linalg.norm(v - v_bar, axis=-1)
+    return MemoryTrace(replay.state_norm, error, cos), replay.final_state
 
 
 def effective_rank(state, eps: float = 1e-12):

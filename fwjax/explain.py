@@ -26,6 +26,7 @@ import optax
 from flax import nnx
 
 from fwjax.data.retrieval import RetrievalSetting, RetrievalTask
+from fwjax.diagnostics import replay_writes
 from fwjax.nn.config import FastWeightConfig
 from fwjax.nn.retrieval import RetrievalConfig
 from fwjax.ops import FeatureMap, Normalization, UpdateRule, delta_rule, sum_rule
@@ -97,25 +98,12 @@ def fast_weight_snapshots(
       initial_state: ``S_0`` ``[K, V]``; zeros when None.
 
     Returns:
-      ``[T, K, V]`` (float32 or wider).
+      ``[T, K, V]`` (float32 or wider), from :func:`fwjax.diagnostics.replay_writes`.
     """
-    dtype = jnp.promote_types(jnp.result_type(k, v), jnp.float32)
-    k, v = k.astype(dtype), v.astype(dtype)
-    s0 = jnp.zeros((k.shape[-1], v.shape[-1]), dtype) if initial_state is None else initial_state
-    s0 = jnp.asarray(s0, dtype)
-    b = jnp.zeros(k.shape[0], dtype) if beta is None else jnp.asarray(beta, dtype)
-
-    def step(s, xs):
-        k_t, v_t, beta_t = xs
-        if beta is None:
-            s = s + jnp.outer(k_t, v_t)
-        else:
-            v_bar = jnp.matmul(s.T, k_t, precision=_HIGHEST)
-            s = s + beta_t * jnp.outer(k_t, v_t - v_bar)
-        return s, s
-
-    _, states = jax.lax.scan(step, s0, (k, v, b))
-    return states
+    head = lambda x: None if x is None else jnp.asarray(x)[None, :, None]  # [1, T, 1, .]
+    s0 = None if initial_state is None else jnp.asarray(initial_state)[None, None]
+    replay = replay_writes(head(k), head(v), head(beta), initial_state=s0, keep_states=True)
+    return replay.states[0, :, 0]
 
 
 # ----------------------------------------------------------------------------------------------

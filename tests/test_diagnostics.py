@@ -12,8 +12,10 @@ from fwjax.ops import (
     Impl,
     Normalization,
     UpdateRule,
+    delta_rule,
     fast_weight_attention,
     memory_keys,
+    sum_rule,
 )
 from tests.tolerances import assert_close
 
@@ -72,6 +74,39 @@ def test_retrieval_contrast_of_a_rewritten_key():
         cos = v1 @ v2 / np.linalg.norm(v1) / np.linalg.norm(v2)
         assert_close(trace.retrieval_cosine[0, :, 0], [0.0, cos])
         assert_close(final[0, 0].T @ key, stored)
+
+
+@pytest.mark.parametrize("attention", [False, True])
+@pytest.mark.parametrize("rule", [UpdateRule.SUM, UpdateRule.DELTA], ids=lambda x: x.value)
+def test_replay_records_every_state_and_the_read_after_each_write(rule, attention):
+    q, k, v, beta, _ = _inputs(4)
+    fk = memory_keys(k, FeatureMap(), Normalization.SUM)  # positive keys: z·k > 0
+    b = None if rule is UpdateRule.SUM else beta
+    rng = np.random.default_rng(5)
+    s0 = jnp.asarray(rng.normal(size=(B, H, D, V)), jnp.float32)
+    z0 = jnp.asarray(rng.uniform(0.5, 1.0, size=(B, H, D)), jnp.float32)
+    r = diagnostics.replay_writes(
+        fk, v, b, initial_state=s0, initial_normalizer=z0, attention_normalized=attention,
+        read_after=True, keep_states=True,
+    )  # fmt: skip
+    assert r.states.shape == (B, T, H, D, V)
+    if rule is UpdateRule.SUM or not attention:  # the ops' delta rule reads v̄ undivided
+        # Every S_t is the ops' memory: the read S_tᵀq_t is the ops' output at step t.
+        args = (q, fk, v) if b is None else (q, fk, v, b)
+        out, _ = (sum_rule if b is None else delta_rule)(*args, s0, impl=Impl.RECURRENT)
+        assert_close(jnp.einsum("bthkv,bthk->bthv", r.states, q), out)
+    assert_close(r.final_state, r.states[:, -1])
+    z = z0[:, None] + jnp.cumsum(fk, axis=1)  # z_t [B, T, H, K]
+    assert_close(r.final_normalizer, z[:, -1])
+    # The reads before and after each write, by hand from the recorded states.
+    prev = jnp.concatenate([s0[:, None], r.states[:, :-1]], axis=1)
+    prev_z = jnp.concatenate([z0[:, None], z[:, :-1]], axis=1)
+    for states, zs, got in ((prev, prev_z, r.retrieved), (r.states, z, r.read_after)):
+        d = jnp.sum(zs * fk, -1, keepdims=True) if attention else 1.0
+        assert_close(got, jnp.einsum("bthkv,bthk->bthv", states, fk) / d)
+    assert_close(r.state_norm, jnp.sqrt(jnp.sum(r.states**2, axis=(-2, -1))))
+    lean = diagnostics.replay_writes(fk, v, b, initial_state=s0)
+    assert lean.read_after is None and lean.states is None
 
 
 def test_effective_rank():

@@ -1,15 +1,14 @@
-"""The normalisation study's replay (experiments.normalisation): it must be the memory the
-model writes, checked against fwjax.diagnostics.memory_trace and the model's direct readout."""
+"""The normalisation study (experiments.normalisation): its analysis replays the memory the
+model writes (fwjax.diagnostics.replay_writes, tested in tests/test_diagnostics.py), checked
+against the model's direct readout."""
 
 import dataclasses
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from experiments import normalisation as nm
-from fwjax import diagnostics
 from fwjax.data.retrieval import RetrievalSetting, RetrievalTask, retrieval_loss
 from fwjax.nn.config import FastWeightConfig
 from fwjax.nn.retrieval import RetrievalConfig, RetrievalModel
@@ -20,33 +19,6 @@ def test_previous_values():
     keys = np.array([[0, 1, 0, 0, 2, 1]])
     values = np.array([[5, 6, 7, 8, 9, 4]])
     np.testing.assert_array_equal(nm.previous_values(keys, values), [[-1, -1, 5, 7, -1, 6]])
-
-
-@pytest.mark.parametrize("attention", [False, True])
-@pytest.mark.parametrize("delta", [False, True])
-def test_replay_matches_memory_trace(delta, attention):
-    rng = np.random.default_rng(0)
-    b, t, k, v = 2, 9, 5, 3
-    fk = jnp.asarray(rng.uniform(0.0, 1.0, (b, t, k)), jnp.float32)
-    vals = jnp.asarray(rng.normal(size=(b, t, v)), jnp.float32)
-    beta = jnp.asarray(rng.uniform(0.1, 0.9, (b, t)), jnp.float32)
-    v_bar, read, norm, s, z = nm.replay(
-        fk, vals, beta if delta else -jnp.ones((b, t)), jnp.asarray(attention)
-    )
-    trace, s_ref = diagnostics.memory_trace(
-        fk[:, :, None], vals[:, :, None], beta[:, :, None] if delta else None,
-        attention_normalized=attention,
-    )  # fmt: skip
-    np.testing.assert_allclose(s, s_ref[:, 0], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(norm, trace.state_norm[..., 0], rtol=1e-5)
-    err = jnp.linalg.norm(vals - v_bar, axis=-1)
-    np.testing.assert_allclose(err, trace.retrieval_error[..., 0], rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(z, jnp.sum(fk, axis=1), rtol=1e-5)
-    # the read after the last write, by hand
-    d = jnp.einsum("bk,bk->b", z, fk[:, -1]) if attention else jnp.ones(b)
-    np.testing.assert_allclose(
-        read[:, -1], jnp.einsum("bk,bkv->bv", fk[:, -1], s) / d[:, None], rtol=1e-5
-    )
 
 
 @pytest.mark.parametrize(
