@@ -213,3 +213,38 @@ def summarize(trace: MemoryTrace, final_state, beta=None) -> dict[str, jax.Array
         out["beta_mean"] = mean_bt(beta.astype(jnp.float32))
         out["beta_std"] = jnp.std(beta.astype(jnp.float32), axis=(0, 1))
     return out
+
+
+def carried_memory_norms(layers) -> dict[str, jax.Array]:
+    """Norms of a carried memory, per layer and head: how far a state has grown.
+
+    For every fast weight layer state (anything with ``fast_weights [B, H, K, V]`` and
+    ``normalizer [B, H, K] | None``, e.g. :class:`fwjax.ops.FastWeightState`, or an object
+    holding one as ``.memory``) this returns ``‖S‖_F`` and, under attention normalisation,
+    ``‖z‖₂`` of the key accumulator ``z = Σ_t φ(k_t)`` (the normaliser whose growth shrinks
+    every read ``Sᵀφ(q) / zᵀφ(q)``). Layers without fast weights (a softmax KV cache) are
+    skipped.
+
+    Args:
+      layers: a sequence of per-layer states (``TransformerLM``'s ``LMState.layers``).
+
+    Returns:
+      ``{"state_norm": [L, B, H], "normalizer_norm": [L, B, H]}`` (float32; L = the number of
+      fast weight layers); ``normalizer_norm`` is absent when no layer keeps a ``z``.
+    """
+    s_norms, z_norms = [], []
+    for layer in layers:
+        memory = getattr(layer, "memory", layer)
+        s = getattr(memory, "fast_weights", None)
+        if s is None:
+            continue
+        s_norms.append(jnp.sqrt(jnp.sum(jnp.square(s.astype(jnp.float32)), axis=(-2, -1))))
+        z = getattr(memory, "normalizer", None)
+        if z is not None:
+            z_norms.append(jnp.linalg.norm(z.astype(jnp.float32), axis=-1))
+    out = {"state_norm": jnp.stack(s_norms)}
+    if z_norms:
+        if len(z_norms) != len(s_norms):
+            raise ValueError(f"{len(z_norms)=} normalisers for {len(s_norms)=} fast weight layers")
+        out["normalizer_norm"] = jnp.stack(z_norms)
+    return out

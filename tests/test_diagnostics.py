@@ -137,3 +137,30 @@ def test_layers_sow_per_head_statistics_only_when_enabled(enabled):
     }  # fmt: skip
     assert all(v.shape == (2,) and bool(jnp.all(jnp.isfinite(v))) for v in stats.values())
     assert bool(jnp.all((stats["beta_mean"] > 0) & (stats["beta_mean"] < 1)))
+
+
+def test_carried_memory_norms_of_layer_states():
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(2, 6, 8)), jnp.float32)
+    states = []
+    for norm in (Normalization.ATTENTION, Normalization.ATTENTION):
+        cfg = FastWeightConfig(update_rule=UpdateRule.SUM, normalization=norm)
+        layer = FastWeightAttention(cfg, d_model=8, num_heads=2, rngs=nnx.Rngs(len(states)))
+        states.append(layer(x, layer.init_state(2))[1])
+    out = diagnostics.carried_memory_norms(states)
+    assert out["state_norm"].shape == out["normalizer_norm"].shape == (2, 2, 2)
+    for i, st in enumerate(states):
+        s, z = np.asarray(st.memory.fast_weights), np.asarray(st.memory.normalizer)
+        assert_close(out["state_norm"][i], np.sqrt((s**2).sum(axis=(-2, -1))))
+        assert_close(out["normalizer_norm"][i], np.linalg.norm(z, axis=-1))
+    # The key accumulator of 6 positive feature vectors is far from zero; the memory is not.
+    assert bool(jnp.all(out["normalizer_norm"] > 0)) and bool(jnp.all(out["state_norm"] > 0))
+    # An empty memory without a normaliser: zero norms, no normaliser key.
+    cfg = FastWeightConfig(update_rule=UpdateRule.DELTA, normalization=Normalization.L2)
+    l2_layer = FastWeightAttention(cfg, d_model=8, num_heads=2, rngs=nnx.Rngs(0))
+    empty = l2_layer.init_state(3)
+    out = diagnostics.carried_memory_norms([empty, None])
+    assert set(out) == {"state_norm"} and out["state_norm"].shape == (1, 3, 2)
+    assert float(jnp.max(out["state_norm"])) == 0.0
+    with pytest.raises(ValueError, match="normalisers"):
+        diagnostics.carried_memory_norms([states[0], l2_layer.init_state(2)])
