@@ -15,7 +15,7 @@ uv=("$venv/bin/uv" pip install -q --python "$venv/bin/python")
 # Test tools at their current versions first; then fwjax with its core and data dependencies at
 # their floors (lowest-direct: direct dependencies at the oldest allowed version, the rest newest
 # compatible).
-"${uv[@]}" pytest pytest-xdist hypothesis typeguard "setuptools>=77"
+"${uv[@]}" pytest pytest-xdist hypothesis typeguard tensorboardX "setuptools>=77"
 "${uv[@]}" --resolution lowest-direct -e ".[data]"
 "$venv/bin/python" - <<'PY'
 from importlib.metadata import version

@@ -18,6 +18,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
+from fwjax.nn.attention import SOWING_WITHOUT_CAPTURE
 from fwjax.train import mesh as mesh_lib
 
 
@@ -143,7 +144,11 @@ def _capture_sown(fn, model, *args):
     """
     if hasattr(nnx, "capture"):
         return nnx.capture(lambda m: fn(m, *args), nnx.Intermediate)(model)
-    out = fn(model, *args)
+    token = SOWING_WITHOUT_CAPTURE.set(True)
+    try:
+        out = fn(model, *args)
+    finally:
+        SOWING_WITHOUT_CAPTURE.reset(token)
     return out, nnx.pop(model, nnx.Intermediate)
 
 
