@@ -19,6 +19,7 @@ from fwjax.nn.config import (
     NormPosition,
     Positional,
 )
+from fwjax.nn.partitioning import AXIS_NAMES, logical_axis_rules
 from fwjax.nn.retrieval import RetrievalConfig, RetrievalModel
 from fwjax.nn.transformer import (
     FeedForward,
@@ -32,6 +33,7 @@ from fwjax.nn.transformer import (
 )
 
 __all__ = [
+    "AXIS_NAMES",
     "PAPER_RECIPE",
     "Activation",
     "AttentionKind",
@@ -53,6 +55,7 @@ __all__ = [
     "TransformerLM",
     "causal_depthwise_conv",
     "generate",
+    "logical_axis_rules",
     "redraw_favor_projections",
     "rotary_embedding",
     "sample_logits",

@@ -7,7 +7,6 @@ carried state reproduces the parallel forward pass.
 
 from __future__ import annotations
 
-import contextvars
 import math
 from typing import NamedTuple
 
@@ -17,6 +16,7 @@ from flax import nnx
 
 from fwjax import diagnostics
 from fwjax.nn.config import FastWeightConfig
+from fwjax.nn.partitioning import EMBED, HEADS, logical
 from fwjax.ops import (
     FastWeightState,
     UpdateRule,
@@ -32,23 +32,24 @@ class FavorProjection(nnx.Variable):
     """FAVOR+'s random projection ``[d_head, m]``: a non-trainable variable (never in ``Param``)."""
 
 
-def logical(init, axes):
-    """Annotates an initializer with logical axis names (``embed``, ``heads``, ``mlp``,
-    ``vocab``). Sharding is applied later from these names (e.g. by ``jax.eval_shape`` + a mesh
-    in the training loop), not eagerly at creation, so modules build without a mesh."""
-    return nnx.with_partitioning(init, axes, eager_sharding=False)
-
-
 def lecun_normal(scale: float = 1.0):
     """LeCun-normal initialisation (truncated normal, variance 1/fan_in) with its std times
     ``scale``; ``scale=1`` is ``nnx.initializers.lecun_normal()`` exactly."""
     return nnx.initializers.variance_scaling(scale**2, "fan_in", "truncated_normal")
 
 
-def _dense(d_in, d_out, axes, *, dtype, rngs, scale: float = 1.0):
+def _dense(d_in, d_out, axes, *, dtype, param_dtype, rngs, scale: float = 1.0):
     """A bias-free projection with LeCun-normal weights, their std multiplied by ``scale``."""
     init = logical(lecun_normal(scale), axes)
-    return nnx.Linear(d_in, d_out, use_bias=False, dtype=dtype, kernel_init=init, rngs=rngs)
+    return nnx.Linear(
+        d_in,
+        d_out,
+        use_bias=False,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=init,
+        rngs=rngs,
+    )
 
 
 class FastWeightLayerState(NamedTuple):
@@ -73,7 +74,8 @@ class FastWeightAttention(nnx.Module):
     a short causal convolution with SiLU on q, k, v, a per-head output RMSNorm, and an output
     gate ``SiLU(W_g x)`` after it (the options of fla's DeltaNet, :mod:`fwjax.interop.fla`).
 
-    Shapes: ``x: [B, T, d_model] -> y: [B, T, d_model]``.
+    Shapes: ``x: [B, T, d_model] -> y: [B, T, d_model]``. Computed in ``dtype``; parameters
+    are stored in ``param_dtype``; the memory and the FAVOR+ projection are float32.
     """
 
     def __init__(
@@ -83,6 +85,7 @@ class FastWeightAttention(nnx.Module):
         num_heads: int,
         *,
         dtype=jnp.float32,
+        param_dtype=jnp.float32,
         out_scale: float = 1.0,
         rngs: nnx.Rngs,
     ):
@@ -97,10 +100,9 @@ class FastWeightAttention(nnx.Module):
             config.update_rule
         ]
         width = 3 * d_model + self.num_gates * num_heads
-        self.qkvb = _dense(d_model, width, ("embed", "heads"), dtype=dtype, rngs=rngs)
-        self.out = _dense(
-            d_model, d_model, ("heads", "embed"), dtype=dtype, rngs=rngs, scale=out_scale
-        )
+        dtypes = dict(dtype=dtype, param_dtype=param_dtype)
+        self.qkvb = _dense(d_model, width, (EMBED, HEADS), **dtypes, rngs=rngs)
+        self.out = _dense(d_model, d_model, (HEADS, EMBED), **dtypes, rngs=rngs, scale=out_scale)
         fm = config.feature_map
         # Optional submodules/variables are wrapped in nnx.data so that None stays a data slot.
         self.projection = nnx.data(
@@ -112,24 +114,24 @@ class FastWeightAttention(nnx.Module):
         )
         conv_init = nnx.initializers.normal(1.0 / math.sqrt(config.conv_size))
         self.conv = nnx.data(
-            nnx.Param(conv_init(rngs.params(), (config.conv_size, 3 * d_model)))
+            nnx.Param(conv_init(rngs.params(), (config.conv_size, 3 * d_model), param_dtype))
             if config.short_conv
             else None
         )
         # α = σ(w_α·x + b_α), b_α initialised to 3 (α ≈ 0.95: a slowly decaying memory).
         self.gate_bias = nnx.data(
-            nnx.Param(jnp.full((num_heads,), 3.0, jnp.float32))
+            nnx.Param(jnp.full((num_heads,), 3.0, param_dtype))
             if config.update_rule is UpdateRule.GATED_DELTA
             else None
         )
         self.norm = nnx.data(
-            nnx.RMSNorm(self.head_dim, epsilon=config.norm_eps, dtype=dtype, rngs=rngs)
+            nnx.RMSNorm(self.head_dim, epsilon=config.norm_eps, **dtypes, rngs=rngs)
             if config.output_norm
             else None
         )
         # The output gate SiLU(W_g x) (fla DeltaNet's use_gate).
         self.out_gate = nnx.data(
-            _dense(d_model, d_model, ("embed", "heads"), dtype=dtype, rngs=rngs)
+            _dense(d_model, d_model, (EMBED, HEADS), **dtypes, rngs=rngs)
             if config.output_gate
             else None
         )
@@ -206,17 +208,10 @@ class FastWeightAttention(nnx.Module):
         return y, FastWeightLayerState(memory, conv_state)
 
 
-# Flax before 0.12.6 has no ``nnx.capture``: the training step then sets this flag around the
-# loss and collects the sown values with ``nnx.pop``.
-SOWING_WITHOUT_CAPTURE = contextvars.ContextVar("fwjax_sowing_without_capture", default=False)
-
-
 def _capturing(module: nnx.Module) -> bool:
-    """Whether sown values are being collected: inside ``nnx.capture`` (flax ≥ 0.12.6; sowing
-    outside it is deprecated from 0.12.8), or, on older flax, inside the training step's loss
-    (sowing elsewhere, e.g. under ``jit`` in ``generate``, would mutate a module of another
-    trace)."""
-    return hasattr(module, "__captures__") or SOWING_WITHOUT_CAPTURE.get()
+    """Whether sown values are being collected: inside ``nnx.capture`` (flax ≥ 0.12.8, where
+    sowing outside it is deprecated), or always on older flax."""
+    return hasattr(module, "__captures__") or not hasattr(nnx, "capture")
 
 
 def _diagnostics_of(layer: FastWeightAttention, k, v, beta, alpha, projection, state):
@@ -270,7 +265,7 @@ class SoftmaxAttention(nnx.Module):
     (``init_state``) new keys/values are appended and queries attend to every filled position
     up to their own (memory grows with the context, unlike fast weights). With ``rotary`` the
     queries and keys are rotated by their absolute positions (:func:`rotary_embedding`; the
-    cached keys are stored rotated).
+    cached keys are stored rotated). Computed in ``dtype``; parameters stored in ``param_dtype``.
     """
 
     def __init__(
@@ -280,6 +275,7 @@ class SoftmaxAttention(nnx.Module):
         max_len: int = 2048,
         *,
         dtype=jnp.float32,
+        param_dtype=jnp.float32,
         rotary: bool = False,
         out_scale: float = 1.0,
         rngs: nnx.Rngs,
@@ -291,10 +287,9 @@ class SoftmaxAttention(nnx.Module):
             raise ValueError(f"rotary positions need an even head dimension; got {self.head_dim}")
         self.dtype = dtype
         self.rotary = rotary
-        self.qkv = _dense(d_model, 3 * d_model, ("embed", "heads"), dtype=dtype, rngs=rngs)
-        self.out = _dense(
-            d_model, d_model, ("heads", "embed"), dtype=dtype, rngs=rngs, scale=out_scale
-        )
+        dtypes = dict(dtype=dtype, param_dtype=param_dtype)
+        self.qkv = _dense(d_model, 3 * d_model, (EMBED, HEADS), **dtypes, rngs=rngs)
+        self.out = _dense(d_model, d_model, (HEADS, EMBED), **dtypes, rngs=rngs, scale=out_scale)
 
     def init_state(self, batch_size: int) -> KVCache:
         shape = (batch_size, self.max_len, self.num_heads, self.head_dim)

@@ -174,8 +174,8 @@ class ModelConfig:
       activation: the feed-forward nonlinearity, :class:`Activation` (GELU or RELU).
       scale_residual_init: scale the initial weights of the projections that write into the
         residual stream (attention output, feed-forward down) by 1/√(2·num_layers), as GPT-2.
-      dtype: compute dtype (e.g. bfloat16); parameters are float32 and the fast weight state is
-        always float32.
+      dtype: compute dtype (e.g. bfloat16); the fast weight state is always float32.
+      param_dtype: the dtype parameters are stored (and trained) in; float32 unless set.
 
     The defaults are the GPT-2 / nanoGPT recipe of small language models; the paper's
     Transformer-XL-style recipe is :data:`PAPER_RECIPE` (``ModelConfig(**PAPER_RECIPE, ...)``).
@@ -198,6 +198,7 @@ class ModelConfig:
     activation: Activation = Activation.GELU
     scale_residual_init: bool = True
     dtype: str = "float32"
+    param_dtype: str = "float32"
 
     def __post_init__(self):
         _positive(
@@ -223,7 +224,14 @@ class ModelConfig:
             raise ValueError(f"embed_init_std={self.embed_init_std} must be > 0")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
-        jnp.dtype(self.dtype)  # raises TypeError for an unknown dtype name
+        for name in ("dtype", "param_dtype"):
+            value = getattr(self, name)
+            try:
+                floating = jnp.issubdtype(jnp.dtype(value), jnp.floating)
+            except TypeError:
+                floating = False
+            if not floating:
+                raise ValueError(f"{name}={value!r} must name a floating-point dtype")
 
     @property
     def head_dim(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -9,21 +10,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fwjax.nn.attention import (
-    FastWeightAttention,
-    SoftmaxAttention,
-    _dense,
-    lecun_normal,
-    logical,
-)
+from fwjax.nn.attention import FastWeightAttention, SoftmaxAttention, _dense, lecun_normal
 from fwjax.nn.config import Activation, AttentionKind, ModelConfig, NormPosition, Positional
+from fwjax.nn.partitioning import EMBED, MLP, VOCAB, logical
 
 _ACTIVATIONS = {Activation.RELU: jax.nn.relu, Activation.GELU: jax.nn.gelu}
 
 
 class FeedForward(nnx.Module):
     """``W₂ dropout(act(W₁ x + b₁)) + b₂`` with ``act`` ReLU (Transformer-XL, the paper) or GELU
-    (GPT-2). LeCun-normal weights; ``out_scale`` multiplies the std of ``W₂``."""
+    (GPT-2). LeCun-normal weights; ``out_scale`` multiplies the std of ``W₂``. Computed in
+    ``dtype``, parameters stored in ``param_dtype``."""
 
     def __init__(
         self,
@@ -32,14 +29,16 @@ class FeedForward(nnx.Module):
         dropout: float,
         *,
         dtype,
+        param_dtype=jnp.float32,
         activation: Activation = Activation.RELU,
         out_scale: float = 1.0,
         rngs: nnx.Rngs,
     ):
-        init_in = logical(lecun_normal(), ("embed", "mlp"))
-        init_out = logical(lecun_normal(out_scale), ("mlp", "embed"))
-        self.up = nnx.Linear(d_model, d_ff, dtype=dtype, kernel_init=init_in, rngs=rngs)
-        self.down = nnx.Linear(d_ff, d_model, dtype=dtype, kernel_init=init_out, rngs=rngs)
+        dtypes = dict(dtype=dtype, param_dtype=param_dtype)
+        init_in = logical(lecun_normal(), (EMBED, MLP))
+        init_out = logical(lecun_normal(out_scale), (MLP, EMBED))
+        self.up = nnx.Linear(d_model, d_ff, **dtypes, kernel_init=init_in, rngs=rngs)
+        self.down = nnx.Linear(d_ff, d_model, **dtypes, kernel_init=init_out, rngs=rngs)
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
         self.activation = Activation(activation)
 
@@ -51,7 +50,7 @@ class TransformerBlock(nnx.Module):
     """Attention and feed-forward sublayers with residuals; post-LN (the paper) or pre-LN."""
 
     def __init__(self, kind: AttentionKind, config: ModelConfig, *, rngs: nnx.Rngs):
-        dtype = jnp.dtype(config.dtype)
+        dtypes = dict(dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype))
         self.norm_position = config.norm_position
         # GPT-2: projections into the residual stream start 1/√(2L) smaller.
         out_scale = (2 * config.num_layers) ** -0.5 if config.scale_residual_init else 1.0
@@ -60,7 +59,7 @@ class TransformerBlock(nnx.Module):
                 config.fast_weight,
                 config.d_model,
                 config.num_heads,
-                dtype=dtype,
+                **dtypes,
                 out_scale=out_scale,
                 rngs=rngs,
             )
@@ -69,7 +68,7 @@ class TransformerBlock(nnx.Module):
                 config.d_model,
                 config.num_heads,
                 config.max_len,
-                dtype=dtype,
+                **dtypes,
                 rotary=config.positional is Positional.ROTARY,
                 out_scale=out_scale,
                 rngs=rngs,
@@ -78,13 +77,13 @@ class TransformerBlock(nnx.Module):
             config.d_model,
             config.d_ff,
             config.dropout,
-            dtype=dtype,
+            **dtypes,
             activation=config.activation,
             out_scale=out_scale,
             rngs=rngs,
         )
-        self.norm1 = nnx.LayerNorm(config.d_model, dtype=dtype, rngs=rngs)
-        self.norm2 = nnx.LayerNorm(config.d_model, dtype=dtype, rngs=rngs)
+        self.norm1 = nnx.LayerNorm(config.d_model, **dtypes, rngs=rngs)
+        self.norm2 = nnx.LayerNorm(config.d_model, **dtypes, rngs=rngs)
         self.dropout = nnx.Dropout(config.dropout, rngs=rngs)
 
     def init_state(self, batch_size: int):
@@ -131,18 +130,18 @@ class TransformerLM(nnx.Module):
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
-        dtype = jnp.dtype(config.dtype)
+        dtypes = dict(dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype))
         std = config.embed_init_std
-        embed_init = logical(nnx.initializers.normal(std), ("vocab", "embed"))
+        embed_init = logical(nnx.initializers.normal(std), (VOCAB, EMBED))
         self.embed = nnx.Embed(
-            config.vocab_size, config.d_model, dtype=dtype, embedding_init=embed_init, rngs=rngs
+            config.vocab_size, config.d_model, **dtypes, embedding_init=embed_init, rngs=rngs
         )
         self.position_embed = nnx.data(
             nnx.Embed(
                 config.max_len,
                 config.d_model,
-                dtype=dtype,
-                embedding_init=logical(nnx.initializers.normal(std), (None, "embed")),
+                **dtypes,
+                embedding_init=logical(nnx.initializers.normal(std), (None, EMBED)),
                 rngs=rngs,
             )
             if config.positional is Positional.LEARNED
@@ -153,14 +152,12 @@ class TransformerLM(nnx.Module):
         )
         pre = config.norm_position is NormPosition.PRE
         self.final_norm = nnx.data(
-            nnx.LayerNorm(config.d_model, dtype=dtype, rngs=rngs) if pre else None
+            nnx.LayerNorm(config.d_model, **dtypes, rngs=rngs) if pre else None
         )
         self.head = nnx.data(
             None
             if config.tie_embeddings
-            else _dense(
-                config.d_model, config.vocab_size, ("embed", "vocab"), dtype=dtype, rngs=rngs
-            )
+            else _dense(config.d_model, config.vocab_size, (EMBED, VOCAB), **dtypes, rngs=rngs)
         )
         self.dropout = nnx.Dropout(config.dropout, rngs=rngs)
 
@@ -215,6 +212,11 @@ def generate(
     each new token is predicted from the last ``max_len`` tokens, recomputed from scratch with
     positions counted from the window's start.
 
+    Sampling runs in evaluation mode (no dropout) on a copy of ``model``: the model itself keeps
+    its mode. The sampler is compiled once per model structure, prompt shape, ``max_new_tokens``,
+    ``temperature`` and ``top_k``, and reused by later calls (new parameters or keys do not
+    recompile).
+
     Raises:
       ValueError: ``max_new_tokens < 0`` or an empty prompt.
     """
@@ -226,44 +228,56 @@ def generate(
         raise ValueError(f"the prompt has {p} tokens; need at least 1")
     bounded = config.positional is Positional.LEARNED or AttentionKind.SOFTMAX in config.layer_kinds
     window = config.max_len if bounded and p + max_new_tokens > config.max_len else None
-    model.eval()
-    graphdef, params = nnx.split(model)
+    # model.eval() on a copy of the module graph (sharing the arrays): the caller's modules keep
+    # their `deterministic` flags.
+    view = nnx.merge(*nnx.split(model))
+    view.eval()
+    graphdef, state = nnx.split(view)
+    return _sample(
+        graphdef,
+        state,
+        jnp.asarray(prompt),
+        key,
+        max_new_tokens=int(max_new_tokens),
+        window=window,
+        temperature=float(temperature),
+        top_k=None if top_k is None else int(top_k),
+    )
 
-    @jax.jit
-    def carried(params, prompt, key):
-        m = nnx.merge(graphdef, params)
-        logits, state = m(prompt, m.init_state(prompt.shape[0]))
+
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "max_new_tokens", "window", "temperature", "top_k")
+)
+def _sample(graphdef, state, prompt, key, *, max_new_tokens, window, temperature, top_k):
+    """The compiled body of :func:`generate` (``window`` None: carried state; else cropped)."""
+    m = nnx.merge(graphdef, state)
+    b, p = prompt.shape
+    keys = jax.random.split(key, max_new_tokens)
+    if window is None:
+        logits, lm_state = m(prompt, m.init_state(b))
 
         def step(carry, key):
-            last_logits, state = carry
+            last_logits, lm_state = carry
             token = sample_logits(key, last_logits, temperature, top_k)
-            logits, state = m(token[:, None], state)
-            return (logits[:, -1], state), token
+            logits, lm_state = m(token[:, None], lm_state)
+            return (logits[:, -1], lm_state), token
 
-        carry = (logits[:, -1], state)
-        _, tokens = jax.lax.scan(step, carry, jax.random.split(key, max_new_tokens))
+        _, tokens = jax.lax.scan(step, (logits[:, -1], lm_state), keys)
         return jnp.concatenate([prompt, tokens.T.astype(prompt.dtype)], axis=1)
 
-    @jax.jit
-    def cropped(params, prompt, key):
-        m = nnx.merge(graphdef, params)
-        b = prompt.shape[0]
-        buffer = jnp.zeros((b, p + max_new_tokens), prompt.dtype).at[:, :p].set(prompt)
+    buffer = jnp.zeros((b, p + max_new_tokens), prompt.dtype).at[:, :p].set(prompt)
 
-        def step(buffer, xs):
-            length, key = xs  # tokens so far; predict position `length`
-            begin = jnp.maximum(length - window, 0)
-            context = jax.lax.dynamic_slice_in_dim(buffer, begin, window, axis=1)
-            logits, _ = m(context)  # causal: positions after `length` cannot leak in
-            last = jax.lax.dynamic_index_in_dim(logits, length - begin - 1, 1, keepdims=False)
-            token = sample_logits(key, last, temperature, top_k).astype(buffer.dtype)
-            return jax.lax.dynamic_update_slice_in_dim(buffer, token[:, None], length, 1), None
+    def cropped_step(buffer, xs):
+        length, key = xs  # tokens so far; predict position `length`
+        begin = jnp.maximum(length - window, 0)
+        context = jax.lax.dynamic_slice_in_dim(buffer, begin, window, axis=1)
+        logits, _ = m(context)  # causal: positions after `length` cannot leak in
+        last = jax.lax.dynamic_index_in_dim(logits, length - begin - 1, 1, keepdims=False)
+        token = sample_logits(key, last, temperature, top_k).astype(buffer.dtype)
+        return jax.lax.dynamic_update_slice_in_dim(buffer, token[:, None], length, 1), None
 
-        lengths = p + jnp.arange(max_new_tokens)
-        buffer, _ = jax.lax.scan(step, buffer, (lengths, jax.random.split(key, max_new_tokens)))
-        return buffer
-
-    return (carried if window is None else cropped)(params, prompt, key)
+    buffer, _ = jax.lax.scan(cropped_step, buffer, (p + jnp.arange(max_new_tokens), keys))
+    return buffer
 
 
 def redraw_favor_projections(model: nnx.Module, key: jax.Array) -> None:

@@ -153,6 +153,20 @@ class DistributedConfig:
                 raise ValueError(f"{self.process_id=} must be < {self.num_processes=}")
 
 
+class WandbMode(enum.Enum):
+    """Weights & Biases' ``mode`` (``wandb.init(mode=...)``).
+
+    Attributes:
+      ONLINE: sync to the W&B server while training.
+      OFFLINE: write the run under its ``wandb/`` directory only (``wandb sync`` uploads it).
+      DISABLED: no W&B files or calls.
+    """
+
+    ONLINE = "online"
+    OFFLINE = "offline"
+    DISABLED = "disabled"
+
+
 class NonFinitePolicy(enum.Enum):
     """What a non-finite loss or gradient does.
 
@@ -307,6 +321,10 @@ class TrainConfig:
       nonfinite: :class:`NonFinitePolicy`; ``max_consecutive_nonfinite`` bounds SKIP.
       progress_bar: a tqdm bar on process 0 when stderr is a terminal (otherwise, or when False,
         a one-line log at most every 30 s). ``tensorboard``: also write tensorboardX events.
+      wandb: also log metrics (and this config) to Weights & Biases (the ``wandb`` extra), in
+        project ``wandb_project`` as run ``wandb_name`` (None: the workdir's name), in
+        :class:`WandbMode` ``wandb_mode`` (None: W&B's default or ``WANDB_MODE``). Files go to
+        ``workdir/wandb`` (or ``WANDB_DIR``); a resumed run continues the same W&B run.
     """
 
     task: TaskKind = TaskKind.RETRIEVAL
@@ -322,6 +340,10 @@ class TrainConfig:
     max_consecutive_nonfinite: int = 10
     progress_bar: bool = True
     tensorboard: bool = False
+    wandb: bool = False
+    wandb_project: str = "fwjax"
+    wandb_name: str | None = None
+    wandb_mode: WandbMode | None = None
     optimizer: OptimizerConfig = OptimizerConfig()
     mesh: MeshConfig = MeshConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
@@ -330,6 +352,10 @@ class TrainConfig:
     def __post_init__(self):
         object.__setattr__(self, "task", TaskKind(self.task))
         object.__setattr__(self, "nonfinite", NonFinitePolicy(self.nonfinite))
+        if self.wandb_mode is not None:
+            object.__setattr__(self, "wandb_mode", WandbMode(self.wandb_mode))
+        if not self.wandb_project:
+            raise ValueError(f"wandb_project={self.wandb_project!r} must be a non-empty name")
         _check_positive(
             steps=self.steps,
             batch_size=self.batch_size,

@@ -32,7 +32,8 @@ from fwjax.train import mesh as mesh_lib
 from fwjax.train import workdir as workdir_lib
 from fwjax.train.checkpoint import Checkpointer
 from fwjax.train.config import DistributedConfig, NonFinitePolicy, TaskKind, TrainConfig
-from fwjax.train.metrics import MetricsWriter, Progress, read_metrics, say
+from fwjax.train.config_io import unstructure
+from fwjax.train.metrics import MetricsWriter, Progress, WandbOptions, read_metrics, say
 from fwjax.train.optim import make_optimizer
 from fwjax.train.step import create_train_state, make_eval_step, make_train_step
 from fwjax.train.tasks import make_task
@@ -303,7 +304,7 @@ def train(
         workdir.mkdir(parents=True, exist_ok=True)
         workdir_lib.write_config(workdir, config)
     _save_tokenizer(run)
-    writer = MetricsWriter(workdir, tensorboard=cfg.tensorboard)
+    writer = MetricsWriter(workdir, tensorboard=cfg.tensorboard, wandb=_wandb_options(cfg, workdir))
     dropped = writer.truncate_after(run.restored_step)
     if dropped:
         log.info("dropped %d metrics records written after the restored step", dropped)
@@ -375,6 +376,19 @@ def train(
         workdir_lib.write_text_atomic(workdir / "summary.json", json.dumps(summary, indent=2))
         print(workdir_lib.summary_line(summary, cfg.steps))
     return summary
+
+
+def _wandb_options(config: TrainConfig, workdir: Path) -> WandbOptions | None:
+    """The W&B run of ``config`` (None unless ``config.wandb``), named after the workdir unless
+    ``wandb_name`` is set."""
+    if not config.wandb:
+        return None
+    return WandbOptions(
+        project=config.wandb_project,
+        name=config.wandb_name or workdir.resolve().name,
+        mode=None if config.wandb_mode is None else config.wandb_mode.value,
+        config=unstructure(config),
+    )
 
 
 def flatten_diagnostics(tree: dict, prefix: str = "") -> dict[str, list[float]]:

@@ -2,8 +2,10 @@
 
 The mesh has two axes: ``data`` (the batch is split over it) and ``model`` (tensor parallelism:
 attention heads and feed-forward width are split over it). Parameters carry logical axis names
-from :mod:`fwjax.nn` (``embed``, ``heads``, ``mlp``, ``vocab``); :data:`LOGICAL_RULES` maps them
-to mesh axes, and unannotated parameters (norms, biases, the retrieval model) are replicated.
+from :mod:`fwjax.nn.partitioning` (``embed``, ``heads``, ``mlp``, ``vocab``), mapped to mesh axes
+by Flax's logical-axis rules (``nnx.logical_axis_rules``): fwjax's defaults
+(:func:`fwjax.nn.logical_axis_rules` over ``model``), overridden by rules of the same names in
+context. Unannotated parameters (norms, biases, the retrieval model) are replicated.
 """
 
 from __future__ import annotations
@@ -11,19 +13,13 @@ from __future__ import annotations
 import jax
 import numpy as np
 from flax import nnx
+from flax.core import spmd
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from fwjax.nn.partitioning import logical_axis_rules
 from fwjax.train.config import MeshConfig
 
 DATA, MODEL = "data", "model"
-
-# Logical parameter axis -> mesh axis (None: replicated along that parameter axis).
-LOGICAL_RULES: dict[str, str | None] = {
-    "embed": None,
-    "heads": MODEL,
-    "mlp": MODEL,
-    "vocab": MODEL,
-}
 
 
 def make_mesh(config: MeshConfig, devices=None) -> Mesh:
@@ -63,24 +59,34 @@ def check_batch_size(batch_size: int, mesh: Mesh) -> None:
         )
 
 
-def logical_to_mesh(spec: PartitionSpec) -> PartitionSpec:
-    """Maps a parameter's logical ``PartitionSpec`` to mesh axes with :data:`LOGICAL_RULES`."""
-    return PartitionSpec(*(LOGICAL_RULES.get(a) if isinstance(a, str) else None for a in spec))
+def active_rules(defaults=None) -> tuple[tuple[str, str | None], ...]:
+    """The logical-axis rules in force: ``defaults`` (fwjax's, over ``model``, when None)
+    with the rules of the enclosing ``nnx.logical_axis_rules`` context taking precedence for
+    the names they map.
+
+    Returns:
+      ``((logical name, mesh axis or None), ...)``, one entry per name.
+    """
+    defaults = logical_axis_rules(MODEL) if defaults is None else defaults
+    return tuple(dict((*defaults, *spmd.get_logical_axis_rules())).items())
 
 
-def state_shardings(mesh: Mesh, abstract_state) -> object:
-    """Shardings for a state pytree: logical specs where parameters have them (nnx variables
-    annotated by ``nnx.with_partitioning``), replicated otherwise."""
-    specs = nnx.get_partition_spec(abstract_state)
+def state_shardings(mesh: Mesh, abstract_state, rules=None) -> object:
+    """Shardings for a state pytree (``nnx.get_named_sharding`` under :func:`active_rules`).
 
-    def to_sharding(spec):
-        if isinstance(spec, PartitionSpec):
-            return NamedSharding(mesh, logical_to_mesh(spec))
-        return NamedSharding(mesh, PartitionSpec())
+    Variables annotated by ``nnx.with_partitioning`` are split as their logical names map;
+    other arrays are replicated.
 
-    return jax.tree.map(
-        to_sharding, specs, is_leaf=lambda x: isinstance(x, PartitionSpec) or x is None
-    )
+    Args:
+      mesh: the device mesh.
+      abstract_state: a pytree of ``nnx.Variable`` s and arrays (or ``ShapeDtypeStruct`` s).
+      rules: default logical-axis rules (None: fwjax's, :func:`fwjax.nn.logical_axis_rules`).
+
+    Returns:
+      The same pytree with a ``NamedSharding`` per array.
+    """
+    with nnx.logical_axis_rules(active_rules(rules)):
+        return nnx.get_named_sharding(abstract_state, mesh)
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

@@ -1,4 +1,5 @@
-"""Host-side metrics: a JSONL file (always), a tqdm progress bar, TensorBoard (optional).
+"""Host-side metrics: a JSONL file (always), a tqdm progress bar, TensorBoard and Weights &
+Biases (optional).
 
 Only process 0 writes. Each JSONL line is ``{"step": ..., "split": "train"|"eval"|"summary",
 ...metrics}``; a resumed run first drops the records after its restored step (written by the
@@ -12,12 +13,15 @@ most every ``interval_s`` seconds.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
+from typing import Any
 
 import jax
 
@@ -31,13 +35,79 @@ def _clean(value):
     return value
 
 
-class MetricsWriter:
-    """Writes metrics to ``workdir/metrics.jsonl`` (+ tensorboardX events under ``workdir/tb``)."""
+@dataclasses.dataclass(frozen=True)
+class WandbOptions:
+    """A Weights & Biases run (arguments of ``wandb.init``).
 
-    def __init__(self, workdir: Path, *, tensorboard: bool = False):
+    Attributes:
+      project: the W&B project.
+      name: the run's display name (None: W&B picks one).
+      mode: ``online``, ``offline`` or ``disabled`` (None: W&B's default or ``WANDB_MODE``).
+      config: the run's configuration (JSON-ready), shown beside its metrics.
+    """
+
+    project: str = "fwjax"
+    name: str | None = None
+    mode: str | None = None
+    config: dict[str, Any] | None = None
+
+
+WANDB_ID_FILE = "wandb_run_id"  # the workdir's W&B run id, so that a resumed run continues it
+
+
+def _start_wandb(workdir: Path, options: WandbOptions):
+    """``wandb.init`` for the run in ``workdir``: files under ``workdir/wandb`` unless
+    ``WANDB_DIR`` is set; the run id is kept in ``workdir/wandb_run_id`` and reused on resume."""
+    try:
+        import wandb
+    except ImportError as e:
+        raise ImportError("wandb=true needs wandb: pip install 'fwjax[wandb]'") from e
+    workdir.mkdir(parents=True, exist_ok=True)
+    id_path = workdir / WANDB_ID_FILE
+    run_id = id_path.read_text().strip() if id_path.is_file() else ""
+    if not run_id:
+        run_id = uuid.uuid4().hex[:12]
+        id_path.write_text(run_id + "\n")
+    return wandb.init(
+        project=options.project,
+        name=options.name,
+        mode=options.mode,
+        config=options.config,
+        id=run_id,
+        resume="allow",
+        dir=None if os.environ.get("WANDB_DIR") else str(workdir),
+        reinit="create_new",
+    )
+
+
+def _scalars(split: str, metrics: dict) -> dict[str, float]:
+    """``{"split/name": value}`` of the finite int / float metrics (lists and strings left out)."""
+    return {
+        f"{split}/{k}": v
+        for k, v in metrics.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    }
+
+
+class MetricsWriter:
+    """Writes metrics to ``workdir/metrics.jsonl`` (+ tensorboardX events under ``workdir/tb``,
+    + a Weights & Biases run when ``wandb`` is given).
+
+    Args:
+      workdir: the run's directory.
+      tensorboard: also write TensorBoard events.
+      wandb: the W&B run to log to, or None.
+    """
+
+    def __init__(
+        self, workdir: Path, *, tensorboard: bool = False, wandb: WandbOptions | None = None
+    ):
         self.enabled = jax.process_index() == 0
         self.path = Path(workdir) / "metrics.jsonl"
         self._tb = None
+        self._wandb = None
+        if self.enabled and wandb is not None:
+            self._wandb = _start_wandb(Path(workdir), wandb)
         if self.enabled and tensorboard:
             try:
                 from tensorboardX import SummaryWriter
@@ -58,6 +128,10 @@ class MetricsWriter:
             for k, v in metrics.items():
                 if isinstance(v, int | float) and math.isfinite(v):
                     self._tb.add_scalar(f"{split}/{k}", v, step)
+        if self._wandb is not None:
+            scalars = _scalars(split, metrics)
+            if scalars:
+                self._wandb.log(scalars, step=int(step))
 
     def truncate_after(self, step: int | None) -> int:
         """Drops the records after ``step`` (all records when None); returns how many.
@@ -88,6 +162,9 @@ class MetricsWriter:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
 
 
 def read_metrics(workdir: str | Path) -> list[dict]:

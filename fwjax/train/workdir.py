@@ -2,7 +2,8 @@
 
 A workdir holds one run: ``config.json`` (the resolved config), ``checkpoints/``, ``corrupt/``
 (checkpoints that could not be read, set aside), ``metrics.jsonl``, ``summary.json``,
-``tokenizer.json`` (language models) and ``tb/`` (TensorBoard). A run started in a workdir
+``tokenizer.json`` (language models), ``tb/`` (TensorBoard) and ``wandb/`` + ``wandb_run_id``
+(Weights & Biases). A run started in a workdir
 whose stored config differs in anything that shapes the trained model (model, data, optimizer,
 seed, batch) is refused before any file is touched; keys that only change how the run is
 executed (:data:`RUNTIME_KEYS`, e.g. ``steps`` to extend a run, logging, checkpointing, the mesh)
@@ -35,6 +36,10 @@ RUNTIME_KEYS = (
     "max_consecutive_nonfinite",
     "progress_bar",
     "tensorboard",
+    "wandb",
+    "wandb_project",
+    "wandb_name",
+    "wandb_mode",
     "checkpoint.",
     "mesh.",
     "distributed.",
@@ -45,6 +50,8 @@ RUN_FILES = (
     "checkpoints",
     "corrupt",
     "tb",
+    "wandb",
+    "wandb_run_id",
     "config.json",
     "metrics.jsonl",
     "summary.json",

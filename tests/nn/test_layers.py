@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
+from flax import nnx, traverse_util
 
 from fwjax.nn import (
     PAPER_RECIPE,
@@ -174,6 +174,36 @@ def test_dtype_policy_bf16_compute_fp32_params_and_state():
     assert bool(jnp.all(jnp.isfinite(logits)))
 
 
+@pytest.mark.parametrize(
+    "dtype, param_dtype", [("float32", "bfloat16"), ("bfloat16", "float32")], ids=str
+)
+def test_parameters_are_stored_in_param_dtype_and_computed_in_dtype(dtype, param_dtype):
+    fw = FastWeightConfig(
+        feature_map=FeatureMap(FeatureMapKind.IDENTITY),
+        normalization=Normalization.L2,
+        update_rule=UpdateRule.GATED_DELTA,
+        short_conv=True,
+        output_norm=True,
+    )
+    kw = dict(layer_kinds=(AttentionKind.FAST_WEIGHT, AttentionKind.SOFTMAX), max_len=16)
+
+    def build_and_run():  # traced only (jax.eval_shape): dtypes without computing
+        model = _lm(fast_weight=fw, dtype=dtype, param_dtype=param_dtype, **kw)
+        x = jnp.ones((2, 5, 16), jnp.float32)
+        ys = [(b.attention(x)[0], b.ff(x)) for b in model.blocks]
+        return nnx.to_pure_dict(nnx.state(model, nnx.Param)), ys, model(_tokens())
+
+    params, ys, (logits, state) = jax.eval_shape(build_and_run)
+    flat = traverse_util.flatten_dict(params)
+    # Every kind of parameter: projections, embeddings, norms, the conv kernel, the gate bias.
+    assert {"kernel", "embedding", "scale", "bias", "conv", "gate_bias"} <= {p[-1] for p in flat}
+    assert {v.dtype for v in flat.values()} == {jnp.dtype(param_dtype)}
+    # Computed in dtype, whatever the parameters' dtype.
+    assert {y.dtype for y in jax.tree.leaves(ys)} == {jnp.dtype(dtype)}
+    assert logits.dtype == jnp.float32
+    assert state.layers[0].memory.fast_weights.dtype == jnp.float32
+
+
 def test_parameters_carry_logical_axis_names():
     model = _lm()
     specs = nnx.get_partition_spec(nnx.state(model, nnx.Param))
@@ -204,6 +234,29 @@ def test_greedy_generation_matches_repeated_parallel_forward():
         logits, _ = model(seq)
         seq = jnp.concatenate([seq, jnp.argmax(logits[:, -1], -1)[:, None].astype(seq.dtype)], 1)
     np.testing.assert_array_equal(out, seq)
+
+
+def test_generate_compiles_once_per_settings_and_leaves_the_model_mode_alone():
+    from fwjax.nn.transformer import _sample
+
+    kw = dict(dropout=0.5, max_len=24)  # settings no other test samples with
+    model, prompt, key = _lm(**kw), _tokens(t=3), jax.random.key(0)
+    before = _sample._cache_size()
+    first = generate(model, prompt, 4, key=key, temperature=0.0)
+    assert _sample._cache_size() == before + 1
+    assert not model.blocks[0].dropout.deterministic  # still in training mode
+    again = generate(model, prompt, 4, key=jax.random.key(1), temperature=0.0)
+    other = TransformerLM(model.config, rngs=nnx.Rngs(1))  # same structure, other parameters
+    generate(other, _tokens(t=3, seed=1), 4, key=key, temperature=0.0)
+    model.eval()
+    in_eval = generate(model, prompt, 4, key=key, temperature=0.0)
+    assert model.blocks[0].dropout.deterministic  # still in eval mode
+    assert _sample._cache_size() == before + 1  # no recompilation
+    # Sampling is in eval mode whatever the model's mode: greedy decoding is deterministic.
+    np.testing.assert_array_equal(first, again)
+    np.testing.assert_array_equal(first, in_eval)
+    generate(model, prompt, 4, key=key, temperature=1.0)  # other sampling settings compile
+    assert _sample._cache_size() == before + 2
 
 
 def test_sampling_with_top_k_only_draws_from_the_top_k():
@@ -246,6 +299,10 @@ def test_config_validation_names_the_values():
         ModelConfig(num_layers=2, layer_kinds=("softmax",))
     with pytest.raises(ValueError, match="dropout"):
         ModelConfig(dropout=1.5)
+    with pytest.raises(ValueError, match="param_dtype='int32' must name a floating-point"):
+        ModelConfig(param_dtype="int32")
+    with pytest.raises(ValueError, match="dtype='bogus'"):
+        ModelConfig(dtype="bogus")
     with pytest.raises(ValueError, match="nu"):
         FastWeightConfig(feature_map=FeatureMap(FeatureMapKind.DPFP, nu=0))
     with pytest.raises(ValueError, match="num_features"):
