@@ -22,7 +22,7 @@
 # weight memories (`fwjax.nn.TransformerLM`), trained with the library's training
 # loop (`fwjax.train.train`: checkpoints, `metrics.jsonl`) on Tiny Shakespeare when
 # the file is available, on generated text otherwise, with the reference small-LM
-# recipe of `experiments/configs/shakespeare_char_delta.toml` (the budget of
+# recipe of the `shakespeare_char_delta` config (the budget of
 # nanoGPT's "baby" Shakespeare model). Then: the learning curve, samples
 # (`fwjax.nn.generate`), and how the loss falls with the context a character has.
 
