@@ -7,6 +7,7 @@ carried state reproduces the parallel forward pass.
 
 from __future__ import annotations
 
+import contextvars
 import math
 from typing import NamedTuple
 
@@ -208,10 +209,17 @@ class FastWeightAttention(nnx.Module):
         return y, FastWeightLayerState(memory, conv_state)
 
 
+# Flax before 0.12.6 has no ``nnx.capture``: the training step then sets this flag around the
+# loss and collects the sown values with ``nnx.pop``.
+SOWING_WITHOUT_CAPTURE = contextvars.ContextVar("fwjax_sowing_without_capture", default=False)
+
+
 def _capturing(module: nnx.Module) -> bool:
-    """Whether sown values are being collected: inside ``nnx.capture`` (flax ≥ 0.12.8, where
-    sowing outside it is deprecated), or always on older flax."""
-    return hasattr(module, "__captures__") or not hasattr(nnx, "capture")
+    """Whether sown values are being collected: inside ``nnx.capture`` (flax ≥ 0.12.6; sowing
+    outside it is deprecated from 0.12.8), or, on older flax, inside the training step's loss
+    (sowing elsewhere, e.g. under ``jit`` in ``generate``, would mutate a module of another
+    trace)."""
+    return hasattr(module, "__captures__") or SOWING_WITHOUT_CAPTURE.get()
 
 
 def _diagnostics_of(layer: FastWeightAttention, k, v, beta, alpha, projection, state):
