@@ -79,52 +79,52 @@ COLUMNS = [
 ]
 TEXT_PATH = "../shared/data/tinyshakespeare/input.txt"
 
+
+def _fast_weight(feature_map: dict, update_rule: str, normalization: str, **extra) -> dict:
+    """An ``[lm.model.fast_weight]`` table (keys in the order the configs write them)."""
+    return dict(
+        feature_map=feature_map, update_rule=update_rule, normalization=normalization, **extra
+    )
+
+
+ELU = dict(kind="elu_p1")
+FAVOR = dict(kind="favor_plus", num_features=16)  # redrawn every step (favor_redraw below)
 # variant -> (description, [lm.model.fast_weight] table or None for softmax)
 VARIANTS: dict[str, tuple[str, dict | None]] = {
     "softmax": ("Transformer (softmax attention)", None),
     "linear": (
         "Linear Transformer: ELU+1, sum rule, attention normalisation",
-        dict(feature_map=dict(kind="elu_p1"), update_rule="sum", normalization="attention"),
+        _fast_weight(ELU, "sum", "attention"),
     ),
     "performer": (
         "Performer: FAVOR+ (m = 16, redrawn every step), sum rule, attention normalisation",
-        dict(
-            feature_map=dict(kind="favor_plus", num_features=16),
-            update_rule="sum",
-            normalization="attention",
-            favor_redraw="per_step",
-        ),
+        _fast_weight(FAVOR, "sum", "attention", favor_redraw="per_step"),
     ),
     "delta": (
         "Delta Network: ELU+1, sum normalisation, delta rule",
-        dict(feature_map=dict(kind="elu_p1"), update_rule="delta", normalization="sum"),
+        _fast_weight(ELU, "delta", "sum"),
     ),
     "delta_dpfp2": (
         "Delta Network with DPFP-2: sum normalisation, delta rule",
-        dict(feature_map=dict(kind="dpfp", nu=2), update_rule="delta", normalization="sum"),
+        _fast_weight(dict(kind="dpfp", nu=2), "delta", "sum"),
     ),
     "delta_favor": (
         "Delta Network with FAVOR+ (m = 16, redrawn every step): sum normalisation, delta rule",
-        dict(
-            feature_map=dict(kind="favor_plus", num_features=16),
-            update_rule="delta",
-            normalization="sum",
-            favor_redraw="per_step",
-        ),
+        _fast_weight(FAVOR, "delta", "sum", favor_redraw="per_step"),
     ),
     # The normalisation study (experiments/normalisation.py; beyond the paper): the delta
     # network above with its key/query normalisation swapped.
     "delta_attention": (
         "Normalisation study: ELU+1, delta rule, attention normalisation",
-        dict(feature_map=dict(kind="elu_p1"), update_rule="delta", normalization="attention"),
+        _fast_weight(ELU, "delta", "attention"),
     ),
     "delta_l2": (
         "Normalisation study: ELU+1, delta rule, L2 normalisation (DeltaNet, 2024)",
-        dict(feature_map=dict(kind="elu_p1"), update_rule="delta", normalization="l2"),
+        _fast_weight(ELU, "delta", "l2"),
     ),
     "delta_centered_l2": (
         "Normalisation study: ELU+1, delta rule, centred L2 normalisation (fwjax's own)",
-        dict(feature_map=dict(kind="elu_p1"), update_rule="delta", normalization="centered_l2"),
+        _fast_weight(ELU, "delta", "centered_l2"),
     ),
 }
 # The paper's six variants (the reproduction); the rest are the normalisation study's.
