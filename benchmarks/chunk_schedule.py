@@ -14,8 +14,8 @@ import jax.numpy as jnp
 
 from benchmarks import common
 from fwjax.ops import Impl, delta_rule
-from fwjax.ops.chunking import from_chunks, to_chunks
-from fwjax.ops.delta_rule.chunked import _delta_chunks
+from fwjax.ops.common import from_chunks, to_chunks
+from fwjax.ops.delta_rule.chunked import delta_chunks
 
 
 def bench(fn, repeats=5):
@@ -38,7 +38,7 @@ def time_op(op, args, do) -> str:
 def chunked_op(b, h, t, chunk, fused):
     def op(q, k, v, beta):
         s0 = jnp.zeros((b, h, common.D, common.D), jnp.float32)
-        o, _ = _delta_chunks(*(to_chunks(x, chunk) for x in (q, k, v, beta)), s0, fused)
+        o, _ = delta_chunks(*(to_chunks(x, chunk) for x in (q, k, v, beta)), s0, fused)
         return from_chunks(o, t)
 
     return op

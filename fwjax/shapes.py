@@ -20,13 +20,14 @@ state is one ``[K, V]`` matrix per batch element and head: ``[B, H, K, V]`` (row
 ``S_t = S_{t-1} + k_t u_tᵀ``, reads are ``S_tᵀ q_t``).
 """
 
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Real
 
 Queries = Float[Array, "B T H K"]
 Keys = Float[Array, "B T H K"]
 Values = Float[Array, "B T H V"]
 Outputs = Float[Array, "B T H V"]
 Beta = Float[Array, "B T H"]
+Alpha = Float[Array, "B T H"]
 State = Float[Array, "B H K V"]
 Normalizer = Float[Array, "B H K"]
 RawHeads = Float[Array, "B T H D"]
@@ -34,8 +35,12 @@ Features = Float[Array, "*batch K"]
 Projection = Float[Array, "D M"]
 SoftmaxKeys = Float[Array, "B S H D"]
 SoftmaxValues = Float[Array, "B S H V"]
+RawFeatures = Float[Array, "*batch D"]
+# An output scale: a Python number, a scalar array (a traced argument under jit), or None.
+Scale = float | Real[Array, ""] | None
 
 __all__ = [
+    "Alpha",
     "Beta",
     "Features",
     "Keys",
@@ -43,7 +48,9 @@ __all__ = [
     "Outputs",
     "Projection",
     "Queries",
+    "RawFeatures",
     "RawHeads",
+    "Scale",
     "SoftmaxKeys",
     "SoftmaxValues",
     "State",

@@ -198,6 +198,7 @@ class FastWeightAttention(nnx.Module):
             impl=cfg.impl,
             chunk_size=cfg.chunk_size,
             alpha=alpha,
+            pallas=cfg.pallas,
         )
         if cfg.diagnostics and _capturing(self):
             self._record_diagnostics(k, v, beta, alpha, projection, state)

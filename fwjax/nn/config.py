@@ -9,10 +9,13 @@ from __future__ import annotations
 import dataclasses
 import enum
 import types
+from collections.abc import Mapping
 
 import jax.numpy as jnp
 
 from fwjax.ops import FeatureMap, FeatureMapKind, Impl, Normalization, UpdateRule
+from fwjax.ops.pallas import PallasOptions
+from fwjax.validation import check_positive_ints as _positive
 
 
 class AttentionKind(enum.Enum):
@@ -74,12 +77,6 @@ class FavorRedraw(enum.Enum):
     PER_STEP = "per_step"
 
 
-def _positive(**values):
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}={value!r} must be a positive int")
-
-
 _ELU_P1 = FeatureMap(FeatureMapKind.ELU_P1)
 
 
@@ -103,7 +100,9 @@ class FastWeightConfig:
       output_gate: multiply the normalised output by ``SiLU(W_g x)``, a bias-free projection
         of the layer input (fla DeltaNet's ``use_gate``); needs ``output_norm``.
       norm_eps: the output RMSNorm's epsilon (flax's default 1e-6; fla's DeltaNet uses 1e-5).
-      impl: how the op is computed; ``chunk_size`` for CHUNKED.
+      impl: how the op is computed; ``chunk_size``: the chunk length of the chunkwise forms
+        (CHUNKED, PALLAS); ``pallas``: the :class:`~fwjax.ops.pallas.PallasOptions` of PALLAS
+        (a mapping of its fields is accepted), None for the defaults.
       diagnostics: also record memory diagnostics (:mod:`fwjax.diagnostics`: state norm,
         retrieval error and cosine, β statistics, effective rank; one extra O(T·K·V) scan) as
         ``nnx.Intermediate`` values named ``memory`` when the call runs under
@@ -123,6 +122,7 @@ class FastWeightConfig:
     impl: Impl = Impl.AUTO
     chunk_size: int | None = None
     diagnostics: bool = False
+    pallas: PallasOptions | None = None
 
     def __post_init__(self):
         for name, kind in (
@@ -143,8 +143,11 @@ class FastWeightConfig:
             raise ValueError(f"output_gate={self.output_gate} needs output_norm=True")
         if not self.norm_eps > 0:
             raise ValueError(f"norm_eps={self.norm_eps} must be > 0")
-        if self.chunk_size is not None:
-            _positive(chunk_size=self.chunk_size)
+        _positive(chunk_size=self.chunk_size, allow_none=True)
+        if isinstance(self.pallas, Mapping):
+            object.__setattr__(self, "pallas", PallasOptions(**self.pallas))
+        if not isinstance(self.pallas, PallasOptions | None):
+            raise TypeError(f"pallas={self.pallas!r} must be a PallasOptions, a mapping or None")
 
 
 _DEFAULT_FAST_WEIGHT = FastWeightConfig()

@@ -12,6 +12,7 @@ from flax import nnx
 from fwjax.nn.attention import FavorProjection
 from fwjax.nn.config import _DEFAULT_FAST_WEIGHT, AttentionKind, FastWeightConfig
 from fwjax.ops import UpdateRule, fast_weight_attention, fast_weight_read, feature_maps
+from fwjax.validation import check_positive_ints
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,21 +44,13 @@ class RetrievalConfig:
     fast_weight: FastWeightConfig = _DEFAULT_FAST_WEIGHT
 
     def __post_init__(self):
-        for name in ("num_keys", "num_values", "d_key"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive int")
+        check_positive_ints(num_keys=self.num_keys, num_values=self.num_values, d_key=self.d_key)
+        check_positive_ints(d_embed=self.d_embed, embed_factor=self.embed_factor, allow_none=True)
         if self.d_embed is None:
             object.__setattr__(self, "d_embed", self.d_key)
-        e = self.d_embed
-        if isinstance(e, bool) or not isinstance(e, int) or e < 1:
-            raise ValueError(f"d_embed={e!r} must be a positive int or None")
         for name in ("use_bias", "tie_queries"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a bool")
-        f = self.embed_factor
-        if f is not None and (isinstance(f, bool) or not isinstance(f, int) or f < 1):
-            raise ValueError(f"embed_factor={f!r} must be a positive int or None")
         object.__setattr__(self, "attention", AttentionKind(self.attention))
         if self.fast_weight.update_rule is UpdateRule.GATED_DELTA:
             raise ValueError("RetrievalModel supports the sum and delta rules, not GATED_DELTA")

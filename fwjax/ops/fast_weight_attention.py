@@ -19,7 +19,9 @@ from fwjax.ops.delta_rule import delta_rule
 from fwjax.ops.feature_maps import FeatureMap, centered_l2_norm, l2_norm, sum_norm
 from fwjax.ops.gated_delta_rule import gated_delta_rule
 from fwjax.ops.impl import Impl, resolve_scale, state_dtype
+from fwjax.ops.pallas import PallasOptions
 from fwjax.ops.sum_rule import sum_rule
+from fwjax.shapes import Alpha, Beta, Keys, Outputs, Projection, RawHeads, Scale, Values
 
 
 class UpdateRule(enum.Enum):
@@ -117,26 +119,28 @@ def init_fast_weight_state(
 _ELU_P1 = FeatureMap()
 
 
-@functools.partial(
-    jax.jit, static_argnames=("feature_map", "normalization", "update_rule", "impl", "chunk_size")
-)
+_STATIC = ("feature_map", "normalization", "update_rule", "impl", "chunk_size", "pallas")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def fast_weight_attention(
-    q,
-    k,
-    v,
-    beta=None,
+    q: RawHeads,
+    k: RawHeads,
+    v: Values,
+    beta: Beta | None = None,
     *,
     feature_map: FeatureMap = _ELU_P1,
-    normalization: Normalization = Normalization.SUM,
-    update_rule: UpdateRule = UpdateRule.DELTA,
-    projection=None,
-    scale=1.0,
+    normalization: Normalization | str = Normalization.SUM,
+    update_rule: UpdateRule | str = UpdateRule.DELTA,
+    projection: Projection | None = None,
+    scale: Scale = 1.0,
     state: FastWeightState | None = None,
-    impl: Impl = Impl.AUTO,
+    impl: Impl | str = Impl.AUTO,
     chunk_size: int | None = None,
     eps: float = 1e-5,
-    alpha=None,
-):
+    alpha: Alpha | None = None,
+    pallas: PallasOptions | None = None,
+) -> tuple[Outputs, FastWeightState]:
     """Applies φ, the normalisation and the update rule; returns outputs and the carried memory.
 
     With ``φ̂`` the feature map followed by the key/query normalisation (SUM / L2)::
@@ -165,7 +169,9 @@ def fast_weight_attention(
       scale: output scale (the paper: ``1/√d_head``); None: ``K ** -0.5`` with ``K`` the
         feature dimension (flash-linear-attention's convention).
       state: a carried :class:`FastWeightState`, or None for an empty memory.
-      impl, chunk_size: passed to :func:`delta_rule` / :func:`sum_rule`.
+      impl, chunk_size, pallas: passed to :func:`delta_rule` / :func:`sum_rule` /
+        :func:`gated_delta_rule` (``pallas``: the :class:`~fwjax.ops.pallas.PallasOptions` of
+        ``Impl.PALLAS``).
       eps: added to the attention normalisation's output denominator.
       alpha: decay gates ``[B, T, H]`` in ``(0, 1]`` for GATED_DELTA (with NONE, SUM or L2
         normalisation); None otherwise.
@@ -191,15 +197,14 @@ def fast_weight_attention(
     fk = memory_keys(k, feature_map, normalization, projection)
 
     s0 = None if state is None else state.fast_weights
+    forms = {"impl": impl, "chunk_size": chunk_size, "pallas": pallas}
     if not normalization.uses_normalizer:
         if update_rule is UpdateRule.GATED_DELTA:
-            y, s = gated_delta_rule(
-                fq, fk, v, beta, alpha, s0, scale, impl=impl, chunk_size=chunk_size
-            )
+            y, s = gated_delta_rule(fq, fk, v, beta, alpha, s0, scale, **forms)
         elif update_rule is UpdateRule.DELTA:
-            y, s = delta_rule(fq, fk, v, beta, s0, scale, impl=impl, chunk_size=chunk_size)
+            y, s = delta_rule(fq, fk, v, beta, s0, scale, **forms)
         else:
-            y, s = sum_rule(fq, fk, v, s0, scale, impl=impl, chunk_size=chunk_size)
+            y, s = sum_rule(fq, fk, v, s0, scale, **forms)
         return y.astype(out_dtype), FastWeightState(s, None)
 
     # Attention normalisation: z_{t-1} and z_t from a running sum of the keys.
@@ -215,18 +220,21 @@ def fast_weight_attention(
     if update_rule is UpdateRule.DELTA:
         d = jnp.einsum("bthk,bthk->bth", z_prev, fk)
         d = jnp.where(d == 0, jnp.ones_like(d), d)
-        y, s = delta_rule(
-            fq, fk / d[..., None], v, beta * d, s0, scale, impl=impl, chunk_size=chunk_size
-        )
+        y, s = delta_rule(fq, fk / d[..., None], v, beta * d, s0, scale, **forms)
     else:
-        y, s = sum_rule(fq, fk, v, s0, scale, impl=impl, chunk_size=chunk_size)
+        y, s = sum_rule(fq, fk, v, s0, scale, **forms)
     n = jnp.einsum("bthk,bthk->bth", z_incl, fq) + eps
     y = y.astype(dtype) / n[..., None]
     z_final = z_incl[:, -1] if fk.shape[1] else z0  # z_T
     return y.astype(out_dtype), FastWeightState(s, z_final)
 
 
-def memory_keys(k, feature_map: FeatureMap, normalization: Normalization, projection=None):
+def memory_keys(
+    k: RawHeads,
+    feature_map: FeatureMap,
+    normalization: Normalization | str,
+    projection: Projection | None = None,
+) -> Keys:
     """φ̂(k): the keys :func:`fast_weight_attention` writes with (the feature map, FAVOR+
     stabilised where the normalisation cancels the factor, then the key normalisation).
 
@@ -250,15 +258,15 @@ def _query_features(q, feature_map: FeatureMap, normalization: Normalization, pr
 
 @functools.partial(jax.jit, static_argnames=("feature_map", "normalization"))
 def fast_weight_read(
-    q,
+    q: RawHeads,
     state: FastWeightState,
     *,
     feature_map: FeatureMap = _ELU_P1,
-    normalization: Normalization = Normalization.SUM,
-    projection=None,
-    scale=1.0,
+    normalization: Normalization | str = Normalization.SUM,
+    projection: Projection | None = None,
+    scale: Scale = 1.0,
     eps: float = 1e-5,
-):
+) -> Outputs:
     """Reads a memory with queries, writing nothing: ``y = scale · Sᵀ φ̂(q) / n``.
 
     ``n = zᵀ φ̂(q) + eps`` under attention normalisation, else 1 (as in

@@ -15,8 +15,11 @@ import math
 import jax
 import jax.numpy as jnp
 
+from fwjax.shapes import Features, Projection, RawFeatures
+from fwjax.validation import check_positive_ints
 
-def elu_p1(x: jax.Array) -> jax.Array:
+
+def elu_p1(x: RawFeatures) -> RawFeatures:
     """``φ(x) = elu(x) + 1`` (Katharopoulos et al., 2020); ``[..., D] -> [..., D]``.
 
     Evaluated as ``x + 1`` for ``x > 0`` and ``exp(x)`` otherwise: the same function, but without
@@ -27,12 +30,11 @@ def elu_p1(x: jax.Array) -> jax.Array:
 
 
 def _check_nu(nu) -> int:
-    if isinstance(nu, bool) or not isinstance(nu, int) or nu < 1:
-        raise ValueError(f"{nu=} must be an int >= 1 (DPFP's number of rolls)")
+    check_positive_ints(nu=nu)  # DPFP's number of rolls
     return nu
 
 
-def dpfp(x: jax.Array, nu: int = 1) -> jax.Array:
+def dpfp(x: RawFeatures, nu: int = 1) -> Features:
     """Deterministic parameter-free projection, DPFP-ν (Schlag et al., 2021, eq. 33).
 
     ``r = [relu(x), relu(-x)]`` (dimension 2d), ``φ(x) = concat_{j=1..ν} r ⊙ roll(r, j)``
@@ -104,8 +106,7 @@ def draw_favor_projection(key: jax.Array, d: int, m: int, dtype=jnp.float32) -> 
     Returns:
       ``[d, m]``.
     """
-    if d < 1 or m < 1:
-        raise ValueError(f"{d=} and {m=} must be positive")
+    check_positive_ints(d=d, m=m)
     n_blocks = math.ceil(m / d)
     block_key, norm_key = jax.random.split(key)
     gauss = jax.random.normal(block_key, (n_blocks, d, d), jnp.float32)
@@ -116,7 +117,7 @@ def draw_favor_projection(key: jax.Array, d: int, m: int, dtype=jnp.float32) -> 
     return (directions * norms[None, :]).astype(dtype)
 
 
-def favor_plus(x: jax.Array, projection: jax.Array, *, stabilize: bool = False) -> jax.Array:
+def favor_plus(x: RawFeatures, projection: Projection, *, stabilize: bool = False) -> Features:
     """FAVOR+ positive random features (Choromanski et al., 2021).
 
     ``φ(x) = (2m)^{-1/2} exp(-‖x‖²/2) [exp(x R), exp(-x R)]``, so that
@@ -153,7 +154,7 @@ def favor_plus(x: jax.Array, projection: jax.Array, *, stabilize: bool = False) 
     return jnp.exp(exponent) / math.sqrt(2 * m)
 
 
-def sum_norm(x: jax.Array) -> jax.Array:
+def sum_norm(x: Features) -> Features:
     """Sum normalisation ``x / Σ_j x_j`` along the last axis (Schlag et al., 2021, Sec. 4.2).
 
     Meant for non-negative features: then every output lies on the simplex and the delta rule's
@@ -165,7 +166,7 @@ def sum_norm(x: jax.Array) -> jax.Array:
     return x / jnp.where(s == 0, jnp.ones_like(s), s)
 
 
-def l2_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+def l2_norm(x: Features, eps: float = 1e-6) -> Features:
     """L2 normalisation ``x / sqrt(Σ_j x_j² + eps)`` along the last axis (DeltaNet, 2024).
 
     Computed in at least float32 and returned in the input dtype.
@@ -175,7 +176,7 @@ def l2_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
     return (xf * jax.lax.rsqrt(jnp.sum(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
 
 
-def centered_l2_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+def centered_l2_norm(x: Features, eps: float = 1e-6) -> Features:
     """Centred L2 normalisation ``c / sqrt(‖c‖² + eps)``, ``c = x − mean_j(x_j)`` (fwjax's own).
 
     Positive feature maps (ELU+1, DPFP, FAVOR+) put every key in the positive orthant, so any
@@ -220,8 +221,7 @@ class FeatureMap:
         if self.kind is not FeatureMapKind.DPFP and self.nu != 1:
             raise ValueError(f"nu={self.nu} only applies to DPFP, not kind={self.kind}")
         if self.kind is FeatureMapKind.FAVOR_PLUS:
-            if self.num_features is None or self.num_features < 1:
-                raise ValueError(f"FAVOR+ needs num_features >= 1; got {self.num_features=}")
+            check_positive_ints(num_features=self.num_features)  # FAVOR+'s m
         elif self.num_features is not None:
             raise ValueError(
                 f"num_features={self.num_features} only applies to FAVOR+, not kind={self.kind}"
@@ -240,8 +240,8 @@ class FeatureMap:
         return d
 
     def __call__(
-        self, x: jax.Array, projection: jax.Array | None = None, *, stabilize: bool = False
-    ) -> jax.Array:
+        self, x: RawFeatures, projection: Projection | None = None, *, stabilize: bool = False
+    ) -> Features:
         """Applies φ to ``x: [..., d]``; ``projection`` (``[d, m]``) only for FAVOR+."""
         if self.kind is FeatureMapKind.FAVOR_PLUS:
             if projection is None:

@@ -1,20 +1,30 @@
 """Implementation choice, dtype policy and input validation shared by every fast weight op.
 
-Each op (``delta_rule``, ``sum_rule``) has one file per implementation (``reference.py``,
-``recurrent.py``, ``chunked.py``) with the same signature::
+Each rule (``delta_rule``, ``sum_rule``, ``gated_delta_rule``) has one file per implementation
+(``reference.py``, ``recurrent.py``, ``chunked.py``, ``pallas.py``), and every form, PALLAS
+included, has the same signature::
 
-    fn(q, k, v, [beta,] initial_state, scale, chunk_size) -> (out, final_state)
+    form(q, k, v, gates, initial_state, scale, options: FormOptions) -> (out, final_state)
 
-called only after :func:`prepare_inputs` has validated shapes and fixed the dtypes.
+with ``gates`` the rule's ``[B, T, H]`` inputs (``()``, ``(β,)`` or ``(β, α)``). The forms are
+entries of one table per rule (:mod:`fwjax.ops.registry`), called only after
+:func:`prepare_inputs` has validated shapes and fixed the dtypes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
-from typing import NamedTuple
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from fwjax.validation import check_positive_ints
+
+if TYPE_CHECKING:
+    from fwjax.ops.pallas import PallasOptions
 
 
 class Impl(enum.Enum):
@@ -43,6 +53,12 @@ class Impl(enum.Enum):
     RECURRENT = "recurrent"
     CHUNKED = "chunked"
     PALLAS = "pallas"
+
+    @property
+    def chunkwise(self) -> bool:
+        """Whether the form mixes the steps of a chunk in matmuls (CHUNKED and PALLAS): the
+        forms that take ``chunk_size`` and need :func:`guard_nonfinite`."""
+        return self in (Impl.CHUNKED, Impl.PALLAS)
 
 
 # Default chunk size per backend platform. On XLA:CPU, C=32 gave the best throughput of the
@@ -77,13 +93,30 @@ def resolve_impl(impl: Impl | str) -> Impl:
     return impl
 
 
-def resolve_chunk_size(chunk_size: int | None) -> int:
-    """Returns ``chunk_size``, or the backend's default when it is None."""
-    if chunk_size is None:
-        return _DEFAULT_CHUNK_SIZE.get(_platform(), 64)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"{chunk_size=} must be a positive int or None")
-    return chunk_size
+def resolve_chunk_size(chunk_size: int | None, name: str = "chunk_size") -> int:
+    """Returns ``chunk_size``, or the backend's default chunk length when it is None."""
+    check_positive_ints(allow_none=True, **{name: chunk_size})
+    return _DEFAULT_CHUNK_SIZE.get(_platform(), 64) if chunk_size is None else chunk_size
+
+
+@dataclasses.dataclass(frozen=True)
+class FormOptions:
+    """The static parameters every form receives; each form reads the ones it uses.
+
+    Attributes:
+      chunk_size: the chunk length ``C`` of the chunkwise forms (CHUNKED, PALLAS). PALLAS runs
+        the kernel on ``Tiling.chunk``, ``C`` rounded up to its backend's tile
+        (:func:`fwjax.ops.pallas.kernel_config`).
+      remat_block: the steps per rematerialised block of the gated delta rule's RECURRENT
+        backward pass.
+      pallas: the :class:`fwjax.ops.pallas.PallasOptions` of PALLAS; None: the defaults.
+      out_dtype: the inputs' promoted dtype (PALLAS's default matmul operand dtype).
+    """
+
+    chunk_size: int
+    remat_block: int
+    pallas: PallasOptions | None
+    out_dtype: jnp.dtype
 
 
 def state_dtype(*dtypes) -> jnp.dtype:
@@ -97,43 +130,48 @@ class Prepared(NamedTuple):
     q: jax.Array
     k: jax.Array
     v: jax.Array
-    beta: jax.Array | None
+    gates: tuple[jax.Array, ...]
     initial_state: jax.Array
     compute_dtype: jnp.dtype
     out_dtype: jnp.dtype
 
 
-def prepare_inputs(q, k, v, beta, initial_state, *, needs_beta: bool) -> Prepared:
+def prepare_inputs(q, k, v, gates: Mapping[str, jax.Array | None], initial_state) -> Prepared:
     """Validates shapes and applies the dtype policy.
 
-    Shapes: ``q, k: [B, T, H, K]``, ``v: [B, T, H, V]``, ``beta: [B, T, H]``,
-    ``initial_state: [B, H, K, V]`` or None (zeros).
+    Shapes: ``q, k: [B, T, H, K]``, ``v: [B, T, H, V]``, each gate (``gates`` maps the rule's
+    names, e.g. ``{"beta": beta}``, to arrays) ``[B, T, H]``, ``initial_state: [B, H, K, V]`` or
+    None (zeros).
 
     Dtypes: the output has the inputs' promoted dtype (``q, k, v``); the state and all
     accumulation use that dtype promoted to at least float32 (bfloat16 inputs give a float32
-    state; float64 inputs, with ``jax_enable_x64``, compute in float64). An initial state takes
-    part in the promotion, so a float64 state is never silently truncated.
+    state; float64 inputs, with ``jax_enable_x64``, compute in float64). The gates and an
+    initial state take part in the promotion, so a float64 state is never silently truncated.
     """
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.ndim != 4:
             raise ValueError(f"{name} must have shape [B, T, H, D]; got {name}.shape={x.shape}")
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise TypeError(f"{name} must be floating point; got {name}.dtype={x.dtype}")
     if q.shape != k.shape:
         raise ValueError(f"q and k must have the same shape; got {q.shape=} and {k.shape=}")
     if v.shape[:3] != k.shape[:3]:
         raise ValueError(f"v must match k in [B, T, H]; got {v.shape=} and {k.shape=}")
     batch, _, heads, key_dim = k.shape
     value_dim = v.shape[-1]
-    dtypes = [q.dtype, k.dtype, v.dtype]
-    if needs_beta:
-        if beta is None:
-            raise ValueError("the delta rule needs beta of shape [B, T, H]; got beta=None")
-        beta = jnp.asarray(beta)
-        if beta.shape != k.shape[:3]:
-            raise ValueError(f"beta must have shape [B, T, H]={k.shape[:3]}; got {beta.shape=}")
-        dtypes.append(beta.dtype)
+    checked = [("q", q), ("k", k), ("v", v)]
+    for name, g in gates.items():
+        if g is None:
+            raise ValueError(f"{name} of shape [B, T, H] is needed; got {name}=None")
+        g = jnp.asarray(g)
+        if g.shape != k.shape[:3]:
+            raise ValueError(
+                f"{name} must have shape [B, T, H]={k.shape[:3]}; got {name}.shape={g.shape}"
+            )
+        checked.append((name, g))
+    for name, x in checked:
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(f"{name} must be floating point; got {name}.dtype={x.dtype}")
+    dtypes = [x.dtype for _, x in checked]
     expected_state = (batch, heads, key_dim, value_dim)
     if initial_state is not None:
         initial_state = jnp.asarray(initial_state)
@@ -149,7 +187,8 @@ def prepare_inputs(q, k, v, beta, initial_state, *, needs_beta: bool) -> Prepare
         initial_state = jnp.zeros(expected_state, compute_dtype)
     else:
         initial_state = initial_state.astype(compute_dtype)
-    return Prepared(q, k, v, beta, initial_state, compute_dtype, out_dtype)
+    gates = tuple(g for _, g in checked[3:])
+    return Prepared(q, k, v, gates, initial_state, compute_dtype, out_dtype)
 
 
 def resolve_scale(scale, key_dim: int):

@@ -14,6 +14,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from fwjax.validation import check_positive_ints
+
 # Diagonal blocks of 8 gave the fastest jitted forward + gradient on XLA:CPU for C = 16, 32, 64
 # (256 matrices: 3.0 / 8.7 / 22 ms, vs 7.7 / 12.8 / 38 ms with blocks of 16) and compile faster
 # than blocks of 16 (benchmarks/triangular_inverse.py).
@@ -138,8 +140,7 @@ def solve_unit_lower(s: jax.Array, a: jax.Array, *, block_size: int = 64) -> jax
     n = a.shape[-1]
     if a.shape[-2] != n or s.shape[-1] != n:
         raise ValueError(f"need a [..., n, n] and s [..., Q, n]; got {a.shape=} {s.shape=}")
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"{block_size=} must be a positive int")
+    check_positive_ints(block_size=block_size)
     return _solve(s, a, block_size)
 
 

@@ -7,8 +7,12 @@ import math
 import jax
 import jax.numpy as jnp
 
+from fwjax.shapes import Outputs, RawHeads, Scale, SoftmaxKeys, SoftmaxValues
 
-def softmax_attention(q, k, v, causal: bool = True, scale: float | None = None):
+
+def softmax_attention(
+    q: RawHeads, k: SoftmaxKeys, v: SoftmaxValues, causal: bool = True, scale: Scale = None
+) -> Outputs:
     """Multi-head softmax attention ``softmax(scale · q kᵀ + mask) v`` per batch element and head.
 
     Args:

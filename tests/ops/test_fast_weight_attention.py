@@ -227,3 +227,18 @@ def test_an_empty_sequence_keeps_the_state(norm, impl):
     read = fast_weight_read(x, state, feature_map=fm, normalization=norm, scale=None)
     expected = fast_weight_read(x, state, feature_map=fm, normalization=norm, scale=d**-0.5)
     np.testing.assert_array_equal(read, expected)
+
+
+def test_pallas_options_reach_the_rule():
+    """``pallas=`` is passed to the rule: a value tile that does not divide the padded value
+    dimension is refused, and the XLA-backward option gives CHUNKED's outputs."""
+    from fwjax.ops.pallas import PallasBackward, PallasOptions
+
+    q, k, v, beta = _inputs()
+    kw = {"impl": Impl.PALLAS, "chunk_size": 16}
+    with pytest.raises(ValueError, match="value_block=24 must"):
+        fast_weight_attention(q, k, v, beta, pallas=PallasOptions(value_block=24), **kw)
+    options = PallasOptions(backward=PallasBackward.XLA)
+    y, _ = fast_weight_attention(q, k, v, beta, pallas=options, **kw)
+    want, _ = fast_weight_attention(q, k, v, beta, impl=Impl.CHUNKED, chunk_size=16)
+    assert_close(y, want)

@@ -87,3 +87,16 @@ def test_gradients_flow_to_the_gates():
     for impl in forms:
         assert_close(grads[impl], grads[Impl.REFERENCE], err_msg=impl.value)
     np.testing.assert_equal(np.isfinite(np.asarray(grads[Impl.CHUNKED])).all(), True)
+
+
+def test_remat_block_changes_memory_not_results():
+    """RECURRENT's rematerialisation block is ``remat_block``; ``chunk_size`` does not touch it."""
+    inputs = make_inputs(CASE, jnp.float32)
+    args = [inputs[n] for n in ("q", "k", "v", "beta", "alpha", "s0", "scale")]
+    want, want_state = GATED(inputs, Impl.REFERENCE)
+    for block in (1, 5, 64):
+        out, state = gated_delta_rule(*args, impl=Impl.RECURRENT, remat_block=block)
+        assert_close(out, want, err_msg=f"{block=}")
+        assert_close(state, want_state, err_msg=f"{block=}")
+    with pytest.raises(ValueError, match="remat_block=0 must be a positive int or None"):
+        gated_delta_rule(*args, impl=Impl.RECURRENT, remat_block=0)

@@ -171,7 +171,7 @@ def test_sum_rule_quadratic_form_matches_oracle(case):
     from fwjax.ops.sum_rule.reference import sum_rule_quadratic
 
     inputs = make_inputs(case, jnp.float32)
-    p = prepare_inputs(inputs["q"], inputs["k"], inputs["v"], None, inputs["s0"], needs_beta=False)
+    p = prepare_inputs(inputs["q"], inputs["k"], inputs["v"], {}, inputs["s0"])
     out, state = sum_rule_quadratic(p.q, p.k, p.v, p.initial_state, inputs["scale"])
     expected_out, expected_state = SUM.oracle(inputs)
     assert_close(out, expected_out)

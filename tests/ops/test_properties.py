@@ -153,15 +153,15 @@ def test_string_impl_is_accepted():
 def test_fused_and_two_phase_chunked_delta_rule_agree():
     """Both schedules of the chunked delta rule (phase 1 inside or before the chunk scan; the
     backend picks one) give the same outputs, state and VJP."""
-    from fwjax.ops.chunking import to_chunks
-    from fwjax.ops.delta_rule.chunked import _delta_chunks
+    from fwjax.ops.common import to_chunks
+    from fwjax.ops.delta_rule.chunked import delta_chunks
 
     inputs = make_inputs(CASE, jnp.float32)
     chunks = (*tuple(to_chunks(inputs[n], 8) for n in ("q", "k", "v", "beta")), inputs["s0"])
     rng = np.random.default_rng(0)
     results = {}
     for fused in (False, True):
-        primals, pullback = jax.vjp(lambda *a, fused=fused: _delta_chunks(*a, fused), *chunks)
+        primals, pullback = jax.vjp(lambda *a, fused=fused: delta_chunks(*a, fused), *chunks)
         cotangents = tuple(jnp.asarray(rng.normal(size=x.shape), x.dtype) for x in primals)
         rng = np.random.default_rng(0)  # the same cotangents for both
         results[fused] = (primals, pullback(cotangents))

@@ -45,3 +45,15 @@ def test_chunk_size_and_impl_validation():
 def test_triangular_inverse_rejects_non_square():
     with pytest.raises(ValueError, match="square"):
         unit_lower_triangular_inverse(jnp.ones((3, 4)))
+
+
+def test_the_chunking_module_is_a_deprecated_alias_of_common():
+    import importlib
+    import sys
+
+    from fwjax.ops import common
+
+    sys.modules.pop("fwjax.ops.chunking", None)
+    with pytest.warns(DeprecationWarning, match="fwjax.ops.common"):
+        chunking = importlib.import_module("fwjax.ops.chunking")
+    assert chunking.to_chunks is common.to_chunks

@@ -6,41 +6,25 @@ import functools
 
 import jax
 
-from fwjax.ops.delta_rule.chunked import delta_rule_chunked
-from fwjax.ops.delta_rule.pallas import delta_rule_pallas
-from fwjax.ops.delta_rule.recurrent import delta_rule_recurrent, delta_rule_step
-from fwjax.ops.delta_rule.reference import delta_rule_reference
-from fwjax.ops.impl import (
-    Impl,
-    empty_sequence,
-    guard_nonfinite,
-    prepare_inputs,
-    resolve_chunk_size,
-    resolve_impl,
-    resolve_scale,
-    restore_nonfinite,
-)
+from fwjax.ops import registry
+from fwjax.ops.delta_rule.recurrent import delta_rule_step
+from fwjax.ops.impl import Impl
 from fwjax.ops.pallas import PallasOptions
-
-_IMPLS = {
-    Impl.REFERENCE: delta_rule_reference,
-    Impl.RECURRENT: delta_rule_recurrent,
-    Impl.CHUNKED: delta_rule_chunked,
-}
+from fwjax.shapes import Beta, Keys, Outputs, Queries, Scale, State, Values
 
 
 @functools.partial(jax.jit, static_argnames=("impl", "chunk_size", "pallas"))
 def delta_rule(
-    q,
-    k,
-    v,
-    beta,
-    initial_state=None,
-    scale=1.0,
-    impl: Impl = Impl.AUTO,
-    chunk_size=None,
+    q: Queries,
+    k: Keys,
+    v: Values,
+    beta: Beta,
+    initial_state: State | None = None,
+    scale: Scale = 1.0,
+    impl: Impl | str = Impl.AUTO,
+    chunk_size: int | None = None,
     pallas: PallasOptions | None = None,
-):
+) -> tuple[Outputs, State]:
     """The delta rule fast weight memory.
 
     For every batch element and head, with state ``S ∈ R^{K×V}`` (row convention)::
@@ -63,9 +47,10 @@ def delta_rule(
         (flash-linear-attention's convention).
       impl: an :class:`Impl` or its value (``"chunked"``). ``AUTO`` picks the fastest measured
         form for the backend.
-      chunk_size: chunk length ``C`` of the CHUNKED form; None picks the backend's default.
-        Any ``T`` is accepted (padding with zero keys and β = 0 is exact). PALLAS rounds it up
-        to its backend's tile sizes (a power of two >= 16 on GPU).
+      chunk_size: the chunk length ``C`` of the chunkwise forms (CHUNKED, PALLAS); None picks
+        the backend's default; REFERENCE and RECURRENT do not use it. Any ``T`` is accepted
+        (padding with zero keys and β = 0 is exact). PALLAS runs its kernel on ``C`` rounded
+        up to its backend's tile (``Tiling.chunk``: a power of two >= 16 on GPU).
       pallas: :class:`fwjax.ops.pallas.PallasOptions` of ``Impl.PALLAS`` (backend, interpret
         mode, backward kernel or XLA backward, value tile); None: the defaults. On a CPU
         backend PALLAS always runs in interpret mode.
@@ -78,24 +63,9 @@ def delta_rule(
       outputs before t exact (a NaN query only its own output; a NaN key, value or β every
       output from t on and the final state, as in the recurrence).
     """
-    p = prepare_inputs(q, k, v, beta, initial_state, needs_beta=True)
-    impl = resolve_impl(impl)
-    chunk_size = resolve_chunk_size(chunk_size)
-    scale = resolve_scale(scale, p.k.shape[-1])
-    if p.k.shape[1] == 0:
-        return empty_sequence(p)
-    if impl is Impl.REFERENCE or impl is Impl.RECURRENT:
-        out, state = _IMPLS[impl](p.q, p.k, p.v, p.beta, p.initial_state, scale, chunk_size)
-        return out.astype(p.out_dtype), state
-    (q, k, v, beta), steps = guard_nonfinite(p.q, p.k, p.v, [(p.beta, 0.0)])
-    if impl is Impl.PALLAS:
-        out, state = delta_rule_pallas(
-            q, k, v, beta, p.initial_state, scale, chunk_size, pallas, p.out_dtype
-        )
-    else:
-        out, state = _IMPLS[impl](q, k, v, beta, p.initial_state, scale, chunk_size)
-    out, state = restore_nonfinite(out, state, steps)
-    return out.astype(p.out_dtype), state
+    return registry.run_rule(
+        registry.DELTA, q, k, v, (beta,), initial_state, scale, impl, chunk_size, pallas
+    )
 
 
 __all__ = ["delta_rule", "delta_rule_step"]

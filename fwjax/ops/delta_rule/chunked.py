@@ -27,40 +27,25 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from fwjax.ops.chunking import causal_mask, from_chunks, to_chunks
-from fwjax.ops.linalg import unit_lower_triangular_inverse
+from fwjax.ops.common import causal_mask, chunk_forward, from_chunks, in_chunks, mT, wy_terms
 
 
-def _mT(x):
-    return jnp.swapaxes(x, -1, -2)
-
-
-def _wy_terms(q, k, v, beta):
-    """Phase 1 on chunked inputs ``[N, B, H, C, .]``: returns ``(W, U, P)``."""
-    c = k.shape[-2]
-    a = jnp.where(causal_mask(c, include_diagonal=False), beta[..., :, None] * (k @ _mT(k)), 0)
-    t = unit_lower_triangular_inverse(a) * beta[..., None, :]  # (I + A)⁻¹ diag(β)
-    p = jnp.where(causal_mask(c, include_diagonal=True), q @ _mT(k), 0)
-    return t @ k, t @ v, p
-
-
-def _chunk_forward(q_i, k_i, w_i, u_i, p_i, s):
-    """One chunk of phase 2: returns ``(O, S_new)``."""
-    u_tilde = u_i - w_i @ s  # Ũ = U − W S⁰
-    o_i = q_i @ s + p_i @ u_tilde  # O = Q S⁰ + P Ũ
-    return o_i, s + _mT(k_i) @ u_tilde  # S = S⁰ + Kᵀ Ũ
+def delta_wy_terms(q, k, v, beta):
+    """Phase 1 on chunked inputs ``[N, B, H, C, .]``: ``(W, U, P)``
+    (:func:`fwjax.ops.common.wy_terms` without a gate)."""
+    return wy_terms(q, k, v, beta)[:3]
 
 
 def _chunk_backward(q_i, k_i, w_i, u_i, p_i, s_i, do_i, g):
     """VJP of one chunk of phase 2; ``g`` is ∂L/∂S after the chunk, ``s_i`` the state before."""
     u_tilde = u_i - w_i @ s_i
-    du_tilde = _mT(p_i) @ do_i + k_i @ g
+    du_tilde = mT(p_i) @ do_i + k_i @ g
     mask = causal_mask(q_i.shape[-2], include_diagonal=True)
-    dp = jnp.where(mask, do_i @ _mT(u_tilde), 0)
-    dq = do_i @ _mT(s_i)
-    dk = u_tilde @ _mT(g)
-    dw = -du_tilde @ _mT(s_i)
-    g = g + _mT(q_i) @ do_i - _mT(w_i) @ du_tilde  # now ∂L/∂S⁰
+    dp = jnp.where(mask, do_i @ mT(u_tilde), 0)
+    dq = do_i @ mT(s_i)
+    dk = u_tilde @ mT(g)
+    dw = -du_tilde @ mT(s_i)
+    g = g + mT(q_i) @ do_i - mT(w_i) @ du_tilde  # now ∂L/∂S⁰
     return g, (dq, dk, dw, du_tilde, dp)
 
 
@@ -74,23 +59,23 @@ def _scan_forward(q, k, v, beta, s0, fused):
 
         def chunk_step(s, inputs):
             q_i, k_i, v_i, beta_i = inputs
-            o_i, s_new = _chunk_forward(q_i, k_i, *_wy_terms(q_i, k_i, v_i, beta_i), s)
+            o_i, s_new = chunk_forward(q_i, k_i, *delta_wy_terms(q_i, k_i, v_i, beta_i), s)
             return s_new, (o_i, s)
 
         xs = (q, k, v, beta)
     else:
 
         def chunk_step(s, inputs):
-            o_i, s_new = _chunk_forward(*inputs, s)
+            o_i, s_new = chunk_forward(*inputs, s)
             return s_new, (o_i, s)
 
-        xs = (q, k, *_wy_terms(q, k, v, beta))
+        xs = (q, k, *delta_wy_terms(q, k, v, beta))
     s, (o, states) = jax.lax.scan(chunk_step, s0, xs)
     return o, s, states
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _delta_chunks(q, k, v, beta, s0, fused):
+def delta_chunks(q, k, v, beta, s0, fused):
     """Chunked ``[N, B, H, C, .]`` inputs in the compute dtype -> (o [N, B, H, C, V], S)."""
     o, s, _ = _scan_forward(q, k, v, beta, s0, fused)
     return o, s
@@ -101,14 +86,17 @@ def _delta_chunks_fwd(q, k, v, beta, s0, fused):
     return (o, s), (q, k, v, beta, states)
 
 
-def _delta_chunks_bwd(fused, residuals, cotangents):
+def delta_chunks_bwd(fused, residuals, cotangents):
+    """The VJP of :func:`delta_chunks` from its residuals ``(q, k, v, β, states)`` (``states``:
+    the state entering each chunk, ``[N, B, H, K, V]``) and the cotangents ``(dO, dS)``;
+    returns ``(dq, dk, dv, dβ, dS⁰)``."""
     q, k, v, beta, states = residuals
     d_o, d_s = cotangents
     if fused:
 
         def chunk_step(g, inputs):
             q_i, k_i, v_i, beta_i, s_i, do_i = inputs
-            wy, wy_vjp = jax.vjp(_wy_terms, q_i, k_i, v_i, beta_i)  # recompute phase 1
+            wy, wy_vjp = jax.vjp(delta_wy_terms, q_i, k_i, v_i, beta_i)  # recompute phase 1
             g, (dq, dk, *d_wy) = _chunk_backward(q_i, k_i, *wy, s_i, do_i, g)
             dq_wy, dk_wy, dv, d_beta = wy_vjp(tuple(d_wy))
             return g, (dq + dq_wy, dk + dk_wy, dv, d_beta)
@@ -116,7 +104,7 @@ def _delta_chunks_bwd(fused, residuals, cotangents):
         d_s0, grads = jax.lax.scan(chunk_step, d_s, (q, k, v, beta, states, d_o), reverse=True)
         return (*grads, d_s0)
 
-    (w, u, p), wy_vjp = jax.vjp(_wy_terms, q, k, v, beta)  # recompute phase 1
+    (w, u, p), wy_vjp = jax.vjp(delta_wy_terms, q, k, v, beta)  # recompute phase 1
 
     def chunk_step(g, inputs):
         return _chunk_backward(*inputs, g)
@@ -128,7 +116,7 @@ def _delta_chunks_bwd(fused, residuals, cotangents):
     return dq + dq_wy, dk + dk_wy, dv, d_beta, d_s0
 
 
-_delta_chunks.defvjp(_delta_chunks_fwd, _delta_chunks_bwd)
+delta_chunks.defvjp(_delta_chunks_fwd, delta_chunks_bwd)
 
 # Whether phase 1 runs inside the chunk scan, per backend platform. On XLA:CPU, small batched
 # matmuls are several times faster when their working set (one chunk) stays in cache
@@ -136,15 +124,11 @@ _delta_chunks.defvjp(_delta_chunks_fwd, _delta_chunks_bwd)
 _FUSED_PHASES = {"cpu": True}
 
 
-def delta_rule_chunked(q, k, v, beta, initial_state, scale, chunk_size):
+def delta_rule_chunked(q, k, v, gates, initial_state, scale, options):
     """See :func:`fwjax.ops.delta_rule`. Any ``T``: the tail is padded with zero keys and β = 0."""
-    t = q.shape[1]
-    dtype = initial_state.dtype
-    c = min(chunk_size, t)  # one short chunk is cheaper than padding a long one
-    q = scale * q.astype(dtype)  # o is linear in q: the scale stays differentiable
-    chunks = (to_chunks(x.astype(dtype), c) for x in (q, k, v, beta))  # [N, B, H, C, .]
-    o, s = _delta_chunks(*chunks, initial_state, fused_phases(jax.default_backend()))
-    return from_chunks(o, t), s
+    chunks = in_chunks(q, k, v, gates, initial_state, scale, options.chunk_size)
+    o, s = delta_chunks(*chunks, initial_state, fused_phases(jax.default_backend()))
+    return from_chunks(o, q.shape[1]), s
 
 
 def fused_phases(platform: str) -> bool:

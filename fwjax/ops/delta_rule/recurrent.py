@@ -25,6 +25,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from fwjax.ops.common import in_time_major
 from fwjax.ops.impl import resolve_scale
 
 
@@ -107,12 +108,8 @@ def _delta_scan_bwd(residuals, cotangents):
 _delta_scan.defvjp(_delta_scan_fwd, _delta_scan_bwd)
 
 
-def delta_rule_recurrent(q, k, v, beta, initial_state, scale, chunk_size):
-    """See :func:`fwjax.ops.delta_rule`. ``chunk_size`` is unused."""
-    del chunk_size
-    dtype = initial_state.dtype
-    # The output scale is folded into q (o is linear in q), so it stays differentiable.
-    q = scale * q.astype(dtype)
-    time_major = tuple(jnp.moveaxis(x.astype(dtype), 1, 0) for x in (q, k, v, beta))
-    o, state = _delta_scan(*time_major, initial_state)
+def delta_rule_recurrent(q, k, v, gates, initial_state, scale, options):
+    """See :func:`fwjax.ops.delta_rule`; ``options`` are unused."""
+    del options
+    o, state = _delta_scan(*in_time_major(q, k, v, gates, initial_state, scale), initial_state)
     return jnp.moveaxis(o, 0, 1), state

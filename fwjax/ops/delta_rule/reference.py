@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-_HIGHEST = jax.lax.Precision.HIGHEST
+from fwjax.ops.common import HIGHEST, per_head
 
 
 def _one_head(q, k, v, beta, s0):
@@ -17,22 +17,16 @@ def _one_head(q, k, v, beta, s0):
 
     def step(s, inputs):
         q_t, k_t, v_t, beta_t = inputs
-        v_bar = jnp.matmul(s.T, k_t, precision=_HIGHEST)  # v̄_t = S_{t-1}ᵀ k_t
+        v_bar = jnp.matmul(s.T, k_t, precision=HIGHEST)  # v̄_t = S_{t-1}ᵀ k_t
         s = s + beta_t * jnp.outer(k_t, v_t - v_bar)  # S_t = S_{t-1} + β_t k_t (v_t − v̄_t)ᵀ
-        o_t = jnp.matmul(s.T, q_t, precision=_HIGHEST)  # o_t = S_tᵀ q_t (state after step t)
+        o_t = jnp.matmul(s.T, q_t, precision=HIGHEST)  # o_t = S_tᵀ q_t (state after step t)
         return s, o_t
 
     s_final, o = jax.lax.scan(step, s0, (q, k, v, beta))
     return o, s_final
 
 
-def delta_rule_reference(q, k, v, beta, initial_state, scale, chunk_size):
-    """See :func:`fwjax.ops.delta_rule`. ``chunk_size`` is unused."""
-    del chunk_size
-    dtype = initial_state.dtype
-    q, k, v, beta = (x.astype(dtype) for x in (q, k, v, beta))
-    # [B, T, H, .] -> vmap over B (axis 0) and H (axis 2 of the inputs, axis 1 of the state).
-    per_head = jax.vmap(_one_head, in_axes=(1, 1, 1, 1, 0), out_axes=(1, 0))
-    per_batch = jax.vmap(per_head, in_axes=(0, 0, 0, 0, 0), out_axes=(0, 0))
-    o, s = per_batch(q, k, v, beta, initial_state)
-    return scale * o, s
+def delta_rule_reference(q, k, v, gates, initial_state, scale, options):
+    """See :func:`fwjax.ops.delta_rule`; ``options`` are unused."""
+    del options
+    return per_head(_one_head, q, k, v, gates, initial_state, scale)

@@ -12,7 +12,8 @@ log of the cumulative gate ``Γ_t = α_1 ⋯ α_t`` from the chunk start) and
     S = Γ_C S⁰ + (diag(Γ_C / Γ) K)ᵀ Ũ
 
 All exponents are ``≤ 0``: no overflow however small the gates. With ``α ≡ 1`` this is the
-delta rule's chunked form. ``(I + A)⁻¹`` uses the matmul-only inverse of :mod:`fwjax.ops.linalg`.
+delta rule's chunked form: both take ``W, U, P`` from :func:`fwjax.ops.common.wy_terms` and run
+phase 2 with :func:`fwjax.ops.common.chunk_forward`.
 
 Backward: autodiff through a ``lax.scan`` over chunks whose step is rematerialised
 (``jax.checkpoint``): the forward pass keeps one state per chunk, the backward pass recomputes a
@@ -24,52 +25,52 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fwjax.ops.chunking import causal_mask, from_chunks, to_chunks
-from fwjax.ops.linalg import unit_lower_triangular_inverse
+from fwjax.ops.common import chunk_forward, from_chunks, in_chunks, wy_terms
 
 
-def _mT(x):
-    return jnp.swapaxes(x, -1, -2)
-
-
-def gated_wy_terms(k, v, beta, log_alpha):
-    """The intra-chunk terms of chunks ``[..., C, .]``: ``(g, D, W, U)`` with ``g = log Γ``,
-    ``D_{tj} = Γ_t / Γ_j`` (``j ≤ t``, else 0), ``W = (I + A)⁻¹ diag(βΓ) K`` and
-    ``U = (I + A)⁻¹ diag(β) V`` (shared by the CHUNKED and PALLAS forms)."""
-    c = k.shape[-2]
-    g = jnp.cumsum(log_alpha, axis=-1)  # g_t = log Γ_t
-    incl = causal_mask(c, include_diagonal=True)
-    excl = causal_mask(c, include_diagonal=False)
-    diff = jnp.where(incl, g[..., :, None] - g[..., None, :], 0.0)
-    decay = jnp.where(incl, jnp.exp(diff), 0.0)  # D_{tj} = Γ_t / Γ_j (j ≤ t)
-    a = jnp.where(excl, beta[..., :, None] * (k @ _mT(k)) * decay, 0.0)
-    t_inv = unit_lower_triangular_inverse(a)  # (I + A)⁻¹
-    w = t_inv @ ((beta * jnp.exp(g))[..., None] * k)  # W = (I + A)⁻¹ diag(βΓ) K
-    u = t_inv @ (beta[..., None] * v)  # U = (I + A)⁻¹ diag(β) V
-    return g, decay, w, u
+def gated_terms(q, k, v, beta, log_alpha):
+    """The intra-chunk terms of chunks ``[..., C, .]`` with the decays folded in:
+    ``(Q', K', W, U, P, Γ_C)`` with ``Q' = diag(Γ) Q``, ``K' = diag(Γ_C / Γ) K`` (factors ≤ 1)
+    and ``W, U, P`` of :func:`fwjax.ops.common.wy_terms` (shared by the CHUNKED and PALLAS
+    forms)."""
+    w, u, p, g = wy_terms(q, k, v, beta, log_alpha)
+    q_decayed = jnp.exp(g)[..., None] * q
+    k_decayed = jnp.exp(g[..., -1:] - g)[..., None] * k
+    return q_decayed, k_decayed, w, u, p, jnp.exp(g[..., -1])
 
 
 @jax.checkpoint
-def _chunk(s, inputs):
-    """One chunk ``[B, H, C, .]`` with incoming state ``s [B, H, K, V]`` -> (S, O)."""
-    q, k, v, beta, log_alpha = inputs
-    g, decay, w, u = gated_wy_terms(k, v, beta, log_alpha)
-    gamma = jnp.exp(g)
-    u_tilde = u - w @ s  # Ũ = U − W S⁰
-    o = (gamma[..., None] * q) @ s + ((q @ _mT(k)) * decay) @ u_tilde
-    tail = jnp.exp(g[..., -1:] - g)  # Γ_C / Γ_j
-    s = jnp.exp(g[..., -1])[..., None, None] * s + _mT(tail[..., None] * k) @ u_tilde
+def chunk_step(s, inputs):
+    """One chunk ``(q, k, v, β, log α)``, each ``[B, H, C, .]``, with incoming state
+    ``s [B, H, K, V]`` -> ``(S, O)``."""
+    *terms, decay = gated_terms(*inputs)
+    o, s = chunk_forward(*terms, s, decay)
     return s, o
 
 
-def gated_delta_rule_chunked(q, k, v, beta, alpha, initial_state, scale, chunk_size):
+def gated_chunks_bwd(residuals, cotangents):
+    """The VJP of the chunk scan from its residuals ``(q, k, v, β, log α, states)`` (chunked
+    ``[N, B, H, C, .]``; ``states``: the state entering each chunk) and the cotangents
+    ``(dO, dS)``: a reverse scan of :func:`chunk_step`'s VJP. Returns
+    ``(dq, dk, dv, dβ, d log α, dS⁰)``."""
+    *xs, states = residuals
+
+    def step(g, inputs):
+        *x, s, do = inputs
+        _, pullback = jax.vjp(chunk_step, s, tuple(x))
+        g, dx = pullback((g, do))
+        return g, dx
+
+    d_o, d_s = cotangents
+    d_s0, dxs = jax.lax.scan(step, d_s, (*xs, states, d_o), reverse=True)
+    return (*dxs, d_s0)
+
+
+def gated_delta_rule_chunked(q, k, v, gates, initial_state, scale, options):
     """See :func:`fwjax.ops.gated_delta_rule`. Any ``T``: the tail is padded with zero keys,
     β = 0 and α = 1 (exact no-ops)."""
-    t = q.shape[1]
-    dtype = initial_state.dtype
-    c = min(chunk_size, t)
-    q = scale * q.astype(dtype)  # o is linear in q: the scale stays differentiable
-    log_alpha = jnp.log(alpha.astype(dtype))  # zero-padded by to_chunks: log α = 0, α = 1
-    chunks = tuple(to_chunks(x.astype(dtype), c) for x in (q, k, v, beta, log_alpha))
-    s, o = jax.lax.scan(_chunk, initial_state, chunks)
-    return from_chunks(o, t), s
+    beta, alpha = gates
+    log_alpha = jnp.log(alpha.astype(initial_state.dtype))  # zero-padded: log α = 0, α = 1
+    chunks = in_chunks(q, k, v, (beta, log_alpha), initial_state, scale, options.chunk_size)
+    s, o = jax.lax.scan(chunk_step, initial_state, chunks)
+    return from_chunks(o, q.shape[1]), s

@@ -7,7 +7,7 @@ rewritten with one retrieval and one rank-1 write::
 
 Memory of the backward pass: the delta rule's trick of rebuilding ``S_{t-1}`` from ``S_t`` would
 divide by ``α_t`` (unstable for small gates), so instead time is split into blocks of
-``chunk_size`` steps and each block's scan is rematerialised (``jax.checkpoint``): the forward
+``remat_block`` steps and each block's scan is rematerialised (``jax.checkpoint``): the forward
 pass keeps one state per block, the backward pass recomputes a block's states from it.
 ``O(T/C · K·V + C · K·V)`` per head instead of autodiff's ``O(T · K·V)``.
 """
@@ -17,7 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fwjax.ops.chunking import from_chunks, to_chunks
+from fwjax.ops.common import from_chunks, scaled_inputs, to_chunks
 from fwjax.ops.impl import resolve_scale
 
 
@@ -51,17 +51,17 @@ def gated_delta_rule_step(q_t, k_t, v_t, beta_t, alpha_t, state, scale=1.0):
     return resolve_scale(scale, k_t.shape[-1]) * o_t, state
 
 
-def gated_delta_rule_recurrent(q, k, v, beta, alpha, initial_state, scale, chunk_size):
-    """See :func:`fwjax.ops.gated_delta_rule`. ``chunk_size`` is the rematerialisation block."""
+def gated_delta_rule_recurrent(q, k, v, gates, initial_state, scale, options):
+    """See :func:`fwjax.ops.gated_delta_rule`. ``options.remat_block``: the steps per
+    rematerialised block."""
     t = q.shape[1]
-    dtype = initial_state.dtype
-    c = min(chunk_size, t)
+    c = min(options.remat_block, t)
+    beta, alpha = gates
     # Padded steps (zero key, β = 0, α = 1) leave the state unchanged.
-    alpha = jnp.pad(alpha.astype(dtype), [(0, 0), (0, -t % c), (0, 0)], constant_values=1.0)
-    blocks = [to_chunks(x.astype(dtype), c) for x in (q, k, v, beta)]  # [N, B, H, C, .]
-    blocks.append(to_chunks(alpha, c))
+    alpha = jnp.pad(alpha, [(0, 0), (0, -t % c), (0, 0)], constant_values=1.0)
+    blocks = scaled_inputs(q, k, v, (beta, alpha), initial_state, 1.0)
     # Time-major inside a block: [N, C, B, H, .].
-    blocks = [jnp.moveaxis(x, 3, 1) for x in blocks]
+    blocks = [jnp.moveaxis(to_chunks(x, c), 3, 1) for x in blocks]
 
     @jax.checkpoint
     def block(s, xs):

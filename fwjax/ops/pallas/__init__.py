@@ -23,6 +23,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from fwjax.validation import check_positive_ints
+
 
 class PallasBackend(enum.Enum):
     """Which Pallas kernel family runs.
@@ -44,9 +46,10 @@ class PallasBackward(enum.Enum):
     Attributes:
       KERNEL: a reverse chunk scan as a Pallas kernel (state cotangent kept on chip), then the
         VJP of phase 1 in XLA.
-      XLA: the XLA reverse chunk scan of ``Impl.CHUNKED`` (``_chunk_backward``), fed the
-        chunk states that the forward kernel saved. A fallback while a backend's backward
-        kernel misbehaves.
+      XLA: the XLA reverse chunk scan of ``Impl.CHUNKED`` (the rule's ``xla_backward``, see
+        :mod:`fwjax.ops.pallas.rule_kernel`), fed the chunk states that the forward kernel
+        saved. A fallback while a backend's backward kernel misbehaves; the only backward of
+        rules without a backward kernel (the gated delta rule).
     """
 
     KERNEL = "kernel"
@@ -100,11 +103,8 @@ class PallasOptions:
         object.__setattr__(self, "backend", PallasBackend(self.backend))
         object.__setattr__(self, "backward", PallasBackward(self.backward))
         object.__setattr__(self, "precision", PallasPrecision(self.precision))
-        vb = self.value_block
-        if vb is not None and (isinstance(vb, bool) or not isinstance(vb, int) or vb < 1):
-            raise ValueError(f"value_block={vb!r} must be a positive int or None")
-        if self.num_stages < 1:
-            raise ValueError(f"num_stages={self.num_stages} must be >= 1")
+        check_positive_ints(value_block=self.value_block, num_warps=self.num_warps, allow_none=True)
+        check_positive_ints(num_stages=self.num_stages)
 
 
 DEFAULT_OPTIONS = PallasOptions()
@@ -147,7 +147,7 @@ class Tiling(NamedTuple):
 def triton_tiling(t, k, v, chunk_size, programs, options: PallasOptions) -> Tiling:
     """Triton needs power-of-two loads/stores and ``tl.dot`` operands of at least 16 × 16:
     chunk, key and value sizes are rounded up to powers of two >= 16 (zero keys, values and
-    β = 0 are exact no-ops; see :mod:`fwjax.ops.chunking`). ``programs``: ``B·H``."""
+    β = 0 are exact no-ops; see :mod:`fwjax.ops.common`). ``programs``: ``B·H``."""
     c = next_power_of_2(max(16, min(chunk_size, t)))
     kp, vp = next_power_of_2(max(16, k)), next_power_of_2(max(16, v))
     tv = _value_block(vp, programs, options, minimum=16)

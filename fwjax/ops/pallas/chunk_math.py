@@ -30,8 +30,14 @@ so with several value tiles each program returns a partial sum (added up in XLA)
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+
+from fwjax.ops.common import causal_mask
+
+_causal = functools.partial(causal_mask, include_diagonal=True)  # M: i >= j
 
 _NN = (((1,), (0,)), ((), ()))  # a @ b
 _TN = (((0,), (0,)), ((), ()))  # aᵀ @ b
@@ -44,29 +50,22 @@ def _dot(a, b, dims, md, sd):
     )
 
 
-def causal_mask(c: int) -> jax.Array:
-    """``[C, C]`` boolean, ``i >= j`` (2-D iota: lowers on Triton and Mosaic)."""
-    rows = jax.lax.broadcasted_iota(jnp.int32, (c, c), 0)
-    cols = jax.lax.broadcasted_iota(jnp.int32, (c, c), 1)
-    return rows >= cols
-
-
-def delta_forward(q, k, w, u, p, s, md, sd):
-    """One delta-rule chunk: returns ``(O [C, tv], S_new [K, tv])`` in ``sd``."""
+def delta_forward(q, k, w, u, p, s, md, sd, decay=None):
+    """One delta-rule chunk: returns ``(O [C, tv], S_new [K, tv])`` in ``sd``. With ``decay``,
+    the gated rule's chunk (see :func:`gated_delta_forward`)."""
     u_tilde = u.astype(sd) - _dot(w, s, _NN, md, sd)  # Ũ = U − W S
     o = _dot(q, s, _NN, md, sd) + _dot(p, u_tilde, _NN, md, sd)  # O = Q S + P Ũ
+    if decay is not None:
+        s = jnp.max(decay.astype(sd), axis=0)[:, None] * s  # Γ_C S, Γ_C: [K, 1]
     return o, s + _dot(k, u_tilde, _TN, md, sd)  # S ← S + Kᵀ Ũ
 
 
 def gated_delta_forward(q, k, w, u, p, decay, s, md, sd):
-    """One gated-delta-rule chunk: ``(O [C, tv], S_new [K, tv])`` in ``sd``. ``decay [C, K]``
-    holds the chunk's total decay of each state row (``Γ_C`` everywhere for the scalar gate),
-    repeated over the chunk's rows; its column maximum is taken (a reduction every backend
-    lowers, where a row slice is not)."""
-    u_tilde = u.astype(sd) - _dot(w, s, _NN, md, sd)  # Ũ = U − W S
-    o = _dot(q, s, _NN, md, sd) + _dot(p, u_tilde, _NN, md, sd)  # O = Q' S + P Ũ
-    gamma = jnp.max(decay.astype(sd), axis=0)[:, None]  # [K, 1]
-    return o, gamma * s + _dot(k, u_tilde, _TN, md, sd)  # S ← Γ_C S + K'ᵀ Ũ
+    """One gated-delta-rule chunk: ``(O [C, tv], S_new [K, tv])`` in ``sd``, with ``Q' S``,
+    ``S ← Γ_C S + K'ᵀ Ũ``. ``decay [C, K]`` holds the chunk's total decay of each state row
+    (``Γ_C`` everywhere for the scalar gate), repeated over the chunk's rows; its column maximum
+    is taken (a reduction every backend lowers, where a row slice is not)."""
+    return delta_forward(q, k, w, u, p, s, md, sd, decay)
 
 
 def delta_backward(q, k, w, u, p, s, do, g, md, sd):
@@ -77,7 +76,7 @@ def delta_backward(q, k, w, u, p, s, do, g, md, sd):
     """
     u_tilde = u.astype(sd) - _dot(w, s, _NN, md, sd)  # recomputed Ũ
     du = _dot(p, do, _TN, md, sd) + _dot(k, g, _NN, md, sd)  # Ũ̄ = Pᵀ Ō + K G
-    dp = jnp.where(causal_mask(q.shape[0]), _dot(do, u_tilde, _NT, md, sd), 0)
+    dp = jnp.where(_causal(q.shape[0]), _dot(do, u_tilde, _NT, md, sd), 0)
     dq = _dot(do, s, _NT, md, sd)  # Q̄ = Ō Sᵀ
     dk = _dot(u_tilde, g, _NT, md, sd)  # K̄ = Ũ Gᵀ
     dw = -_dot(du, s, _NT, md, sd)  # W̄ = −Ũ̄ Sᵀ
@@ -87,7 +86,7 @@ def delta_backward(q, k, w, u, p, s, do, g, md, sd):
 
 def sum_forward(q, k, v, s, md, sd):
     """One sum-rule chunk: returns ``(O [C, tv], S_new [K, tv])`` in ``sd``."""
-    p = jnp.where(causal_mask(q.shape[0]), _dot(q, k, _NT, md, sd), 0)
+    p = jnp.where(_causal(q.shape[0]), _dot(q, k, _NT, md, sd), 0)
     o = _dot(q, s, _NN, md, sd) + _dot(p, v, _NN, md, sd)  # O = Q S + P V
     return o, s + _dot(k, v, _TN, md, sd)  # S ← S + Kᵀ V
 
@@ -95,7 +94,7 @@ def sum_forward(q, k, v, s, md, sd):
 def sum_backward(q, k, v, s, do, g, md, sd):
     """VJP of one sum-rule chunk. Returns ``(g_new, dq, dk, dv)``; ``dq, dk [C, K]`` are
     partial over value tiles, ``dv [C, tv]`` is exact."""
-    mask = causal_mask(q.shape[0])
+    mask = _causal(q.shape[0])
     p = jnp.where(mask, _dot(q, k, _NT, md, sd), 0)
     dp = jnp.where(mask, _dot(do, v, _NT, md, sd), 0)  # P̄ = (Ō Vᵀ) ⊙ M
     dq = _dot(do, s, _NT, md, sd) + _dot(dp, k, _NN, md, sd)  # Q̄ = Ō Sᵀ + P̄ K

@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from fwjax.ops.common import in_time_major
 from fwjax.ops.impl import resolve_scale
 
 
@@ -80,11 +81,8 @@ def _sum_scan_bwd(residuals, cotangents):
 _sum_scan.defvjp(_sum_scan_fwd, _sum_scan_bwd)
 
 
-def sum_rule_recurrent(q, k, v, initial_state, scale, chunk_size):
-    """See :func:`fwjax.ops.sum_rule`. ``chunk_size`` is unused."""
-    del chunk_size
-    dtype = initial_state.dtype
-    q = scale * q.astype(dtype)  # o is linear in q: the scale stays differentiable
-    time_major = tuple(jnp.moveaxis(x.astype(dtype), 1, 0) for x in (q, k, v))
-    o, state = _sum_scan(*time_major, initial_state)
+def sum_rule_recurrent(q, k, v, gates, initial_state, scale, options):
+    """See :func:`fwjax.ops.sum_rule`; ``options`` are unused."""
+    del options
+    o, state = _sum_scan(*in_time_major(q, k, v, gates, initial_state, scale), initial_state)
     return jnp.moveaxis(o, 0, 1), state

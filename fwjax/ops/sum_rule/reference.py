@@ -12,9 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fwjax.ops.chunking import causal_mask
-
-_HIGHEST = jax.lax.Precision.HIGHEST
+from fwjax.ops.common import HIGHEST, causal_mask, per_head
 
 
 def _one_head(q, k, v, s0):
@@ -23,31 +21,27 @@ def _one_head(q, k, v, s0):
     def step(s, inputs):
         q_t, k_t, v_t = inputs
         s = s + jnp.outer(k_t, v_t)  # S_t = S_{t-1} + k_t v_tᵀ
-        return s, jnp.matmul(s.T, q_t, precision=_HIGHEST)  # o_t = S_tᵀ q_t
+        return s, jnp.matmul(s.T, q_t, precision=HIGHEST)  # o_t = S_tᵀ q_t
 
     s_final, o = jax.lax.scan(step, s0, (q, k, v))
     return o, s_final
 
 
-def sum_rule_reference(q, k, v, initial_state, scale, chunk_size):
-    """See :func:`fwjax.ops.sum_rule`. ``chunk_size`` is unused."""
-    del chunk_size
-    dtype = initial_state.dtype
-    q, k, v = (x.astype(dtype) for x in (q, k, v))
-    per_head = jax.vmap(_one_head, in_axes=(1, 1, 1, 0), out_axes=(1, 0))
-    o, s = jax.vmap(per_head)(q, k, v, initial_state)
-    return scale * o, s
+def sum_rule_reference(q, k, v, gates, initial_state, scale, options):
+    """See :func:`fwjax.ops.sum_rule`; ``options`` are unused."""
+    del options
+    return per_head(_one_head, q, k, v, gates, initial_state, scale)
 
 
-def sum_rule_quadratic(q, k, v, initial_state, scale, chunk_size=None):
-    """The causal-masked quadratic form; same signature and results as the other forms."""
-    del chunk_size
+def sum_rule_quadratic(q, k, v, initial_state, scale):
+    """The causal-masked quadratic form (not an :class:`~fwjax.ops.Impl`: a second oracle of the
+    tests); inputs as :func:`fwjax.ops.sum_rule` after validation, the same results."""
     dtype = initial_state.dtype
     q, k, v = (x.astype(dtype) for x in (q, k, v))
     t = q.shape[1]
-    scores = jnp.einsum("bthk,bshk->bhts", q, k, precision=_HIGHEST)
+    scores = jnp.einsum("bthk,bshk->bhts", q, k, precision=HIGHEST)
     scores = jnp.where(causal_mask(t, include_diagonal=True), scores, 0)
-    o = jnp.einsum("bhts,bshv->bthv", scores, v, precision=_HIGHEST)
-    o = o + jnp.einsum("bthk,bhkv->bthv", q, initial_state, precision=_HIGHEST)
-    s = initial_state + jnp.einsum("bthk,bthv->bhkv", k, v, precision=_HIGHEST)
+    o = jnp.einsum("bhts,bshv->bthv", scores, v, precision=HIGHEST)
+    o = o + jnp.einsum("bthk,bhkv->bthv", q, initial_state, precision=HIGHEST)
+    s = initial_state + jnp.einsum("bthk,bthv->bhkv", k, v, precision=HIGHEST)
     return scale * o, s
