@@ -30,6 +30,7 @@ from fwjax.diagnostics import replay_writes
 from fwjax.nn.config import FastWeightConfig
 from fwjax.nn.retrieval import RetrievalConfig
 from fwjax.ops import FeatureMap, Normalization, UpdateRule, delta_rule, sum_rule
+from fwjax.validation import check_positive_ints
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -140,11 +141,9 @@ def associative_sequence(
       ``dict(keys [L, d], values [L, V], queries [M, d], targets [M, V])`` float32, queried at
       the ``M`` distinct keys written.
     """
-    for name, value in dict(
+    check_positive_ints(
         num_writes=num_writes, num_keys=num_keys, key_dim=key_dim, value_dim=value_dim
-    ).items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}={value!r} must be a positive int")
+    )
     rng = np.random.default_rng(seed)
     if orthogonal and num_keys <= key_dim:
         pool = np.linalg.qr(rng.standard_normal((key_dim, key_dim)))[0].T[:num_keys]

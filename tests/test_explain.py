@@ -72,6 +72,13 @@ def test_snapshots_from_an_initial_state():
     np.testing.assert_allclose(snaps[-1], state[0, 0], rtol=1e-4, atol=1e-5)
 
 
+def test_associative_sequence_sizes_are_positive_ints():
+    with pytest.raises(ValueError, match="key_dim=0 must be a positive int"):
+        explain.associative_sequence(0, num_writes=4, num_keys=4, key_dim=0, value_dim=2)
+    with pytest.raises(ValueError, match=r"num_writes=2\.0 must be a positive int"):
+        explain.associative_sequence(0, num_writes=2.0, num_keys=4, key_dim=4, value_dim=2)
+
+
 def test_recall_sum_vs_delta():
     d = 16
     # Orthonormal keys written once: both rules recall exactly.

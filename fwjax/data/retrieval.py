@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fwjax.validation import check_positive_ints
+
 
 class RetrievalSetting(enum.Enum):
     """Which of the paper's two synthetic settings (see the module docstring)."""
@@ -54,21 +56,20 @@ class RetrievalTask:
 
     def __post_init__(self):
         object.__setattr__(self, "setting", RetrievalSetting(self.setting))
-        for name in ("num_keys", "train_queries", "eval_max_queries"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive int")
+        check_positive_ints(
+            num_keys=self.num_keys,
+            train_queries=self.train_queries,
+            eval_max_queries=self.eval_max_queries,
+        )
+        check_positive_ints(sequence_length=self.sequence_length, allow_none=True)
         if self.train_queries > self.num_keys:
             raise ValueError(f"{self.train_queries=} must be at most {self.num_keys=}")
         length = self.sequence_length
-        if length is not None:
-            if isinstance(length, bool) or not isinstance(length, int) or length < 1:
-                raise ValueError(f"sequence_length={length!r} must be a positive int or None")
-            if self.setting is RetrievalSetting.CAPACITY and length != self.num_keys:
-                raise ValueError(
-                    f"setting 1 writes every key once: {self.sequence_length=} must be None or "
-                    f"{self.num_keys=}"
-                )
+        if self.setting is RetrievalSetting.CAPACITY and length not in (None, self.num_keys):
+            raise ValueError(
+                f"setting 1 writes every key once: {self.sequence_length=} must be None or "
+                f"{self.num_keys=}"
+            )
 
     @property
     def num_values(self) -> int:

@@ -20,12 +20,7 @@ from fwjax.nn.config import (
     ModelConfig,
     Positional,
 )
-
-
-def _check_positive(**values):
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}={value!r} must be a positive int")
+from fwjax.validation import check_positive_ints as _check_positive
 
 
 def _check_nonnegative(**values):

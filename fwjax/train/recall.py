@@ -35,6 +35,7 @@ from fwjax.nn.config import ModelConfig
 from fwjax.nn.transformer import TransformerLM
 from fwjax.train.config import OptimizerConfig, OptimizerKind
 from fwjax.train.optim import make_optimizer
+from fwjax.validation import check_positive_ints
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,10 +74,13 @@ class RecallProtocol:
     embedding_std: float | None = None
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "eval_every", "eval_sequences", "eval_batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive int")
+        check_positive_ints(
+            steps=self.steps,
+            batch_size=self.batch_size,
+            eval_every=self.eval_every,
+            eval_sequences=self.eval_sequences,
+            eval_batch_size=self.eval_batch_size,
+        )
         if self.eval_sequences % self.eval_batch_size:
             raise ValueError(
                 f"{self.eval_batch_size=} must divide {self.eval_sequences=} (whole batches)"

@@ -37,6 +37,7 @@ from flax import nnx
 from fwjax.data.retrieval import RetrievalTask, retrieval_loss
 from fwjax.nn.config import AttentionKind
 from fwjax.nn.retrieval import RetrievalConfig, RetrievalModel
+from fwjax.validation import check_positive_ints
 from fwjax.ops import FeatureMapKind, Normalization, UpdateRule, feature_maps
 
 
@@ -100,12 +101,6 @@ class StopReason(enum.Enum):
     MAX_STEPS = "max_steps"  # the step cap
 
 
-def _positive_int(**values):
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}={value!r} must be a positive int")
-
-
 @dataclasses.dataclass(frozen=True)
 class RetrievalProtocol:
     """The training and stopping protocol (defaults: the paper's, plus a step cap).
@@ -143,7 +138,7 @@ class RetrievalProtocol:
     embed_std: float = 1.0
 
     def __post_init__(self):
-        _positive_int(
+        check_positive_ints(
             batch_size=self.batch_size,
             eval_every=self.eval_every,
             eval_sequences=self.eval_sequences,

@@ -50,5 +50,9 @@ def test_sequence_length_validation():
     assert RetrievalTask(RetrievalSetting.UPDATE, 5, sequence_length=40).length == 40
     with pytest.raises(ValueError, match="setting 1 writes every key once"):
         RetrievalTask(RetrievalSetting.CAPACITY, 5, sequence_length=10)
-    with pytest.raises(ValueError, match="sequence_length"):
+    with pytest.raises(ValueError, match="sequence_length=0 must be a positive int or None"):
         RetrievalTask(RetrievalSetting.UPDATE, 5, sequence_length=0)
+    with pytest.raises(ValueError, match="num_keys=True must be a positive int"):
+        RetrievalTask(RetrievalSetting.UPDATE, True)
+    with pytest.raises(ValueError, match="eval_max_queries=0 must be a positive int"):
+        RetrievalTask(RetrievalSetting.UPDATE, 5, eval_max_queries=0)
