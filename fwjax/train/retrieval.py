@@ -37,8 +37,8 @@ from flax import nnx
 from fwjax.data.retrieval import RetrievalTask, retrieval_loss
 from fwjax.nn.config import AttentionKind
 from fwjax.nn.retrieval import RetrievalConfig, RetrievalModel
-from fwjax.validation import check_positive_ints
 from fwjax.ops import FeatureMapKind, Normalization, UpdateRule, feature_maps
+from fwjax.validation import check_positive_ints
 
 
 class Readout(enum.Enum):
