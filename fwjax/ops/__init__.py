@@ -20,6 +20,7 @@ from fwjax.ops.fast_weight_attention import (
 from fwjax.ops.feature_maps import FeatureMap, FeatureMapKind
 from fwjax.ops.gated_delta_rule import gated_delta_rule, gated_delta_rule_step
 from fwjax.ops.impl import Impl
+from fwjax.ops.readout import retrieval_readout
 from fwjax.ops.softmax_attention import softmax_attention
 from fwjax.ops.sum_rule import sum_rule, sum_rule_step
 
@@ -39,6 +40,7 @@ __all__ = [
     "gated_delta_rule_step",
     "init_fast_weight_state",
     "memory_keys",
+    "retrieval_readout",
     "softmax_attention",
     "sum_rule",
     "sum_rule_step",
