@@ -2,13 +2,13 @@
 
     python -m experiments.recall [--task mqar|multihop|all] [--quick]
 
-Every point (task, variant, size) trains a :class:`~fwjax.nn.TransformerLM` with
-:func:`fwjax.train.recall.train_recall` and is written, as soon as it finishes, to its own JSON
-file under ``experiments/results/recall/`` (atomically: a killed run loses only the point in
-flight). Points whose file exists are skipped, so re-running the same command resumes. After
-every point the merged ``experiments/results/recall.csv``, ``recall.md`` (table) and
-``recall.png`` (final answer accuracy against sequence length, one curve per variant, one panel
-per task) are rewritten.
+Every point (task, variant, size) trains a :class:`~fwjax.nn.TransformerLM` in the training
+loop (:func:`fwjax.train.recall.run_recall`) and is written, as soon as it finishes, to its own
+JSON file under ``experiments/results/recall/`` (atomically; a point in flight checkpoints into
+``recall/runs/`` at every evaluation, so a killed run resumes it). Points whose file exists
+are skipped, so re-running the same command resumes. After every point the merged
+``experiments/results/recall.csv``, ``recall.md`` (table) and ``recall.png`` (final answer
+accuracy against sequence length, one curve per variant, one panel per task) are rewritten.
 
 Variants (same d_model, layers, heads, feed-forward width and steps):
 
@@ -25,16 +25,16 @@ attention learns that from the positions instead).
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import json
-import os
+import functools
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import jax
 
+from experiments import sweep as sweep_lib
 from experiments.records import write_json_atomic
 from fwjax.data.recall import MQARTask, MultiHopTask, RecallTask
 from fwjax.nn.config import (
@@ -45,7 +45,7 @@ from fwjax.nn.config import (
     Positional,
 )
 from fwjax.ops import FeatureMap, FeatureMapKind, Normalization, UpdateRule
-from fwjax.train.recall import RecallProtocol, train_recall
+from fwjax.train.recall import RecallProtocol, run_recall
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TASKS = ("mqar", "multihop")
@@ -219,11 +219,14 @@ def point_path(out_dir: Path, point: Point) -> Path:
 
 
 def run_point(point: Point, scale: Scale, out_dir: Path) -> dict:
-    """Trains one point and writes its JSON record atomically; returns the record."""
+    """Trains one point in the training loop (checkpoints in ``out_dir/runs/NAME``, so a
+    killed point resumes; deleted once the record is written) and writes its JSON record
+    atomically; returns the record."""
     task = point.make_task(scale)
-    result = train_recall(
-        task, point.model_config(scale, task.vocab_size), scale.protocol(point.seed, point.variant)
-    )
+    protocol = scale.protocol(point.seed, point.variant)
+    workdir = out_dir / "runs" / point.name
+    config = protocol.train_config(task, point.model_config(scale, task.vocab_size))
+    result = run_recall(config, workdir)
     record = dict(
         task=point.task,
         variant=point.variant,
@@ -243,25 +246,18 @@ def run_point(point: Point, scale: Scale, out_dir: Path) -> dict:
         task_config=dataclasses.asdict(task),
         history=[list(h) for h in result.history],
     )
-    path = point_path(out_dir, point)
-    write_json_atomic(path, record)
+    write_json_atomic(point_path(out_dir, point), record)
+    shutil.rmtree(workdir)
     return record
 
 
 def load_records(out_dir: Path) -> list[dict]:
     """Every finished point, sorted by (task, variant, length)."""
-    records = [json.loads(p.read_text()) for p in out_dir.glob("*.json")]
     order = {name: i for i, name in enumerate(VARIANTS)}
-    return sorted(
-        records, key=lambda r: (TASKS.index(r["task"]), order[r["variant"]], r["length"], r["seed"])
+    return sweep_lib.load_records(
+        out_dir,
+        lambda r: (TASKS.index(r["task"]), order[r["variant"]], r["length"], r["seed"]),
     )
-
-
-def write_csv(records: list[dict], path: Path) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(records)
 
 
 def write_table(records: list[dict], path: Path) -> None:
@@ -350,7 +346,7 @@ def write_outputs(out_dir: Path, results_dir: Path) -> list[dict]:
     """Merges the point files into ``recall.csv``, ``recall.md`` and ``recall.png``."""
     records = load_records(out_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
-    write_csv(records, results_dir / "recall.csv")
+    sweep_lib.write_csv(records, results_dir / "recall.csv", CSV_COLUMNS)
     write_table(records, results_dir / "recall.md")
     write_plot(records, results_dir / "recall.png")
     return records
@@ -364,24 +360,16 @@ def run_sweep(
     Returns:
       Every finished record (before or now).
     """
-    todo = [p for p in points if not point_path(out_dir, p).exists()]
-    log(f"{len(points) - len(todo)} of {len(points)} points done, {len(todo)} to run", flush=True)
-    for p in todo:
-        record = run_point(p, scale, out_dir)
-        log(
-            f"  {p.name} (T={record['length']}): accuracy {record['accuracy']:.3f}, "
-            f"loss {record['loss']:.3f} ({record['seconds']:.0f} s)",
-            flush=True,
-        )
-        write_outputs(out_dir, results_dir)
-    return write_outputs(out_dir, results_dir)
-
-
-def _limit_threads() -> None:
-    """One XLA CPU thread, so the sweep uses one core."""
-    flags = os.environ.get("XLA_FLAGS", "")
-    os.environ["XLA_FLAGS"] = (
-        f"{flags} --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1".strip()
+    return sweep_lib.run_points(
+        points,
+        functools.partial(run_point, scale=scale, out_dir=out_dir),
+        path=functools.partial(point_path, out_dir),
+        write_outputs=functools.partial(write_outputs, out_dir, results_dir),
+        describe=lambda p, r: (
+            f"  {p.name} (T={r['length']}): accuracy {r['accuracy']:.3f}, "
+            f"loss {r['loss']:.3f} ({r['seconds']:.0f} s)"
+        ),
+        log=log,
     )
 
 
@@ -392,7 +380,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    _limit_threads()
+    sweep_lib.limit_threads()
     tasks = TASKS if args.task == "all" else (args.task,)
     scale = QUICK if args.quick else FULL
     # Quick points go to their own folder so they never mix with the real sweep.

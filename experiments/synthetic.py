@@ -2,13 +2,14 @@
 
     python -m experiments.synthetic --setting 1|2 --grid quick|full [--workers 2]
 
-Every grid point (setting, feature map, update rule, N, seed) is trained with
-:func:`fwjax.train.retrieval.train_retrieval` and written, as soon as it finishes, to its own JSON
-file under ``experiments/results/synthetic/setting{S}/`` (atomically: a killed run loses only
-the points in flight). Points whose file exists are skipped, so re-running the same command
-resumes; the quick grid is a subset of the full one, so its points are reused. After every point
-the merged ``experiments/results/synthetic_setting{S}.csv``, ``.md`` (table) and ``.png``
-(final evaluation loss against N, one curve per feature map) are rewritten.
+Every grid point (setting, feature map, update rule, N, seed) is trained in the training loop
+(:func:`fwjax.train.retrieval.run_retrieval`) and written, as soon as it finishes, to its own
+JSON file under ``experiments/results/synthetic/setting{S}/`` (atomically); a point in flight
+checkpoints into ``synthetic/runs/`` every ten evaluations, so a killed run resumes it. Points
+whose file exists are skipped, so re-running the same command resumes; the quick grid is a
+subset of the full one, so its points are reused. After every point the merged
+``experiments/results/synthetic_setting{S}.csv``, ``.md`` (table) and ``.png`` (final
+evaluation loss against N, one curve per feature map) are rewritten.
 
 Grids (``d_key = 64``; "linear" is ELU+1):
 
@@ -25,26 +26,24 @@ Normalisation follows the official synthetic code: the sum rule divides by ``z·
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
-import csv
 import dataclasses
 import enum
-import json
+import functools
 import math
-import multiprocessing
-import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import jax
 
+from experiments import sweep
 from experiments.records import write_json_atomic
 from fwjax.data.retrieval import RetrievalSetting, RetrievalTask
 from fwjax.nn.config import AttentionKind, FastWeightConfig
 from fwjax.nn.retrieval import RetrievalConfig
 from fwjax.ops import FeatureMap, FeatureMapKind, Normalization, UpdateRule
-from fwjax.train.retrieval import RetrievalProtocol, train_retrieval
+from fwjax.train.retrieval import RetrievalProtocol, run_retrieval
 
 RESULTS = Path(__file__).resolve().parent / "results"
 D_KEY = 64
@@ -264,9 +263,18 @@ def point_path(out_dir: Path, point: GridPoint) -> Path:
     return out_dir / f"setting{point.setting}" / f"{point.name}.json"
 
 
+def run_dir(out_dir: Path, point: GridPoint) -> Path:
+    """The training loop's work directory of a point while it runs (checkpoints every ten
+    evaluations: a killed point resumes there); deleted once the point's record is written."""
+    return out_dir / "runs" / f"setting{point.setting}" / point.name
+
+
 def run_point(point: GridPoint, protocol: RetrievalProtocol, out_dir: Path) -> dict:
-    """Trains one point and writes its JSON record (atomically); returns the record."""
-    result = train_retrieval(point.task(), point.model_config(), protocol)
+    """Trains one point in the training loop and writes its JSON record (atomically); returns
+    the record."""
+    workdir = run_dir(out_dir, point)
+    config = protocol.train_config(point.task(), point.model_config())
+    result = run_retrieval(config, workdir)
     norm = point.normalization
     record = dict(
         setting=point.setting,
@@ -288,36 +296,30 @@ def run_point(point: GridPoint, protocol: RetrievalProtocol, out_dir: Path) -> d
         device=jax.default_backend(),
         history=[list(h) for h in result.history],
     )
-    path = point_path(out_dir, point)
-    write_json_atomic(path, record)
+    write_json_atomic(point_path(out_dir, point), record)
+    shutil.rmtree(workdir)
     return record
 
 
 def load_records(out_dir: Path, setting: int) -> list[dict]:
     """Every finished point of a setting, sorted by (feature map, rule, N)."""
-    records = [json.loads(p.read_text()) for p in (out_dir / f"setting{setting}").glob("*.json")]
-    for r in records:
-        r.setdefault("device", "cpu")  # records from before the column was added ran on CPU
-        r.setdefault("key_embedding", KeyEmbedding.PAPER.value)  # and with the paper's embedding
-        r.setdefault("learning_rate", RetrievalProtocol.learning_rate)  # and learning rate
     order = {name: i for i, name in enumerate(FEATURE_MAPS)}
-    return sorted(
-        records,
-        key=lambda r: (
+    defaults = dict(  # what records from before each column was added ran with
+        device="cpu",
+        key_embedding=KeyEmbedding.PAPER.value,
+        learning_rate=RetrievalProtocol.learning_rate,
+    )
+    return sweep.load_records(
+        out_dir / f"setting{setting}",
+        lambda r: (
             r["update_rule"],
             r["key_embedding"],
             order[r["feature_map"]],
             r["n_keys"],
             r["seed"],
         ),
+        defaults,
     )
-
-
-def write_csv(records: list[dict], path: Path) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(records)
 
 
 def _curve(record: dict) -> tuple[str, str, str, int]:
@@ -427,27 +429,16 @@ def write_outputs(out_dir: Path, results_dir: Path, setting: int) -> list[dict]:
     """Merges the point files of a setting into its CSV, table and plot."""
     records = load_records(out_dir, setting)
     stem = results_dir / f"synthetic_setting{setting}"
-    write_csv(records, stem.with_suffix(".csv"))
+    sweep.write_csv(records, stem.with_suffix(".csv"), CSV_COLUMNS)
     write_table(records, stem.with_suffix(".md"), setting)
     write_plot(records, stem.with_suffix(".png"), setting)
     return records
 
 
-def _limit_threads(cores: list[int] | None) -> None:
-    """Confines this process's XLA to one thread (and, if given, to these cores)."""
-    flags = os.environ.get("XLA_FLAGS", "")
-    os.environ["XLA_FLAGS"] = (
-        f"{flags} --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1".strip()
-    )
-    if cores is not None and hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, cores)
-
-
-def _worker_init(counter, n_cores, first_core):
-    with counter.get_lock():
-        index = counter.value
-        counter.value += 1
-    _limit_threads([(first_core + index) % n_cores])
+def _run_point(point: GridPoint, protocol: RetrievalProtocol, out_dir: Path) -> dict:
+    """:func:`run_point` with the point's seed and key embedding scale in the protocol."""
+    protocol = dataclasses.replace(protocol, seed=point.seed, embed_std=point.embed_std)
+    return run_point(point, protocol, out_dir)
 
 
 def run_grid(
@@ -479,38 +470,21 @@ def run_grid(
     if len(settings) != 1:
         raise ValueError(f"points must share one setting; got {sorted(settings)}")
     (setting,) = settings
-    todo = [p for p in points if not point_path(out_dir, p).exists()]
-    log(
-        f"setting {setting}: {len(points) - len(todo)} of {len(points)} points done, "
-        f"{len(todo)} to run with {workers} worker(s)"
-    )
     results_dir.mkdir(parents=True, exist_ok=True)
-
-    def done(point, record):
-        log(
-            f"  {point.name}: loss {record['final_eval_loss']:.4f} after {record['steps']} steps "
-            f"({record['stop_reason']}, {record['seconds']:.0f} s)",
-            flush=True,
-        )
-        write_outputs(out_dir, results_dir, setting)
-
-    protocols = {p: dataclasses.replace(protocol, seed=p.seed, embed_std=p.embed_std) for p in todo}
-    if workers == 1:
-        for p in todo:
-            done(p, run_point(p, protocols[p], out_dir))
-    else:
-        ctx = multiprocessing.get_context("spawn")  # no fork after JAX has started threads
-        counter = ctx.Value("i", 0)
-        with cf.ProcessPoolExecutor(
-            workers,
-            mp_context=ctx,
-            initializer=_worker_init,
-            initargs=(counter, os.cpu_count() or 1, first_core),
-        ) as pool:
-            futures = {pool.submit(run_point, p, protocols[p], out_dir): p for p in todo}
-            for fut in cf.as_completed(futures):
-                done(futures[fut], fut.result())
-    return write_outputs(out_dir, results_dir, setting)
+    return sweep.run_points(
+        points,
+        functools.partial(_run_point, protocol=protocol, out_dir=out_dir),
+        path=functools.partial(point_path, out_dir),
+        write_outputs=functools.partial(write_outputs, out_dir, results_dir, setting),
+        describe=lambda p, r: (
+            f"  {p.name}: loss {r['final_eval_loss']:.4f} after {r['steps']} steps "
+            f"({r['stop_reason']}, {r['seconds']:.0f} s)"
+        ),
+        workers=workers,
+        first_core=first_core,
+        log=log,
+        label=f"setting {setting}: ",
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -554,7 +528,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.learning_rate != RetrievalProtocol.learning_rate and args.results == RESULTS:
         parser.error(f"--learning-rate={args.learning_rate} needs a --results folder of its own")
     if args.workers == 1:
-        _limit_threads(None)  # one XLA thread: the other cores stay free
+        sweep.limit_threads()  # one XLA thread: the other cores stay free
     embedding = KeyEmbedding(args.embedding)
     points = [
         dataclasses.replace(p, embedding=embedding)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 import enum
 
-from fwjax.data.retrieval import RetrievalSetting
+from fwjax.data.recall import MQARTask, MultiHopTask
+from fwjax.data.retrieval import RetrievalSetting, RetrievalTask
 from fwjax.data.text import LMDataset, Sampling
 from fwjax.data.tokenizers import TokenizerKind
 from fwjax.nn.config import (
@@ -20,6 +21,7 @@ from fwjax.nn.config import (
     ModelConfig,
     Positional,
 )
+from fwjax.nn.retrieval import RetrievalConfig
 from fwjax.validation import check_positive_ints as _check_positive
 
 
@@ -176,6 +178,75 @@ class NonFinitePolicy(enum.Enum):
     SKIP = "skip"
 
 
+class Init(enum.Enum):
+    """Parameter initialisation of the retrieval model.
+
+    Attributes:
+      MODEL: ``RetrievalModel``'s own (Flax) initialisers.
+      OFFICIAL: the distributions of the official synthetic code
+        (:func:`fwjax.train.retrieval.official_init`).
+    """
+
+    MODEL = "model"
+    OFFICIAL = "official"
+
+
+class Readout(enum.Enum):
+    """How a :class:`~fwjax.nn.RetrievalModel`'s predictions are computed (same values,
+    different cost).
+
+    Attributes:
+      GENERIC: ``RetrievalModel.__call__``: writes the whole ``[K, V]`` memory with the
+        configured op (``FastWeightConfig.impl``), then reads it.
+      DIRECT: :func:`fwjax.train.retrieval.direct_predictions`: the closed form at the queries
+        (:func:`fwjax.ops.retrieval_readout`, no ``[K, V]`` matrix).
+    """
+
+    GENERIC = "generic"
+    DIRECT = "direct"
+
+
+class EvalSet(enum.Enum):
+    """Which sequences each evaluation uses.
+
+    Attributes:
+      FIXED: the same sequences at every evaluation (index 0 of the task's evaluation stream):
+        a stopping rule then compares like with like.
+      FRESH: new sequences at every evaluation (index = evaluation number), as in the official
+        synthetic code.
+    """
+
+    FIXED = "fixed"
+    FRESH = "fresh"
+
+
+@dataclasses.dataclass(frozen=True)
+class EarlyStoppingConfig:
+    """Stops training on an evaluation metric (lower is better); off unless a field is set.
+
+    Attributes:
+      metric: the evaluation metric (a key of the task's eval metrics, e.g. ``loss``).
+      target: stop once the metric is ``<=`` this (the synthetic protocol: loss 0.001).
+      patience: stop after this many evaluations in a row without a new best (10).
+    """
+
+    metric: str = "loss"
+    target: float | None = None
+    patience: int | None = None
+
+    def __post_init__(self):
+        if not self.metric:
+            raise ValueError(f"metric={self.metric!r} must name an evaluation metric")
+        if self.target is not None and not self.target >= 0:
+            raise ValueError(f"target={self.target} must be >= 0 or None")
+        if self.patience is not None:
+            _check_positive(patience=self.patience)
+
+    @property
+    def enabled(self) -> bool:
+        return self.target is not None or self.patience is not None
+
+
 @dataclasses.dataclass(frozen=True)
 class RetrievalTaskConfig:
     """The synthetic associative retrieval task (:mod:`fwjax.data.retrieval`) and its model.
@@ -183,23 +254,69 @@ class RetrievalTaskConfig:
     Attributes:
       setting: 1 (capacity) or 2 (update).
       num_keys: N keys and N values.
-      d_key, attention, fast_weight: the :class:`~fwjax.nn.RetrievalModel`'s configuration.
+      train_queries, eval_max_queries, sequence_length: the
+        :class:`~fwjax.data.retrieval.RetrievalTask`'s.
+      d_key, d_embed, use_bias, tie_queries, embed_factor, attention, fast_weight: the
+        :class:`~fwjax.nn.RetrievalConfig` of the model (``d_embed`` None: ``d_key``;
+        ``fast_weight.favor_redraw`` PER_STEP: FAVOR+'s projection is drawn afresh at every
+        step and every evaluation).
       eval_sequences: sequences per evaluation (20 in the paper), queried at every key.
+      init: :class:`Init`; ``embed_std``: the OFFICIAL init's key embedding standard deviation.
+      readout: :class:`Readout`, for training and evaluation.
+      eval_set: :class:`EvalSet`.
     """
 
     setting: RetrievalSetting = RetrievalSetting.UPDATE
     num_keys: int = 20
+    train_queries: int = 1
+    eval_max_queries: int = 200
+    sequence_length: int | None = None
     d_key: int = 64
+    d_embed: int | None = None
+    use_bias: bool = False
+    tie_queries: bool = True
+    embed_factor: int | None = None
     attention: AttentionKind = AttentionKind.FAST_WEIGHT
     fast_weight: FastWeightConfig = _DEFAULT_FAST_WEIGHT
     eval_sequences: int = 20
+    init: Init = Init.MODEL
+    embed_std: float = 1.0
+    readout: Readout = Readout.GENERIC
+    eval_set: EvalSet = EvalSet.FIXED
 
     def __post_init__(self):
-        object.__setattr__(self, "setting", RetrievalSetting(self.setting))
-        object.__setattr__(self, "attention", AttentionKind(self.attention))
+        kinds = dict(
+            setting=RetrievalSetting, attention=AttentionKind, init=Init, readout=Readout,
+            eval_set=EvalSet,
+        )  # fmt: skip
+        for name, kind in kinds.items():
+            object.__setattr__(self, name, kind(getattr(self, name)))
         _check_positive(
             num_keys=self.num_keys, d_key=self.d_key, eval_sequences=self.eval_sequences
         )
+        if self.d_embed is None:
+            object.__setattr__(self, "d_embed", self.d_key)
+        if not self.embed_std > 0:
+            raise ValueError(f"embed_std={self.embed_std} must be > 0")
+        if self.embed_std != 1.0 and self.init is not Init.OFFICIAL:
+            raise ValueError(f"embed_std={self.embed_std} needs init='official'")
+        self.data(), self.model_config()  # validated by the task and the model
+
+    def data(self) -> RetrievalTask:
+        """The :class:`~fwjax.data.retrieval.RetrievalTask`."""
+        return RetrievalTask(
+            self.setting,
+            self.num_keys,
+            train_queries=self.train_queries,
+            eval_max_queries=self.eval_max_queries,
+            sequence_length=self.sequence_length,
+        )
+
+    def model_config(self) -> RetrievalConfig:
+        """The :class:`~fwjax.nn.RetrievalConfig` (``num_values = num_keys``)."""
+        names = ("d_key", "d_embed", "use_bias", "tie_queries", "embed_factor", "attention")
+        fields = {name: getattr(self, name) for name in names}
+        return RetrievalConfig(self.num_keys, self.num_keys, fast_weight=self.fast_weight, **fields)
 
 
 class LMEvalMode(enum.Enum):
@@ -296,9 +413,52 @@ class LMTaskConfig:
             raise ValueError("dataset='local_text' needs text_path")
 
 
+@dataclasses.dataclass(frozen=True)
+class RecallTaskConfig:
+    """A recall task of :mod:`fwjax.data.recall` (MQAR or multi-hop) for a causal LM, scored at
+    the answer positions only.
+
+    Attributes:
+      model: the :class:`~fwjax.nn.ModelConfig`; ``vocab_size`` must cover the task's.
+      mqar, multihop: the task (exactly one; neither: ``MQARTask(num_pairs=16)``).
+      eval_sequences: the fixed evaluation set (``eval=True`` stream of the run's seed), in
+        batches of ``eval_batch_size``.
+      embedding_std: if set, the input embedding is initialised with this standard deviation
+        instead of the model's ``embed_init_std`` (with N(0, 1) the token embedding drowns the
+        sinusoidal positions, which softmax attention needs here).
+    """
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    mqar: MQARTask | None = None
+    multihop: MultiHopTask | None = None
+    eval_sequences: int = 256
+    eval_batch_size: int = 64
+    embedding_std: float | None = None
+
+    def __post_init__(self):
+        if self.mqar is not None and self.multihop is not None:
+            raise ValueError("give one of [recall.mqar] and [recall.multihop], not both")
+        if self.mqar is None and self.multihop is None:
+            object.__setattr__(self, "mqar", MQARTask(num_pairs=16))
+        _check_positive(eval_sequences=self.eval_sequences, eval_batch_size=self.eval_batch_size)
+        if self.eval_sequences % self.eval_batch_size:
+            raise ValueError(
+                f"{self.eval_batch_size=} must divide {self.eval_sequences=} (whole batches)"
+            )
+        if self.embedding_std is not None and not self.embedding_std > 0:
+            raise ValueError(f"{self.embedding_std=} must be > 0 or None")
+        if self.model.vocab_size < self.data().vocab_size:
+            raise ValueError(f"{self.model.vocab_size=} must be >= {self.data().vocab_size=}")
+
+    def data(self) -> MQARTask | MultiHopTask:
+        """The task's batches."""
+        return self.mqar if self.mqar is not None else self.multihop
+
+
 class TaskKind(enum.Enum):
     RETRIEVAL = "retrieval"
     LM = "lm"
+    RECALL = "recall"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -306,7 +466,7 @@ class TrainConfig:
     """A training run.
 
     Attributes:
-      task: which task; its section (``retrieval`` or ``lm``) configures it.
+      task: which task; its section (``retrieval``, ``lm`` or ``recall``) configures it.
       steps: optimizer steps in the run.
       batch_size: the global batch (sequences per step, over all devices and processes); must
         be divisible by the mesh's data-parallel size.
@@ -314,6 +474,10 @@ class TrainConfig:
       eval_every: evaluate every this many steps (and at the end); ``eval_batches`` batches.
       log_every: host-side metrics (JSONL, progress bar, TensorBoard) every this many steps.
       nonfinite: :class:`NonFinitePolicy`; ``max_consecutive_nonfinite`` bounds SKIP.
+      steps_per_call: training steps per jitted call (a ``lax.scan`` over that many batches;
+        a call never crosses a log, evaluation or checkpoint step).
+      early_stopping: :class:`EarlyStoppingConfig`: stop on an evaluation metric (the summary
+        then names the ``stop_reason``).
       progress_bar: a tqdm bar on process 0 when stderr is a terminal (otherwise, or when False,
         a one-line log at most every 30 s). ``tensorboard``: also write tensorboardX events.
       wandb: also log metrics (and this config) to Weights & Biases (the ``wandb`` extra), in
@@ -325,6 +489,7 @@ class TrainConfig:
     task: TaskKind = TaskKind.RETRIEVAL
     retrieval: RetrievalTaskConfig | None = None
     lm: LMTaskConfig | None = None
+    recall: RecallTaskConfig | None = None
     steps: int = 1000
     batch_size: int = 32
     seed: int = 0
@@ -339,6 +504,8 @@ class TrainConfig:
     wandb_project: str = "fwjax"
     wandb_name: str | None = None
     wandb_mode: WandbMode | None = None
+    steps_per_call: int = 1
+    early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     mesh: MeshConfig = MeshConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
@@ -358,12 +525,12 @@ class TrainConfig:
             eval_batches=self.eval_batches,
             log_every=self.log_every,
             max_consecutive_nonfinite=self.max_consecutive_nonfinite,
+            steps_per_call=self.steps_per_call,
         )
         _check_nonnegative(seed=self.seed)
-        if self.task is TaskKind.RETRIEVAL and self.retrieval is None:
-            object.__setattr__(self, "retrieval", RetrievalTaskConfig())
-        if self.task is TaskKind.LM and self.lm is None:
-            object.__setattr__(self, "lm", LMTaskConfig())
-        other = "lm" if self.task is TaskKind.RETRIEVAL else "retrieval"
-        if getattr(self, other) is not None:
-            raise ValueError(f"task={self.task.value!r} but a [{other}] section was given")
+        sections = dict(retrieval=RetrievalTaskConfig, lm=LMTaskConfig, recall=RecallTaskConfig)
+        for name, section in sections.items():
+            if name == self.task.value and getattr(self, name) is None:
+                object.__setattr__(self, name, section())
+            elif name != self.task.value and getattr(self, name) is not None:
+                raise ValueError(f"task={self.task.value!r} but a [{name}] section was given")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import threading
@@ -35,7 +36,7 @@ from fwjax.train.config import DistributedConfig, NonFinitePolicy, TaskKind, Tra
 from fwjax.train.config_io import unstructure
 from fwjax.train.metrics import MetricsWriter, Progress, WandbOptions, read_metrics, say
 from fwjax.train.optim import make_optimizer
-from fwjax.train.step import create_train_state, make_eval_step, make_train_step
+from fwjax.train.step import create_train_state, make_eval_step, make_train_step, scan_steps
 from fwjax.train.tasks import make_task
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,12 @@ class Run:
             out_shardings=(self.shardings, replicated),
             donate_argnames="state",
         )
+        self.train_steps = jax.jit(
+            scan_steps(make_train_step(self.task, self.model_def, self.tx, config.seed)),
+            in_shardings=(self.shardings, None),
+            out_shardings=(self.shardings, replicated),
+            donate_argnames="state",
+        )
         self.eval_step = jax.jit(
             make_eval_step(self.task, self.model_def),
             out_shardings=(replicated, self.shardings.carry),
@@ -123,15 +130,22 @@ class Run:
     def batch(self, index: int) -> dict:
         return mesh_lib.shard_batch(self.mesh, self.task.train_batch(index))
 
-    def evaluate(self) -> dict:
-        """Metrics over the task's evaluation batches (memory carried through them for LMs
-        trained with ``carry_state``)."""
+    def batches(self, index: int, count: int) -> dict:
+        """Batches ``index … index + count − 1`` stacked on a leading axis (``train_steps``)."""
+        sharded = [self.batch(index + i) for i in range(count)]
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *sharded)
+
+    def evaluate(self, index: int = 0) -> dict:
+        """Metrics over the task's evaluation batches of evaluation number ``index`` (memory
+        carried through them for LMs trained with ``carry_state``)."""
         dp = mesh_lib.data_parallel_size(self.mesh)
         carry = jax.tree.map(jnp.zeros_like, self.state.carry)
         totals = None
-        for host_batch in self.task.eval_data(dp):
+        for host_batch in self.task.eval_data(dp, index):
             batch = mesh_lib.shard_batch(self.mesh, host_batch)
-            sums, carry = self.eval_step(self.state.params, self.state.rest, batch, carry)
+            sums, carry = self.eval_step(
+                self.state.params, self.state.rest, batch, carry, jnp.int32(index)
+            )
             sums = jax.device_get(sums)
             totals = sums if totals is None else {k: totals[k] + sums[k] for k in totals}
         return self.task.summarize(totals)
@@ -250,14 +264,22 @@ def _last_train_record(workdir: Path) -> dict:
 def train(
     config: TrainConfig, workdir: str | Path, *, devices=None, overwrite: bool = False
 ) -> dict:
-    """Trains (or resumes) the run of ``config`` in ``workdir``; returns the final summary.
+    """Trains (or resumes) the run of ``config`` in ``workdir``; returns the final summary
+    (:func:`train_run` without the :class:`Run`)."""
+    return train_run(config, workdir, devices=devices, overwrite=overwrite)[0]
+
+
+def train_run(
+    config: TrainConfig, workdir: str | Path, *, devices=None, overwrite: bool = False
+) -> tuple[dict, Run | None]:
+    """Trains (or resumes) the run of ``config`` in ``workdir``.
 
     A workdir holds one run (:mod:`fwjax.train.workdir`): a config that differs from the
     stored one in the model, data or optimizer is refused before any file is touched, unless
     ``overwrite`` deletes the old run first; a larger ``steps`` extends the run. A run that has
-    already reached ``steps`` with a summary prints that summary again and changes no file.
-    SIGINT / SIGTERM stop the run after the current step with a checkpoint
-    (:class:`Interrupted`).
+    already reached ``steps`` (or stopped early, ``config.early_stopping``) with a summary prints
+    that summary again and changes no file. SIGINT / SIGTERM stop the run after the current step
+    with a checkpoint (:class:`Interrupted`).
 
     Args:
       config: the run.
@@ -267,7 +289,9 @@ def train(
         before starting.
 
     Returns:
-      The summary: ``steps``, ``resumed_from``, ``seconds``, ``train`` and ``eval`` metrics.
+      ``(summary, run)``: the summary (``steps``, ``resumed_from``, ``seconds``, ``train`` and
+      ``eval`` metrics, and with early stopping the ``stop_reason``: ``target``, ``patience`` or
+      ``max_steps``) and the trained :class:`Run` (None when the run had finished before).
 
     Raises:
       WorkdirError: the workdir holds a different run, or one beyond ``config.steps``.
@@ -295,11 +319,12 @@ def train(
             "--workdir"
         )
     stored = workdir_lib.read_summary(workdir)
-    if start_step == cfg.steps and not changed and stored and stored.get("steps") == cfg.steps:
+    finished = start_step == cfg.steps or (stored or {}).get("stop_reason") in _EARLY_STOPS
+    if finished and not changed and stored and stored.get("steps") == start_step:
         run.checkpointer.close()
         if main_process:
             print(workdir_lib.summary_line(stored, cfg.steps))
-        return stored
+        return stored, None
     if main_process:
         workdir.mkdir(parents=True, exist_ok=True)
         workdir_lib.write_config(workdir, config)
@@ -318,24 +343,34 @@ def train(
     tokens_per_step = run.task.tokens_per_batch(cfg.batch_size)
     history, t0, t_log, step_log = [], time.time(), time.time(), start_step
     last_train, last_eval = {}, {}
+    stopper = _EarlyStopping(cfg, [r for r in read_metrics(workdir) if r.get("split") == "eval"])
     try:
         with _StopSignals() as stop:
-            for step in range(start_step, cfg.steps):
-                run.state, metrics = run.train_step(run.state, run.batch(step))
-                history.append(dict(metrics, step=step))
-                done = step + 1
+            step = start_step
+            while step < cfg.steps and stopper.reason is None:
+                if cfg.steps_per_call == 1:
+                    run.state, metrics = run.train_step(run.state, run.batch(step))
+                    history.append(dict(metrics, step=step))
+                    count = 1
+                else:
+                    count = _call_length(cfg, step)
+                    batches = run.batches(step, count)
+                    run.state, metrics = run.train_steps(run.state, batches)
+                    history.append(dict(metrics, step=step, _stacked=count))
+                step = done = step + count
                 at_log = done % cfg.log_every == 0 or done == cfg.steps
                 at_ckpt = done % cfg.checkpoint.every_steps == 0 or done == cfg.steps
                 at_eval = done % cfg.eval_every == 0 or done == cfg.steps
                 if at_log or at_ckpt or at_eval or stop.received:
-                    history = jax.device_get(history)
+                    history = _unstack(jax.device_get(history))
                     _check_finite(run, history)
                 if at_log or at_ckpt or at_eval:
                     now = time.time()
                     diagnostics = history[-1].pop("diagnostics", None)
                     for m in history:
                         m.pop("diagnostics", None)
-                    sums = {k: sum(float(m[k]) for m in history) for k in history[0]}
+                    # float64 sums over the steps (per-hop counts are arrays)
+                    sums = {k: sum(np.float64(m[k]) for m in history) for k in history[0]}
                     last_train = run.task.summarize(sums)
                     last_train["grad_norm"] = sums["grad_norm"] / len(history)
                     last_train["tokens_per_s"] = tokens_per_step * (done - step_log) / (now - t_log)
@@ -349,9 +384,10 @@ def train(
                     )
                     history, t_log, step_log = [], now, done
                 if at_eval:
-                    last_eval = run.evaluate()
+                    last_eval = run.evaluate(_eval_index(cfg, done))
                     writer.write(done, "eval", last_eval)
-                if at_ckpt or stop.received:
+                    stopper.update(done, last_eval)
+                if at_ckpt or stop.received or stopper.reason is not None:
                     run.checkpointer.save(run.state, _record(run))
                 if stop.received:
                     run.checkpointer.wait()
@@ -360,9 +396,9 @@ def train(
         progress.close()
         run.checkpointer.close()
         writer.close()
-    if start_step >= cfg.steps:  # finished before, without a summary: evaluate it now
+    if step == start_step:  # finished before, without a summary: evaluate it now
         last_train = _last_train_record(workdir)
-        last_eval = run.evaluate()
+        last_eval = run.evaluate(_eval_index(cfg, start_step))
     seconds = time.time() - t0
     summary = dict(
         steps=int(run.state.step),
@@ -371,11 +407,82 @@ def train(
         train=last_train,
         eval=last_eval,
     )
+    if cfg.early_stopping.enabled:
+        summary["stop_reason"] = stopper.reason or "max_steps"
     writer.write(int(run.state.step), "summary", {"seconds": seconds})
     if main_process:
         workdir_lib.write_text_atomic(workdir / "summary.json", json.dumps(summary, indent=2))
         print(workdir_lib.summary_line(summary, cfg.steps))
-    return summary
+    return summary, run
+
+
+def mesh_devices(config: TrainConfig) -> list | None:
+    """The first ``data · model`` devices for a mesh with an explicit ``data`` size (e.g. a
+    one-device protocol on a machine with more); None (all devices) for ``data=-1``."""
+    if config.mesh.data == -1:
+        return None
+    return jax.devices()[: config.mesh.data * config.mesh.model]
+
+
+def _call_length(cfg: TrainConfig, step: int) -> int:
+    """Steps of the jitted call starting at ``step``: ``steps_per_call``, cut at the next log,
+    evaluation or checkpoint step (or the end)."""
+    every = (cfg.log_every, cfg.eval_every, cfg.checkpoint.every_steps)
+    boundary = min([cfg.steps] + [(step // e + 1) * e for e in every])
+    return min(cfg.steps_per_call, boundary - step)
+
+
+def _eval_index(cfg: TrainConfig, done: int) -> int:
+    """The number of the evaluation after step ``done`` (0 for the first)."""
+    return max(done - 1, 0) // cfg.eval_every
+
+
+def _unstack(history: list[dict]) -> list[dict]:
+    """Host metrics with the stacked records of ``train_steps`` calls split into one per step."""
+    out = []
+    for record in history:
+        count = record.pop("_stacked", None)
+        if count is None:
+            out.append(record)
+            continue
+        step = record.pop("step")
+        out += [
+            dict(jax.tree.map(lambda x, i=i: x[i], record), step=step + i) for i in range(count)
+        ]
+    return out
+
+
+_EARLY_STOPS = ("target", "patience")
+
+
+class _EarlyStopping:
+    """The stopping rule of ``config.early_stopping`` over the evaluations; ``reason`` is
+    ``"target"`` or ``"patience"`` once it fires (None before). Replays the evaluations stored
+    before a resume, so a resumed run stops where the uninterrupted one would."""
+
+    def __init__(self, config: TrainConfig, evaluations: list[dict]):
+        self.config = config.early_stopping
+        self.best, self.strikes, self.reason = float("inf"), 0, None
+        for record in evaluations:
+            self.update(record["step"], record)
+
+    def update(self, step: int, metrics: dict) -> None:
+        cfg = self.config
+        if not cfg.enabled:
+            return
+        if cfg.metric not in metrics:
+            raise ValueError(f"early_stopping.metric={cfg.metric!r} not in {sorted(metrics)}")
+        value = float(metrics[cfg.metric])
+        if not math.isfinite(value):
+            raise NonFiniteLossError(f"evaluation {cfg.metric}={value} at step {step}")
+        if value < self.best:
+            self.best, self.strikes = value, 0
+        else:
+            self.strikes += 1
+        if cfg.target is not None and value <= cfg.target:
+            self.reason = "target"
+        elif cfg.patience is not None and self.strikes >= cfg.patience:
+            self.reason = "patience"
 
 
 def _wandb_options(config: TrainConfig, workdir: Path) -> WandbOptions | None:

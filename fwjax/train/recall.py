@@ -4,37 +4,48 @@ A :class:`~fwjax.nn.TransformerLM` reads a whole sequence and is scored only at 
 positions (``batch["mask"]``): the loss is the mean cross entropy of the answer tokens there and
 the accuracy the fraction of answers whose argmax over the vocabulary is right (also per hop
 count, for the multi-hop task). The optimizer is :func:`fwjax.train.optim.make_optimizer`
-(AdamW, linear warmup, cosine decay, global-norm clipping); a step is one jitted pure function
-of ``(params, optimizer state, batch)``. Batches are the tasks' pure functions of
-``(seed, step)``; the evaluation set is fixed (``eval=True`` stream, same seed).
+(AdamW, linear warmup, cosine decay, global-norm clipping). Batches are the tasks' pure
+functions of ``(seed, step)``; the evaluation set is fixed (``eval=True`` stream, same seed).
+Training runs in the one training loop (:func:`fwjax.train.loop.train_run`: checkpoints,
+resume, the non-finite guard) as :class:`fwjax.train.tasks.RecallTrainTask`;
+:meth:`RecallProtocol.train_config` gives the config.
 
 Usage::
 
     task = MQARTask(num_pairs=16, num_distractors=16)
     cfg = ModelConfig(vocab_size=task.vocab_size, d_model=64, num_layers=2, num_heads=2,
                       d_ff=128, layer_kinds=(AttentionKind.SOFTMAX,) * 2, positional=True)
-    result = train_recall(task, cfg, RecallProtocol(steps=500))
+    result = run_recall(RecallProtocol(steps=500).train_config(task, cfg))
     result.accuracy, result.hop_accuracy
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import tempfile
 import time
+import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 
-from fwjax.data.recall import RecallTask
+from fwjax.data.recall import MQARTask, RecallTask
 from fwjax.nn.config import ModelConfig
-from fwjax.nn.transformer import TransformerLM
-from fwjax.train.config import OptimizerConfig, OptimizerKind
-from fwjax.train.optim import make_optimizer
+from fwjax.train.config import (
+    CheckpointConfig,
+    MeshConfig,
+    OptimizerConfig,
+    OptimizerKind,
+    RecallTaskConfig,
+    TaskKind,
+    TrainConfig,
+)
 from fwjax.validation import check_positive_ints
 
 
@@ -89,6 +100,32 @@ class RecallProtocol:
             raise ValueError(f"{self.embedding_std=} must be > 0 or None")
         # The remaining fields are validated by the OptimizerConfig they build.
         self.optimizer()
+
+    def train_config(self, task: RecallTask, model_config: ModelConfig) -> TrainConfig:
+        """The :class:`~fwjax.train.config.TrainConfig` of this protocol for ``task`` and
+        ``model_config`` (train loss logged at every evaluation; a checkpoint at every
+        evaluation)."""
+        kind = "mqar" if isinstance(task, MQARTask) else "multihop"
+        recall = RecallTaskConfig(
+            model=model_config,
+            eval_sequences=self.eval_sequences,
+            eval_batch_size=self.eval_batch_size,
+            embedding_std=self.embedding_std,
+            **{kind: task},
+        )
+        return TrainConfig(
+            task=TaskKind.RECALL,
+            recall=recall,
+            steps=self.steps,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            eval_every=self.eval_every,
+            log_every=self.eval_every,
+            progress_bar=False,
+            optimizer=self.optimizer(),
+            checkpoint=CheckpointConfig(every_steps=self.eval_every, keep=1),
+            mesh=MeshConfig(data=1),  # one device, as the stored results ran
+        )
 
     def optimizer(self) -> OptimizerConfig:
         """The :class:`~fwjax.train.config.OptimizerConfig` of this protocol."""
@@ -163,6 +200,57 @@ def masked_cross_entropy(logits, targets, mask):
     return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
+def run_recall(config: TrainConfig, workdir: str | Path | None = None) -> RecallResult:
+    """Trains the recall run ``config`` with :func:`fwjax.train.loop.train_run` and collects
+    its :class:`RecallResult` (the history from ``metrics.jsonl``).
+
+    Args:
+      config: a recall :class:`~fwjax.train.config.TrainConfig` (e.g.
+        :meth:`RecallProtocol.train_config`); ``log_every`` = ``eval_every`` makes each
+        history entry's train loss the mean since the previous evaluation.
+      workdir: the run's work directory (checkpoints, resume); None: a temporary one, deleted
+        afterwards.
+
+    Returns:
+      A :class:`RecallResult`.
+    """
+    # Imported here: the loop imports this module (the recall task's metrics).
+    from fwjax.train.loop import Run, mesh_devices, train_run
+    from fwjax.train.metrics import read_metrics
+
+    if config.task is not TaskKind.RECALL:
+        raise ValueError(f"run_recall needs a recall config; got task={config.task.value!r}")
+    start = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        if workdir is None:
+            workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="fwjax-recall-"))
+        summary, run = train_run(config, workdir, devices=mesh_devices(config))
+        if run is None:  # finished before: its final checkpoint
+            run = Run(config, workdir, mesh_devices(config))
+            run.checkpointer.close()
+        records = read_metrics(Path(workdir))
+    train_loss = {r["step"]: r["loss"] for r in records if r["split"] == "train"}
+    evals = [r for r in records if r["split"] == "eval"]
+    final = summary["eval"]
+    return RecallResult(
+        accuracy=final["accuracy"],
+        loss=final["loss"],
+        hop_accuracy={
+            int(k.removeprefix("hop").removesuffix("_accuracy")): v
+            for k, v in final.items()
+            if k.startswith("hop") and k.endswith("_accuracy")
+        },
+        best_accuracy=max(r["accuracy"] for r in evals),
+        history=tuple(
+            (r["step"], train_loss.get(r["step"], math.nan), r["loss"], r["accuracy"])
+            for r in evals
+        ),
+        steps=summary["steps"],
+        seconds=time.perf_counter() - start,
+        num_params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(run.state.params)),
+    )
+
+
 def train_recall(
     task: RecallTask,
     model_config: ModelConfig,
@@ -170,102 +258,20 @@ def train_recall(
     *,
     log: Callable[[str], None] | None = None,
 ) -> RecallResult:
-    """Trains a :class:`~fwjax.nn.TransformerLM` on ``task`` and evaluates it.
+    """Deprecated: ``run_recall(protocol.train_config(task, model_config))``.
 
-    Args:
-      task: an :class:`~fwjax.data.recall.MQARTask` or
-        :class:`~fwjax.data.recall.MultiHopTask`.
-      model_config: the model; ``vocab_size`` must cover ``task.vocab_size``.
-      protocol: steps, optimizer, evaluation.
-      log: called with one progress line per evaluation (None: silent).
-
-    Returns:
-      A :class:`RecallResult` (final and best evaluation metrics, history, wall time).
+    Trains a :class:`~fwjax.nn.TransformerLM` on ``task`` in a temporary work directory of the
+    training loop; ``log`` gets one line per evaluation after training.
     """
-    if model_config.vocab_size < task.vocab_size:
-        raise ValueError(f"{model_config.vocab_size=} must be >= {task.vocab_size=}")
-    if model_config.dropout:
-        raise ValueError(f"{model_config.dropout=} must be 0 (the recall loop draws no RNG)")
-    start_time = time.perf_counter()
-    model = TransformerLM(model_config, rngs=nnx.Rngs(protocol.seed))
-    if protocol.embedding_std is not None:
-        # Rescale the N(0, embed_init_std²) table to N(0, embedding_std²).
-        scale = protocol.embedding_std / model_config.embed_init_std
-        model.embed.embedding[...] = model.embed.embedding[...] * scale
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-    tx = make_optimizer(protocol.optimizer(), protocol.steps)
-    opt_state = tx.init(params)
-    max_hops = task.max_hops
-
-    def forward(params, tokens):
-        logits, _ = nnx.merge(graphdef, params, rest)(tokens)
-        return logits
-
-    @jax.jit
-    def train_step(params, opt_state, batch):
-        def loss_fn(params):
-            logits = forward(params, batch["tokens"])
-            return masked_cross_entropy(logits, batch["targets"], batch["mask"])
-
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    @jax.jit
-    def eval_step(params, batch):
-        logits = forward(params, batch["tokens"])
-        return answer_metrics(
-            logits, batch["targets"], batch["mask"], batch["hops"], max_hops=max_hops
-        )
-
-    # The fixed evaluation set, built once.
-    eval_batches = [
-        task.batch(protocol.seed, i, protocol.eval_batch_size, eval=True)
-        for i in range(protocol.eval_sequences // protocol.eval_batch_size)
-    ]
-
-    def evaluate(params) -> dict:
-        sums = None
-        for batch in eval_batches:
-            s = jax.device_get(eval_step(params, batch))
-            sums = s if sums is None else jax.tree.map(np.add, sums, s)
-        hop_acc = {
-            h + 1: float(c / n)
-            for h, (c, n) in enumerate(zip(sums["hop_correct"], sums["hop_count"], strict=True))
-            if n > 0
-        }
-        return dict(
-            loss=float(sums["loss_sum"] / sums["count"]),
-            accuracy=float(sums["correct"] / sums["count"]),
-            hop_accuracy=hop_acc,
-        )
-
-    history, losses, metrics = [], [], None
-    for step in range(protocol.steps):
-        batch = task.batch(protocol.seed, step, protocol.batch_size)
-        params, opt_state, loss = train_step(params, opt_state, batch)
-        losses.append(loss)
-        done = step + 1
-        if done % protocol.eval_every == 0 or done == protocol.steps:
-            train_loss = float(np.mean(jax.device_get(losses)))
-            losses = []
-            if not math.isfinite(train_loss):
-                raise FloatingPointError(f"non-finite training loss {train_loss} at step {done}")
-            metrics = evaluate(params)
-            history.append((done, train_loss, metrics["loss"], metrics["accuracy"]))
-            if log is not None:
-                log(
-                    f"step {done}: train loss {train_loss:.4f}, eval loss {metrics['loss']:.4f}, "
-                    f"accuracy {metrics['accuracy']:.4f}"
-                )
-    return RecallResult(
-        accuracy=metrics["accuracy"],
-        loss=metrics["loss"],
-        hop_accuracy=metrics["hop_accuracy"],
-        best_accuracy=max(h[3] for h in history),
-        history=tuple(history),
-        steps=protocol.steps,
-        seconds=time.perf_counter() - start_time,
-        num_params=num_params,
+    warnings.warn(
+        "train_recall is deprecated; use run_recall(protocol.train_config(task, model_config))",
+        DeprecationWarning,
+        stacklevel=2,
     )
+    result = run_recall(protocol.train_config(task, model_config))
+    for step, train_loss, loss, accuracy in result.history if log is not None else ():
+        log(
+            f"step {step}: train loss {train_loss:.4f}, eval loss {loss:.4f}, "
+            f"accuracy {accuracy:.4f}"
+        )
+    return result

@@ -165,7 +165,7 @@ def make_train_step(task, model_def: ModelDef, tx, seed: int):
     def train_step(state: TrainState, batch):
         step_key = jax.random.fold_in(jax.random.fold_in(key, 2), state.step)
         model = model_def.merge(state.params, state.rest, train=True)
-        task.redraw_projections(model, jax.random.fold_in(step_key, 0))
+        task.redraw_projections(model, jax.random.fold_in(step_key, 0), state.step)
         rest = _split(model)[3]
         carry = _none_if_empty(state.carry)
 
@@ -201,11 +201,23 @@ def make_train_step(task, model_def: ModelDef, tx, seed: int):
     return train_step
 
 
-def make_eval_step(task, model_def: ModelDef):
-    """``(params, rest, batch, carry) -> (metric sums, carry)`` in eval mode (no dropout)."""
+def scan_steps(train_step):
+    """``(state, batches) -> (state, metrics)``: ``train_step`` over the leading axis of
+    ``batches`` (one ``lax.scan``: several steps per jitted call); metrics stacked."""
 
-    def eval_step(params, rest, batch, carry):
+    def train_steps(state: TrainState, batches):
+        return jax.lax.scan(train_step, state, batches)
+
+    return train_steps
+
+
+def make_eval_step(task, model_def: ModelDef):
+    """``(params, rest, batch, carry, index) -> (metric sums, carry)`` in eval mode (no
+    dropout), for the batches of evaluation number ``index`` (``task.prepare_eval``)."""
+
+    def eval_step(params, rest, batch, carry, index):
         model = model_def.merge(params, rest, train=False)
+        task.prepare_eval(model, index)
         _, (sums, new_carry) = task.loss(model, batch, _none_if_empty(carry))
         return sums, () if new_carry is None else new_carry
 

@@ -20,27 +20,28 @@ import optax
 from flax import nnx
 
 from fwjax.data import text as text_data
-from fwjax.data.retrieval import RetrievalTask, retrieval_loss
+from fwjax.data.retrieval import retrieval_loss
 from fwjax.data.tokenizers import TokenizerKind
 from fwjax.nn import (
     AttentionKind,
     FavorRedraw,
     Positional,
-    RetrievalConfig,
     RetrievalModel,
     TransformerLM,
     redraw_favor_projections,
 )
 from fwjax.train.config import (
+    EvalSet,
+    Init,
     LMEvalMode,
     LMTaskConfig,
+    RecallTaskConfig,
     RetrievalTaskConfig,
     TaskKind,
     TrainConfig,
 )
-
-# Evaluation batches come from a stream of their own, disjoint from the training stream.
-_EVAL_SEED_OFFSET = 1_000_003
+from fwjax.train.recall import answer_metrics, masked_cross_entropy
+from fwjax.train.retrieval import official_init, predictions
 
 
 def _pad_rows(batch: dict, multiple: int) -> dict:
@@ -58,6 +59,13 @@ def _pad_rows(batch: dict, multiple: int) -> dict:
 class RetrievalTrainTask:
     """The paper's synthetic retrieval task with a :class:`~fwjax.nn.RetrievalModel`.
 
+    Its random streams are those of the synthetic protocol: ``key(seed)`` split in four, for
+    the model's Flax initialisers, :func:`~fwjax.train.retrieval.official_init`, FAVOR+'s draw
+    at training step ``s`` (``fold_in(·, s)``) and at evaluation ``n`` (``fold_in(·, n)``).
+    Training batch ``s`` is ``data.batch(seed, s, batch_size)``; evaluation ``n`` reads
+    ``data.batch(seed, j, eval_sequences, eval=True)`` with ``j = b`` (FIXED) or
+    ``n·eval_batches + b`` (FRESH) for its batches ``b``.
+
     Metrics: ``loss`` (½‖onehot(target) − ŷ‖² per query; 0.5 for predicting zeros) and
     ``accuracy`` (argmax of ŷ equals the target).
     """
@@ -67,14 +75,8 @@ class RetrievalTrainTask:
     def __init__(self, config: TrainConfig):
         cfg: RetrievalTaskConfig = config.retrieval
         self.config = cfg
-        self.data = RetrievalTask(cfg.setting, cfg.num_keys)
-        self.model_config = RetrievalConfig(
-            num_keys=cfg.num_keys,
-            num_values=cfg.num_keys,
-            d_key=cfg.d_key,
-            attention=cfg.attention,
-            fast_weight=cfg.fast_weight,
-        )
+        self.data = cfg.data()
+        self.model_config = cfg.model_config()
         self.seed = config.seed
         self.batch_size = config.batch_size
         self.eval_batches = config.eval_batches
@@ -83,16 +85,27 @@ class RetrievalTrainTask:
             and cfg.fast_weight.feature_map.needs_projection
             and cfg.fast_weight.favor_redraw is FavorRedraw.PER_STEP
         )
+        keys = jax.random.split(jax.random.key(config.seed), 4)
+        self._init_key, self._official_key, self._train_favor, self._eval_favor = keys
 
     def tokens_per_batch(self, batch_size: int) -> int:
         return batch_size * self.data.length
 
     def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
-        return RetrievalModel(self.model_config, rngs=rngs)
+        """The model, from the task's own initialisation keys (``rngs`` is not used)."""
+        model = RetrievalModel(self.model_config, rngs=nnx.Rngs(params=self._init_key))
+        if self.config.init is Init.OFFICIAL:
+            official_init(model, self._official_key, embed_std=self.config.embed_std)
+        return model
 
-    def redraw_projections(self, model, key) -> None:
+    def redraw_projections(self, model, key, step) -> None:
         if self.redraw:
-            model.redraw_projection(key)
+            model.redraw_projection(jax.random.fold_in(self._train_favor, step))
+
+    def prepare_eval(self, model, index) -> None:
+        """Draws evaluation ``index``'s FAVOR+ projection (when redrawn)."""
+        if self.redraw:
+            model.redraw_projection(jax.random.fold_in(self._eval_favor, index))
 
     def init_carry(self, model, batch_size: int):
         return None
@@ -100,17 +113,17 @@ class RetrievalTrainTask:
     def train_batch(self, index: int) -> dict:
         return self.data.batch(self.seed, index, self.batch_size)
 
-    def eval_data(self, data_parallel: int) -> list[dict]:
-        seed = self.seed + _EVAL_SEED_OFFSET
+    def eval_data(self, data_parallel: int, index: int = 0) -> list[dict]:
+        first = index * self.eval_batches if self.config.eval_set is EvalSet.FRESH else 0
         n = self.config.eval_sequences
         return [
-            _pad_rows(self.data.batch(seed, i, n, eval=True), data_parallel)
+            _pad_rows(self.data.batch(self.seed, first + i, n, eval=True), data_parallel)
             for i in range(self.eval_batches)
         ]
 
     def loss(self, model, batch, carry):
         """Returns ``(loss, (metric sums, carry))``; sums are over the real queries."""
-        y = model(batch["keys"], batch["values"], batch["queries"])
+        y = predictions(model, batch, self.config.readout)
         mask = batch["mask"].astype(jnp.float32)
         loss = retrieval_loss(y, batch["targets"], batch["mask"])
         correct = (jnp.argmax(y, axis=-1) == batch["targets"]).astype(jnp.float32)
@@ -191,9 +204,12 @@ class LMTrainTask:
     def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
         return TransformerLM(self.model_config, rngs=rngs)
 
-    def redraw_projections(self, model, key) -> None:
+    def redraw_projections(self, model, key, step) -> None:
         if self.redraw:
             redraw_favor_projections(model, key)
+
+    def prepare_eval(self, model, index) -> None:
+        """Evaluation uses the last training draw of FAVOR+'s projections."""
 
     def init_carry(self, model, batch_size: int):
         return model.init_state(batch_size) if self.config.carry_state else None
@@ -201,7 +217,7 @@ class LMTrainTask:
     def train_batch(self, index: int) -> dict:
         return self.train_streams.batch(index)
 
-    def eval_data(self, data_parallel: int) -> list[dict]:
+    def eval_data(self, data_parallel: int, index: int = 0) -> list[dict]:
         # Consecutive validation segments: with carry_state the memory flows through them.
         return [self.valid_streams.batch(i) for i in range(self.eval_batches)]
 
@@ -366,9 +382,89 @@ def evaluate_lm(
     return out
 
 
-Task = RetrievalTrainTask | LMTrainTask
+class RecallTrainTask:
+    """A recall task (MQAR or multi-hop, :mod:`fwjax.data.recall`) with a
+    :class:`~fwjax.nn.TransformerLM` scored at the answer positions only.
+
+    The model is built from ``nnx.Rngs(seed)`` (the streams of the stored recall results);
+    training batch ``s`` is ``data.batch(seed, s, batch_size)``; the evaluation set is fixed
+    (``eval=True`` stream of the same seed). Metrics: ``loss`` (cross entropy per answer),
+    ``accuracy`` (argmax right) and ``hop{h}_accuracy`` per hop count ``h``.
+    """
+
+    kind = TaskKind.RECALL
+
+    def __init__(self, config: TrainConfig):
+        cfg: RecallTaskConfig = config.recall
+        self.config = cfg
+        self.data = cfg.data()
+        self.model_config = cfg.model
+        self.seed = config.seed
+        self.batch_size = config.batch_size
+        fw = cfg.model.fast_weight
+        self.redraw = fw.feature_map.needs_projection and fw.favor_redraw is FavorRedraw.PER_STEP
+        self._eval = None
+
+    def tokens_per_batch(self, batch_size: int) -> int:
+        return batch_size * self.data.length
+
+    def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
+        """The model, from ``nnx.Rngs(seed)`` (``rngs`` is not used)."""
+        model = TransformerLM(self.model_config, rngs=nnx.Rngs(self.seed))
+        if self.config.embedding_std is not None:
+            # Rescale the N(0, embed_init_std²) table to N(0, embedding_std²).
+            scale = self.config.embedding_std / self.model_config.embed_init_std
+            model.embed.embedding[...] = model.embed.embedding[...] * scale
+        return model
+
+    def redraw_projections(self, model, key, step) -> None:
+        if self.redraw:
+            redraw_favor_projections(model, key)
+
+    def prepare_eval(self, model, index) -> None:
+        """Evaluation uses the last training draw of FAVOR+'s projections."""
+
+    def init_carry(self, model, batch_size: int):
+        return None
+
+    def train_batch(self, index: int) -> dict:
+        return self.data.batch(self.seed, index, self.batch_size)
+
+    def eval_data(self, data_parallel: int, index: int = 0) -> list[dict]:
+        if self._eval is None:  # the fixed evaluation set, built once
+            n = self.config.eval_batch_size
+            count = self.config.eval_sequences // n
+            self._eval = [self.data.batch(self.seed, i, n, eval=True) for i in range(count)]
+        return [_pad_rows(b, data_parallel) for b in self._eval]
+
+    def loss(self, model, batch, carry):
+        """Returns ``(mean cross entropy of the answers, (metric sums, carry))``."""
+        logits, _ = model(batch["tokens"])
+        loss = masked_cross_entropy(logits, batch["targets"], batch["mask"])
+        sums = answer_metrics(
+            logits, batch["targets"], batch["mask"], batch["hops"], self.data.max_hops
+        )
+        return loss, (sums, carry)
+
+    @staticmethod
+    def summarize(sums: dict) -> dict:
+        count = max(float(sums["count"]), 1.0)
+        out = dict(loss=float(sums["loss_sum"]) / count, accuracy=float(sums["correct"]) / count)
+        hops = np.atleast_1d(sums["hop_correct"]), np.atleast_1d(sums["hop_count"])
+        for h, (right, total) in enumerate(zip(*hops, strict=True), start=1):
+            if total > 0:
+                out[f"hop{h}_accuracy"] = float(right) / float(total)
+        return out
+
+
+Task = RetrievalTrainTask | LMTrainTask | RecallTrainTask
 
 
 def make_task(config: TrainConfig) -> Task:
     """The task of ``config.task``."""
-    return {TaskKind.RETRIEVAL: RetrievalTrainTask, TaskKind.LM: LMTrainTask}[config.task](config)
+    tasks = {
+        TaskKind.RETRIEVAL: RetrievalTrainTask,
+        TaskKind.LM: LMTrainTask,
+        TaskKind.RECALL: RecallTrainTask,
+    }
+    return tasks[config.task](config)

@@ -11,7 +11,10 @@ import numpy as np
 import pytest
 
 from experiments import recall
-from fwjax.train.recall import RecallProtocol, answer_metrics
+from fwjax.cli import load_train_config
+from fwjax.data.recall import MultiHopTask
+from fwjax.nn import ModelConfig
+from fwjax.train.recall import RecallProtocol, answer_metrics, train_recall
 
 TINY = recall.Scale(
     d_model=8,
@@ -59,6 +62,33 @@ def test_sweep_covers_every_variant_and_point_validation():
         RecallProtocol(eval_sequences=8, eval_batch_size=3)
     with pytest.raises(ValueError, match=r"embedding_std=0\.0 must be > 0"):
         RecallProtocol(embedding_std=0.0)
+
+
+def test_the_config_file_is_the_sweeps_point():
+    point = recall.Point("mqar", "delta", 16)
+    task = point.make_task(recall.FULL)
+    config = recall.FULL.protocol(0, "delta").train_config(
+        task, point.model_config(recall.FULL, task.vocab_size)
+    )
+    assert load_train_config("recall_mqar_delta") == config
+
+
+def test_train_recall_is_a_deprecated_wrapper_of_the_loop():
+    """A tiny multi-hop run in the training loop: evaluations at steps 2 and 4 with per-hop
+    accuracies; the deprecated ``train_recall`` warns."""
+    task = MultiHopTask(2, num_entities=6, num_noise=2)
+    cfg = ModelConfig(vocab_size=task.vocab_size, d_model=8, num_layers=1, num_heads=1, d_ff=8)
+    protocol = RecallProtocol(
+        steps=4, batch_size=2, eval_every=2, eval_sequences=4, eval_batch_size=2, warmup_steps=0
+    )
+    lines = []
+    with pytest.warns(DeprecationWarning, match="run_recall"):
+        result = train_recall(task, cfg, protocol, log=lines.append)
+    assert [h[0] for h in result.history] == [2, 4] and result.steps == 4 and len(lines) == 2
+    assert set(result.hop_accuracy) <= {1, 2} and result.hop_accuracy
+    assert 0.0 <= result.accuracy <= 1.0 and result.best_accuracy >= result.accuracy
+    assert all(np.isfinite(h[1]) and np.isfinite(h[2]) for h in result.history)
+    assert result.num_params > 0
 
 
 def test_answer_metrics_count_only_masked_positions_per_hop():

@@ -14,11 +14,11 @@ import pytest
 from flax import nnx
 
 from experiments import synthetic
+from fwjax.cli import load_train_config
 from fwjax.data.retrieval import RetrievalSetting, RetrievalTask, retrieval_loss
 from fwjax.nn import AttentionKind, FastWeightConfig, RetrievalConfig, RetrievalModel
 from fwjax.ops import FeatureMap, FeatureMapKind, Normalization, UpdateRule, feature_maps
 from fwjax.ops.linalg import solve_unit_lower
-from fwjax.train import retrieval
 from fwjax.train.retrieval import (
     Init,
     Readout,
@@ -27,9 +27,9 @@ from fwjax.train.retrieval import (
     direct_predictions,
     official_init,
     predictions,
+    run_retrieval,
     train_retrieval,
 )
-from tests.jax_compat import enable_x64
 from tests.tolerances import assert_close
 
 OFFICIAL = dict(d_embed=23, use_bias=True)  # the official code's wide embedding, biases
@@ -111,72 +111,6 @@ def test_direct_predictions_of_a_delta_memory_by_hand():
     assert_close(y[0, 0], c * (u1 + u2))
 
 
-def _read_weights_definition(fq, fk, beta):
-    """``r = (s (I + A)⁻¹) ⊙ β``, ``s = q̂K̂ᵀ``, ``A = tril(diag(β) K̂K̂ᵀ, −1)``, by a dense inverse."""
-    s = jnp.einsum("bqk,blk->bql", fq, fk)
-    a = jnp.tril(beta[:, :, None] * jnp.einsum("blk,bmk->blm", fk, fk), -1)
-    return s @ jnp.linalg.inv(jnp.eye(fk.shape[1], dtype=fk.dtype) + a) * beta[:, None, :]
-
-
-# (read weights, β scale, key scale): the hand-written VJP with writes up to β‖k̂‖² = 1.3 (none
-# grows u) and, in float64 where rebuilding a grown u is still exact enough, up to 9.0 (19 of 26
-# writes with β‖k̂‖² > 2); the autodiff form on the latter.
-READ_WEIGHT_CASES = [
-    ("_delta_read_weights", 1.0, 0.4),
-    ("_delta_read_weights", 3.0, 0.6),
-    ("_delta_read_weights_autodiff", 3.0, 0.6),
-]
-
-
-@pytest.mark.parametrize("form, beta_scale, key_scale", READ_WEIGHT_CASES)
-def test_delta_read_weights_and_their_vjp_match_the_definition(form, beta_scale, key_scale):
-    """The back substitution equals the definition (float64), and so does its VJP (hand-written
-    or autodiff) for random cotangents, w.r.t. q̂, k̂ and β."""
-    rng = np.random.default_rng(0)
-    b, q, length, k = 2, 3, 13, 5
-    with enable_x64(True):
-        fq = jnp.asarray(rng.normal(size=(b, q, k)))
-        fk = jnp.asarray(rng.normal(size=(b, length, k)) * key_scale)
-        beta = jnp.asarray(rng.uniform(0.05, 1.0, size=(b, length)) * beta_scale)
-        r_bar = jnp.asarray(rng.normal(size=(b, q, length)))
-        ours, pullback = jax.vjp(getattr(retrieval, form), fq, fk, beta)
-        ref, ref_pullback = jax.vjp(_read_weights_definition, fq, fk, beta)
-        assert_close(ours, ref)
-        for x, y in zip(pullback(r_bar), ref_pullback(r_bar), strict=True):
-            assert float(jnp.max(jnp.abs(y))) > 1e-3  # a non-trivial comparison
-            assert_close(x, y)
-
-
-def test_delta_read_weights_vjp_float32_for_the_grids_keys():
-    """float32, sum-normalised DPFP keys over a long sequence (the grids' contractive writes):
-    the hand-written VJP against the float64 definition; and which form each normalisation
-    gets (the hand-written one only where every write is a contraction)."""
-    rng = np.random.default_rng(1)
-    b, q, length, d = 2, 2, 300, 8
-    fk = feature_maps.sum_norm(feature_maps.dpfp(jnp.asarray(rng.normal(size=(b, length, d))), 2))
-    fq = feature_maps.sum_norm(feature_maps.dpfp(jnp.asarray(rng.normal(size=(b, q, d))), 2))
-    beta = jax.nn.sigmoid(jnp.asarray(rng.normal(size=(b, length)), jnp.float32))
-    r_bar = jnp.asarray(rng.normal(size=(b, q, length)), jnp.float32)
-    args = (fq.astype(jnp.float32), fk.astype(jnp.float32), beta)
-    grads = jax.vjp(retrieval._delta_read_weights, *args)[1](r_bar)
-    with enable_x64(True):
-        args64 = [jnp.asarray(np.asarray(x), jnp.float64) for x in args]
-        ref = jax.vjp(_read_weights_definition, *args64)[1](jnp.asarray(r_bar, jnp.float64))
-    for x, y in zip(grads, ref, strict=True):
-        assert_close(x, y, dtype=jnp.float32)
-
-    def contractive(kind, norm):
-        fm = FeatureMap(kind, num_features=4 if kind is FeatureMapKind.FAVOR_PLUS else None)
-        return retrieval._contractive_writes(FastWeightConfig(feature_map=fm, normalization=norm))
-
-    assert contractive(FeatureMapKind.DPFP, Normalization.SUM)
-    assert contractive(FeatureMapKind.FAVOR_PLUS, Normalization.SUM)
-    assert contractive(FeatureMapKind.IDENTITY, Normalization.L2)
-    assert not contractive(FeatureMapKind.IDENTITY, Normalization.SUM)  # signed: ‖k̂‖ unbounded
-    assert not contractive(FeatureMapKind.ELU_P1, Normalization.ATTENTION)  # β' = β·d
-    assert not contractive(FeatureMapKind.ELU_P1, Normalization.NONE)
-
-
 @pytest.mark.parametrize(
     "n, block",
     # (37, 8): padding and several blocks, in the default suite; the others are slow (~12 s each).
@@ -208,14 +142,67 @@ def _tiny_protocol(**kw):
 
 def test_stopping_rule_patience():
     """A learning rate too small to move any float32 parameter: the fixed evaluation set gives
-    the same loss every time, so patience=1 stops after the second evaluation."""
+    the same loss every time, so patience=1 stops after the second evaluation. The deprecated
+    ``train_retrieval`` warns and gives the same result."""
     task = RetrievalTask(RetrievalSetting.CAPACITY, 4)
     cfg = synthetic.GridPoint(1, "dpfp1", "sum", 4).model_config()
     protocol = _tiny_protocol(target_loss=0.0, patience=1, learning_rate=1e-30)
-    stuck = train_retrieval(task, cfg, protocol)
+    stuck = run_retrieval(protocol.train_config(task, cfg))
     assert stuck.stop_reason is StopReason.PATIENCE
     assert stuck.history[0][1] == stuck.history[1][1] == stuck.final_eval_loss
     assert stuck.steps == 10
+    logged = []
+    with pytest.warns(DeprecationWarning, match="run_retrieval"):
+        again = train_retrieval(task, cfg, protocol, log=lambda *a: logged.append(a))
+    assert again.history == stuck.history == tuple(logged)
+
+
+# Stored points of experiments/results/synthetic (run before the protocol moved into the
+# training loop) that the loop reproduces: (setting, feature map, rule, N).
+STORED = [(1, "softmax", "sum", 20), (1, "dpfp1", "delta", 40)]
+
+
+@pytest.mark.parametrize("setting, fm, rule, n", STORED)
+def test_the_loop_reproduces_stored_points(setting, fm, rule, n):
+    point = synthetic.GridPoint(setting, fm, rule, n)
+    stored = json.loads(synthetic.point_path(synthetic.RESULTS / "synthetic", point).read_text())
+    protocol = RetrievalProtocol(max_steps=stored["max_steps"], embed_std=point.embed_std)
+    result = run_retrieval(protocol.train_config(point.task(), point.model_config()))
+    assert (result.steps, result.stop_reason.value) == (stored["steps"], stored["stop_reason"])
+    steps, losses = zip(*stored["history"], strict=True)
+    assert [h[0] for h in result.history] == list(steps)
+    np.testing.assert_allclose([h[1] for h in result.history], losses, rtol=1e-5)
+
+
+def test_the_paper_config_file_is_the_protocol():
+    """``fwjax train --config retrieval_paper`` runs the grid's setting-2 DPFP-1 delta point
+    (its clip_norm=inf clips nothing: TOML has no None)."""
+    point = synthetic.GridPoint(2, "dpfp1", "delta", 20)
+    ours = RetrievalProtocol(max_steps=synthetic.MAX_STEPS).train_config(
+        point.task(), point.model_config()
+    )
+    config = load_train_config("retrieval_paper")
+    assert config.optimizer.clip_norm == float("inf")
+    no_clip = dataclasses.replace(config.optimizer, clip_norm=None)
+    assert dataclasses.replace(config, optimizer=no_clip) == ours
+
+
+def test_an_interrupted_point_resumes_where_it_stopped(tmp_path):
+    """A point run to step 10 in two calls (the first capped at step 5, as a killed run leaves
+    its checkpoint) ends as the uninterrupted run: same evaluations, same patience count."""
+    task = RetrievalTask(RetrievalSetting.UPDATE, 4)
+    cfg = synthetic.GridPoint(2, "dpfp1", "delta", 4).model_config()
+    protocol = _tiny_protocol(target_loss=0.0, patience=2)
+    whole = run_retrieval(protocol.train_config(task, cfg), tmp_path / "whole")
+    first = dataclasses.replace(protocol, max_steps=5).train_config(task, cfg)
+    run_retrieval(first, tmp_path / "split")
+    resumed = run_retrieval(protocol.train_config(task, cfg), tmp_path / "split")
+    assert resumed.history == whole.history and resumed.steps == whole.steps == 10
+    assert resumed.stop_reason is whole.stop_reason
+    # Finished: running it again trains nothing and returns the same result.
+    assert run_retrieval(protocol.train_config(task, cfg), tmp_path / "split").history == (
+        whole.history
+    )
 
 
 def test_protocol_and_grid_validation():

@@ -118,6 +118,24 @@ def test_retrieval_run_learns_and_writes_metrics(tmp_path):
     assert all(np.isfinite(r["tokens_per_s"]) for r in records if r["split"] == "train")
 
 
+def test_steps_per_call_and_early_stopping(tmp_path):
+    """Four steps per jitted call (a scan) train as one step per call; a reached target stops
+    the run at that evaluation with its checkpoint, and the summary names the reason."""
+    base = [*TINY_RETRIEVAL, "steps=8", "log_every=4"]
+    one = train(load_train_config("retrieval_delta", base), tmp_path / "one")
+    four = train(load_train_config("retrieval_delta", [*base, "steps_per_call=4"]), tmp_path / "4")
+    assert "stop_reason" not in one
+    assert four["train"]["loss"] == pytest.approx(one["train"]["loss"], rel=1e-5)
+    assert four["eval"]["loss"] == pytest.approx(one["eval"]["loss"], rel=1e-5)
+    # A loss near 0.5 (predictions near 0) is below 10: the first evaluation (step 4) stops.
+    stop_at = [*base, "early_stopping.target=10.0"]
+    stopped = train(load_train_config("retrieval_delta", stop_at), tmp_path / "stop")
+    assert (stopped["steps"], stopped["stop_reason"]) == (4, "target")
+    run = Run(load_train_config("retrieval_delta", stop_at), tmp_path / "stop")
+    run.checkpointer.close()
+    assert run.restored_step == 4
+
+
 def test_one_device_and_eight_devices_give_the_same_losses(tmp_path):
     """Data parallel (4) × tensor parallel (2) over 8 simulated devices vs one device."""
     overrides = [*TINY_LM, "steps=2"]
