@@ -1,12 +1,12 @@
-"""The synthetic retrieval experiments' training gradient on XLA:CPU (one core), each of two
-changes of ``fwjax.train.retrieval`` against the form it replaced, side by side in one process,
-alternating, with the largest gradient difference between the two forms:
+"""The synthetic retrieval experiments' training gradient on XLA:CPU (one core), each change of
+``fwjax.train.retrieval`` / ``fwjax.ops.readout`` against the form it replaced, side by side in
+one process, alternating, with the largest gradient difference between the two forms:
 
 * ``projections``: memory keys ``W_v[v_t] + (E W_e)[k_t]`` from two row gathers of projected
   tables vs the per-position product ``W_v[v_t] + embed(k_t) @ W_e``;
 * ``delta readout``: the delta rule's read weights by back substitution with one ``K``-vector
-  per query (``_delta_read_weights``) vs forming ``A = tril(diag(β) K̂K̂ᵀ, −1)`` and the blocked
-  solve ``fwjax.ops.linalg.solve_unit_lower``;
+  per query (``fwjax.ops.readout.delta_read_weights``) vs forming
+  ``A = tril(diag(β) K̂K̂ᵀ, −1)`` and the blocked solve ``fwjax.ops.linalg.solve_unit_lower``;
 * ``readout VJP``: that back substitution's hand-written VJP (a forward scan rebuilding the
   carried vector) vs autodiff through its scan.
 
@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from benchmarks.retrieval_points import gradient_problem, point
 from benchmarks.swap import compare_swapped
+from fwjax.ops import readout
 from fwjax.ops.linalg import solve_unit_lower
 from fwjax.train import retrieval
 
@@ -59,20 +60,20 @@ def solve_read_weights(fq, fk, beta):
     return solve_unit_lower(s, a) * beta[:, None, :]
 
 
-# (name, module attribute, the former form), the current form being the attribute itself.
+# (name, module, attribute, the former form), the current form being the attribute itself.
 CHANGES = (
-    ("projections", "_token_projections", per_position_projections),
-    ("delta readout", "_delta_read_weights", solve_read_weights),
-    ("readout VJP", "_delta_read_weights", retrieval._delta_read_weights_autodiff),
+    ("projections", retrieval, "_token_projections", per_position_projections),
+    ("delta readout", readout, "delta_read_weights", solve_read_weights),
+    ("readout VJP", readout, "delta_read_weights", readout.delta_read_weights_autodiff),
 )
 
 
-def _compare(config, task, attribute, former, repeats, rounds):
+def _compare(config, task, module, attribute, former, repeats, rounds):
     """Best times (ms) of the former and the current form, and the max gradient difference."""
     loss, params = gradient_problem(config, task)
-    forms = (former, getattr(retrieval, attribute))
+    forms = (former, getattr(module, attribute))
     return compare_swapped(
-        retrieval, attribute, forms, lambda: jax.grad(loss), (params,), repeats, rounds
+        module, attribute, forms, lambda: jax.grad(loss), (params,), repeats, rounds
     )
 
 
@@ -87,14 +88,16 @@ def main():
     print(f"backend={jax.default_backend()} batch=32 repeats={args.repeats} rounds={args.rounds}")
     header = ("change", "point", "former (ms)", "current (ms)", "speed-up", "max |Δg|")
     print("{:<14} {:<24} {:>12} {:>12} {:>9} {:>9}".format(*header))
-    for name, attribute, former in CHANGES:
+    for name, module, attribute, former in CHANGES:
         if args.change and name not in args.change:
             continue
         for setting, fm, rule, n in POINTS:
             if name != "projections" and rule != "delta":
                 continue
             label, config, task = point(setting, fm, rule, n)
-            old, new, diff = _compare(config, task, attribute, former, args.repeats, args.rounds)
+            old, new, diff = _compare(
+                config, task, module, attribute, former, args.repeats, args.rounds
+            )
             row = f"{name:<14} {label:<24} {old:>12.1f} {new:>12.1f} {old / new:>8.1f}x"
             print(f"{row} {diff:>9.1e}", flush=True)
 
