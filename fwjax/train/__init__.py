@@ -5,17 +5,19 @@ from fwjax.train.checkpoint import Checkpointer
 from fwjax.train.config import (
     CheckpointConfig,
     DistributedConfig,
+    EarlyStoppingConfig,
     LMTaskConfig,
     MeshConfig,
     NonFinitePolicy,
     OptimizerConfig,
     OptimizerKind,
+    RecallTaskConfig,
     RetrievalTaskConfig,
     ScheduleKind,
     TaskKind,
     TrainConfig,
 )
-from fwjax.train.loop import NonFiniteLossError, Run, initialize_distributed, train
+from fwjax.train.loop import NonFiniteLossError, Run, initialize_distributed, train, train_run
 from fwjax.train.optim import learning_rate_schedule, make_optimizer
 from fwjax.train.step import TrainState, make_eval_step, make_train_step
 
@@ -23,12 +25,14 @@ __all__ = [
     "CheckpointConfig",
     "Checkpointer",
     "DistributedConfig",
+    "EarlyStoppingConfig",
     "LMTaskConfig",
     "MeshConfig",
     "NonFiniteLossError",
     "NonFinitePolicy",
     "OptimizerConfig",
     "OptimizerKind",
+    "RecallTaskConfig",
     "RetrievalTaskConfig",
     "Run",
     "ScheduleKind",
@@ -41,4 +45,5 @@ __all__ = [
     "make_optimizer",
     "make_train_step",
     "train",
+    "train_run",
 ]
