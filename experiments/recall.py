@@ -46,6 +46,7 @@ from fwjax.nn.config import (
 )
 from fwjax.ops import FeatureMap, FeatureMapKind, Normalization, UpdateRule
 from fwjax.train.recall import RecallProtocol, run_recall
+from fwjax.validation import check_positive_ints
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TASKS = ("mqar", "multihop")
@@ -163,8 +164,7 @@ class Point:
             raise ValueError(f"task={self.task!r} not in {TASKS}")
         if self.variant not in VARIANTS:
             raise ValueError(f"variant={self.variant!r} not in {sorted(VARIANTS)}")
-        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1:
-            raise ValueError(f"size={self.size!r} must be a positive int")
+        check_positive_ints(size=self.size)
 
     @property
     def name(self) -> str:

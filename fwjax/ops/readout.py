@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 from fwjax.ops.fast_weight_attention import Normalization, UpdateRule, memory_keys
 from fwjax.ops.feature_maps import FeatureMap, FeatureMapKind
+from fwjax.validation import check_positive_ints
 
 
 def readout_features(
@@ -185,8 +186,7 @@ def _check(q, k, values, beta, num_values, feature_map, update_rule) -> None:
         raise ValueError(
             f"values must be int [B, L] = {k.shape[:2]}; got {values.shape=} {values.dtype=}"
         )
-    if isinstance(num_values, bool) or not isinstance(num_values, int) or num_values < 1:
-        raise ValueError(f"{num_values=} must be a positive int")
+    check_positive_ints(num_values=num_values)
     if update_rule not in (UpdateRule.SUM, UpdateRule.DELTA):
         raise ValueError(f"{update_rule=} must be SUM or DELTA")
     wants_beta = feature_map is not None and update_rule is UpdateRule.DELTA
