@@ -69,7 +69,7 @@ from fwjax.diagnostics import replay_writes
 from fwjax.nn.config import FastWeightConfig
 from fwjax.nn.retrieval import RetrievalConfig
 from fwjax.ops import FeatureMap, FeatureMapKind, Normalization, UpdateRule
-from fwjax.train.retrieval import RetrievalProtocol, memory_writes, train_retrieval
+from fwjax.train.retrieval import RetrievalProtocol, memory_writes, run_retrieval
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
@@ -167,10 +167,9 @@ def synthetic_point(label: str, n: int, max_steps: int, seed: int = 0) -> dict:
     rule, norm = CONFIGS[label]
     fw = FastWeightConfig(feature_map=FEATURE_MAP, normalization=norm, update_rule=rule)
     task = RetrievalTask(RetrievalSetting.UPDATE, n)
-    result = train_retrieval(
-        task,
-        RetrievalConfig(n, n, d_key=D_KEY, fast_weight=fw),
-        RetrievalProtocol(seed=seed, max_steps=max_steps),
+    protocol = RetrievalProtocol(seed=seed, max_steps=max_steps)
+    result = run_retrieval(
+        protocol.train_config(task, RetrievalConfig(n, n, d_key=D_KEY, fast_weight=fw))
     )
     replays = [
         analyse_memory(

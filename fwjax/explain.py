@@ -10,7 +10,7 @@ Single-head views of the ops (inputs ``[T, K]``, already through the feature map
   and read them back, to compare the sum and delta rules when keys repeat or exceed capacity.
 * :func:`feature_kernel`: ``φ̂(x)·φ̂(y)`` of a feature map, the similarity a memory retrieves by.
 * :func:`capacity_sweep`: a small version of the paper's capacity experiment
-  (:func:`fwjax.train.retrieval.train_retrieval` over feature maps and N).
+  (:func:`fwjax.train.retrieval.run_retrieval` over feature maps and N).
 * :func:`per_position_loss`: a language model's loss at every position of long sequences, with
   fast weights carried across segments or reset at every segment.
 """
@@ -258,7 +258,7 @@ def capacity_sweep(
 ) -> list[CapacityPoint]:
     """A small version of the paper's capacity experiment (setting 1): for every feature map
     and N, trains a :class:`~fwjax.nn.RetrievalModel` with
-    :func:`~fwjax.train.retrieval.train_retrieval` and records its final evaluation loss.
+    :func:`~fwjax.train.retrieval.run_retrieval` and records its final evaluation loss.
 
     Normalisation follows the official synthetic code (and ``experiments/synthetic.py``):
     attention normalisation for the sum rule, sum normalisation for the delta rule.
@@ -276,7 +276,7 @@ def capacity_sweep(
     Returns:
       A list of :class:`CapacityPoint`, feature map by feature map, N increasing.
     """
-    from fwjax.train.retrieval import train_retrieval  # the training stack, only when sweeping
+    from fwjax.train.retrieval import run_retrieval  # the training stack, only when sweeping
 
     rule = UpdateRule(update_rule)
     norm = Normalization.ATTENTION if rule is UpdateRule.SUM else Normalization.SUM
@@ -285,7 +285,8 @@ def capacity_sweep(
         for n in sorted(num_keys):
             fw = FastWeightConfig(feature_map=fm, normalization=norm, update_rule=rule)
             config = RetrievalConfig(n, n, d_key=d_key, fast_weight=fw)
-            result = train_retrieval(RetrievalTask(RetrievalSetting.CAPACITY, n), config, protocol)
+            task = RetrievalTask(RetrievalSetting.CAPACITY, n)
+            result = run_retrieval(protocol.train_config(task, config))
             point = CapacityPoint(
                 name=name,
                 num_keys=n,

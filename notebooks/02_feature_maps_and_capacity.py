@@ -167,7 +167,7 @@ plt.show()
 # permutation of all $N$ keys with a permutation of all $N$ values; a one-layer
 # model (`fwjax.nn.RetrievalModel`) learns key embeddings and projections and must
 # return the value of a queried key. Training follows the paper's protocol
-# (`fwjax.train.retrieval.train_retrieval`: Adam 1e-3, batch 32, loss
+# (`fwjax.train.retrieval.run_retrieval`: Adam 1e-3, batch 32, loss
 # $\frac12\lVert \mathrm{onehot} - \hat y\rVert^2$, 0.5 for predicting zeros) with
 # a step cap; `fwjax.explain.capacity_sweep` runs it over feature maps and $N$.
 # The paper uses $d = 64$ and $N$ up to 600 (hours); here $d = 16$, so the limits
