@@ -44,6 +44,7 @@ from fwjax.nn.config import AttentionKind, FastWeightConfig
 from fwjax.nn.retrieval import RetrievalConfig
 from fwjax.ops import FeatureMap, FeatureMapKind, Normalization, UpdateRule
 from fwjax.train.retrieval import RetrievalProtocol, run_retrieval
+from fwjax.validation import check_ints
 
 RESULTS = Path(__file__).resolve().parent / "results"
 D_KEY = 64
@@ -160,8 +161,7 @@ class GridPoint:
         UpdateRule(self.update_rule)
         if self.feature_map == "softmax" and self.update_rule != "sum":
             raise ValueError(f"softmax takes update_rule='sum', got {self.update_rule!r}")
-        if isinstance(self.n_keys, bool) or not isinstance(self.n_keys, int) or self.n_keys < 2:
-            raise ValueError(f"n_keys={self.n_keys!r} must be an int >= 2")
+        check_ints(minimum=2, n_keys=self.n_keys)
         object.__setattr__(self, "embedding", KeyEmbedding(self.embedding))
 
     @property

@@ -45,15 +45,11 @@ import dataclasses
 
 import numpy as np
 
+from fwjax.validation import check_ints
+
 PAD = 0
 SEP = 1
 FIRST_HOP = 2  # token id of HOP_1
-
-
-def _check_int(minimum: int, **values) -> None:
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"{name}={value!r} must be an int >= {minimum}")
 
 
 def _random_subsets(rng: np.random.Generator, batch: int, population: int, size: int):
@@ -159,15 +155,15 @@ class MQARTask(_TokenLayout):
     def __post_init__(self):
         if self.num_queries is None:
             object.__setattr__(self, "num_queries", self.num_pairs)
-        _check_int(
-            1,
+        check_ints(
+            minimum=1,
             num_pairs=self.num_pairs,
             num_queries=self.num_queries,
             num_keys=self.num_keys,
             num_values=self.num_values,
             num_noise=self.num_noise,
         )
-        _check_int(0, num_distractors=self.num_distractors)
+        check_ints(minimum=0, num_distractors=self.num_distractors)
         if self.num_pairs > self.num_keys:
             raise ValueError(f"{self.num_pairs=} must be <= {self.num_keys=} (distinct keys)")
         if self.num_queries > self.num_pairs:
@@ -265,8 +261,8 @@ class MultiHopTask(_TokenLayout):
     def __post_init__(self):
         if self.num_queries is None:
             object.__setattr__(self, "num_queries", self.num_pairs)
-        _check_int(
-            1,
+        check_ints(
+            minimum=1,
             num_chains=self.num_chains,
             chain_length=self.chain_length,
             max_hops=self.max_hops,
@@ -274,7 +270,7 @@ class MultiHopTask(_TokenLayout):
             num_entities=self.num_entities,
             num_noise=self.num_noise,
         )
-        _check_int(0, num_distractors=self.num_distractors)
+        check_ints(minimum=0, num_distractors=self.num_distractors)
         if self.max_hops > self.chain_length:
             raise ValueError(f"{self.max_hops=} must be <= {self.chain_length=}")
         needed = self.num_chains * (self.chain_length + 1)

@@ -22,13 +22,8 @@ from fwjax.nn.config import (
     Positional,
 )
 from fwjax.nn.retrieval import RetrievalConfig
+from fwjax.validation import check_ints
 from fwjax.validation import check_positive_ints as _check_positive
-
-
-def _check_nonnegative(**values):
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name}={value!r} must be a non-negative int")
 
 
 class OptimizerKind(enum.Enum):
@@ -80,7 +75,7 @@ class OptimizerConfig:
         object.__setattr__(self, "schedule", ScheduleKind(self.schedule))
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate={self.learning_rate} must be > 0")
-        _check_nonnegative(warmup_steps=self.warmup_steps)
+        check_ints(minimum=0, warmup_steps=self.warmup_steps)
         if not 0.0 <= self.final_lr_fraction <= 1.0:
             raise ValueError(f"final_lr_fraction={self.final_lr_fraction} must be in [0, 1]")
         for name in ("b1", "b2"):
@@ -145,7 +140,7 @@ class DistributedConfig:
         if self.num_processes is not None:
             _check_positive(num_processes=self.num_processes)
         if self.process_id is not None:
-            _check_nonnegative(process_id=self.process_id)
+            check_ints(minimum=0, process_id=self.process_id)
             if self.num_processes is not None and self.process_id >= self.num_processes:
                 raise ValueError(f"{self.process_id=} must be < {self.num_processes=}")
 
@@ -527,7 +522,7 @@ class TrainConfig:
             max_consecutive_nonfinite=self.max_consecutive_nonfinite,
             steps_per_call=self.steps_per_call,
         )
-        _check_nonnegative(seed=self.seed)
+        check_ints(minimum=0, seed=self.seed)
         sections = dict(retrieval=RetrievalTaskConfig, lm=LMTaskConfig, recall=RecallTaskConfig)
         for name, section in sections.items():
             if name == self.task.value and getattr(self, name) is None:

@@ -57,7 +57,7 @@ from fwjax.train.config import (
     TaskKind,
     TrainConfig,
 )
-from fwjax.validation import check_positive_ints
+from fwjax.validation import check_ints, check_positive_ints
 
 
 class FavorPolicy(enum.Enum):
@@ -125,8 +125,7 @@ class RetrievalProtocol:
             patience=self.patience,
             max_steps=self.max_steps,
         )
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed={self.seed!r} must be a non-negative int")
+        check_ints(minimum=0, seed=self.seed)
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate={self.learning_rate} must be > 0")
         if not self.embed_std > 0:

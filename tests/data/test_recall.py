@@ -109,9 +109,9 @@ def test_lengths_follow_the_sizes():
     [
         (lambda: MQARTask(65, num_keys=64), r"self.num_pairs=65 must be <= self.num_keys=64"),
         (lambda: MQARTask(4, num_queries=5), r"self.num_queries=5 must be <= self.num_pairs=4"),
-        (lambda: MQARTask(0), r"num_pairs=0 must be an int >= 1"),
-        (lambda: MQARTask(4, num_distractors=-1), r"num_distractors=-1 must be an int >= 0"),
-        (lambda: MQARTask(True), r"num_pairs=True must be an int"),
+        (lambda: MQARTask(0), r"num_pairs=0 must be a positive int"),
+        (lambda: MQARTask(4, num_distractors=-1), r"num_distractors=-1 must be a non-negative int"),
+        (lambda: MQARTask(True), r"num_pairs=True must be a positive int"),
         (lambda: MultiHopTask(2, chain_length=1, max_hops=2), r"max_hops=2 must be <= "),
         (lambda: MultiHopTask(22, num_entities=64), r"need 66 distinct entities"),
     ],
