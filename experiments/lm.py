@@ -184,6 +184,22 @@ def _config_text(
     return header + "\n" + to_toml(data, inline=("feature_map",))
 
 
+def _run_keys(
+    steps: int, batch_size: int, eval_every: int, eval_batches: int, log_every: int, **extra
+) -> dict:
+    """The top-level keys of an LM config (seed 0), in the order the configs write them."""
+    return dict(
+        task="lm",
+        steps=steps,
+        batch_size=batch_size,
+        seed=0,
+        eval_every=eval_every,
+        eval_batches=eval_batches,
+        log_every=log_every,
+        **extra,
+    )
+
+
 def _softmax_kinds(variant: str, model: dict) -> dict:
     if VARIANTS[variant][1] is None:
         model["layer_kinds"] = ["softmax"] * model["num_layers"]
@@ -219,16 +235,7 @@ def recipe_config(variant: str, budget: str = "small") -> str:
         "# Written by `python -m experiments.lm configs`; results: `python -m experiments.lm run "
         f"--budget {budget}`.\n"
     )
-    top = dict(
-        task="lm",
-        steps=b["steps"],
-        batch_size=b["batch_size"],
-        seed=0,
-        eval_every=250,
-        eval_batches=8,
-        log_every=50,
-        progress_bar=False,
-    )
+    top = _run_keys(b["steps"], b["batch_size"], 250, 8, 50, progress_bar=False)
     lm = dict(
         dataset="text_file",
         tokenizer="char",
@@ -277,16 +284,7 @@ def tinyshakespeare_config(variant: str, steps: int = TS_STEPS) -> str:
         "memory across\n# segments and use no positions. The reference recipe is "
         "shakespeare_char_*.\n"
     )
-    top = dict(
-        task="lm",
-        steps=steps,
-        batch_size=TS["batch_size"],
-        seed=0,
-        eval_every=250,
-        eval_batches=4,
-        log_every=25,
-        progress_bar=False,
-    )
+    top = _run_keys(steps, TS["batch_size"], 250, 4, 25, progress_bar=False)
     lm = dict(
         dataset="local_text",
         tokenizer="char",
@@ -326,15 +324,7 @@ def wt103_config(size: str, variant: str) -> str:
         "# Written by `python -m experiments.lm configs`. Needs the data extra; set "
         "lm.manual_dir to a folder\n# holding wiki.*.tokens (or the zip) when offline.\n"
     )
-    top = dict(
-        task="lm",
-        steps=120_000 if size == "small" else 400_000,
-        batch_size=s["batch_size"],
-        seed=0,
-        eval_every=4000,
-        eval_batches=16,
-        log_every=200,
-    )
+    top = _run_keys(120_000 if size == "small" else 400_000, s["batch_size"], 4000, 16, 200)
     lm = dict(
         dataset="wikitext103",
         tokenizer="word",
