@@ -52,6 +52,15 @@ SEP = 1
 FIRST_HOP = 2  # token id of HOP_1
 
 
+def _complete_and_check(task, **sizes) -> None:
+    """A recall task's common checks: ``num_queries`` None becomes ``num_pairs``; ``sizes``,
+    ``num_queries`` and ``num_noise`` must be positive ints, ``num_distractors`` non-negative."""
+    if task.num_queries is None:
+        object.__setattr__(task, "num_queries", task.num_pairs)
+    check_ints(minimum=1, **sizes, num_queries=task.num_queries, num_noise=task.num_noise)
+    check_ints(minimum=0, num_distractors=task.num_distractors)
+
+
 def _random_subsets(rng: np.random.Generator, batch: int, population: int, size: int):
     """``[batch, size]``: per row, ``size`` distinct values of ``range(population)`` in random
     order (the first ``size`` entries of a uniform random permutation)."""
@@ -153,17 +162,9 @@ class MQARTask(_TokenLayout):
     num_noise: int = 16
 
     def __post_init__(self):
-        if self.num_queries is None:
-            object.__setattr__(self, "num_queries", self.num_pairs)
-        check_ints(
-            minimum=1,
-            num_pairs=self.num_pairs,
-            num_queries=self.num_queries,
-            num_keys=self.num_keys,
-            num_values=self.num_values,
-            num_noise=self.num_noise,
+        _complete_and_check(
+            self, num_pairs=self.num_pairs, num_keys=self.num_keys, num_values=self.num_values
         )
-        check_ints(minimum=0, num_distractors=self.num_distractors)
         if self.num_pairs > self.num_keys:
             raise ValueError(f"{self.num_pairs=} must be <= {self.num_keys=} (distinct keys)")
         if self.num_queries > self.num_pairs:
@@ -259,18 +260,13 @@ class MultiHopTask(_TokenLayout):
     num_noise: int = 16
 
     def __post_init__(self):
-        if self.num_queries is None:
-            object.__setattr__(self, "num_queries", self.num_pairs)
-        check_ints(
-            minimum=1,
+        _complete_and_check(
+            self,
             num_chains=self.num_chains,
             chain_length=self.chain_length,
             max_hops=self.max_hops,
-            num_queries=self.num_queries,
             num_entities=self.num_entities,
-            num_noise=self.num_noise,
         )
-        check_ints(minimum=0, num_distractors=self.num_distractors)
         if self.max_hops > self.chain_length:
             raise ValueError(f"{self.max_hops=} must be <= {self.chain_length=}")
         needed = self.num_chains * (self.chain_length + 1)
