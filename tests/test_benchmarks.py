@@ -77,6 +77,7 @@ def test_retrieval_points_are_the_synthetic_grids_points():
         retrieval_points.point(1, "softmax", "delta", 20)
 
 
+@pytest.mark.slow  # ≈ 13 s; the points themselves are checked against the grid above
 def test_retrieval_gradient_problem_is_the_training_loss():
     from benchmarks import retrieval_points
 

@@ -140,6 +140,7 @@ def _tiny_protocol(**kw):
     return RetrievalProtocol(eval_every=5, max_steps=10, eval_sequences=2, batch_size=4, **kw)
 
 
+@pytest.mark.slow  # ≈ 10 s; patience through a resume: the interrupted-point test below
 def test_stopping_rule_patience():
     """A learning rate too small to move any float32 parameter: the fixed evaluation set gives
     the same loss every time, so patience=1 stops after the second evaluation. The deprecated
@@ -159,7 +160,10 @@ def test_stopping_rule_patience():
 
 # Stored points of experiments/results/synthetic (run before the protocol moved into the
 # training loop) that the loop reproduces: (setting, feature map, rule, N).
-STORED = [(1, "softmax", "sum", 20), (1, "dpfp1", "delta", 40)]
+STORED = [
+    (1, "softmax", "sum", 20),
+    pytest.param(1, "dpfp1", "delta", 40, marks=pytest.mark.slow),  # ≈ 10 s more
+]
 
 
 @pytest.mark.parametrize("setting, fm, rule, n", STORED)
@@ -223,6 +227,7 @@ def test_protocol_and_grid_validation():
         RetrievalProtocol(embed_std=2.0, init=Init.MODEL)
 
 
+@pytest.mark.slow  # ≈ 10 s
 def test_key_embedding_variants():
     """OFFICIAL: int(2.2·N)-wide embedding with biases; SCALED / WIDE: PAPER's / OFFICIAL's
     model started at the other's pre-φ key scale; UNTIED / FACTORED: PAPER with a query table of
@@ -305,6 +310,7 @@ def test_tiny_grid_end_to_end_and_resume(tmp_path, monkeypatch):
     assert len(again) == 2 and records[0] in again
 
 
+@pytest.mark.slow  # ≈ 10 s
 def test_cli_points_selects_single_grid_points(tmp_path, monkeypatch):
     """``--points`` runs just the named points (here one softmax point, one evaluation) and
     rejects names outside the grid; ``--embedding official`` runs the same point as its own."""

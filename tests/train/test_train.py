@@ -176,6 +176,7 @@ def _env():
     return env
 
 
+@pytest.mark.slow  # ≈ 45 s; the fault-injection test (also slow) kills at random steps and saves
 def test_sigkill_mid_run_then_restart_ends_with_the_same_parameters(tmp_path):
     steps, every = 200, 20
     # Both runs in fresh one-device processes: bit-identical results are expected.
