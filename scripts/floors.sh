@@ -24,7 +24,7 @@ names = ["jax", "jaxlib", "flax", "optax", "chex", "orbax-checkpoint", "numpy", 
 print("floors job:", ", ".join(f"{n} {version(n)}" for n in names))
 PY
 # The smoke subset: every op against the oracle (float32/float64), the layers, one training run
-# with checkpoint and resume, the CLI, the data pipelines.
+# with checkpoint and resume, the CLI, the data pipelines, the wheel.
 "$venv/bin/python" -m pytest -q -x -n 2 -p no:cacheprovider -m "not slow and not gpu and not tpu" \
   tests/ops/test_parity.py tests/nn/test_layers.py tests/train/test_train.py \
-  tests/train/test_cli.py tests/data "$@"
+  tests/train/test_cli.py tests/data tests/test_packaging.py "$@"
