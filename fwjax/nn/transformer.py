@@ -215,7 +215,7 @@ def generate(
     Sampling runs in evaluation mode (no dropout) on a copy of ``model``: the model itself keeps
     its mode. The sampler is compiled once per model structure, prompt shape, ``max_new_tokens``,
     ``temperature`` and ``top_k``, and reused by later calls (new parameters or keys do not
-    recompile).
+    recompile; on flax 0.12.0 another model instance of the same structure compiles once more).
 
     Raises:
       ValueError: ``max_new_tokens < 0`` or an empty prompt.

@@ -248,15 +248,17 @@ def test_generate_compiles_once_per_settings_and_leaves_the_model_mode_alone():
     again = generate(model, prompt, 4, key=jax.random.key(1), temperature=0.0)
     other = TransformerLM(model.config, rngs=nnx.Rngs(1))  # same structure, other parameters
     generate(other, _tokens(t=3, seed=1), 4, key=key, temperature=0.0)
+    # Flax 0.12.0 (the floor) gives each instance a graphdef of its own: one compilation more.
+    own = int(nnx.split(other)[0] != nnx.split(model)[0])
     model.eval()
     in_eval = generate(model, prompt, 4, key=key, temperature=0.0)
     assert model.blocks[0].dropout.deterministic  # still in eval mode
-    assert _sample._cache_size() == before + 1  # no recompilation
+    assert _sample._cache_size() == before + 1 + own  # no recompilation
     # Sampling is in eval mode whatever the model's mode: greedy decoding is deterministic.
     np.testing.assert_array_equal(first, again)
     np.testing.assert_array_equal(first, in_eval)
     generate(model, prompt, 4, key=key, temperature=1.0)  # other sampling settings compile
-    assert _sample._cache_size() == before + 2
+    assert _sample._cache_size() == before + 2 + own
 
 
 def test_sampling_with_top_k_only_draws_from_the_top_k():
