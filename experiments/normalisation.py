@@ -69,7 +69,7 @@ from fwjax.diagnostics import replay_writes
 from fwjax.nn.config import FastWeightConfig
 from fwjax.nn.retrieval import RetrievalConfig
 from fwjax.ops import FeatureMap, FeatureMapKind, Normalization, UpdateRule
-from fwjax.train.retrieval import RetrievalProtocol, memory_writes, run_retrieval
+from fwjax.train.retrieval import memory_writes, retrieval_train_config, run_retrieval
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
@@ -167,10 +167,9 @@ def synthetic_point(label: str, n: int, max_steps: int, seed: int = 0) -> dict:
     rule, norm = CONFIGS[label]
     fw = FastWeightConfig(feature_map=FEATURE_MAP, normalization=norm, update_rule=rule)
     task = RetrievalTask(RetrievalSetting.UPDATE, n)
-    protocol = RetrievalProtocol(seed=seed, max_steps=max_steps)
-    result = run_retrieval(
-        protocol.train_config(task, RetrievalConfig(n, n, d_key=D_KEY, fast_weight=fw))
-    )
+    model = RetrievalConfig(n, n, d_key=D_KEY, fast_weight=fw)
+    fields = {"seed": seed, "steps": max_steps, "optimizer.clip_norm": None}
+    result = run_retrieval(retrieval_train_config(task, model, fields))
     replays = [
         analyse_memory(
             result.model,
@@ -364,9 +363,7 @@ def _plot(syn: list[dict], lms: list[dict]) -> None:
         # One legend entry per config, naming its LM run where the name differs; the dotted
         # delta_dpfp2 run (delta_sum with DPFP-2 keys) gets its own.
         lm_run = {r["config"]: r["run"] for r in lms if r["run"] != "delta_dpfp2"}
-        labels = {
-            c: c if lm_run.get(c, c) == c else f"{c} (LM: {lm_run[c]})" for c in CONFIGS
-        }
+        labels = {c: c if lm_run.get(c, c) == c else f"{c} (LM: {lm_run[c]})" for c in CONFIGS}
         ns = sorted({r["n_keys"] for r in syn})
         if ns:
             n = ns[-1]
@@ -398,9 +395,7 @@ def _plot(syn: list[dict], lms: list[dict]) -> None:
             )
             log_ticks(length.xaxis, lengths)
         for r in lms:
-            norm = [
-                np.mean([x["state_norm_final"] for x in s["layers"]]) for s in r["per_segment"]
-            ]
+            norm = [np.mean([x["state_norm_final"] for x in s["layers"]]) for s in r["per_segment"]]
             x = np.arange(1, len(norm) + 1) * r["segment_len"] / 1000
             style_ = ":" if r["run"] == "delta_dpfp2" else "-"
             if r["run"] == "delta_dpfp2":

@@ -45,7 +45,7 @@ from fwjax.nn.config import (
     Positional,
 )
 from fwjax.ops import FeatureMap, FeatureMapKind, Normalization, UpdateRule
-from fwjax.train.recall import RecallProtocol, run_recall
+from fwjax.train.recall import recall_train_config, run_recall
 from fwjax.validation import check_positive_ints
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -100,9 +100,9 @@ class Scale:
       d_model, num_layers, num_heads, d_ff: the model (``num_layers`` for MQAR).
       multihop_layers: layers for the multi-hop task (a 2-hop lookup by softmax attention
         takes three: a previous-token step and two retrievals).
-      steps, batch_size, learning_rate: training (:class:`RecallProtocol`).
+      steps, batch_size, learning_rate: training (:meth:`fields`).
       softmax_embedding_std: the softmax models' input embedding initialisation (see
-        :attr:`RecallProtocol.embedding_std`); fast weight models keep the LM's N(0, 1).
+        ``RecallTaskConfig.embedding_std``); fast weight models keep the LM's N(0, 1).
       eval_sequences: evaluation sequences per point.
       num_keys, num_values: MQAR's key and value ranges; multi-hop uses ``num_keys`` entities.
     """
@@ -120,19 +120,19 @@ class Scale:
     num_keys: int = 32
     num_values: int = 16
 
-    def protocol(self, seed: int, variant: str) -> RecallProtocol:
+    def fields(self, seed: int, variant: str) -> dict:
+        """Overrides of the protocol config (``recall_mqar_delta``) for one run."""
         softmax = VARIANTS[variant] is None
-        return RecallProtocol(
-            embedding_std=self.softmax_embedding_std if softmax else None,
-            steps=self.steps,
-            batch_size=self.batch_size,
-            learning_rate=self.learning_rate,
-            warmup_steps=min(100, self.steps // 10),
-            eval_every=max(self.steps // 4, 1),
-            eval_sequences=self.eval_sequences,
-            eval_batch_size=min(64, self.eval_sequences),
-            seed=seed,
-        )
+        every = max(self.steps // 4, 1)  # evaluate, log and checkpoint four times
+        return {
+            "recall.embedding_std": self.softmax_embedding_std if softmax else None,
+            "recall.eval_sequences": self.eval_sequences,
+            "recall.eval_batch_size": min(64, self.eval_sequences),
+            "steps": self.steps, "batch_size": self.batch_size, "seed": seed,
+            "eval_every": every, "log_every": every, "checkpoint.every_steps": every,
+            "optimizer.learning_rate": self.learning_rate,
+            "optimizer.warmup_steps": min(100, self.steps // 10),
+        }  # fmt: skip
 
 
 FULL = Scale()
@@ -223,9 +223,9 @@ def run_point(point: Point, scale: Scale, out_dir: Path) -> dict:
     killed point resumes; deleted once the record is written) and writes its JSON record
     atomically; returns the record."""
     task = point.make_task(scale)
-    protocol = scale.protocol(point.seed, point.variant)
+    fields = scale.fields(point.seed, point.variant)
     workdir = out_dir / "runs" / point.name
-    config = protocol.train_config(task, point.model_config(scale, task.vocab_size))
+    config = recall_train_config(task, point.model_config(scale, task.vocab_size), fields)
     result = run_recall(config, workdir)
     record = dict(
         task=point.task,

@@ -26,50 +26,19 @@ import json
 import logging
 import os
 import sys
-import tomllib
 import traceback
 from pathlib import Path
 
 from fwjax import configs as shipped_configs
 from fwjax.train.config import TaskKind, TrainConfig
-from fwjax.train.config_io import (
-    apply_overrides,
-    find_config,
-    load_toml,
-    structure,
-)
+from fwjax.train.config_io import CONFIG_DIRS, load_train_config  # noqa: F401 (public names)
 
-# The shipped configs are package data (a plain directory in a wheel or a checkout).
-CONFIG_DIRS = [Path(str(shipped_configs.config_dir()))]
 _PACKAGE_DIR = Path(__file__).resolve().parent
 EXIT_USAGE = 2
 
 
 class UsageError(Exception):
     """A mistake in the command's input, reported in one line (exit status 2)."""
-
-
-def load_train_config(name_or_path: str, overrides: list[str] | None = None) -> TrainConfig:
-    """Reads a TOML config and converts it to a validated :class:`TrainConfig`.
-
-    Args:
-      name_or_path: a path, or the name of a shipped config (``fwjax configs`` lists them).
-      overrides: ``key.path=value`` strings (TOML literals).
-
-    Returns:
-      The config.
-
-    Raises:
-      FileNotFoundError: no such config (the message lists the available names).
-      ValueError / TypeError: malformed TOML (naming the file and line), unknown keys or bad
-        values (naming them).
-    """
-    path = find_config(name_or_path, CONFIG_DIRS)
-    try:
-        data = load_toml(path)
-    except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"malformed TOML in {str(path)!r}: {e}") from e
-    return structure(TrainConfig, apply_overrides(data, overrides or []))
 
 
 def config_from_workdir(workdir: str | Path, overrides: list[str] | None = None) -> TrainConfig:

@@ -18,6 +18,8 @@ Single-head views of the ops (inputs ``[T, K]``, already through the feature map
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -250,7 +252,7 @@ class CapacityPoint:
 def capacity_sweep(
     feature_maps: dict[str, FeatureMap],
     num_keys: list[int],
-    protocol,
+    protocol: Mapping[str, Any] | None = None,
     *,
     d_key: int = 16,
     update_rule: UpdateRule = UpdateRule.SUM,
@@ -266,8 +268,10 @@ def capacity_sweep(
     Args:
       feature_maps: name -> φ.
       num_keys: the N values.
-      protocol: a :class:`~fwjax.train.retrieval.RetrievalProtocol` (step cap, evaluation
-        period, seed, ...).
+      protocol: ``{"key.path": value}`` overrides of the paper's protocol (the
+        ``retrieval_paper`` config: step cap, evaluation period, seed, ...; see
+        :func:`~fwjax.train.retrieval.retrieval_train_config`), or a deprecated
+        :class:`~fwjax.train.retrieval.RetrievalProtocol`.
       d_key: the key/query projection dimension (the paper: 64; smaller makes capacity limits
         show at small N, which is cheap).
       update_rule: SUM (the paper's capacity experiment) or DELTA.
@@ -276,7 +280,8 @@ def capacity_sweep(
     Returns:
       A list of :class:`CapacityPoint`, feature map by feature map, N increasing.
     """
-    from fwjax.train.retrieval import run_retrieval  # the training stack, only when sweeping
+    # The training stack, only when sweeping.
+    from fwjax.train.retrieval import RetrievalProtocol, retrieval_train_config, run_retrieval
 
     rule = UpdateRule(update_rule)
     norm = Normalization.ATTENTION if rule is UpdateRule.SUM else Normalization.SUM
@@ -286,7 +291,11 @@ def capacity_sweep(
             fw = FastWeightConfig(feature_map=fm, normalization=norm, update_rule=rule)
             config = RetrievalConfig(n, n, d_key=d_key, fast_weight=fw)
             task = RetrievalTask(RetrievalSetting.CAPACITY, n)
-            result = run_retrieval(protocol.train_config(task, config))
+            if isinstance(protocol, RetrievalProtocol):
+                run_config = protocol.train_config(task, config)
+            else:
+                run_config = retrieval_train_config(task, config, protocol)
+            result = run_retrieval(run_config)
             point = CapacityPoint(
                 name=name,
                 num_keys=n,

@@ -58,7 +58,6 @@ import numpy as np
 
 from fwjax import explain
 from fwjax.ops import FeatureMap, FeatureMapKind, Normalization, feature_maps
-from fwjax.train.retrieval import RetrievalProtocol
 
 MAPS = {
     "linear": FeatureMap(FeatureMapKind.ELU_P1),
@@ -96,10 +95,8 @@ fig, axes = plt.subplots(1, len(shown), figsize=(13, 3))
 for ax, name in zip(axes, shown, strict=True):
     fm = MAPS[name]
     feats = fm(circle, projection if fm.needs_projection else None)
-    ax.imshow(feats.T, aspect="auto", cmap="magma",
-              extent=[0, 360, feats.shape[1] - 0.5, -0.5])
-    ax.set(title=f"{name}: dim φ = {feats.shape[1]}", xlabel="θ (degrees)",
-           ylabel="feature")
+    ax.imshow(feats.T, aspect="auto", cmap="magma", extent=[0, 360, feats.shape[1] - 0.5, -0.5])
+    ax.set(title=f"{name}: dim φ = {feats.shape[1]}", xlabel="θ (degrees)", ylabel="feature")
 plt.tight_layout()
 plt.show()
 
@@ -130,10 +127,16 @@ off = ~np.eye(len(x), dtype=bool)
 proj64 = feature_maps.draw_favor_projection(jax.random.key(2), 16, 64)
 for name in ["linear", "dpfp1", "dpfp2", "dpfp3", "favor64"]:
     fm = MAPS[name]
-    cos = explain.feature_kernel(fm, x, x, normalization=Normalization.L2,
-                                 projection=proj64 if fm.needs_projection else None)
-    axes[3].hist(np.asarray(cos)[off], bins=50, histtype="step", density=True,
-                 label=f"{name} ({fm.output_dim(16)})")
+    cos = explain.feature_kernel(
+        fm, x, x, normalization=Normalization.L2, projection=proj64 if fm.needs_projection else None
+    )
+    axes[3].hist(
+        np.asarray(cos)[off],
+        bins=50,
+        histtype="step",
+        density=True,
+        label=f"{name} ({fm.output_dim(16)})",
+    )
 axes[3].set(title="d = 16: cos(φ(x), φ(y)), x ≠ y", xlabel="cosine")
 axes[3].legend(fontsize=7)
 plt.tight_layout()
@@ -175,7 +178,9 @@ plt.show()
 # loss to rise once $N$ passes its $\dim\phi$ (dashed lines).
 
 # %%
-protocol = RetrievalProtocol(max_steps=MAX_STEPS, eval_every=EVAL_EVERY, patience=5)
+# Overrides of the paper's protocol (the `retrieval_paper` config).
+protocol = {"steps": MAX_STEPS, "early_stopping.patience": 5}
+protocol |= dict.fromkeys(("eval_every", "log_every", "steps_per_call"), EVAL_EVERY)
 points = explain.capacity_sweep(
     {name: MAPS[name] for name in CAPACITY_MAPS},
     CAPACITY_N,
@@ -190,9 +195,12 @@ points = explain.capacity_sweep(
 # %%
 for name in CAPACITY_MAPS:
     mine = [p for p in points if p.name == name]
-    line, = plt.plot([p.num_keys for p in mine],
-                     [p.final_eval_loss for p in mine], "o-",
-                     label=f"{name} (dim φ = {mine[0].d_dot})")
+    (line,) = plt.plot(
+        [p.num_keys for p in mine],
+        [p.final_eval_loss for p in mine],
+        "o-",
+        label=f"{name} (dim φ = {mine[0].d_dot})",
+    )
     plt.axvline(mine[0].d_dot, color=line.get_color(), ls="--", alpha=0.6)
 plt.xscale("log", base=2)
 plt.xlabel("N associations per sequence")

@@ -19,7 +19,6 @@ from fwjax.ops import (
     feature_maps,
     sum_rule,
 )
-from fwjax.train.retrieval import RetrievalProtocol
 
 
 def _head(seed, t=12, d=6, dv=5):
@@ -129,7 +128,8 @@ def test_feature_kernel():
 @pytest.mark.slow  # also exercised by notebook 02 in CI's notebook run
 def test_capacity_sweep_one_point():
     points = []
-    protocol = RetrievalProtocol(eval_every=5, max_steps=5, eval_sequences=2, batch_size=4)
+    protocol = {"eval_every": 5, "log_every": 5, "steps_per_call": 5, "steps": 5, "batch_size": 4}
+    protocol["retrieval.eval_sequences"] = 2
     fms = {"dpfp1": FeatureMap(FeatureMapKind.DPFP, nu=1)}
     result = explain.capacity_sweep(fms, [6], protocol, d_key=4, log=points.append)
     assert result == points

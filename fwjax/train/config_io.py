@@ -11,6 +11,7 @@ dataclass's ``__post_init__`` then validates the values. :func:`unstructure` is 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import enum
 import json
@@ -19,8 +20,12 @@ import re
 import tomllib
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from fwjax import configs as shipped_configs
+from fwjax.train.config import TrainConfig
 
 
 def structure(cls: Any, data: Any, path: str = "config") -> Any:
@@ -185,24 +190,32 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Applies ``key.path=value`` overrides to a nested dict (returns a new dict)."""
-    import copy
-
+def set_fields(data: dict, fields: Mapping[str, Any]) -> dict:
+    """Sets ``{"key.path": value}`` fields in a nested dict (returns a new dict); a value may be
+    a config dataclass or enum (stored as :func:`unstructure` gives it)."""
     data = copy.deepcopy(data)
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"override {item!r} must look like key.path=value")
+    for key, value in fields.items():
         *parents, leaf = key.strip().split(".")
         node = data
         for p in parents:
             child = node.setdefault(p, {})
             if not isinstance(child, dict):
-                raise ValueError(f"override {item!r}: {p!r} is not a table")
+                raise ValueError(f"field {key!r}: {p!r} is not a table")
             node = child
-        node[leaf] = parse_value(value.strip())
+        node[leaf] = unstructure(value)
     return data
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Applies ``key.path=value`` overrides (TOML literals) to a nested dict (returns a new
+    dict)."""
+    fields = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"override {item!r} must look like key.path=value")
+        fields[key.strip()] = parse_value(value.strip())
+    return set_fields(data, fields)
 
 
 def find_config(name_or_path: str | Path, search_dirs: list[Path]) -> Path:
@@ -256,3 +269,39 @@ def upgrade_stored(data: dict) -> dict:
             for key, value in fields.items():
                 table.setdefault(key, value)
     return data
+
+
+# The shipped configs are package data (a plain directory in a wheel or a checkout).
+CONFIG_DIRS = [Path(str(shipped_configs.config_dir()))]
+
+
+def load_train_config(name_or_path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """Reads a TOML config and converts it to a validated :class:`TrainConfig`.
+
+    Args:
+      name_or_path: a path, or the name of a shipped config (``fwjax configs`` lists them).
+      overrides: ``key.path=value`` strings (TOML literals).
+
+    Returns:
+      The config.
+
+    Raises:
+      FileNotFoundError: no such config (the message lists the available names).
+      ValueError / TypeError: malformed TOML (naming the file and line), unknown keys or bad
+        values (naming them).
+    """
+    path = find_config(name_or_path, CONFIG_DIRS)
+    try:
+        data = load_toml(path)
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"malformed TOML in {str(path)!r}: {e}") from e
+    return structure(TrainConfig, apply_overrides(data, overrides or []))
+
+
+def with_overrides(config: TrainConfig, fields: Mapping[str, Any]) -> TrainConfig:
+    """``config`` with ``{"key.path": value}`` fields replaced (as ``--set`` would, but with
+    Python values: numbers, None, enums, config dataclasses), validated again.
+
+    Example: ``with_overrides(config, {"steps": 500, "optimizer.learning_rate": 3e-4})``.
+    """
+    return structure(type(config), set_fields(unstructure(config), fields))

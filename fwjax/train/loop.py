@@ -15,11 +15,13 @@ multi-host pod.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -414,6 +416,22 @@ def train_run(
         workdir_lib.write_text_atomic(workdir / "summary.json", json.dumps(summary, indent=2))
         print(workdir_lib.summary_line(summary, cfg.steps))
     return summary, run
+
+
+@contextlib.contextmanager
+def finished_run(config: TrainConfig, workdir: str | Path | None = None):
+    """Trains (or resumes) ``config`` to its end on :func:`mesh_devices`, then yields
+    ``(summary, run, records)``: the summary, the :class:`Run` at its final state (restored
+    from the final checkpoint when the run had finished before) and the ``metrics.jsonl``
+    records. ``workdir`` None: a temporary directory, deleted on exit."""
+    with contextlib.ExitStack() as stack:
+        if workdir is None:
+            workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="fwjax-run-"))
+        summary, run = train_run(config, workdir, devices=mesh_devices(config))
+        if run is None:  # finished before: its final checkpoint
+            run = Run(config, workdir, mesh_devices(config))
+            run.checkpointer.close()
+        yield summary, run, read_metrics(Path(workdir))
 
 
 def mesh_devices(config: TrainConfig) -> list | None:

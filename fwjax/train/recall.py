@@ -8,27 +8,26 @@ count, for the multi-hop task). The optimizer is :func:`fwjax.train.optim.make_o
 functions of ``(seed, step)``; the evaluation set is fixed (``eval=True`` stream, same seed).
 Training runs in the one training loop (:func:`fwjax.train.loop.train_run`: checkpoints,
 resume, the non-finite guard) as :class:`fwjax.train.tasks.RecallTrainTask`;
-:meth:`RecallProtocol.train_config` gives the config.
+:func:`recall_train_config` gives the config from a protocol config file.
 
 Usage::
 
     task = MQARTask(num_pairs=16, num_distractors=16)
     cfg = ModelConfig(vocab_size=task.vocab_size, d_model=64, num_layers=2, num_heads=2,
                       d_ff=128, layer_kinds=(AttentionKind.SOFTMAX,) * 2, positional=True)
-    result = run_recall(RecallProtocol(steps=500).train_config(task, cfg))
+    result = run_recall(recall_train_config(task, cfg, {"steps": 500}))
     result.accuracy, result.hop_accuracy
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -37,38 +36,54 @@ import optax
 
 from fwjax.data.recall import MQARTask, RecallTask
 from fwjax.nn.config import ModelConfig
-from fwjax.train.config import (
-    CheckpointConfig,
-    MeshConfig,
-    OptimizerConfig,
-    OptimizerKind,
-    RecallTaskConfig,
-    TaskKind,
-    TrainConfig,
-)
-from fwjax.validation import check_positive_ints
+from fwjax.train.config import TaskKind, TrainConfig
+from fwjax.train.config_io import load_train_config, with_overrides
+
+
+def recall_train_config(
+    task: RecallTask,
+    model_config: ModelConfig,
+    fields: Mapping[str, Any] | None = None,
+    *,
+    base: str | Path = "recall_mqar_delta",
+) -> TrainConfig:
+    """The training config of ``model_config`` on ``task`` under a protocol config file.
+
+    The protocol is ``base`` (a shipped config name or a TOML path; the default,
+    ``fwjax/configs/recall_mqar_delta.toml``, is the recall sweep's: AdamW 3e-3 with warmup and
+    cosine decay, clipping at 1, 900 steps of 16 sequences, 256 evaluation sequences): its
+    ``[recall]`` task and model are replaced by ``task`` and ``model_config``, then ``fields``
+    are set as :func:`~fwjax.train.config_io.with_overrides` sets them, e.g.
+    ``{"steps": 2000, "seed": 1, "optimizer.learning_rate": 1e-3}``.
+
+    Args:
+      task: an :class:`~fwjax.data.recall.MQARTask` or
+        :class:`~fwjax.data.recall.MultiHopTask`.
+      model_config: the :class:`~fwjax.nn.ModelConfig`; its vocabulary must cover the task's.
+      fields: ``{"key.path": value}`` overrides of the protocol.
+      base: the protocol config.
+
+    Returns:
+      A validated recall :class:`~fwjax.train.config.TrainConfig`.
+    """
+    config = load_train_config(base)
+    if config.task is not TaskKind.RECALL:
+        raise ValueError(f"base={str(base)!r} is a {config.task.value!r} config, not recall")
+    mqar, multihop = (task, None) if isinstance(task, MQARTask) else (None, task)
+    recall = dataclasses.replace(config.recall, model=model_config, mqar=mqar, multihop=multihop)
+    return with_overrides(config, {"recall": recall, **(fields or {})})
 
 
 @dataclasses.dataclass(frozen=True)
 class RecallProtocol:
-    """How a recall model is trained and evaluated.
+    """Deprecated: :func:`recall_train_config` (the protocol is a config file; these fields
+    become its overrides).
 
-    Attributes:
-      steps: optimizer steps.
-      batch_size: training sequences per step.
-      learning_rate: peak AdamW learning rate (after ``warmup_steps``, cosine decay to
-        ``final_lr_fraction`` of it at ``steps``).
-      warmup_steps: linear warmup steps.
-      final_lr_fraction: the learning rate at the last step, relative to the peak.
-      weight_decay: AdamW's decoupled weight decay.
-      clip_norm: global gradient-norm clip.
-      eval_every: evaluate every this many steps (and always after the last step).
-      eval_sequences: evaluation sequences (a fixed set).
-      eval_batch_size: sequences per evaluation batch.
-      seed: parameter initialisation and data streams.
-      embedding_std: if set, the input embedding is initialised with this standard deviation
-        instead of the model's N(0, 1) (the LM multiplies it by ``√d_model``; with N(0, 1) the
-        token embedding drowns the sinusoidal positions, which softmax attention needs here).
+    Attributes: ``steps``, ``batch_size``; AdamW's ``learning_rate`` (peak, after
+    ``warmup_steps``, cosine decay to ``final_lr_fraction`` of it), ``weight_decay`` (every
+    parameter) and ``clip_norm``; ``eval_every`` (also the logging and checkpoint period),
+    ``eval_sequences`` in batches of ``eval_batch_size``, ``seed``, ``embedding_std`` (the
+    recall task config's).
     """
 
     steps: int = 1000
@@ -85,64 +100,29 @@ class RecallProtocol:
     embedding_std: float | None = None
 
     def __post_init__(self):
-        check_positive_ints(
-            steps=self.steps,
-            batch_size=self.batch_size,
-            eval_every=self.eval_every,
-            eval_sequences=self.eval_sequences,
-            eval_batch_size=self.eval_batch_size,
+        warnings.warn(
+            "RecallProtocol is deprecated; use recall_train_config(task, model_config, fields)",
+            DeprecationWarning,
+            stacklevel=3,
         )
-        if self.eval_sequences % self.eval_batch_size:
-            raise ValueError(
-                f"{self.eval_batch_size=} must divide {self.eval_sequences=} (whole batches)"
-            )
-        if self.embedding_std is not None and not self.embedding_std > 0:
-            raise ValueError(f"{self.embedding_std=} must be > 0 or None")
-        # The remaining fields are validated by the OptimizerConfig they build.
-        self.optimizer()
 
     def train_config(self, task: RecallTask, model_config: ModelConfig) -> TrainConfig:
-        """The :class:`~fwjax.train.config.TrainConfig` of this protocol for ``task`` and
-        ``model_config`` (train loss logged at every evaluation; a checkpoint at every
-        evaluation)."""
-        kind = "mqar" if isinstance(task, MQARTask) else "multihop"
-        recall = RecallTaskConfig(
-            model=model_config,
-            eval_sequences=self.eval_sequences,
-            eval_batch_size=self.eval_batch_size,
-            embedding_std=self.embedding_std,
-            **{kind: task},
-        )
-        return TrainConfig(
-            task=TaskKind.RECALL,
-            recall=recall,
-            steps=self.steps,
-            batch_size=self.batch_size,
-            seed=self.seed,
-            eval_every=self.eval_every,
-            log_every=self.eval_every,
-            progress_bar=False,
-            optimizer=self.optimizer(),
-            checkpoint=CheckpointConfig(every_steps=self.eval_every, keep=1),
-            mesh=MeshConfig(data=1),  # one device, as the stored results ran
-        )
-
-    def optimizer(self) -> OptimizerConfig:
-        """The :class:`~fwjax.train.config.OptimizerConfig` of this protocol."""
-        return OptimizerConfig(
-            kind=OptimizerKind.ADAMW,
-            learning_rate=self.learning_rate,
-            warmup_steps=self.warmup_steps,
-            final_lr_fraction=self.final_lr_fraction,
-            weight_decay=self.weight_decay,
-            decay_matrices_only=False,  # the stored recall results decayed every parameter
-            clip_norm=self.clip_norm,
-        )
+        """The :class:`~fwjax.train.config.TrainConfig` of this protocol."""
+        names = ("learning_rate", "warmup_steps", "final_lr_fraction", "weight_decay", "clip_norm")
+        fields = {f"optimizer.{name}": getattr(self, name) for name in names}
+        for name in ("eval_sequences", "eval_batch_size", "embedding_std"):
+            fields[f"recall.{name}"] = getattr(self, name)
+        fields.update(
+            steps=self.steps, batch_size=self.batch_size, seed=self.seed,
+            eval_every=self.eval_every, log_every=self.eval_every,
+        )  # fmt: skip
+        fields["checkpoint.every_steps"] = self.eval_every
+        return recall_train_config(task, model_config, fields)
 
 
 @dataclasses.dataclass(frozen=True)
 class RecallResult:
-    """The outcome of :func:`train_recall`.
+    """The outcome of :func:`run_recall`.
 
     Attributes:
       accuracy: final evaluation accuracy over all answer positions.
@@ -206,7 +186,7 @@ def run_recall(config: TrainConfig, workdir: str | Path | None = None) -> Recall
 
     Args:
       config: a recall :class:`~fwjax.train.config.TrainConfig` (e.g.
-        :meth:`RecallProtocol.train_config`); ``log_every`` = ``eval_every`` makes each
+        :func:`recall_train_config`); ``log_every`` = ``eval_every`` makes each
         history entry's train loss the mean since the previous evaluation.
       workdir: the run's work directory (checkpoints, resume); None: a temporary one, deleted
         afterwards.
@@ -215,20 +195,13 @@ def run_recall(config: TrainConfig, workdir: str | Path | None = None) -> Recall
       A :class:`RecallResult`.
     """
     # Imported here: the loop imports this module (the recall task's metrics).
-    from fwjax.train.loop import Run, mesh_devices, train_run
-    from fwjax.train.metrics import read_metrics
+    from fwjax.train.loop import finished_run
 
     if config.task is not TaskKind.RECALL:
         raise ValueError(f"run_recall needs a recall config; got task={config.task.value!r}")
     start = time.perf_counter()
-    with contextlib.ExitStack() as stack:
-        if workdir is None:
-            workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="fwjax-recall-"))
-        summary, run = train_run(config, workdir, devices=mesh_devices(config))
-        if run is None:  # finished before: its final checkpoint
-            run = Run(config, workdir, mesh_devices(config))
-            run.checkpointer.close()
-        records = read_metrics(Path(workdir))
+    with finished_run(config, workdir) as (summary, run, records):
+        params = run.state.params
     train_loss = {r["step"]: r["loss"] for r in records if r["split"] == "train"}
     evals = [r for r in records if r["split"] == "eval"]
     final = summary["eval"]
@@ -247,7 +220,7 @@ def run_recall(config: TrainConfig, workdir: str | Path | None = None) -> Recall
         ),
         steps=summary["steps"],
         seconds=time.perf_counter() - start,
-        num_params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(run.state.params)),
+        num_params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)),
     )
 
 

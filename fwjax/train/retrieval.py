@@ -2,13 +2,14 @@
 
 Schlag, Irie & Schmidhuber (ICML 2021, Sec. 6.1): a single-layer :class:`~fwjax.nn.RetrievalModel`
 is trained with Adam (lr 1e-3, batch 32) on one query per sequence with the loss
-``½‖onehot(target) − ŷ‖²``; every ``eval_every`` steps it is evaluated on ``eval_sequences``
+``½‖onehot(target) − ŷ‖²``; every 100 steps it is evaluated on 20
 sequences, queried at every unique key (at most 200). Training stops when the evaluation loss
-is ``<= target_loss``, after ``patience`` evaluations in a row without a new best, or at
-``max_steps``; the result is the LAST evaluation loss and the step count. The protocol runs
-in the one training loop (:func:`fwjax.train.loop.train_run`, with checkpoints, resume and the
-non-finite guard) as the retrieval task (:class:`fwjax.train.tasks.RetrievalTrainTask`):
-:meth:`RetrievalProtocol.train_config` gives its config.
+is ``<= 0.001``, after 10 evaluations in a row without a new best, or at a step cap; the
+result is the LAST evaluation loss and the step count. The protocol is the config file
+``fwjax/configs/retrieval_paper.toml``; it runs in the one training loop
+(:func:`fwjax.train.loop.train_run`, with checkpoints, resume and the non-finite guard) as the
+retrieval task (:class:`fwjax.train.tasks.RetrievalTrainTask`), and
+:func:`retrieval_train_config` gives its config for a task and model.
 
 The model reads its memory only after all writes, at a few queries, so the predictions have a
 closed form that never builds the ``[K, V]`` fast weight matrix (:func:`direct_predictions`,
@@ -19,21 +20,20 @@ Usage::
 
     task = RetrievalTask(RetrievalSetting.UPDATE, num_keys=40)
     cfg = RetrievalConfig(40, 40, fast_weight=FastWeightConfig(FeatureMap("dpfp", nu=1)))
-    result = run_retrieval(RetrievalProtocol(seed=0).train_config(task, cfg))
+    result = run_retrieval(retrieval_train_config(task, cfg, {"seed": 0, "steps": 20_000}))
     result.final_eval_loss, result.steps
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import enum
 import math
-import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -43,21 +43,8 @@ from fwjax.nn.config import AttentionKind, FavorRedraw
 from fwjax.nn.retrieval import RetrievalConfig, RetrievalModel
 from fwjax.ops import UpdateRule
 from fwjax.ops.readout import readout_features, retrieval_readout
-from fwjax.train.config import (
-    CheckpointConfig,
-    EarlyStoppingConfig,
-    EvalSet,
-    Init,
-    MeshConfig,
-    OptimizerConfig,
-    OptimizerKind,
-    Readout,
-    RetrievalTaskConfig,
-    ScheduleKind,
-    TaskKind,
-    TrainConfig,
-)
-from fwjax.validation import check_ints, check_positive_ints
+from fwjax.train.config import EvalSet, Init, Readout, TaskKind, TrainConfig
+from fwjax.train.config_io import load_train_config, with_overrides
 
 
 class FavorPolicy(enum.Enum):
@@ -81,26 +68,60 @@ class StopReason(enum.Enum):
     MAX_STEPS = "max_steps"  # the step cap
 
 
+def retrieval_train_config(
+    task: RetrievalTask,
+    model_config: RetrievalConfig,
+    fields: Mapping[str, Any] | None = None,
+    *,
+    base: str | Path = "retrieval_paper",
+) -> TrainConfig:
+    """The training config of ``model_config`` on ``task`` under a protocol config file.
+
+    The protocol is ``base`` (a shipped config name or a TOML path; the default is the paper's,
+    ``fwjax/configs/retrieval_paper.toml``): its ``[retrieval]`` task and model are replaced by
+    ``task`` and ``model_config`` (the protocol's evaluation set, init and readout stay), then
+    ``fields`` are set as :func:`~fwjax.train.config_io.with_overrides` sets them, e.g.
+    ``{"steps": 500, "seed": 3, "early_stopping.patience": 5}``. FAVOR+'s projection follows
+    ``model_config.fast_weight.favor_redraw`` (the official code redraws it at every step).
+
+    Args:
+      task: the :class:`~fwjax.data.retrieval.RetrievalTask`.
+      model_config: the :class:`~fwjax.nn.RetrievalConfig`; its key and value counts must be
+        the task's.
+      fields: ``{"key.path": value}`` overrides of the protocol.
+      base: the protocol config.
+
+    Returns:
+      A validated retrieval :class:`~fwjax.train.config.TrainConfig`.
+    """
+    if (model_config.num_keys, model_config.num_values) != (task.num_keys, task.num_values):
+        raise ValueError(
+            f"model num_keys={model_config.num_keys}, num_values={model_config.num_values} "
+            f"do not match the task's num_keys={task.num_keys}, num_values={task.num_values}"
+        )
+    config = load_train_config(base)
+    if config.task is not TaskKind.RETRIEVAL:
+        raise ValueError(f"base={str(base)!r} is a {config.task.value!r} config, not retrieval")
+    model = {
+        f.name: getattr(model_config, f.name)
+        for f in dataclasses.fields(model_config)
+        if f.name not in ("num_keys", "num_values")
+    }
+    task_fields = {f.name: getattr(task, f.name) for f in dataclasses.fields(task)}
+    retrieval = dataclasses.replace(config.retrieval, **task_fields, **model)
+    return with_overrides(config, {"retrieval": retrieval, **(fields or {})})
+
+
 @dataclasses.dataclass(frozen=True)
 class RetrievalProtocol:
-    """The training and stopping protocol (defaults: the paper's, plus a step cap).
+    """Deprecated: :func:`retrieval_train_config` (the protocol is the config file
+    ``retrieval_paper``; these fields become its overrides).
 
-    Attributes:
-      batch_size: training sequences per step (32).
-      learning_rate: Adam's learning rate (1e-3; β = (0.9, 0.999), eps 1e-8 as PyTorch).
-      eval_every: steps between evaluations (100).
-      eval_sequences: sequences per evaluation (20), each queried at every unique key (at most
-        ``RetrievalTask.eval_max_queries``).
-      target_loss: stop once an evaluation loss is ``<=`` this (0.001).
-      patience: stop after this many evaluations in a row without a new best (10).
-      max_steps: hard cap on training steps; must be a multiple of ``eval_every``.
-      seed: seeds the parameters, the data streams and FAVOR+'s draws.
-      eval_set: FIXED or FRESH evaluation sequences (:class:`EvalSet`).
-      favor: FAVOR+'s projection policy (:class:`FavorPolicy`).
-      init: parameter initialisation (:class:`Init`).
-      readout: how predictions are computed (:class:`Readout`).
-      embed_std: standard deviation of the OFFICIAL init's key embedding (1, as the official
-        code); the pre-φ keys' scale is proportional to it.
+    Attributes (the defaults are the paper's, plus a step cap): ``batch_size`` 32,
+    ``learning_rate`` 1e-3 (Adam, no clipping), ``eval_every`` 100 (also the steps per jitted
+    call; a checkpoint every ten evaluations), ``eval_sequences`` 20, ``target_loss`` 0.001 and
+    ``patience`` 10 (the stopping rule), ``max_steps``, ``seed``, ``eval_set``, ``favor`` (a
+    :class:`FavorPolicy`), ``init``, ``readout``, ``embed_std``: the retrieval task config's.
     """
 
     batch_size: int = 32
@@ -118,80 +139,33 @@ class RetrievalProtocol:
     embed_std: float = 1.0
 
     def __post_init__(self):
-        check_positive_ints(
-            batch_size=self.batch_size,
-            eval_every=self.eval_every,
-            eval_sequences=self.eval_sequences,
-            patience=self.patience,
-            max_steps=self.max_steps,
+        warnings.warn(
+            "RetrievalProtocol is deprecated; use retrieval_train_config(task, model_config, "
+            "fields) (the protocol is the config file 'retrieval_paper')",
+            DeprecationWarning,
+            stacklevel=3,
         )
-        check_ints(minimum=0, seed=self.seed)
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate={self.learning_rate} must be > 0")
-        if not self.embed_std > 0:
-            raise ValueError(f"embed_std={self.embed_std} must be > 0")
-        if self.embed_std != 1.0 and Init(self.init) is not Init.OFFICIAL:
-            raise ValueError(f"embed_std={self.embed_std} needs init=Init.OFFICIAL")
-        if not self.target_loss >= 0:
-            raise ValueError(f"target_loss={self.target_loss} must be >= 0")
-        if self.max_steps % self.eval_every:
-            raise ValueError(
-                f"max_steps={self.max_steps} must be a multiple of eval_every={self.eval_every}"
-            )
-        for name, kind in (
-            ("eval_set", EvalSet),
-            ("favor", FavorPolicy),
-            ("init", Init),
-            ("readout", Readout),
-        ):
-            object.__setattr__(self, name, kind(getattr(self, name)))
 
     def train_config(self, task: RetrievalTask, model_config: RetrievalConfig) -> TrainConfig:
-        """The :class:`~fwjax.train.config.TrainConfig` of this protocol for ``task`` and
-        ``model_config``: Adam at a constant rate without clipping, ``eval_every`` steps per
-        jitted call, the stopping rule as ``early_stopping`` on the evaluation loss, a
-        checkpoint every ten evaluations (``fwjax/configs/retrieval_paper.toml`` is the same
-        protocol as a config file)."""
-        if (model_config.num_keys, model_config.num_values) != (task.num_keys, task.num_values):
-            raise ValueError(
-                f"model num_keys={model_config.num_keys}, num_values={model_config.num_values} "
-                f"do not match the task's num_keys={task.num_keys}, num_values={task.num_values}"
-            )
-        redraw = FavorRedraw.PER_STEP if self.favor is FavorPolicy.REDRAW else FavorRedraw.NEVER
-        retrieval = RetrievalTaskConfig(
-            **{f.name: getattr(task, f.name) for f in dataclasses.fields(task)},
-            **{
-                f.name: getattr(model_config, f.name)
-                for f in dataclasses.fields(model_config)
-                if f.name not in ("num_keys", "num_values", "fast_weight")
-            },
-            fast_weight=dataclasses.replace(model_config.fast_weight, favor_redraw=redraw),
-            eval_sequences=self.eval_sequences,
-            init=self.init,
-            embed_std=self.embed_std,
-            readout=self.readout,
-            eval_set=self.eval_set,
+        """The :class:`~fwjax.train.config.TrainConfig` of this protocol."""
+        redraw = (
+            FavorRedraw.PER_STEP
+            if FavorPolicy(self.favor) is FavorPolicy.REDRAW
+            else FavorRedraw.NEVER
         )
-        return TrainConfig(
-            task=TaskKind.RETRIEVAL,
-            retrieval=retrieval,
-            steps=self.max_steps,
-            batch_size=self.batch_size,
-            seed=self.seed,
-            eval_every=self.eval_every,
-            log_every=self.eval_every,
-            steps_per_call=self.eval_every,
-            early_stopping=EarlyStoppingConfig("loss", self.target_loss, self.patience),
-            progress_bar=False,
-            optimizer=OptimizerConfig(
-                kind=OptimizerKind.ADAM,
-                learning_rate=self.learning_rate,
-                schedule=ScheduleKind.CONSTANT,
-                clip_norm=None,
-            ),
-            checkpoint=CheckpointConfig(every_steps=10 * self.eval_every, keep=1),
-            mesh=MeshConfig(data=1),  # one device, as the stored results ran
-        )
+        fw = dataclasses.replace(model_config.fast_weight, favor_redraw=redraw)
+        every = self.eval_every
+        fields = {
+            "steps": self.max_steps, "batch_size": self.batch_size, "seed": self.seed,
+            "eval_every": every, "log_every": every, "steps_per_call": every,
+            "checkpoint.every_steps": 10 * every, "optimizer.clip_norm": None,
+            "optimizer.learning_rate": self.learning_rate,
+            "early_stopping.target": self.target_loss, "early_stopping.patience": self.patience,
+        }  # fmt: skip
+        for name in ("eval_sequences", "init", "embed_std", "readout", "eval_set"):
+            fields[f"retrieval.{name}"] = getattr(self, name)
+        model_config = dataclasses.replace(model_config, fast_weight=fw)
+        return retrieval_train_config(task, model_config, fields)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -390,7 +364,7 @@ def run_retrieval(config: TrainConfig, workdir: str | Path | None = None) -> Ret
 
     Args:
       config: a retrieval :class:`~fwjax.train.config.TrainConfig` (e.g.
-        :meth:`RetrievalProtocol.train_config`).
+        :func:`retrieval_train_config`).
       workdir: the run's work directory (checkpoints, resume); None: a temporary one, deleted
         afterwards.
 
@@ -399,22 +373,13 @@ def run_retrieval(config: TrainConfig, workdir: str | Path | None = None) -> Ret
       redrawn, the last training step's projection).
     """
     # Imported here: the loop imports this module (the retrieval task's predictions).
-    from fwjax.train.loop import Run, mesh_devices, train_run
-    from fwjax.train.metrics import read_metrics
+    from fwjax.train.loop import finished_run
 
     if config.task is not TaskKind.RETRIEVAL:
         raise ValueError(f"run_retrieval needs a retrieval config; got task={config.task.value!r}")
     start = time.perf_counter()
-    with contextlib.ExitStack() as stack:
-        if workdir is None:
-            workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="fwjax-retrieval-"))
-        summary, run = train_run(config, workdir, devices=mesh_devices(config))
-        if run is None:  # finished before: its final checkpoint
-            run = Run(config, workdir, mesh_devices(config))
-            run.checkpointer.close()
-        history = tuple(
-            (r["step"], r["loss"]) for r in read_metrics(Path(workdir)) if r["split"] == "eval"
-        )
+    with finished_run(config, workdir) as (summary, run, records):
+        history = tuple((r["step"], r["loss"]) for r in records if r["split"] == "eval")
         model = run.model()
     return RetrievalResult(
         final_eval_loss=history[-1][1],
@@ -446,7 +411,9 @@ def train_retrieval(
         DeprecationWarning,
         stacklevel=2,
     )
-    p = RetrievalProtocol() if protocol is None else protocol
+    with warnings.catch_warnings():  # one warning: this function's
+        warnings.simplefilter("ignore", DeprecationWarning)
+        p = RetrievalProtocol() if protocol is None else protocol
     result = run_retrieval(p.train_config(task, model_config))
     for step, loss in result.history if log is not None else ():
         log(step, loss)

@@ -4,6 +4,7 @@ one tiny point end to end, outputs written, resumption skips finished points."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 
 import jax.numpy as jnp
@@ -12,9 +13,14 @@ import pytest
 
 from experiments import recall
 from fwjax.cli import load_train_config
-from fwjax.data.recall import MultiHopTask
+from fwjax.data.recall import MQARTask, MultiHopTask
 from fwjax.nn import ModelConfig
-from fwjax.train.recall import RecallProtocol, answer_metrics, train_recall
+from fwjax.train.recall import (
+    RecallProtocol,
+    answer_metrics,
+    recall_train_config,
+    train_recall,
+)
 
 TINY = recall.Scale(
     d_model=8,
@@ -58,18 +64,22 @@ def test_sweep_covers_every_variant_and_point_validation():
     assert len({p.name for p in points}) == len(points)
     with pytest.raises(ValueError, match="variant='nope'"):
         recall.Point("mqar", "nope", 4)
+    task = MQARTask(num_pairs=4)
+    cfg = ModelConfig(vocab_size=task.vocab_size, d_model=8, num_layers=1, num_heads=1, d_ff=8)
     with pytest.raises(ValueError, match="eval_batch_size=3 must divide"):
-        RecallProtocol(eval_sequences=8, eval_batch_size=3)
+        bad = {"recall.eval_sequences": 8, "recall.eval_batch_size": 3}
+        recall_train_config(task, cfg, bad)
     with pytest.raises(ValueError, match=r"embedding_std=0\.0 must be > 0"):
-        RecallProtocol(embedding_std=0.0)
+        recall_train_config(task, cfg, {"recall.embedding_std": 0.0})
+    with pytest.raises(ValueError, match="vocab_size=8 must be >="):
+        recall_train_config(task, dataclasses.replace(cfg, vocab_size=8))
 
 
 def test_the_config_file_is_the_sweeps_point():
     point = recall.Point("mqar", "delta", 16)
     task = point.make_task(recall.FULL)
-    config = recall.FULL.protocol(0, "delta").train_config(
-        task, point.model_config(recall.FULL, task.vocab_size)
-    )
+    model = point.model_config(recall.FULL, task.vocab_size)
+    config = recall_train_config(task, model, recall.FULL.fields(0, "delta"))
     assert load_train_config("recall_mqar_delta") == config
 
 
@@ -78,9 +88,10 @@ def test_train_recall_is_a_deprecated_wrapper_of_the_loop():
     accuracies; the deprecated ``train_recall`` warns."""
     task = MultiHopTask(2, num_entities=6, num_noise=2)
     cfg = ModelConfig(vocab_size=task.vocab_size, d_model=8, num_layers=1, num_heads=1, d_ff=8)
-    protocol = RecallProtocol(
-        steps=4, batch_size=2, eval_every=2, eval_sequences=4, eval_batch_size=2, warmup_steps=0
-    )
+    with pytest.warns(DeprecationWarning, match="recall_train_config"):
+        protocol = RecallProtocol(
+            steps=4, batch_size=2, eval_every=2, eval_sequences=4, eval_batch_size=2, warmup_steps=0
+        )
     lines = []
     with pytest.warns(DeprecationWarning, match="run_recall"):
         result = train_recall(task, cfg, protocol, log=lines.append)

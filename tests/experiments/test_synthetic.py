@@ -27,6 +27,7 @@ from fwjax.train.retrieval import (
     direct_predictions,
     official_init,
     predictions,
+    retrieval_train_config,
     run_retrieval,
     train_retrieval,
 )
@@ -136,8 +137,12 @@ def test_solve_unit_lower_and_its_gradient(n, block):
         assert_close(x, y)
 
 
-def _tiny_protocol(**kw):
-    return RetrievalProtocol(eval_every=5, max_steps=10, eval_sequences=2, batch_size=4, **kw)
+def _tiny_protocol(**fields):
+    """Overrides of the paper's protocol: 10 steps of 4 sequences, evaluations every 5 steps on
+    2 sequences."""
+    tiny = {"steps": 10, "batch_size": 4, "retrieval.eval_sequences": 2}
+    tiny |= dict.fromkeys(("eval_every", "log_every", "steps_per_call"), 5)
+    return tiny | fields
 
 
 @pytest.mark.slow  # ≈ 10 s; patience through a resume: the interrupted-point test below
@@ -147,12 +152,18 @@ def test_stopping_rule_patience():
     ``train_retrieval`` warns and gives the same result."""
     task = RetrievalTask(RetrievalSetting.CAPACITY, 4)
     cfg = synthetic.GridPoint(1, "dpfp1", "sum", 4).model_config()
-    protocol = _tiny_protocol(target_loss=0.0, patience=1, learning_rate=1e-30)
-    stuck = run_retrieval(protocol.train_config(task, cfg))
+    fields = _tiny_protocol(**{"optimizer.learning_rate": 1e-30, "early_stopping.patience": 1})
+    fields["early_stopping.target"] = 0.0
+    stuck = run_retrieval(retrieval_train_config(task, cfg, fields))
     assert stuck.stop_reason is StopReason.PATIENCE
     assert stuck.history[0][1] == stuck.history[1][1] == stuck.final_eval_loss
     assert stuck.steps == 10
     logged = []
+    with pytest.warns(DeprecationWarning, match="retrieval_train_config"):
+        protocol = RetrievalProtocol(
+            eval_every=5, max_steps=10, eval_sequences=2, batch_size=4, target_loss=0.0,
+            patience=1, learning_rate=1e-30,
+        )  # fmt: skip
     with pytest.warns(DeprecationWarning, match="run_retrieval"):
         again = train_retrieval(task, cfg, protocol, log=lambda *a: logged.append(a))
     assert again.history == stuck.history == tuple(logged)
@@ -170,8 +181,7 @@ STORED = [
 def test_the_loop_reproduces_stored_points(setting, fm, rule, n):
     point = synthetic.GridPoint(setting, fm, rule, n)
     stored = json.loads(synthetic.point_path(synthetic.RESULTS / "synthetic", point).read_text())
-    protocol = RetrievalProtocol(max_steps=stored["max_steps"], embed_std=point.embed_std)
-    result = run_retrieval(protocol.train_config(point.task(), point.model_config()))
+    result = run_retrieval(point.train_config({"steps": stored["max_steps"]}))
     assert (result.steps, result.stop_reason.value) == (stored["steps"], stored["stop_reason"])
     steps, losses = zip(*stored["history"], strict=True)
     assert [h[0] for h in result.history] == list(steps)
@@ -182,9 +192,7 @@ def test_the_paper_config_file_is_the_protocol():
     """``fwjax train --config retrieval_paper`` runs the grid's setting-2 DPFP-1 delta point
     (its clip_norm=inf clips nothing: TOML has no None)."""
     point = synthetic.GridPoint(2, "dpfp1", "delta", 20)
-    ours = RetrievalProtocol(max_steps=synthetic.MAX_STEPS).train_config(
-        point.task(), point.model_config()
-    )
+    ours = point.train_config()
     config = load_train_config("retrieval_paper")
     assert config.optimizer.clip_norm == float("inf")
     no_clip = dataclasses.replace(config.optimizer, clip_norm=None)
@@ -196,24 +204,26 @@ def test_an_interrupted_point_resumes_where_it_stopped(tmp_path):
     its checkpoint) ends as the uninterrupted run: same evaluations, same patience count."""
     task = RetrievalTask(RetrievalSetting.UPDATE, 4)
     cfg = synthetic.GridPoint(2, "dpfp1", "delta", 4).model_config()
-    protocol = _tiny_protocol(target_loss=0.0, patience=2)
-    whole = run_retrieval(protocol.train_config(task, cfg), tmp_path / "whole")
-    first = dataclasses.replace(protocol, max_steps=5).train_config(task, cfg)
-    run_retrieval(first, tmp_path / "split")
-    resumed = run_retrieval(protocol.train_config(task, cfg), tmp_path / "split")
+    config = retrieval_train_config(
+        task, cfg, _tiny_protocol(**{"early_stopping.target": 0.0, "early_stopping.patience": 2})
+    )
+    whole = run_retrieval(config, tmp_path / "whole")
+    run_retrieval(dataclasses.replace(config, steps=5), tmp_path / "split")
+    resumed = run_retrieval(config, tmp_path / "split")
     assert resumed.history == whole.history and resumed.steps == whole.steps == 10
     assert resumed.stop_reason is whole.stop_reason
     # Finished: running it again trains nothing and returns the same result.
-    assert run_retrieval(protocol.train_config(task, cfg), tmp_path / "split").history == (
-        whole.history
-    )
+    assert run_retrieval(config, tmp_path / "split").history == whole.history
 
 
 def test_protocol_and_grid_validation():
-    with pytest.raises(ValueError, match="multiple of eval_every"):
-        RetrievalProtocol(eval_every=100, max_steps=150)
+    task, cfg = RetrievalTask(RetrievalSetting.UPDATE, 4), RetrievalConfig(4, 4, d_key=8)
     with pytest.raises(ValueError, match="patience=0"):
-        RetrievalProtocol(patience=0)
+        retrieval_train_config(task, cfg, {"early_stopping.patience": 0})
+    with pytest.raises(ValueError, match="num_keys=5"):
+        retrieval_train_config(task, RetrievalConfig(5, 5))
+    with pytest.raises(ValueError, match="is a 'lm' config, not retrieval"):
+        retrieval_train_config(task, cfg, base="lm_tiny")
     with pytest.raises(ValueError, match="softmax"):
         synthetic.GridPoint(1, "softmax", "delta", 20)
     with pytest.raises(ValueError, match="feature_map='dpfp4'"):
@@ -222,9 +232,23 @@ def test_protocol_and_grid_validation():
     assert len(synthetic.grid(2, "full")) == 10 * 5
     assert set(synthetic.grid(2, "quick")) <= set(synthetic.grid(2, "full"))
     with pytest.raises(ValueError, match="embed_std=0"):
-        RetrievalProtocol(embed_std=0)
+        retrieval_train_config(task, cfg, {"retrieval.embed_std": 0})
     with pytest.raises(ValueError, match="needs init="):
-        RetrievalProtocol(embed_std=2.0, init=Init.MODEL)
+        retrieval_train_config(
+            task, cfg, {"retrieval.embed_std": 2.0, "retrieval.init": Init.MODEL}
+        )
+
+
+def test_the_deprecated_protocol_is_overrides_of_the_config_file():
+    task, cfg = RetrievalTask(RetrievalSetting.UPDATE, 4), RetrievalConfig(4, 4, d_key=8)
+    with pytest.warns(DeprecationWarning, match="retrieval_train_config"):
+        protocol = RetrievalProtocol(max_steps=300, eval_every=50, learning_rate=3e-4, seed=2)
+    fw = dataclasses.replace(cfg.fast_weight, favor_redraw="per_step")
+    fields = {"steps": 300, "seed": 2, "optimizer.learning_rate": 3e-4, "optimizer.clip_norm": None}
+    fields |= dict.fromkeys(("eval_every", "log_every", "steps_per_call"), 50)
+    fields["checkpoint.every_steps"] = 500
+    expected = retrieval_train_config(task, dataclasses.replace(cfg, fast_weight=fw), fields)
+    assert protocol.train_config(task, cfg) == expected
 
 
 @pytest.mark.slow  # ≈ 10 s
@@ -278,16 +302,16 @@ def test_tiny_grid_end_to_end_and_resume(tmp_path, monkeypatch):
     first = synthetic.GridPoint(2, "dpfp1", "sum", 5)
     # Attention-normalised predictions are convex combinations of one-hot values, so the loss is
     # at most 1: target_loss=1 stops at the first evaluation.
-    protocol = _tiny_protocol(target_loss=1.0)
+    fields = _tiny_protocol(**{"early_stopping.target": 1.0})
     kw = dict(out_dir=tmp_path / "points", results_dir=tmp_path, log=lambda *a, **k: None)
-    records = synthetic.run_grid([first], protocol, **kw)
+    records = synthetic.run_grid([first], fields, **kw)
     with (tmp_path / "synthetic_setting2.csv").open() as f:
         (row,) = list(csv.DictReader(f))
     assert set(synthetic.CSV_COLUMNS) <= set(row)
     assert (row["setting"], row["feature_map"], row["update_rule"]) == ("2", "dpfp1", "sum")
     assert (row["n_keys"], row["d_dot"], row["normalization"]) == ("5", "128", "attention")
     assert (row["steps"], row["stop_reason"]) == ("5", "target")
-    assert float(row["learning_rate"]) == protocol.learning_rate
+    assert float(row["learning_rate"]) == synthetic.PAPER_LR
     assert float(row["final_eval_loss"]) == records[0]["final_eval_loss"] <= 1.0
     assert len(records[0]["history"]) == 1
     assert (tmp_path / "synthetic_setting2.png").stat().st_size > 0
@@ -297,7 +321,7 @@ def test_tiny_grid_end_to_end_and_resume(tmp_path, monkeypatch):
     second = synthetic.GridPoint(2, "linear", "delta", 5)
     ran = []
 
-    def fake_run_point(point, protocol, out_dir):
+    def fake_run_point(point, fields, out_dir):
         ran.append(point)
         record = dict(records[0], feature_map=point.feature_map, update_rule=point.update_rule)
         path = synthetic.point_path(out_dir, point)
@@ -305,7 +329,7 @@ def test_tiny_grid_end_to_end_and_resume(tmp_path, monkeypatch):
         return record
 
     monkeypatch.setattr(synthetic, "run_point", fake_run_point)
-    again = synthetic.run_grid([first, second], protocol, **kw)
+    again = synthetic.run_grid([first, second], fields, **kw)
     assert ran == [second]
     assert len(again) == 2 and records[0] in again
 
