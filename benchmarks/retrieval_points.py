@@ -15,7 +15,7 @@ import re
 from flax import nnx
 
 from fwjax.data.retrieval import RetrievalSetting, RetrievalTask, retrieval_loss
-from fwjax.nn.config import AttentionKind, FastWeightConfig
+from fwjax.nn.config import AttentionKind, FastWeightConfig, FavorRedraw
 from fwjax.nn.retrieval import RetrievalConfig, RetrievalModel
 from fwjax.ops import FeatureMap, FeatureMapKind, Normalization, UpdateRule
 from fwjax.train import retrieval
@@ -65,7 +65,9 @@ def point(
         config = RetrievalConfig(n_keys, n_keys, d_key=D_KEY, attention=AttentionKind.SOFTMAX)
         return name, config, task
     norm = Normalization.ATTENTION if rule is UpdateRule.SUM else Normalization.SUM
-    fw = FastWeightConfig(feature_map=fm, normalization=norm, update_rule=rule)
+    fw = FastWeightConfig(
+        feature_map=fm, normalization=norm, update_rule=rule, favor_redraw=FavorRedraw.PER_STEP
+    )  # the paper's protocol redraws FAVOR+'s projection at every step
     return name, RetrievalConfig(n_keys, n_keys, d_key=D_KEY, fast_weight=fw), task
 
 
