@@ -18,6 +18,7 @@ from fwjax.nn.config import (
     ModelConfig,
     NormPosition,
     Positional,
+    Remat,
 )
 from fwjax.nn.partitioning import AXIS_NAMES, logical_axis_rules
 from fwjax.nn.retrieval import RetrievalConfig, RetrievalModel
@@ -48,6 +49,7 @@ __all__ = [
     "ModelConfig",
     "NormPosition",
     "Positional",
+    "Remat",
     "RetrievalConfig",
     "RetrievalModel",
     "SoftmaxAttention",

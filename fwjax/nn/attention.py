@@ -18,6 +18,7 @@ from flax import nnx
 from fwjax import diagnostics
 from fwjax.nn.config import FastWeightConfig
 from fwjax.nn.partitioning import EMBED, HEADS, logical
+from fwjax.nn.remat import rematerialised
 from fwjax.ops import (
     FastWeightState,
     UpdateRule,
@@ -164,15 +165,51 @@ class FastWeightAttention(nnx.Module):
             d, m = self.projection[...].shape
             self.projection[...] = feature_maps.draw_favor_projection(key, d, m)
 
-    def __call__(self, x, state: FastWeightLayerState | None = None):
+    def __call__(self, x, state: FastWeightLayerState | None = None, *, remat: bool = False):
+        """``x [B, T, d_model] -> (y [B, T, d_model], FastWeightLayerState)``.
+
+        ``remat``: recompute the projections before and after the fast weight op in the
+        backward pass (:func:`~fwjax.nn.remat.rematerialised`); the op itself keeps its
+        residuals (``Remat.FAST_WEIGHT``).
+        """
+        prepare, finish = type(self)._prepare, type(self)._finish
+        if remat:
+            prepare, finish = rematerialised(prepare), rematerialised(finish)
+        q, k, v, beta, alpha, conv_state = prepare(self, x, None if state is None else state.conv)
+        projection = None if self.projection is None else self.projection[...]
+        cfg = self.config
+        y, memory = fast_weight_attention(
+            q,
+            k,
+            v,
+            beta,
+            feature_map=cfg.feature_map,
+            normalization=cfg.normalization,
+            update_rule=cfg.update_rule,
+            projection=projection,
+            scale=1.0 / math.sqrt(self.head_dim),
+            state=None if state is None else state.memory,
+            impl=cfg.impl,
+            chunk_size=cfg.chunk_size,
+            alpha=alpha,
+            pallas=cfg.pallas,
+        )
+        if cfg.diagnostics and _capturing(self):
+            self._record_diagnostics(k, v, beta, alpha, projection, state)
+        return finish(self, x, y), FastWeightLayerState(memory, conv_state)
+
+    def _prepare(self, x, conv_cache):
+        """The op's inputs: ``q, k, v [B, T, H, D]``, ``β, α [B, T, H]`` (or None) and the short
+        convolution's new cache."""
         b, t, _ = x.shape
         h, dh, cfg = self.num_heads, self.head_dim, self.config
         proj = self.qkvb(x)
         qkv, b_logits = proj[..., : 3 * h * dh], proj[..., 3 * h * dh :]
         conv_state = None
         if self.conv is not None:
-            cache = state.conv if state is not None else None
-            qkv, conv_state = causal_depthwise_conv(qkv, self.conv[...].astype(qkv.dtype), cache)
+            qkv, conv_state = causal_depthwise_conv(
+                qkv, self.conv[...].astype(qkv.dtype), conv_cache
+            )
             qkv = jax.nn.silu(qkv)
         q, k, v = (z.reshape(b, t, h, dh) for z in jnp.split(qkv, 3, axis=-1))
         if cfg.silu_l2_qk:
@@ -183,31 +220,17 @@ class FastWeightAttention(nnx.Module):
             beta = jax.nn.sigmoid(logits[:, :, 0])
             if self.gate_bias is not None:
                 alpha = jax.nn.sigmoid(logits[:, :, 1] + self.gate_bias[...])
-        projection = None if self.projection is None else self.projection[...]
-        y, memory = fast_weight_attention(
-            q,
-            k,
-            v,
-            beta,
-            feature_map=cfg.feature_map,
-            normalization=cfg.normalization,
-            update_rule=cfg.update_rule,
-            projection=projection,
-            scale=1.0 / math.sqrt(dh),
-            state=None if state is None else state.memory,
-            impl=cfg.impl,
-            chunk_size=cfg.chunk_size,
-            alpha=alpha,
-            pallas=cfg.pallas,
-        )
-        if cfg.diagnostics and _capturing(self):
-            self._record_diagnostics(k, v, beta, alpha, projection, state)
+        return q, k, v, beta, alpha, conv_state
+
+    def _finish(self, x, y):
+        """The layer's output from the op's ``y [B, T, H, D]`` (and the input ``x``, for the
+        output gate)."""
+        b, t, h, dh = y.shape
         if self.norm is not None:
             y = self.norm(y)
         if self.out_gate is not None:
             y = y * jax.nn.silu(self.out_gate(x)).reshape(b, t, h, dh)
-        y = self.out(y.astype(self.dtype).reshape(b, t, h * dh))
-        return y, FastWeightLayerState(memory, conv_state)
+        return self.out(y.astype(self.dtype).reshape(b, t, h * dh))
 
 
 # Flax before 0.12.6 has no ``nnx.capture``: the training step then sets this flag around the

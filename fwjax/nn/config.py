@@ -25,6 +25,27 @@ class AttentionKind(enum.Enum):
     SOFTMAX = "softmax"
 
 
+class Remat(enum.Enum):
+    """What a Transformer block keeps for its backward pass (rematerialisation,
+    ``jax.checkpoint``); the rest is recomputed in the backward pass.
+
+    Attributes:
+      NONE: everything the backward pass needs (fastest, most memory).
+      FULL: only the block's input: the whole block is recomputed.
+      DOTS: the results of matrix products without batch dimensions (the projections and the
+        feed-forward; ``jax.checkpoint_policies.dots_with_no_batch_dims_saveable``).
+      FAST_WEIGHT: the fast weight op's own residuals (its inputs and per-chunk states, kept by
+        its ``custom_vjp``) and the block's input; the projections, normalisations and the
+        feed-forward around the op are recomputed, the op is never run twice. Softmax blocks
+        fall back to FULL.
+    """
+
+    NONE = "none"
+    FULL = "full"
+    DOTS = "dots"
+    FAST_WEIGHT = "fast_weight"
+
+
 class NormPosition(enum.Enum):
     """Where a Transformer block normalises: after the residual (the paper) or before."""
 
@@ -179,6 +200,10 @@ class ModelConfig:
         residual stream (attention output, feed-forward down) by 1/√(2·num_layers), as GPT-2.
       dtype: compute dtype (e.g. bfloat16); the fast weight state is always float32.
       param_dtype: the dtype parameters are stored (and trained) in; float32 unless set.
+      scan_layers: run the blocks as one ``lax.scan`` over their stacked parameters (compile
+        time independent of depth); needs one attention kind for all layers. The parameters
+        stay one module per layer (the same checkpoints and shardings as unrolled layers).
+      remat: :class:`Remat`, what each block keeps for the backward pass.
 
     The defaults are the GPT-2 / nanoGPT recipe of small language models; the paper's
     Transformer-XL-style recipe is :data:`PAPER_RECIPE` (``ModelConfig(**PAPER_RECIPE, ...)``).
@@ -202,6 +227,8 @@ class ModelConfig:
     scale_residual_init: bool = True
     dtype: str = "float32"
     param_dtype: str = "float32"
+    scan_layers: bool = False
+    remat: Remat = Remat.NONE
 
     def __post_init__(self):
         _positive(
@@ -223,6 +250,13 @@ class ModelConfig:
         object.__setattr__(self, "norm_position", NormPosition(self.norm_position))
         object.__setattr__(self, "positional", Positional(self.positional))
         object.__setattr__(self, "activation", Activation(self.activation))
+        object.__setattr__(self, "remat", Remat(self.remat))
+        if self.scan_layers and len(set(kinds)) > 1:
+            raise ValueError(f"scan_layers=True needs one attention kind; got layer_kinds={kinds}")
+        if self.scan_layers and self.fast_weight.diagnostics:
+            raise ValueError(
+                "scan_layers=True cannot record fast_weight.diagnostics (recorded per layer)"
+            )
         if not self.embed_init_std > 0:
             raise ValueError(f"embed_init_std={self.embed_init_std} must be > 0")
         if not 0.0 <= self.dropout < 1.0:

@@ -11,8 +11,16 @@ import numpy as np
 from flax import nnx
 
 from fwjax.nn.attention import FastWeightAttention, SoftmaxAttention, _dense, lecun_normal
-from fwjax.nn.config import Activation, AttentionKind, ModelConfig, NormPosition, Positional
+from fwjax.nn.config import (
+    Activation,
+    AttentionKind,
+    ModelConfig,
+    NormPosition,
+    Positional,
+    Remat,
+)
 from fwjax.nn.partitioning import EMBED, MLP, VOCAB, logical
+from fwjax.nn.remat import BLOCK_POLICIES, rematerialised
 
 _ACTIVATIONS = {Activation.RELU: jax.nn.relu, Activation.GELU: jax.nn.gelu}
 
@@ -52,6 +60,7 @@ class TransformerBlock(nnx.Module):
     def __init__(self, kind: AttentionKind, config: ModelConfig, *, rngs: nnx.Rngs):
         dtypes = dict(dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype))
         self.norm_position = config.norm_position
+        self.remat = config.remat
         # GPT-2: projections into the residual stream start 1/√(2L) smaller.
         out_scale = (2 * config.num_layers) ** -0.5 if config.scale_residual_init else 1.0
         if kind is AttentionKind.FAST_WEIGHT:
@@ -90,15 +99,30 @@ class TransformerBlock(nnx.Module):
         return self.attention.init_state(batch_size)
 
     def __call__(self, x, state=None):
+        """``x [B, T, d_model] -> (x', state')``, rematerialised per ``config.remat``."""
+        if self.remat is Remat.NONE:
+            return self._forward(x, state)
+        if self.remat is Remat.FAST_WEIGHT and isinstance(self.attention, FastWeightAttention):
+            return self._forward(x, state, around_op=True)
+        return rematerialised(type(self)._forward, BLOCK_POLICIES[self.remat])(self, x, state)
+
+    def _forward(self, x, state, around_op: bool = False):
+        """The block; ``around_op``: everything but the fast weight op is rematerialised."""
+        attention = functools.partial(self.attention, remat=True) if around_op else self.attention
+        ff = type(self)._feed_forward
+        ff = rematerialised(ff) if around_op else ff
         if self.norm_position is NormPosition.PRE:
-            y, state = self.attention(self.norm1(x), state)
+            y, state = attention(self.norm1(x), state)
             x = x + self.dropout(y)
-            x = x + self.dropout(self.ff(self.norm2(x)))
-        else:
-            y, state = self.attention(x, state)
-            x = self.norm1(x + self.dropout(y))
-            x = self.norm2(x + self.dropout(self.ff(x)))
-        return x, state
+            return ff(self, x), state
+        y, state = attention(x, state)
+        return ff(self, self.norm1(x + self.dropout(y))), state
+
+    def _feed_forward(self, x):
+        """The feed-forward sublayer with its residual (and, post-LN, its normalisation)."""
+        if self.norm_position is NormPosition.PRE:
+            return x + self.dropout(self.ff(self.norm2(x)))
+        return self.norm2(x + self.dropout(self.ff(x)))
 
 
 class LMState(NamedTuple):
@@ -178,14 +202,54 @@ class TransformerLM(nnx.Module):
         elif self.config.positional is Positional.LEARNED:
             x = x + self.position_embed(positions)  # out-of-range positions give NaN
         x = self.dropout(x)
-        layer_states = []
-        for i, block in enumerate(self.blocks):
-            x, s = block(x, None if state is None else state.layers[i])
-            layer_states.append(s)
+        layers = None if state is None else state.layers
+        if self.config.scan_layers:
+            x, layer_states = _scan_blocks(self.blocks, x, layers)
+        else:
+            layer_states = []
+            for i, block in enumerate(self.blocks):
+                x, s = block(x, None if layers is None else layers[i])
+                layer_states.append(s)
         if self.final_norm is not None:
             x = self.final_norm(x)
         logits = self.embed.attend(x) if self.head is None else self.head(x)
         return logits.astype(jnp.float32), LMState(tuple(layer_states), start + t)
+
+
+def _scan_blocks(blocks, x, states):
+    """``x`` through ``blocks`` (one graph definition) as one ``lax.scan`` over their stacked
+    states, so the block is traced and compiled once whatever the depth.
+
+    Each block's arrays (parameters, RNG streams, other variables) are stacked along a new
+    leading axis; the scan body rebuilds block ``i`` from slice ``i`` (``nnx.merge``) and runs
+    it; the updated variables (e.g. dropout's RNG counters) are written back to the blocks.
+
+    Args:
+      blocks: the blocks (a sequence of modules with equal graph definitions).
+      x: ``[B, T, d_model]``.
+      states: one carried state per block, or None.
+
+    Returns:
+      ``(x', per-block states as a tuple)``.
+    """
+    graphdef, first = nnx.split(blocks[0])
+    splits = [first, *(nnx.split(b)[1] for b in blocks[1:])]
+    if any(nnx.graphdef(b) != graphdef for b in blocks[1:]):
+        raise ValueError("scan_layers needs blocks of one structure (one attention kind)")
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *splits)
+    stacked_states = None if states is None else jax.tree.map(lambda *s: jnp.stack(s), *states)
+
+    def body(x, layer):
+        block_state, carried = layer
+        block = nnx.merge(graphdef, block_state)
+        x, new_carried = block(x, carried)
+        return x, (nnx.state(block), new_carried)
+
+    x, (new_stacked, new_states) = jax.lax.scan(body, x, (stacked, stacked_states))
+    for i, block in enumerate(blocks):
+        nnx.update(block, jax.tree.map(lambda leaf, i=i: leaf[i], new_stacked))
+    unstacked = tuple(jax.tree.map(lambda s, i=i: s[i], new_states) for i in range(len(blocks)))
+    return x, unstacked
 
 
 def sample_logits(key, logits, temperature: float = 1.0, top_k: int | None = None):

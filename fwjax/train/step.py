@@ -55,7 +55,10 @@ class ModelDef:
 
     def merge(self, params, rest, *, train: bool):
         graph = self.train_graph if train else self.eval_graph
-        return nnx.merge(graph, params, self.rng_state, rest)
+        # Fresh RNG variables at the caller's trace level (layers that write their variables
+        # back, e.g. rematerialised blocks, may then update them inside a jitted step).
+        rng_state = jax.tree.map(lambda x: x, self.rng_state)
+        return nnx.merge(graph, params, rng_state, rest)
 
 
 def _split(model):
