@@ -14,6 +14,8 @@ Families (see ``experiments/README.md`` for the results each one gives):
   ``shakespeare_char_long_*`` and ``shakespeare_char_long_rotary_*`` at context 256.
 - ``tinyshakespeare_{variant}``, ``wt103_{small,medium}_{variant}``: the paper's Transformer-XL
   style recipe.
+- ``wt103_bytes_{125m,350m}_delta``: GPT-2 small / medium shapes on WikiText-103 bytes at T 2048
+  for one 8-accelerator host (scanned, rematerialised layers, bfloat16 compute).
 """
 
 from __future__ import annotations

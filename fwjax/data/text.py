@@ -131,18 +131,21 @@ class ContiguousStreams:
             raise IndexError(f"{index=} out of range for {self.num_segments} segments")
         return self.batch(index)
 
-    def batch(self, index: int) -> dict:
-        """Segment ``index mod num_segments`` of every stream.
+    def batch(self, index: int, rows: slice | None = None) -> dict:
+        """Segment ``index mod num_segments`` of every stream (of the streams ``rows`` only:
+        nothing else is read).
 
         Returns:
-          ``dict(inputs [B, T] int32, targets [B, T] int32, reset [B] bool)``; ``reset`` is True
-          at the first segment of an epoch (a carried memory must start empty there).
+          ``dict(inputs [R, T] int32, targets [R, T] int32, reset [R] bool)`` (``R = B`` without
+          ``rows``); ``reset`` is True at the first segment of an epoch (a carried memory must
+          start empty there).
         """
         t, n = self.segment_len, self.num_segments
         seg = index % n
-        starts = np.arange(self.batch_size) * n * t + seg * t
+        streams = np.arange(self.batch_size)[slice(None) if rows is None else rows]
+        starts = streams * n * t + seg * t
         window = self.tokens[starts[:, None] + np.arange(t + 1)]
-        reset = np.full((self.batch_size,), seg == 0)
+        reset = np.full((len(streams),), seg == 0)
         return dict(inputs=window[:, :-1], targets=window[:, 1:], reset=reset)
 
 
@@ -164,14 +167,16 @@ class RandomWindows:
         self.segment_len = segment_len
         self.seed = seed
 
-    def batch(self, index: int) -> dict:
-        """Returns ``dict(inputs [B, T] int32, targets [B, T] int32, reset [B] bool)``;
+    def batch(self, index: int, rows: slice | None = None) -> dict:
+        """Returns ``dict(inputs [R, T] int32, targets [R, T] int32, reset [R] bool)``, the
+        windows ``rows`` of the batch (all ``B`` without ``rows``; only those are read);
         ``reset`` is all True (windows are independent: nothing may be carried across them)."""
         t = self.segment_len
         rng = np.random.default_rng((self.seed, index))
         starts = rng.integers(0, len(self.tokens) - t, size=self.batch_size)
+        starts = starts if rows is None else starts[rows]
         window = self.tokens[starts[:, None] + np.arange(t + 1)]
-        reset = np.ones((self.batch_size,), bool)
+        reset = np.ones((len(starts),), bool)
         return dict(inputs=window[:, :-1], targets=window[:, 1:], reset=reset)
 
 

@@ -200,9 +200,11 @@ class ModelConfig:
         residual stream (attention output, feed-forward down) by 1/√(2·num_layers), as GPT-2.
       dtype: compute dtype (e.g. bfloat16); the fast weight state is always float32.
       param_dtype: the dtype parameters are stored (and trained) in; float32 unless set.
-      scan_layers: run the blocks as one ``lax.scan`` over their stacked parameters (compile
-        time independent of depth); needs one attention kind for all layers. The parameters
-        stay one module per layer (the same checkpoints and shardings as unrolled layers).
+      scan_layers: run the blocks as one ``lax.scan`` over their stacked variables (the block
+        is traced once); needs one attention kind for all layers. The parameters stay one
+        module per layer (the same checkpoints and shardings as unrolled layers), so the
+        optimizer update and the stacking still grow with depth: on XLA:CPU the training step
+        compiled no faster than unrolled layers (``benchmarks/README.md``).
       remat: :class:`Remat`, what each block keeps for the backward pass.
 
     The defaults are the GPT-2 / nanoGPT recipe of small language models; the paper's

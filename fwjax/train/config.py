@@ -93,11 +93,14 @@ class OptimizerConfig:
 class MeshConfig:
     """The device mesh: ``data`` (batch) × ``model`` (heads / feed-forward width) axes.
 
-    ``data=-1`` uses all devices not taken by ``model``.
+    ``data=-1`` uses all devices not taken by ``model``. ``fsdp``: also split parameters and
+    optimizer state over ``data`` along the model width (``embed``; ZeRO-3 / fully sharded data
+    parallelism): each device holds ``1/data`` of them, gathered when a layer needs them.
     """
 
     data: int = -1
     model: int = 1
+    fsdp: bool = False
 
     def __post_init__(self):
         _check_positive(model=self.model)

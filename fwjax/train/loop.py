@@ -68,10 +68,16 @@ class Run:
         self.workdir = Path(workdir)
         self.task = make_task(config)
         self.mesh = mesh_lib.make_mesh(config.mesh, devices)
+        self.rows = mesh_lib.process_rows()  # this process reads only its rows of each batch
         mesh_lib.check_batch_size(config.batch_size, self.mesh)
         self.tx = make_optimizer(config.optimizer, config.steps)
         self.state, self.model_def, self.shardings = create_train_state(
-            self.task, self.tx, self.mesh, config.seed, config.batch_size
+            self.task,
+            self.tx,
+            self.mesh,
+            config.seed,
+            config.batch_size,
+            mesh_lib.config_rules(config.mesh),
         )
         self.checkpointer = Checkpointer(self.workdir / "checkpoints", config.checkpoint)
         self.restored_step = None
@@ -130,7 +136,7 @@ class Run:
         return run
 
     def batch(self, index: int) -> dict:
-        return mesh_lib.shard_batch(self.mesh, self.task.train_batch(index))
+        return mesh_lib.shard_batch(self.mesh, self.task.train_batch(index, self.rows))
 
     def batches(self, index: int, count: int) -> dict:
         """Batches ``index … index + count − 1`` stacked on a leading axis (``train_steps``)."""
@@ -143,7 +149,7 @@ class Run:
         dp = mesh_lib.data_parallel_size(self.mesh)
         carry = jax.tree.map(jnp.zeros_like, self.state.carry)
         totals = None
-        for host_batch in self.task.eval_data(dp, index):
+        for host_batch in self.task.eval_data(dp, index, self.rows):
             batch = mesh_lib.shard_batch(self.mesh, host_batch)
             sums, carry = self.eval_step(
                 self.state.params, self.state.rest, batch, carry, jnp.int32(index)

@@ -10,6 +10,8 @@ context. Unannotated parameters (norms, biases, the retrieval model) are replica
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 from flax import nnx
@@ -59,6 +61,12 @@ def check_batch_size(batch_size: int, mesh: Mesh) -> None:
         )
 
 
+def config_rules(config: MeshConfig) -> tuple[tuple[str, str | None], ...]:
+    """fwjax's logical-axis rules for a mesh config: tensor parallelism over ``model``, and
+    with ``fsdp`` the model width (``embed``) over ``data``."""
+    return logical_axis_rules(MODEL, embed_axis=DATA if config.fsdp else None)
+
+
 def active_rules(defaults=None) -> tuple[tuple[str, str | None], ...]:
     """The logical-axis rules in force: ``defaults`` (fwjax's, over ``model``, when None)
     with the rules of the enclosing ``nnx.logical_axis_rules`` context taking precedence for
@@ -98,18 +106,49 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def process_slice(global_batch_size: int) -> slice:
-    """This process's rows of a global batch (processes feed contiguous, equal shares)."""
-    per = global_batch_size // jax.process_count()
-    start = jax.process_index() * per
-    return slice(start, start + per)
+@dataclasses.dataclass(frozen=True)
+class ProcessRows:
+    """A process's share of every global batch: processes feed contiguous, equal shares, rows
+    ``[index·B/count, (index+1)·B/count)`` of a batch of ``B`` rows.
+
+    Attributes:
+      index: this process (``jax.process_index()``).
+      count: the processes (``jax.process_count()``); 1: the whole batch.
+    """
+
+    index: int = 0
+    count: int = 1
+
+    def __post_init__(self):
+        if not 0 <= self.index < self.count:
+            raise ValueError(f"index={self.index} must be in [0, count={self.count})")
+
+    def of(self, global_rows: int) -> slice:
+        """The rows of a global batch of ``global_rows`` rows (divisible by ``count``)."""
+        if global_rows % self.count:
+            raise ValueError(f"{global_rows=} rows do not split over {self.count} processes")
+        per = global_rows // self.count
+        return slice(self.index * per, (self.index + 1) * per)
+
+    def take(self, batch: dict) -> dict:
+        """This process's rows of a global host batch (for data generated whole)."""
+        return {k: v[self.of(len(v))] for k, v in batch.items()}
+
+
+ALL_ROWS = ProcessRows()
+
+
+def process_rows() -> ProcessRows:
+    """This process's :class:`ProcessRows`."""
+    return ProcessRows(jax.process_index(), jax.process_count())
 
 
 def shard_batch(mesh: Mesh, batch: dict) -> dict:
-    """Places a global host batch on the mesh, split over ``data``.
+    """Places this process's rows of a global batch on the mesh, split over ``data``.
 
-    Every process computes the same global batch (batches are pure functions of the step) and
-    contributes only its own rows, so multi-host runs read each example once per step.
+    Every process reads only its own rows (:func:`process_rows`; the tasks' ``train_batch`` /
+    ``eval_data`` take them), and the global array is assembled from the processes' shares
+    (``jax.make_array_from_process_local_data``).
     """
     out = {}
     for name, x in batch.items():
@@ -118,6 +157,6 @@ def shard_batch(mesh: Mesh, batch: dict) -> dict:
         if jax.process_count() == 1:
             out[name] = jax.device_put(x, sharding)
         else:
-            local = x[process_slice(x.shape[0])]
-            out[name] = jax.make_array_from_process_local_data(sharding, local, x.shape)
+            shape = (x.shape[0] * jax.process_count(), *x.shape[1:])
+            out[name] = jax.make_array_from_process_local_data(sharding, x, shape)
     return out

@@ -65,8 +65,11 @@ def _split(model):
     return nnx.split(model, nnx.Param, nnx.RngState, ...)
 
 
-def create_train_state(task, tx: optax.GradientTransformation, mesh: Mesh, seed: int, batch_size):
-    """Initialises the model and optimizer directly into their shardings.
+def create_train_state(
+    task, tx: optax.GradientTransformation, mesh: Mesh, seed: int, batch_size, rules=None
+):
+    """Initialises the model and optimizer directly into their shardings (``rules``: the
+    default logical-axis rules, :func:`fwjax.train.mesh.state_shardings`).
 
     ``jax.eval_shape`` gives the state's structure and logical partition specs without
     allocating; the initialiser is then jitted with those output shardings, so every device
@@ -94,7 +97,7 @@ def create_train_state(task, tx: optax.GradientTransformation, mesh: Mesh, seed:
         return state, rng_state
 
     abstract, abstract_rng = jax.eval_shape(init)
-    shardings = mesh_lib.state_shardings(mesh, abstract)
+    shardings = mesh_lib.state_shardings(mesh, abstract, rules)
     # The carry holds per-sequence state: split its batch axis over `data` like the batch.
     shardings = shardings._replace(carry=carry_shardings(mesh, abstract.carry, batch_size))
     rng_shardings = jax.tree.map(lambda _: mesh_lib.replicated(mesh), abstract_rng)

@@ -40,6 +40,7 @@ from fwjax.train.config import (
     TaskKind,
     TrainConfig,
 )
+from fwjax.train.mesh import ALL_ROWS, ProcessRows
 from fwjax.train.recall import answer_metrics, masked_cross_entropy
 from fwjax.train.retrieval import official_init, predictions
 
@@ -110,14 +111,17 @@ class RetrievalTrainTask:
     def init_carry(self, model, batch_size: int):
         return None
 
-    def train_batch(self, index: int) -> dict:
-        return self.data.batch(self.seed, index, self.batch_size)
+    def train_batch(self, index: int, rows: ProcessRows = ALL_ROWS) -> dict:
+        """Training batch ``index`` (this process's ``rows`` of it; generated whole)."""
+        return rows.take(self.data.batch(self.seed, index, self.batch_size))
 
-    def eval_data(self, data_parallel: int, index: int = 0) -> list[dict]:
+    def eval_data(
+        self, data_parallel: int, index: int = 0, rows: ProcessRows = ALL_ROWS
+    ) -> list[dict]:
         first = index * self.eval_batches if self.config.eval_set is EvalSet.FRESH else 0
         n = self.config.eval_sequences
         return [
-            _pad_rows(self.data.batch(self.seed, first + i, n, eval=True), data_parallel)
+            rows.take(_pad_rows(self.data.batch(self.seed, first + i, n, eval=True), data_parallel))
             for i in range(self.eval_batches)
         ]
 
@@ -214,12 +218,16 @@ class LMTrainTask:
     def init_carry(self, model, batch_size: int):
         return model.init_state(batch_size) if self.config.carry_state else None
 
-    def train_batch(self, index: int) -> dict:
-        return self.train_streams.batch(index)
+    def train_batch(self, index: int, rows: ProcessRows = ALL_ROWS) -> dict:
+        """Training batch ``index``: only this process's ``rows`` are read from the text."""
+        return self.train_streams.batch(index, rows.of(self.batch_size))
 
-    def eval_data(self, data_parallel: int, index: int = 0) -> list[dict]:
+    def eval_data(
+        self, data_parallel: int, index: int = 0, rows: ProcessRows = ALL_ROWS
+    ) -> list[dict]:
         # Consecutive validation segments: with carry_state the memory flows through them.
-        return [self.valid_streams.batch(i) for i in range(self.eval_batches)]
+        streams = rows.of(self.batch_size)
+        return [self.valid_streams.batch(i, streams) for i in range(self.eval_batches)]
 
     def loss(self, model, batch, carry):
         state = None
@@ -427,15 +435,18 @@ class RecallTrainTask:
     def init_carry(self, model, batch_size: int):
         return None
 
-    def train_batch(self, index: int) -> dict:
-        return self.data.batch(self.seed, index, self.batch_size)
+    def train_batch(self, index: int, rows: ProcessRows = ALL_ROWS) -> dict:
+        """Training batch ``index`` (this process's ``rows`` of it; generated whole)."""
+        return rows.take(self.data.batch(self.seed, index, self.batch_size))
 
-    def eval_data(self, data_parallel: int, index: int = 0) -> list[dict]:
+    def eval_data(
+        self, data_parallel: int, index: int = 0, rows: ProcessRows = ALL_ROWS
+    ) -> list[dict]:
         if self._eval is None:  # the fixed evaluation set, built once
             n = self.config.eval_batch_size
             count = self.config.eval_sequences // n
             self._eval = [self.data.batch(self.seed, i, n, eval=True) for i in range(count)]
-        return [_pad_rows(b, data_parallel) for b in self._eval]
+        return [rows.take(_pad_rows(b, data_parallel)) for b in self._eval]
 
     def loss(self, model, batch, carry):
         """Returns ``(mean cross entropy of the answers, (metric sums, carry))``."""

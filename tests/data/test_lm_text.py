@@ -7,6 +7,7 @@ import pytest
 
 from fwjax.data import text
 from fwjax.data.tokenizers import EOS, UNK, UNK_CHAR, Tokenizer, TokenizerKind
+from fwjax.train.mesh import ProcessRows
 
 WORDS_TRAIN = "the cat sat\nthe dog\n\nthe cat ran\n"
 
@@ -109,3 +110,24 @@ def test_a_missing_text_file_says_how_to_give_one(tmp_path):
 
     with pytest.raises(FileNotFoundError, match=r"nope\.txt.*--set lm\.text_path=PATH.*char-rnn"):
         load_tokens(str(tmp_path / "nope.txt"))
+
+
+@pytest.mark.parametrize("sampling", ["streams", "windows"])
+def test_a_process_reads_only_its_rows(sampling):
+    """``batch(i, rows)`` is rows ``rows`` of ``batch(i)`` (the same global batch whatever the
+    split over processes), read from those rows' tokens only."""
+    tokens = np.arange(1000, dtype=np.int32)
+    if sampling == "streams":
+        source = text.ContiguousStreams(tokens, batch_size=4, segment_len=10)
+    else:
+        source = text.RandomWindows(tokens, batch_size=4, segment_len=10, seed=3)
+    rows = ProcessRows(index=1, count=2)
+    for i in (0, 5):
+        whole, part = source.batch(i), source.batch(i, rows.of(4))
+        for name in whole:
+            np.testing.assert_array_equal(part[name], whole[name][2:4])
+    assert rows.take({"x": np.arange(6)})["x"].tolist() == [3, 4, 5]
+    with pytest.raises(ValueError, match="do not split over 2 processes"):
+        rows.of(5)
+    with pytest.raises(ValueError, match="index=2 must be in"):
+        ProcessRows(index=2, count=2)

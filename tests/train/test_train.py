@@ -138,17 +138,39 @@ def test_steps_per_call_and_early_stopping(tmp_path):
 
 def test_one_device_and_eight_devices_give_the_same_losses(tmp_path):
     """Data parallel (4) × tensor parallel (2) over 8 simulated devices vs one device; the
-    8-device run scans its layers and rematerialises them around the fast weight op (options
-    that must not change a loss)."""
+    8-device run also shards its parameters over ``data`` (FSDP), scans its layers and
+    rematerialises them around the fast weight op (options that must not change a loss)."""
     overrides = [*TINY_LM, "steps=2"]
     train(load_train_config("lm_tiny", overrides), tmp_path / "one", devices=jax.devices()[:1])
-    mesh = ["mesh.data=4", "mesh.model=2", "lm.model.scan_layers=true"]
+    mesh = ["mesh.data=4", "mesh.model=2", "mesh.fsdp=true", "lm.model.scan_layers=true"]
     mesh.append("lm.model.remat=fast_weight")
     train(load_train_config("lm_tiny", overrides + mesh), tmp_path / "eight")
     assert len(jax.devices()) == 8
     np.testing.assert_allclose(
         _train_losses(tmp_path / "one"), _train_losses(tmp_path / "eight"), rtol=1e-5
     )
+
+
+def test_fsdp_shards_parameters_and_optimizer_state_over_data(tmp_path):
+    """With ``mesh.fsdp`` every device holds a quarter (data=4) of each matrix's model-width
+    axis, in the parameters and in Adam's moments; without it, only tensor parallelism."""
+    for fsdp in (False, True):
+        overrides = [*TINY_LM, "mesh.data=4", "mesh.model=2", f"mesh.fsdp={str(fsdp).lower()}"]
+        run = Run(load_train_config("lm_tiny", overrides), tmp_path / str(fsdp))
+        run.checkpointer.close()
+        # The feed-forward's first matrix [embed, mlp] and its Adam moments.
+        path = "['blocks'][0]['ff']['up']['kernel']"
+        found = [
+            x
+            for state in (run.state.params, run.state.opt_state)
+            for p, x in jax.tree_util.tree_leaves_with_path(state)
+            if path in jax.tree_util.keystr(p)
+        ]
+        assert len(found) == 3  # the parameter, mu and nu
+        for x in found:
+            assert tuple(x.sharding.spec) == (("data" if fsdp else None), "model")
+            shard = x.addressable_shards[0].data.shape
+            assert shard == (32 // (4 if fsdp else 1), 64 // 2)
 
 
 # --- checkpoints -------------------------------------------------------------------------------
@@ -281,19 +303,40 @@ def test_cli_train_eval_generate(tmp_path, capsys):
 
 
 def test_two_processes_train_in_lockstep(tmp_path):
-    """jax.distributed over 2 local CPU processes (2 devices each): same losses everywhere."""
+    """jax.distributed over 2 local CPU processes (2 devices each): the same losses everywhere
+    and as one process on 4 devices, and each process reads only its own rows of the text (its
+    token array fails any read outside its streams, in training and evaluation)."""
     port = 20000 + os.getpid() % 20000
     script = tmp_path / "worker.py"
     script.write_text(
         "import os, sys, json\n"
         "os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'\n"
+        "import numpy as np\n"
         "from fwjax.cli import load_train_config\n"
+        "from fwjax.data import text\n"
         "from fwjax.train import initialize_distributed, train\n"
+        "class OwnRowsOnly:\n"
+        "    def __init__(self, tokens, lo, hi):\n"
+        "        self.tokens, self.lo, self.hi = tokens, lo, hi\n"
+        "    def __len__(self):\n"
+        "        return len(self.tokens)\n"
+        "    def __getitem__(self, index):\n"
+        "        i = np.asarray(index)\n"
+        "        assert self.lo <= i.min() and i.max() < self.hi, (self.lo, self.hi, i.min())\n"
+        "        return self.tokens[index]\n"
+        "plain_init = text.ContiguousStreams.__init__\n"
+        "def guarded_init(self, tokens, batch_size, segment_len):\n"
+        "    import jax\n"
+        "    plain_init(self, tokens, batch_size, segment_len)\n"
+        "    span, per = self.num_segments * segment_len, batch_size // jax.process_count()\n"
+        "    lo = jax.process_index() * per * span\n"
+        "    self.tokens = OwnRowsOnly(self.tokens, lo, lo + per * span + 1)\n"
+        "text.ContiguousStreams.__init__ = guarded_init\n"
         "pid, wd = int(sys.argv[1]), sys.argv[2]\n"
-        f"overrides = {[*TINY_RETRIEVAL, 'steps=4']!r} + [\n"
+        f"overrides = {[*TINY_LM, 'steps=4', 'eval_every=4']!r} + [\n"
         f"    'distributed.coordinator_address=\"localhost:{port}\"',\n"
         "    'distributed.num_processes=2', f'distributed.process_id={pid}']\n"
-        "config = load_train_config('retrieval_delta', overrides)\n"
+        "config = load_train_config('lm_tiny', overrides)\n"
         "initialize_distributed(config.distributed)\n"
         "import jax\n"
         "assert jax.process_count() == 2 and jax.device_count() == 4\n"
@@ -316,7 +359,7 @@ def test_two_processes_train_in_lockstep(tmp_path):
     results = [json.loads(o.split("RESULT ")[-1]) for o in outs]
     assert results[0] == results[1]
     single = train(
-        load_train_config("retrieval_delta", [*TINY_RETRIEVAL, "steps=4"]),
+        load_train_config("lm_tiny", [*TINY_LM, "steps=4", "eval_every=4"]),
         tmp_path / "single",
         devices=jax.devices()[:4],
     )
