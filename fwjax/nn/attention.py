@@ -149,7 +149,7 @@ class FastWeightAttention(nnx.Module):
         )
         conv = None
         if self.conv is not None:
-            width = self.conv[...].shape[1]
+            width = self.conv[...].shape[-1]
             conv = jnp.zeros((batch_size, self.config.conv_size - 1, width), self.dtype)
         return FastWeightLayerState(memory, conv)
 

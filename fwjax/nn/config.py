@@ -200,11 +200,11 @@ class ModelConfig:
         residual stream (attention output, feed-forward down) by 1/√(2·num_layers), as GPT-2.
       dtype: compute dtype (e.g. bfloat16); the fast weight state is always float32.
       param_dtype: the dtype parameters are stored (and trained) in; float32 unless set.
-      scan_layers: run the blocks as one ``lax.scan`` over their stacked variables (the block
-        is traced once); needs one attention kind for all layers. The parameters stay one
-        module per layer (the same checkpoints and shardings as unrolled layers), so the
-        optimizer update and the stacking still grow with depth: on XLA:CPU the training step
-        compiled no faster than unrolled layers (``benchmarks/README.md``).
+      scan_layers: store the blocks as one module whose variables have a leading layer axis
+        and run them as one ``lax.scan`` (``nnx.vmap`` / ``nnx.scan``, as MaxText and the flax
+        gemma example): the block is traced and compiled once, the optimizer updates a few
+        stacked arrays. Needs one attention kind for all layers and no FAVOR+ (its per-layer
+        redraws); parameters and checkpoints are laid out stacked.
       remat: :class:`Remat`, what each block keeps for the backward pass.
 
     The defaults are the GPT-2 / nanoGPT recipe of small language models; the paper's
@@ -255,6 +255,8 @@ class ModelConfig:
         object.__setattr__(self, "remat", Remat(self.remat))
         if self.scan_layers and len(set(kinds)) > 1:
             raise ValueError(f"scan_layers=True needs one attention kind; got layer_kinds={kinds}")
+        if self.scan_layers and self.fast_weight.feature_map.needs_projection:
+            raise ValueError("scan_layers=True does not support FAVOR+ (per-layer redraws)")
         if self.scan_layers and self.fast_weight.diagnostics:
             raise ValueError(
                 "scan_layers=True cannot record fast_weight.diagnostics (recorded per layer)"

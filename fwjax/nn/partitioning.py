@@ -23,7 +23,8 @@ EMBED = "embed"  # the model width d_model
 HEADS = "heads"  # the attention heads (q, k, v and β projections, the output projection's input)
 MLP = "mlp"  # the feed-forward width d_ff
 VOCAB = "vocab"  # the vocabulary (token embedding rows, output projection columns)
-AXIS_NAMES = (EMBED, HEADS, MLP, VOCAB)
+LAYERS = "layers"  # the layer axis of scanned blocks' stacked variables (never split)
+AXIS_NAMES = (EMBED, HEADS, MLP, VOCAB, LAYERS)
 
 
 def logical(init, axes: tuple[str | None, ...]):
@@ -57,4 +58,10 @@ def logical_axis_rules(
     Returns:
       ``((logical name, mesh axis or None), ...)`` for ``nnx.logical_axis_rules``.
     """
-    return ((EMBED, embed_axis), (HEADS, model_axis), (MLP, model_axis), (VOCAB, model_axis))
+    return (
+        (EMBED, embed_axis),
+        (HEADS, model_axis),
+        (MLP, model_axis),
+        (VOCAB, model_axis),
+        (LAYERS, None),
+    )

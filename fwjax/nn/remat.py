@@ -46,23 +46,39 @@ def rematerialised(method: Callable, policy=None) -> Callable:
 
         @functools.partial(jax.checkpoint, policy=policy)
         def pure(state, *args):
-            before = [jax.tree.leaves(v) for _, v in nnx.to_flat_state(state)]
+            before = variable_leaves(state)
             copy = nnx.merge(graphdef, state)
             out = method(copy, *args)
             new = nnx.state(copy)
-            after = [jax.tree.leaves(v) for _, v in nnx.to_flat_state(new)]
-            written[:] = [
-                any(x is not y for x, y in zip(a, b, strict=True))
-                for a, b in zip(after, before, strict=True)
-            ]
+            written[:] = written_variables(before, new)
             return out, new
 
         out, new_state = pure(state, *args)
-        # Write back only what the method wrote: the module's other variables may belong to an
-        # outer trace (e.g. merged from a state passed through jax.grad) and cannot be set here.
-        flat = [item for item, w in zip(nnx.to_flat_state(new_state), written, strict=True) if w]
-        if flat:
-            nnx.update(module, nnx.from_flat_state(flat))
+        update_written(module, new_state, written)
         return out
 
     return call
+
+
+def variable_leaves(state: nnx.State) -> list[list]:
+    """The arrays of each variable of ``state`` (in ``nnx.to_flat_state`` order); take them
+    before running code on a module merged from ``state`` (``nnx.merge`` reuses the variables,
+    so the state changes with the module)."""
+    return [jax.tree.leaves(v) for _, v in nnx.to_flat_state(state)]
+
+
+def written_variables(before: list[list], after: nnx.State) -> list[bool]:
+    """Per variable: whether ``after`` holds other arrays than ``before``
+    (:func:`variable_leaves` taken before the code ran; while tracing, another array object
+    means the traced code wrote the variable)."""
+    pairs = zip(variable_leaves(after), before, strict=True)
+    return [any(x is not y for x, y in zip(a, b, strict=True)) for a, b in pairs]
+
+
+def update_written(module: nnx.Module, new_state: nnx.State, written: list[bool]) -> None:
+    """Writes back only the variables ``written`` marks: the module's other variables may
+    belong to an outer trace (e.g. merged from a state passed through ``jax.grad``) and cannot
+    be set here."""
+    flat = [item for item, w in zip(nnx.to_flat_state(new_state), written, strict=True) if w]
+    if flat:
+        nnx.update(module, nnx.from_flat_state(flat))

@@ -19,8 +19,14 @@ from fwjax.nn.config import (
     Positional,
     Remat,
 )
-from fwjax.nn.partitioning import EMBED, MLP, VOCAB, logical
-from fwjax.nn.remat import BLOCK_POLICIES, rematerialised
+from fwjax.nn.partitioning import EMBED, LAYERS, MLP, VOCAB, logical
+from fwjax.nn.remat import (
+    BLOCK_POLICIES,
+    rematerialised,
+    update_written,
+    variable_leaves,
+    written_variables,
+)
 
 _ACTIVATIONS = {Activation.RELU: jax.nn.relu, Activation.GELU: jax.nn.gelu}
 
@@ -61,6 +67,7 @@ class TransformerBlock(nnx.Module):
         dtypes = dict(dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype))
         self.norm_position = config.norm_position
         self.remat = config.remat
+        self.config_num_layers = config.num_layers
         # GPT-2: projections into the residual stream start 1/√(2L) smaller.
         out_scale = (2 * config.num_layers) ** -0.5 if config.scale_residual_init else 1.0
         if kind is AttentionKind.FAST_WEIGHT:
@@ -171,9 +178,12 @@ class TransformerLM(nnx.Module):
             if config.positional is Positional.LEARNED
             else None
         )
-        self.blocks = nnx.List(
-            [TransformerBlock(kind, config, rngs=rngs) for kind in config.layer_kinds]
-        )
+        if config.scan_layers:
+            self.blocks = _stacked_blocks(config, rngs)
+        else:
+            self.blocks = nnx.List(
+                [TransformerBlock(kind, config, rngs=rngs) for kind in config.layer_kinds]
+            )
         pre = config.norm_position is NormPosition.PRE
         self.final_norm = nnx.data(
             nnx.LayerNorm(config.d_model, **dtypes, rngs=rngs) if pre else None
@@ -186,9 +196,11 @@ class TransformerLM(nnx.Module):
         self.dropout = nnx.Dropout(config.dropout, rngs=rngs)
 
     def init_state(self, batch_size: int) -> LMState:
-        return LMState(
-            tuple(block.init_state(batch_size) for block in self.blocks), jnp.zeros((), jnp.int32)
-        )
+        if self.config.scan_layers:  # one stacked module: every layer starts alike
+            layers = (self.blocks.init_state(batch_size),) * self.config.num_layers
+        else:
+            layers = tuple(block.init_state(batch_size) for block in self.blocks)
+        return LMState(layers, jnp.zeros((), jnp.int32))
 
     def __call__(self, tokens, state: LMState | None = None):
         t = tokens.shape[1]
@@ -216,40 +228,69 @@ class TransformerLM(nnx.Module):
         return logits.astype(jnp.float32), LMState(tuple(layer_states), start + t)
 
 
-def _scan_blocks(blocks, x, states):
-    """``x`` through ``blocks`` (one graph definition) as one ``lax.scan`` over their stacked
-    states, so the block is traced and compiled once whatever the depth.
+def _stacked_blocks(config: ModelConfig, rngs: nnx.Rngs) -> TransformerBlock:
+    """``num_layers`` blocks as ONE module whose variables carry a leading layer axis
+    (``nnx.vmap`` over split RNG streams; the layer axis is named ``layers``, never split)."""
+    kind = config.layer_kinds[0]
 
-    Each block's arrays (parameters, RNG streams, other variables) are stacked along a new
-    leading axis; the scan body rebuilds block ``i`` from slice ``i`` (``nnx.merge``) and runs
-    it; the updated variables (e.g. dropout's RNG counters) are written back to the blocks.
+    @nnx.split_rngs(splits=config.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: LAYERS})
+    def make(rngs):
+        return TransformerBlock(kind, config, rngs=rngs)
+
+    return make(rngs)
+
+
+def stack_block_states(blocks) -> dict:
+    """The states of a sequence of blocks (modules or their ``nnx.State`` s) as one pure dict
+    of arrays stacked along a new leading layer axis: the values of ``scan_layers`` blocks.
+
+    To turn an unrolled model's layers (RNG streams included) into a scanned model's::
+
+        state = nnx.state(scanned)
+        pure = nnx.to_pure_dict(nnx.state(unrolled))
+        pure["blocks"] = stack_block_states(unrolled.blocks)
+        nnx.replace_by_pure_dict(state, pure)
+        nnx.update(scanned, state)
+    """
+    pure = [nnx.to_pure_dict(b if isinstance(b, nnx.State) else nnx.state(b)) for b in blocks]
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *pure)
+
+
+def _scan_blocks(blocks: TransformerBlock, x, states):
+    """``x`` through stacked ``blocks`` as one ``lax.scan`` over the layer axis, so the block is
+    traced and compiled once whatever the depth.
+
+    The scan body rebuilds layer ``i``'s block from slice ``i`` of the stacked variables
+    (``nnx.merge``) and runs it; the variables the blocks wrote (dropout's RNG counters) are
+    written back stacked. Being a plain ``lax.scan`` over arrays, it runs inside any other JAX
+    transform (e.g. the decoding loop of :func:`generate`).
 
     Args:
-      blocks: the blocks (a sequence of modules with equal graph definitions).
+      blocks: the stacked blocks (:func:`_stacked_blocks`).
       x: ``[B, T, d_model]``.
-      states: one carried state per block, or None.
+      states: one carried state per layer, or None.
 
     Returns:
-      ``(x', per-block states as a tuple)``.
+      ``(x', per-layer states as a tuple)``.
     """
-    graphdef, first = nnx.split(blocks[0])
-    splits = [first, *(nnx.split(b)[1] for b in blocks[1:])]
-    if any(nnx.graphdef(b) != graphdef for b in blocks[1:]):
-        raise ValueError("scan_layers needs blocks of one structure (one attention kind)")
-    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *splits)
-    stacked_states = None if states is None else jax.tree.map(lambda *s: jnp.stack(s), *states)
+    graphdef, state = nnx.split(blocks)
+    stacked = None if states is None else jax.tree.map(lambda *s: jnp.stack(s), *states)
+    written = []
 
     def body(x, layer):
         block_state, carried = layer
+        before = variable_leaves(block_state)
         block = nnx.merge(graphdef, block_state)
         x, new_carried = block(x, carried)
-        return x, (nnx.state(block), new_carried)
+        new_state = nnx.state(block)
+        written[:] = written_variables(before, new_state)
+        return x, (new_state, new_carried)
 
-    x, (new_stacked, new_states) = jax.lax.scan(body, x, (stacked, stacked_states))
-    for i, block in enumerate(blocks):
-        nnx.update(block, jax.tree.map(lambda leaf, i=i: leaf[i], new_stacked))
-    unstacked = tuple(jax.tree.map(lambda s, i=i: s[i], new_states) for i in range(len(blocks)))
-    return x, unstacked
+    x, (new_state, new) = jax.lax.scan(body, x, (state, stacked))
+    update_written(blocks, new_state, written)
+    layers = range(blocks.config_num_layers)
+    return x, tuple(jax.tree.map(lambda s, i=i: s[i], new) for i in layers)
 
 
 def sample_logits(key, logits, temperature: float = 1.0, top_k: int | None = None):

@@ -129,8 +129,13 @@ def _none_if_empty(carry):
 def _reseeded(rng_state, key):
     """The RNG stream state with fresh keys from ``key`` and zeroed counters (pure)."""
     leaves, treedef = jax.tree.flatten(rng_state)
+
+    def fresh_key(i, x):  # a stacked stream (scanned layers) gets one key per layer
+        k = jax.random.fold_in(key, i)
+        return jax.random.split(k, x.shape) if x.shape else k
+
     fresh = [
-        jax.random.fold_in(key, i)
+        fresh_key(i, x)
         if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
         else jnp.zeros_like(x)
         for i, x in enumerate(leaves)

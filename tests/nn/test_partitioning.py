@@ -91,7 +91,8 @@ def test_building_a_layer_has_no_sharding_side_effects(mesh):
 def test_default_rules_name_every_fwjax_axis():
     rules = dict(logical_axis_rules("model"))
     assert set(rules) == set(AXIS_NAMES)
-    assert rules == {"embed": None, "heads": "model", "mlp": "model", "vocab": "model"}
+    expected = {"embed": None, "heads": "model", "mlp": "model", "vocab": "model", "layers": None}
+    assert rules == expected
     assert set(dict(logical_axis_rules(None)).values()) == {None}
 
 

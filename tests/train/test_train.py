@@ -137,13 +137,13 @@ def test_steps_per_call_and_early_stopping(tmp_path):
 
 
 def test_one_device_and_eight_devices_give_the_same_losses(tmp_path):
-    """Data parallel (4) × tensor parallel (2) over 8 simulated devices vs one device; the
-    8-device run also shards its parameters over ``data`` (FSDP), scans its layers and
-    rematerialises them around the fast weight op (options that must not change a loss)."""
-    overrides = [*TINY_LM, "steps=2"]
+    """Data parallel (4) × tensor parallel (2) over 8 simulated devices vs one device, both with
+    scanned (stacked) layers; the 8-device run also shards its parameters over ``data`` (FSDP)
+    and rematerialises its blocks around the fast weight op (options that must not change a
+    loss)."""
+    overrides = [*TINY_LM, "steps=2", "lm.model.num_layers=2", "lm.model.scan_layers=true"]
     train(load_train_config("lm_tiny", overrides), tmp_path / "one", devices=jax.devices()[:1])
-    mesh = ["mesh.data=4", "mesh.model=2", "mesh.fsdp=true", "lm.model.scan_layers=true"]
-    mesh.append("lm.model.remat=fast_weight")
+    mesh = ["mesh.data=4", "mesh.model=2", "mesh.fsdp=true", "lm.model.remat=fast_weight"]
     train(load_train_config("lm_tiny", overrides + mesh), tmp_path / "eight")
     assert len(jax.devices()) == 8
     np.testing.assert_allclose(
@@ -251,8 +251,8 @@ def _poison_batch(monkeypatch, at_steps):
 
     original = RetrievalTrainTask.train_batch
 
-    def poisoned(self, index):
-        batch = original(self, index)
+    def poisoned(self, index, *rows):
+        batch = original(self, index, *rows)
         if index in at_steps:
             batch["queries"] = batch["queries"] + 10_000
         return batch
