@@ -75,8 +75,9 @@ def _twins(config, **options):
     "kind, scan, remat",
     [
         ("delta", True, Remat.FAST_WEIGHT),
-        ("gated_conv", True, Remat.NONE),
-        ("softmax", True, Remat.FULL),
+        # ≈ 15 s each; scanned softmax layers also decode in the default suite (below)
+        pytest.param("gated_conv", True, Remat.NONE, marks=pytest.mark.slow),
+        pytest.param("softmax", True, Remat.FULL, marks=pytest.mark.slow),
         pytest.param("delta", False, Remat.DOTS, marks=pytest.mark.slow),
         pytest.param("gated_conv", False, Remat.FAST_WEIGHT, marks=pytest.mark.slow),
         pytest.param("softmax", False, Remat.FAST_WEIGHT, marks=pytest.mark.slow),

@@ -141,7 +141,7 @@ def test_one_device_and_eight_devices_give_the_same_losses(tmp_path):
     scanned (stacked) layers; the 8-device run also shards its parameters over ``data`` (FSDP)
     and rematerialises its blocks around the fast weight op (options that must not change a
     loss)."""
-    overrides = [*TINY_LM, "steps=2", "lm.model.num_layers=2", "lm.model.scan_layers=true"]
+    overrides = [*TINY_LM, "steps=2", "lm.model.scan_layers=true"]
     train(load_train_config("lm_tiny", overrides), tmp_path / "one", devices=jax.devices()[:1])
     mesh = ["mesh.data=4", "mesh.model=2", "mesh.fsdp=true", "lm.model.remat=fast_weight"]
     train(load_train_config("lm_tiny", overrides + mesh), tmp_path / "eight")
