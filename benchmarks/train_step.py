@@ -256,16 +256,18 @@ def _fmt_ms(stats: dict) -> str:
     return f"{1e3 * stats['median_s']:.1f} ± {1e3 * stats['iqr_s'] / 2:.1f}"
 
 
+def _header(*columns: str) -> list[str]:
+    """A markdown table's header and rule lines."""
+    return ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+
+
 def table(rows: list[dict]) -> str:
     """Markdown tables of the measured rows."""
     by = {r["key"]: r for r in rows}
     out = []
     lengths = sorted({r["t"] for r in rows if r["section"] == "length"})
     if lengths:
-        out += [
-            "| T | B | delta µs/token | softmax µs/token | delta / softmax |",
-            "|---|---|---|---|---|",
-        ]
+        out += _header("T", "B", "delta µs/token", "softmax µs/token", "delta / softmax")
         for t in lengths:
             d, s = by.get(f"length|delta|T{t}"), by.get(f"length|softmax|T{t}")
             if d and s:
@@ -277,10 +279,7 @@ def table(rows: list[dict]) -> str:
         out.append("")
     remat = [r for r in rows if r["section"] == "remat"]
     if remat:
-        out += [
-            "| model | remat | kept for backward MiB | XLA temp MiB | step ms |",
-            "|---|---|---|---|---|",
-        ]
+        out += _header("model", "remat", "kept for backward MiB", "XLA temp MiB", "step ms")
         for r in remat:
             out.append(
                 f"| {r['kind']} | {r['remat']} | {r['residual_mib']:.1f} | "
@@ -289,7 +288,7 @@ def table(rows: list[dict]) -> str:
         out.append("")
     comp = [r for r in rows if r["section"] == "compile"]
     if comp:
-        out += ["| layers | scan | trace+lower s | compile s | step ms |", "|---|---|---|---|---|"]
+        out += _header("layers", "scan", "trace+lower s", "compile s", "step ms")
         for r in comp:
             out.append(
                 f"| {r['layers']} | {r['scan']} | {r['lower_s']:.1f} | {r['compile_s']:.1f} | "
@@ -299,11 +298,10 @@ def table(rows: list[dict]) -> str:
     peak = by.get("parts|matmul_peak")
     parts = [r for r in rows if r["section"] == "parts" and "kind" in r]
     if parts:
-        out += [
-            "| model | forward ms | fwd+bwd ms | train step ms | guard select ms | "
-            "model GFLOP/s | MFU vs matmul |",
-            "|---|---|---|---|---|---|---|",
-        ]
+        out += _header(
+            "model", "forward ms", "fwd+bwd ms", "train step ms", "guard select ms",
+            "model GFLOP/s", "MFU vs matmul",
+        )  # fmt: skip
         for r in parts:
             flops = r["flops_per_token"] * r["tokens"] / r["train_step"]["median_s"]
             mfu = f"{100 * flops / peak['flops_per_s']:.0f} %" if peak else "–"
