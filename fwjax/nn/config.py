@@ -201,8 +201,8 @@ class ModelConfig:
       dtype: compute dtype (e.g. bfloat16); the fast weight state is always float32.
       param_dtype: the dtype parameters are stored (and trained) in; float32 unless set.
       scan_layers: store the blocks as one module whose variables have a leading layer axis
-        and run them as one ``lax.scan`` (``nnx.vmap`` / ``nnx.scan``, as MaxText and the flax
-        gemma example): the block is traced and compiled once, the optimizer updates a few
+        (built with ``nnx.vmap``, as MaxText and the flax gemma example) and run them as one
+        ``lax.scan``: the block is traced and compiled once, the optimizer updates a few
         stacked arrays. Needs one attention kind for all layers and no FAVOR+ (its per-layer
         redraws); parameters and checkpoints are laid out stacked.
       remat: :class:`Remat`, what each block keeps for the backward pass.
