@@ -67,7 +67,6 @@ class TransformerBlock(nnx.Module):
         dtypes = dict(dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype))
         self.norm_position = config.norm_position
         self.remat = config.remat
-        self.config_num_layers = config.num_layers
         # GPT-2: projections into the residual stream start 1/√(2L) smaller.
         out_scale = (2 * config.num_layers) ** -0.5 if config.scale_residual_init else 1.0
         if kind is AttentionKind.FAST_WEIGHT:
@@ -216,7 +215,7 @@ class TransformerLM(nnx.Module):
         x = self.dropout(x)
         layers = None if state is None else state.layers
         if self.config.scan_layers:
-            x, layer_states = _scan_blocks(self.blocks, x, layers)
+            x, layer_states = _scan_blocks(self.blocks, x, layers, self.config.num_layers)
         else:
             layer_states = []
             for i, block in enumerate(self.blocks):
@@ -257,7 +256,7 @@ def stack_block_states(blocks) -> dict:
     return jax.tree.map(lambda *leaves: jnp.stack(leaves), *pure)
 
 
-def _scan_blocks(blocks: TransformerBlock, x, states):
+def _scan_blocks(blocks: TransformerBlock, x, states, num_layers: int):
     """``x`` through stacked ``blocks`` as one ``lax.scan`` over the layer axis, so the block is
     traced and compiled once whatever the depth.
 
@@ -270,6 +269,7 @@ def _scan_blocks(blocks: TransformerBlock, x, states):
       blocks: the stacked blocks (:func:`_stacked_blocks`).
       x: ``[B, T, d_model]``.
       states: one carried state per layer, or None.
+      num_layers: the layers stacked in ``blocks``.
 
     Returns:
       ``(x', per-layer states as a tuple)``.
@@ -289,8 +289,7 @@ def _scan_blocks(blocks: TransformerBlock, x, states):
 
     x, (new_state, new) = jax.lax.scan(body, x, (state, stacked))
     update_written(blocks, new_state, written)
-    layers = range(blocks.config_num_layers)
-    return x, tuple(jax.tree.map(lambda s, i=i: s[i], new) for i in layers)
+    return x, tuple(jax.tree.map(lambda s, i=i: s[i], new) for i in range(num_layers))
 
 
 def sample_logits(key, logits, temperature: float = 1.0, top_k: int | None = None):
