@@ -83,7 +83,6 @@ def test_the_config_file_is_the_sweeps_point():
     assert load_train_config("recall_mqar_delta") == config
 
 
-@pytest.mark.slow  # ≈ 10 s; the recall loop runs end to end in the tiny sweep test above
 def test_train_recall_is_a_deprecated_wrapper_of_the_loop():
     """A tiny multi-hop run in the training loop: evaluations at steps 2 and 4 with per-hop
     accuracies; the deprecated ``train_recall`` warns."""
