@@ -20,7 +20,7 @@ state is one ``[K, V]`` matrix per batch element and head: ``[B, H, K, V]`` (row
 ``S_t = S_{t-1} + k_t u_tᵀ``, reads are ``S_tᵀ q_t``).
 """
 
-from jaxtyping import Array, Float, Real
+from jaxtyping import Array, Float, Int, Real
 
 Queries = Float[Array, "B T H K"]
 Keys = Float[Array, "B T H K"]
@@ -35,6 +35,8 @@ Features = Float[Array, "*batch K"]
 Projection = Float[Array, "D M"]
 SoftmaxKeys = Float[Array, "B S H D"]
 SoftmaxValues = Float[Array, "B S H V"]
+# Document ids of packed rows: equal within a document (fwjax.ops.segments).
+SegmentIds = Int[Array, "B T"]
 RawFeatures = Float[Array, "*batch D"]
 # An output scale: a Python number, a scalar array (a traced argument under jit), or None.
 Scale = float | Real[Array, ""] | None
@@ -51,6 +53,7 @@ __all__ = [
     "RawFeatures",
     "RawHeads",
     "Scale",
+    "SegmentIds",
     "SoftmaxKeys",
     "SoftmaxValues",
     "State",

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from fwjax.ops.linalg import unit_lower_triangular_inverse
+from fwjax.ops.segments import chunk_masks
 
 HIGHEST = jax.lax.Precision.HIGHEST  # the REFERENCE forms' matmul precision
 
@@ -81,6 +82,11 @@ def per_head(one_head, q, k, v, gates, initial_state, scale) -> tuple[jax.Array,
     return scale * o, s
 
 
+def no_starts(k: jax.Array) -> jax.Array:
+    """The document starts ``[B, T, H]`` of an unpacked row: none (zeros in ``k``'s dtype)."""
+    return jnp.zeros(k.shape[:3], k.dtype)
+
+
 def wy_terms(q, k, v, beta, log_alpha=None):
     """Phase 1 of the chunkwise (gated) delta rule on chunks ``[..., C, .]``: ``(W, U, P, g)``.
 
@@ -111,10 +117,138 @@ def chunk_forward(q, k, w, u, p, s, decay=None):
 
         Ũ = U − W S,   O = Q S + P Ũ,   S ← γ S + Kᵀ Ũ
 
-    ``Ũ`` are the values written; ``decay`` is the chunk's total decay ``γ [...]`` (1 when None).
+    ``Ũ`` are the values written (``U`` itself when ``w`` is None: the sum rule); ``decay`` is
+    the chunk's total decay ``γ [...]`` (1 when None).
     """
-    u_tilde = u - w @ s
+    u_tilde = u if w is None else u - w @ s
     o = q @ s + p @ u_tilde
     if decay is not None:
         s = decay[..., None, None] * s
     return o, s + mT(k) @ u_tilde
+
+
+def packed_terms(q, k, v, beta, log_alpha, starts):
+    """The intra-chunk terms of any rule on chunks ``[..., C, .]`` of packed rows, with the
+    document starts ``starts [..., C]`` (1 at a start) applied as masks
+    (:func:`fwjax.ops.segments.chunk_masks`): ``(Q', K', W, U, P, γ)`` for
+    :func:`chunk_forward`.
+
+    With ``same`` (steps in one document), ``entry`` (the document began before the chunk),
+    ``exit`` (the chunk's last document) and ``carry`` (no start in the chunk), ``g`` the
+    cumulative ``log α`` (0 without a gate; a start's own ``α`` multiplies an empty memory and
+    is dropped) and ``D_tj = exp(g_t − g_j)`` on ``same`` causal pairs, 0 elsewhere::
+
+        A = tril(diag(β) K Kᵀ ⊙ D, −1)
+        W = (I + A)⁻¹ diag(β Γ · entry) K,   U = (I + A)⁻¹ diag(β) V
+        P = Q Kᵀ ⊙ D,   Q' = diag(Γ · entry) Q,   K' = diag(Γ_C / Γ · exit) K,   γ = Γ_C · carry
+
+    Without ``beta`` (the sum rule) ``W`` is None and ``U = V``. Without starts this is
+    :func:`wy_terms` with the decays folded in as in the gated delta rule.
+    """
+    same, entry, exit_, carry = chunk_masks(starts)
+    c = k.shape[-2]
+    incl = causal_mask(c, include_diagonal=True) & same
+    dtype = k.dtype
+    if log_alpha is None:
+        decay = jnp.ones((), dtype)
+        gamma = jnp.ones(k.shape[:-1], dtype)  # Γ_t
+        gamma_exit = gamma  # Γ_C / Γ_t
+        total = jnp.ones(k.shape[:-2], dtype)  # Γ_C
+    else:
+        g = jnp.cumsum(jnp.where(starts != 0, 0.0, log_alpha), axis=-1)
+        decay = jnp.exp(jnp.where(incl, g[..., :, None] - g[..., None, :], 0.0))
+        gamma, gamma_exit, total = jnp.exp(g), jnp.exp(g[..., -1:] - g), jnp.exp(g[..., -1])
+    scores = jnp.where(incl, (q @ mT(k)) * decay, 0)
+    q_entry = jnp.where(entry, gamma, 0)[..., None] * q
+    k_exit = jnp.where(exit_, gamma_exit, 0)[..., None] * k
+    total = jnp.where(carry, total, 0)
+    if beta is None:
+        return q_entry, k_exit, None, v, scores, total
+    strict = causal_mask(c, include_diagonal=False) & same
+    a = jnp.where(strict, beta[..., :, None] * (k @ mT(k)) * decay, 0)
+    t_inv = unit_lower_triangular_inverse(a)  # (I + A)⁻¹
+    w = t_inv @ (jnp.where(entry, beta * gamma, 0)[..., None] * k)
+    return q_entry, k_exit, w, t_inv @ (beta[..., None] * v), scores, total
+
+
+@jax.checkpoint
+def packed_chunk_step(s, inputs):
+    """One chunk ``(q, k, v, β, log α, starts)`` of packed rows (``β``, ``log α`` may be None),
+    each ``[B, H, C, .]``, with incoming state ``s`` -> ``(S, O)``; rematerialised, so a scan
+    of it keeps one state per chunk for the backward pass."""
+    q_e, k_e, w, u, p, total = packed_terms(*inputs)
+    return _packed_forward(q_e, k_e, w, u, p, total, s)
+
+
+def _packed_forward(q_e, k_e, w, u, p, total, s):
+    o, s = chunk_forward(q_e, k_e, w, u, p, s, total)
+    return s, o
+
+
+def packed_chunks(q, k, v, beta, log_alpha, starts, initial_state, scale, chunk_size):
+    """Any rule's CHUNKED form on packed rows: ``[B, T, H, .]`` inputs (``β``, ``log α`` may be
+    None; ``starts [B, T, H]`` 1 at a document start) -> ``(out [B, T, H, V], S_T)``. The
+    backward pass is autodiff through the chunk scan of :func:`packed_chunk_step`; padding is
+    exact (zero keys write and read nothing, ``β = 0``, ``log α = 0``, no start)."""
+    t = q.shape[1]
+    gates = tuple(x for x in (beta, log_alpha, starts) if x is not None)
+    q, k, v, *gates = in_chunks(q, k, v, gates, initial_state, scale, chunk_size)
+    starts = gates.pop()
+    beta = gates.pop(0) if beta is not None else None
+    log_alpha = gates.pop(0) if log_alpha is not None else None
+    s, o = jax.lax.scan(packed_chunk_step, initial_state, (q, k, v, beta, log_alpha, starts))
+    return from_chunks(o, t), s
+
+
+def packed_chunks_bwd(arrange, residuals, cotangents):
+    """The VJP of a scan of :func:`packed_chunk_step` from its residuals ``(*xs, states)``
+    (chunked ``[N, B, H, C, .]``; ``states``: the state entering each chunk) and the
+    cotangents ``(dO, dS)``: a reverse scan of the step's VJP. ``arrange(xs)`` gives the step's
+    ``(q, k, v, β, log α, starts)``. Returns ``(*dxs, dS⁰)``."""
+    *xs, states = residuals
+
+    def step(g, inputs):
+        *x, s, do = inputs
+        _, pullback = jax.vjp(lambda s, x: packed_chunk_step(s, arrange(x)), s, tuple(x))
+        return pullback((g, do))
+
+    d_o, d_s = cotangents
+    d_s0, dxs = jax.lax.scan(step, d_s, (*xs, states, d_o), reverse=True)
+    return (*dxs, d_s0)
+
+
+def blocked_recurrence(step, xs, fills, initial_state, block):
+    """A step-by-step recurrence over ``[B, T, H, .]`` inputs whose backward pass keeps one
+    state per block of ``block`` steps and recomputes a block's states from it (each block's
+    scan is rematerialised): ``O(T/C · K·V + C · K·V)`` memory per head instead of autodiff's
+    ``O(T · K·V)``.
+
+    Args:
+      step: ``step(*x_t, s) -> (o_t, s_new)`` on ``[B, H, .]`` slices.
+      xs: the inputs ``[B, T, H, .]``.
+      fills: the no-op value of each input, used to pad time to whole blocks.
+      initial_state: ``[B, H, K, V]``.
+      block: steps per rematerialised block.
+
+    Returns:
+      ``(o [B, T, H, V], S_T)``.
+    """
+    t = xs[0].shape[1]
+    c = min(block, t)
+    padded = []
+    for x, fill in zip(xs, fills, strict=True):
+        pad = [(0, 0), (0, -t % c)] + [(0, 0)] * (x.ndim - 2)
+        padded.append(jnp.pad(x, pad, constant_values=fill))
+    # Time-major inside a block: [N, C, B, H, .].
+    blocks = tuple(jnp.moveaxis(to_chunks(x, c), 3, 1) for x in padded)
+
+    @jax.checkpoint
+    def run_block(s, xb):
+        def one(s, inputs):
+            o_t, s = step(*inputs, s)
+            return s, o_t
+
+        return jax.lax.scan(one, s, xb)
+
+    s, o = jax.lax.scan(run_block, initial_state, blocks)
+    return from_chunks(jnp.moveaxis(o, 1, 3), t), s

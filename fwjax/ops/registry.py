@@ -12,14 +12,16 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping
 
-from fwjax.ops.delta_rule.chunked import delta_rule_chunked
-from fwjax.ops.delta_rule.pallas import delta_rule_pallas
-from fwjax.ops.delta_rule.recurrent import delta_rule_recurrent
-from fwjax.ops.delta_rule.reference import delta_rule_reference
-from fwjax.ops.gated_delta_rule.chunked import gated_delta_rule_chunked
-from fwjax.ops.gated_delta_rule.pallas import gated_delta_rule_pallas
-from fwjax.ops.gated_delta_rule.recurrent import gated_delta_rule_recurrent
-from fwjax.ops.gated_delta_rule.reference import gated_delta_rule_reference
+import jax.numpy as jnp
+
+from fwjax.ops.delta_rule import chunked as delta_chunked
+from fwjax.ops.delta_rule import pallas as delta_pallas
+from fwjax.ops.delta_rule import recurrent as delta_recurrent
+from fwjax.ops.delta_rule import reference as delta_reference
+from fwjax.ops.gated_delta_rule import chunked as gated_chunked
+from fwjax.ops.gated_delta_rule import pallas as gated_pallas
+from fwjax.ops.gated_delta_rule import recurrent as gated_recurrent
+from fwjax.ops.gated_delta_rule import reference as gated_reference
 from fwjax.ops.impl import (
     FormOptions,
     Impl,
@@ -31,10 +33,11 @@ from fwjax.ops.impl import (
     resolve_scale,
     restore_nonfinite,
 )
-from fwjax.ops.sum_rule.chunked import sum_rule_chunked
-from fwjax.ops.sum_rule.pallas import sum_rule_pallas
-from fwjax.ops.sum_rule.recurrent import sum_rule_recurrent
-from fwjax.ops.sum_rule.reference import sum_rule_reference
+from fwjax.ops.segments import document_starts, restore_nonfinite_packed
+from fwjax.ops.sum_rule import chunked as sum_chunked
+from fwjax.ops.sum_rule import pallas as sum_pallas
+from fwjax.ops.sum_rule import recurrent as sum_recurrent
+from fwjax.ops.sum_rule import reference as sum_reference
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,11 +49,14 @@ class Rule:
       gates: ``(name, neutral value)`` of each ``[B, T, H]`` input, in call order; the neutral
         value is a no-op step (β = 0 writes nothing, α = 1 decays nothing).
       forms: one form per concrete :class:`~fwjax.ops.Impl`.
+      packed: one form per concrete Impl for packed rows (:mod:`fwjax.ops.segments`): the same
+        signature, with the document starts ``[B, T, H]`` (1 at a start) as a last gate.
     """
 
     name: str
     gates: tuple[tuple[str, float], ...]
     forms: Mapping[Impl, Callable]
+    packed: Mapping[Impl, Callable]
 
 
 def _forms(*forms: Callable) -> dict[Impl, Callable]:
@@ -59,25 +65,31 @@ def _forms(*forms: Callable) -> dict[Impl, Callable]:
     return dict(zip([i for i in Impl if i is not Impl.AUTO], forms, strict=True))
 
 
-SUM = Rule(
-    "sum_rule",
-    gates=(),
-    forms=_forms(sum_rule_reference, sum_rule_recurrent, sum_rule_chunked, sum_rule_pallas),
-)
-DELTA = Rule(
+def _rule(name: str, gates, reference, recurrent, chunked, pallas) -> Rule:
+    """The rule ``name`` from its four form modules (``{name}_{form}`` and
+    ``{name}_{form}_packed`` in each)."""
+    modules = (reference, recurrent, chunked, pallas)
+    forms = [getattr(m, f"{name}_{m.__name__.rsplit('.', 1)[1]}") for m in modules]
+    packed = [getattr(m, f"{name}_{m.__name__.rsplit('.', 1)[1]}_packed") for m in modules]
+    return Rule(name, gates, _forms(*forms), _forms(*packed))
+
+
+SUM = _rule("sum_rule", (), sum_reference, sum_recurrent, sum_chunked, sum_pallas)
+DELTA = _rule(
     "delta_rule",
-    gates=(("beta", 0.0),),
-    forms=_forms(delta_rule_reference, delta_rule_recurrent, delta_rule_chunked, delta_rule_pallas),
+    (("beta", 0.0),),
+    delta_reference,
+    delta_recurrent,
+    delta_chunked,
+    delta_pallas,
 )
-GATED_DELTA = Rule(
+GATED_DELTA = _rule(
     "gated_delta_rule",
-    gates=(("beta", 0.0), ("alpha", 1.0)),
-    forms=_forms(
-        gated_delta_rule_reference,
-        gated_delta_rule_recurrent,
-        gated_delta_rule_chunked,
-        gated_delta_rule_pallas,
-    ),
+    (("beta", 0.0), ("alpha", 1.0)),
+    gated_reference,
+    gated_recurrent,
+    gated_chunked,
+    gated_pallas,
 )
 RULES = {rule.name: rule for rule in (SUM, DELTA, GATED_DELTA)}
 
@@ -94,10 +106,13 @@ def run_rule(
     chunk_size,
     pallas,
     remat_block=None,
+    segment_ids=None,
 ):
     """Validates the inputs, resolves ``impl``, ``chunk_size``, ``remat_block`` and ``scale``,
     and runs ``rule``'s form; the arguments and result are those of the public op (e.g.
     :func:`fwjax.ops.delta_rule`), with ``gates`` the rule's ``[B, T, H]`` inputs in order.
+    With ``segment_ids`` (packed rows, :mod:`fwjax.ops.segments`) the rule's packed form runs,
+    fed the document starts as a last gate.
 
     The chunkwise forms (:attr:`Impl.chunkwise`) run on inputs whose non-finite entries are
     replaced by the gates' neutral values and get NaN back where the recurrence has it
@@ -113,13 +128,24 @@ def run_rule(
         out_dtype=p.out_dtype,
     )
     scale = resolve_scale(scale, p.k.shape[-1])
+    starts = None
+    if segment_ids is not None:
+        starts = document_starts(segment_ids, p.k.shape[:2])
     if p.k.shape[1] == 0:
         return empty_sequence(p)
     q, k, v, gates = p.q, p.k, p.v, p.gates
     if impl.chunkwise:
         neutral = [fill for _, fill in rule.gates]
         (q, k, v, *gates), steps = guard_nonfinite(q, k, v, list(zip(gates, neutral, strict=True)))
-    out, state = rule.forms[impl](q, k, v, tuple(gates), p.initial_state, scale, options)
+    form = rule.forms[impl]
+    if starts is not None:
+        form = rule.packed[impl]
+        per_head = jnp.broadcast_to(starts[..., None], p.k.shape[:3])
+        gates = (*gates, per_head.astype(p.initial_state.dtype))
+    out, state = form(q, k, v, tuple(gates), p.initial_state, scale, options)
     if impl.chunkwise:
-        out, state = restore_nonfinite(out, state, steps)
+        if starts is None:
+            out, state = restore_nonfinite(out, state, steps)
+        else:
+            out, state = restore_nonfinite_packed(out, state, steps, starts)
     return out.astype(p.out_dtype), state

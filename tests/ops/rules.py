@@ -37,7 +37,8 @@ class Rule:
         return IMPLS
 
     def __call__(self, inputs, impl, chunk_size=None, pallas=None, **overrides):
-        """Runs the rule; ``pallas``: :class:`fwjax.ops.pallas.PallasOptions` of PALLAS."""
+        """Runs the rule; ``pallas``: :class:`fwjax.ops.pallas.PallasOptions` of PALLAS;
+        ``inputs["segment_ids"]`` (optional): packed rows."""
         kw = {**inputs, **overrides}
         if self.has_alpha:
             return gated_delta_rule(
@@ -51,6 +52,7 @@ class Rule:
                 impl=impl,
                 chunk_size=chunk_size,
                 pallas=pallas,
+                segment_ids=kw.get("segment_ids"),
             )
         if self.has_beta:
             return delta_rule(
@@ -63,6 +65,7 @@ class Rule:
                 impl=impl,
                 chunk_size=chunk_size,
                 pallas=pallas,
+                segment_ids=kw.get("segment_ids"),
             )
         return sum_rule(
             kw["q"],
@@ -73,6 +76,7 @@ class Rule:
             impl=impl,
             chunk_size=chunk_size,
             pallas=pallas,
+            segment_ids=kw.get("segment_ids"),
         )
 
     def oracle(self, inputs):
@@ -151,4 +155,10 @@ def make_inputs(case: Case, dtype, seed=0):
 
 
 def upcast(inputs, dtype=jnp.float64):
-    return {n: (x.astype(dtype) if isinstance(x, jax.Array) else x) for n, x in inputs.items()}
+    """The floating-point inputs in ``dtype`` (integer segment ids stay integer)."""
+
+    def cast(x):
+        floating = isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jnp.floating)
+        return x.astype(dtype) if floating else x
+
+    return {n: cast(x) for n, x in inputs.items()}

@@ -10,7 +10,7 @@ from fwjax.ops import registry
 from fwjax.ops.delta_rule.recurrent import delta_rule_step
 from fwjax.ops.impl import Impl
 from fwjax.ops.pallas import PallasOptions
-from fwjax.shapes import Beta, Keys, Outputs, Queries, Scale, State, Values
+from fwjax.shapes import Beta, Keys, Outputs, Queries, Scale, SegmentIds, State, Values
 
 
 @functools.partial(jax.jit, static_argnames=("impl", "chunk_size", "pallas"))
@@ -24,6 +24,7 @@ def delta_rule(
     impl: Impl | str = Impl.AUTO,
     chunk_size: int | None = None,
     pallas: PallasOptions | None = None,
+    segment_ids: SegmentIds | None = None,
 ) -> tuple[Outputs, State]:
     """The delta rule fast weight memory.
 
@@ -55,6 +56,10 @@ def delta_rule(
         mode, backward kernel or XLA backward, value tile); None: the defaults. On a CPU
         backend PALLAS always runs in interpret mode.
 
+      segment_ids: packed rows: integer document ids ``[B, T]`` (equal within a document);
+        the memory is emptied before each document's first step, so every document computes
+        what it would alone (:mod:`fwjax.ops.segments`). The first document continues
+        ``initial_state``; the final state is the last document's. None: one sequence per row.
     Returns:
       ``(out, state)``: ``out [B, T, H, V]`` in the inputs' promoted dtype, and the final
       state ``S_T`` ``[B, H, K, V]`` in the state dtype (the inputs', initial state's and
@@ -64,7 +69,17 @@ def delta_rule(
       output from t on and the final state, as in the recurrence).
     """
     return registry.run_rule(
-        registry.DELTA, q, k, v, (beta,), initial_state, scale, impl, chunk_size, pallas
+        registry.DELTA,
+        q,
+        k,
+        v,
+        (beta,),
+        initial_state,
+        scale,
+        impl,
+        chunk_size,
+        pallas,
+        segment_ids=segment_ids,
     )
 
 

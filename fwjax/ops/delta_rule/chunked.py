@@ -27,7 +27,15 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from fwjax.ops.common import causal_mask, chunk_forward, from_chunks, in_chunks, mT, wy_terms
+from fwjax.ops.common import (
+    causal_mask,
+    chunk_forward,
+    from_chunks,
+    in_chunks,
+    mT,
+    packed_chunks,
+    wy_terms,
+)
 
 
 def delta_wy_terms(q, k, v, beta):
@@ -129,6 +137,13 @@ def delta_rule_chunked(q, k, v, gates, initial_state, scale, options):
     chunks = in_chunks(q, k, v, gates, initial_state, scale, options.chunk_size)
     o, s = delta_chunks(*chunks, initial_state, fused_phases(jax.default_backend()))
     return from_chunks(o, q.shape[1]), s
+
+
+def delta_rule_chunked_packed(q, k, v, gates, initial_state, scale, options):
+    """The CHUNKED form on packed rows: ``gates = (β, starts)``; the document starts act as
+    masks inside each chunk (:func:`fwjax.ops.common.packed_terms`)."""
+    beta, starts = gates
+    return packed_chunks(q, k, v, beta, None, starts, initial_state, scale, options.chunk_size)
 
 
 def fused_phases(platform: str) -> bool:

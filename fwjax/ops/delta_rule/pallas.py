@@ -14,7 +14,7 @@ import functools
 
 from fwjax.ops.delta_rule.chunked import delta_chunks_bwd, delta_wy_terms
 from fwjax.ops.pallas import chunk_math as cm
-from fwjax.ops.pallas.rule_kernel import KernelRule, pallas_form
+from fwjax.ops.pallas.rule_kernel import KernelRule, packed_kernel_rule, pallas_form
 from fwjax.ops.pallas.scan_spec import Kind
 
 # The kernels' operands: Q, K and the phase-1 terms W, U, P.
@@ -35,3 +35,13 @@ KERNEL = KernelRule(
 )
 
 delta_rule_pallas = pallas_form(KERNEL)
+
+
+def _arrange_packed(xs):
+    q, k, v, beta, starts = xs
+    return q, k, v, beta, None, starts
+
+
+# Packed rows (``gates = (β, starts)``):
+# :func:`~fwjax.ops.pallas.rule_kernel.packed_kernel_rule`.
+delta_rule_pallas_packed = pallas_form(packed_kernel_rule("delta_rule", _arrange_packed))

@@ -25,8 +25,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fwjax.ops.common import in_time_major
+from fwjax.ops.common import blocked_recurrence, in_time_major, scaled_inputs
 from fwjax.ops.impl import resolve_scale
+from fwjax.ops.segments import reset
 
 
 def delta_rule_step(q_t, k_t, v_t, beta_t, state, scale=1.0):
@@ -113,3 +114,18 @@ def delta_rule_recurrent(q, k, v, gates, initial_state, scale, options):
     del options
     o, state = _delta_scan(*in_time_major(q, k, v, gates, initial_state, scale), initial_state)
     return jnp.moveaxis(o, 0, 1), state
+
+
+def _packed_step(q_t, k_t, v_t, beta_t, start_t, s):
+    o_t, s, _ = _step(q_t, k_t, v_t, beta_t, reset(s, start_t))
+    return o_t, s
+
+
+def delta_rule_recurrent_packed(q, k, v, gates, initial_state, scale, options):
+    """The RECURRENT form on packed rows: ``gates = (β, starts)``; the memory is emptied before
+    each document's first step (:mod:`fwjax.ops.segments`). A start discards the state, so
+    the backward pass cannot rebuild the states before it from the states after it; it keeps
+    one state per ``options.remat_block`` steps and recomputes the rest instead
+    (:func:`~fwjax.ops.common.blocked_recurrence`)."""
+    xs = scaled_inputs(q, k, v, gates, initial_state, scale)
+    return blocked_recurrence(_packed_step, xs, (0,) * 5, initial_state, options.remat_block)

@@ -10,7 +10,7 @@ from fwjax.ops import registry
 from fwjax.ops.gated_delta_rule.recurrent import gated_delta_rule_step
 from fwjax.ops.impl import Impl
 from fwjax.ops.pallas import PallasOptions
-from fwjax.shapes import Alpha, Beta, Keys, Outputs, Queries, Scale, State, Values
+from fwjax.shapes import Alpha, Beta, Keys, Outputs, Queries, Scale, SegmentIds, State, Values
 
 
 @functools.partial(jax.jit, static_argnames=("impl", "chunk_size", "pallas", "remat_block"))
@@ -26,6 +26,7 @@ def gated_delta_rule(
     chunk_size: int | None = None,
     pallas: PallasOptions | None = None,
     remat_block: int | None = None,
+    segment_ids: SegmentIds | None = None,
 ) -> tuple[Outputs, State]:
     """The gated delta rule: the delta rule whose memory decays by a gate ``α_t`` each step.
 
@@ -56,7 +57,12 @@ def gated_delta_rule(
         backend PALLAS always runs in interpret mode.
       remat_block: the steps per rematerialised block of RECURRENT's backward pass (memory
         ``O(T/remat_block + remat_block)`` states per head); None: the backend's default chunk
-        length. It changes memory and speed, never the results.
+        length (also the packed RECURRENT forms of every rule). It changes memory and speed,
+        never the results.
+      segment_ids: packed rows: integer document ids ``[B, T]`` (equal within a document);
+        the memory is emptied before each document's first step, so every document computes
+        what it would alone (:mod:`fwjax.ops.segments`). The first document continues
+        ``initial_state``; the final state is the last document's. None: one sequence per row.
 
     Returns:
       ``(out, state)``: ``out [B, T, H, V]`` in the inputs' promoted dtype and ``S_T``
@@ -66,7 +72,18 @@ def gated_delta_rule(
     """
     rule, gates = registry.GATED_DELTA, (beta, alpha)
     return registry.run_rule(
-        rule, q, k, v, gates, initial_state, scale, impl, chunk_size, pallas, remat_block
+        rule,
+        q,
+        k,
+        v,
+        gates,
+        initial_state,
+        scale,
+        impl,
+        chunk_size,
+        pallas,
+        remat_block,
+        segment_ids,
     )
 
 

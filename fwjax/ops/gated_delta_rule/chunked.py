@@ -25,7 +25,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fwjax.ops.common import chunk_forward, from_chunks, in_chunks, wy_terms
+from fwjax.ops.common import chunk_forward, from_chunks, in_chunks, packed_chunks, wy_terms
 
 
 def gated_terms(q, k, v, beta, log_alpha):
@@ -74,3 +74,12 @@ def gated_delta_rule_chunked(q, k, v, gates, initial_state, scale, options):
     chunks = in_chunks(q, k, v, (beta, log_alpha), initial_state, scale, options.chunk_size)
     s, o = jax.lax.scan(chunk_step, initial_state, chunks)
     return from_chunks(o, q.shape[1]), s
+
+
+def gated_delta_rule_chunked_packed(q, k, v, gates, initial_state, scale, options):
+    """The CHUNKED form on packed rows: ``gates = (β, α, starts)``; the document starts act as
+    masks inside each chunk (:func:`fwjax.ops.common.packed_terms`), never as ``log 0``."""
+    beta, alpha, starts = gates
+    log_alpha = jnp.log(alpha.astype(initial_state.dtype))
+    chunk = options.chunk_size
+    return packed_chunks(q, k, v, beta, log_alpha, starts, initial_state, scale, chunk)

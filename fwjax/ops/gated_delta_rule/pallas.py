@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from fwjax.ops.delta_rule.pallas import OPERANDS
 from fwjax.ops.gated_delta_rule.chunked import gated_chunks_bwd, gated_terms
 from fwjax.ops.pallas import chunk_math as cm
-from fwjax.ops.pallas.rule_kernel import KernelRule, pallas_form
+from fwjax.ops.pallas.rule_kernel import KernelRule, packed_kernel_rule, pallas_form
 from fwjax.ops.pallas.scan_spec import Kind
 
 
@@ -52,3 +52,14 @@ def gated_delta_rule_pallas(q, k, v, gates, initial_state, scale, options):
     beta, alpha = gates
     log_alpha = jnp.log(alpha.astype(initial_state.dtype))
     return _form(q, k, v, (beta, log_alpha), initial_state, scale, options)
+
+
+_packed_form = pallas_form(packed_kernel_rule("gated_delta_rule", tuple))
+
+
+def gated_delta_rule_pallas_packed(q, k, v, gates, initial_state, scale, options):
+    """The PALLAS form on packed rows, ``gates = (β, α, starts)``
+    (:func:`~fwjax.ops.pallas.rule_kernel.packed_kernel_rule`)."""
+    beta, alpha, starts = gates
+    log_alpha = jnp.log(alpha.astype(initial_state.dtype))
+    return _packed_form(q, k, v, (beta, log_alpha, starts), initial_state, scale, options)

@@ -14,11 +14,11 @@ pass keeps one state per block, the backward pass recomputes a block's states fr
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
-from fwjax.ops.common import from_chunks, scaled_inputs, to_chunks
+from fwjax.ops.common import blocked_recurrence, scaled_inputs
 from fwjax.ops.impl import resolve_scale
+from fwjax.ops.segments import reset
 
 
 def _step(q_t, k_t, v_t, beta_t, alpha_t, s):
@@ -54,23 +54,20 @@ def gated_delta_rule_step(q_t, k_t, v_t, beta_t, alpha_t, state, scale=1.0):
 def gated_delta_rule_recurrent(q, k, v, gates, initial_state, scale, options):
     """See :func:`fwjax.ops.gated_delta_rule`. ``options.remat_block``: the steps per
     rematerialised block."""
-    t = q.shape[1]
-    c = min(options.remat_block, t)
-    beta, alpha = gates
+    xs = scaled_inputs(q, k, v, gates, initial_state, 1.0)
     # Padded steps (zero key, β = 0, α = 1) leave the state unchanged.
-    alpha = jnp.pad(alpha, [(0, 0), (0, -t % c), (0, 0)], constant_values=1.0)
-    blocks = scaled_inputs(q, k, v, (beta, alpha), initial_state, 1.0)
-    # Time-major inside a block: [N, C, B, H, .].
-    blocks = [jnp.moveaxis(to_chunks(x, c), 3, 1) for x in blocks]
+    o, s = blocked_recurrence(_step, xs, (0, 0, 0, 0, 1), initial_state, options.remat_block)
+    return scale * o, s
 
-    @jax.checkpoint
-    def block(s, xs):
-        def step(s, inputs):
-            o_t, s = _step(*inputs, s)
-            return s, o_t
 
-        return jax.lax.scan(step, s, xs)
+def _packed_step(q_t, k_t, v_t, beta_t, alpha_t, start_t, s):
+    return _step(q_t, k_t, v_t, beta_t, alpha_t, reset(s, start_t))
 
-    s, o = jax.lax.scan(block, initial_state, tuple(blocks))
-    o = jnp.moveaxis(o, 1, 3)  # [N, B, H, C, V]
-    return scale * from_chunks(o, t), s
+
+def gated_delta_rule_recurrent_packed(q, k, v, gates, initial_state, scale, options):
+    """The RECURRENT form on packed rows: ``gates = (β, α, starts)``; the memory is emptied
+    before each document's first step (:mod:`fwjax.ops.segments`)."""
+    xs = scaled_inputs(q, k, v, gates, initial_state, 1.0)
+    fills = (0, 0, 0, 0, 1, 0)
+    o, s = blocked_recurrence(_packed_step, xs, fills, initial_state, options.remat_block)
+    return scale * o, s

@@ -28,7 +28,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from fwjax.ops.common import scaled_inputs
+from fwjax.ops.common import packed_chunks_bwd, packed_terms, scaled_inputs
 from fwjax.ops.pallas import (
     KernelConfig,
     PallasBackward,
@@ -39,6 +39,7 @@ from fwjax.ops.pallas import (
     to_kernel_layout,
     unflat,
 )
+from fwjax.ops.pallas import chunk_math as cm
 from fwjax.ops.pallas.scan_spec import ChunkScan, Kind, Operand
 
 # The cotangent of an operand of each kind: partial sums over value tiles where the kernel
@@ -169,3 +170,41 @@ def pallas_form(rule: KernelRule) -> Callable:
         return from_kernel_layout(o, t, value_dim), s[:, :, :key_dim, :value_dim]
 
     return form
+
+
+# The operands of the gated delta rule's kernel: Q', K', W, U, P and the chunk decay.
+DECAY_OPERANDS = (
+    ("q", Kind.SEQ_KEY),
+    ("k", Kind.SEQ_KEY),
+    ("w", Kind.SEQ_KEY),
+    ("u", Kind.SEQ_VALUE),
+    ("p", Kind.SEQ_CHUNK),
+    ("decay", Kind.SEQ_KEY),
+)
+
+
+def packed_kernel_rule(name: str, arrange: Callable) -> KernelRule:
+    """The kernel of a rule on packed rows: the gated delta rule's chunk kernel
+    (:func:`~fwjax.ops.pallas.chunk_math.gated_delta_forward`) fed the document-masked terms of
+    :func:`fwjax.ops.common.packed_terms` (a chunk's decay is 0 when a document starts in it;
+    the sum rule's ``W`` is 0), with the CHUNKED form's reverse chunk scan as its backward.
+
+    Args:
+      name: the rule's kernel name (``{name}_packed_fwd`` in profiles).
+      arrange: the form's inputs (``q, k, v, *gates, starts``) as ``(q, k, v, β, log α,
+        starts)``, with None for a gate the rule lacks.
+    """
+
+    def phase1(*xs):
+        q_e, k_e, w, u, p, total = packed_terms(*arrange(xs))
+        w = jnp.zeros_like(k_e) if w is None else w
+        return q_e, k_e, w, u, p, jnp.broadcast_to(total[..., None, None], k_e.shape)
+
+    return KernelRule(
+        name=f"{name}_packed",
+        phase1=phase1,
+        operands=DECAY_OPERANDS,
+        forward=cm.gated_delta_forward,
+        backward=None,
+        xla_backward=functools.partial(packed_chunks_bwd, arrange),
+    )

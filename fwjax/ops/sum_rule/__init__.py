@@ -10,7 +10,7 @@ from fwjax.ops import registry
 from fwjax.ops.impl import Impl
 from fwjax.ops.pallas import PallasOptions
 from fwjax.ops.sum_rule.recurrent import sum_rule_step
-from fwjax.shapes import Keys, Outputs, Queries, Scale, State, Values
+from fwjax.shapes import Keys, Outputs, Queries, Scale, SegmentIds, State, Values
 
 
 @functools.partial(jax.jit, static_argnames=("impl", "chunk_size", "pallas"))
@@ -23,6 +23,7 @@ def sum_rule(
     impl: Impl | str = Impl.AUTO,
     chunk_size: int | None = None,
     pallas: PallasOptions | None = None,
+    segment_ids: SegmentIds | None = None,
 ) -> tuple[Outputs, State]:
     """The sum rule fast weight memory, i.e. causal linear attention without normalisation.
 
@@ -47,6 +48,10 @@ def sum_rule(
       pallas: :class:`fwjax.ops.pallas.PallasOptions` of ``Impl.PALLAS``; None: the defaults
         (see :func:`fwjax.ops.delta_rule`).
 
+      segment_ids: packed rows: integer document ids ``[B, T]`` (equal within a document);
+        the memory is emptied before each document's first step, so every document computes
+        what it would alone (:mod:`fwjax.ops.segments`). The first document continues
+        ``initial_state``; the final state is the last document's. None: one sequence per row.
     Returns:
       ``(out, state)``: ``out [B, T, H, V]`` in the inputs' promoted dtype, and ``S_T``
       ``[B, H, K, V]`` in the state dtype (at least float32). ``T = 0`` gives an empty ``out``
@@ -54,7 +59,17 @@ def sum_rule(
       every form (see :func:`fwjax.ops.delta_rule`).
     """
     return registry.run_rule(
-        registry.SUM, q, k, v, (), initial_state, scale, impl, chunk_size, pallas
+        registry.SUM,
+        q,
+        k,
+        v,
+        (),
+        initial_state,
+        scale,
+        impl,
+        chunk_size,
+        pallas,
+        segment_ids=segment_ids,
     )
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fwjax.ops.common import causal_mask, from_chunks, in_chunks, mT
+from fwjax.ops.common import causal_mask, from_chunks, in_chunks, mT, packed_chunks
 
 
 def _scores(q, k):
@@ -70,3 +70,10 @@ def sum_rule_chunked(q, k, v, gates, initial_state, scale, options):
     chunks = in_chunks(q, k, v, gates, initial_state, scale, options.chunk_size)
     o, s = sum_chunks(*chunks, initial_state)
     return from_chunks(o, q.shape[1]), s
+
+
+def sum_rule_chunked_packed(q, k, v, gates, initial_state, scale, options):
+    """The CHUNKED form on packed rows: ``gates = (starts,)``; the document starts act as masks
+    inside each chunk (:func:`fwjax.ops.common.packed_terms`)."""
+    (starts,) = gates
+    return packed_chunks(q, k, v, None, None, starts, initial_state, scale, options.chunk_size)

@@ -10,7 +10,7 @@ walks the chunks in reverse with the state cotangent on chip (equations in
 from __future__ import annotations
 
 from fwjax.ops.pallas import chunk_math as cm
-from fwjax.ops.pallas.rule_kernel import KernelRule, pallas_form
+from fwjax.ops.pallas.rule_kernel import KernelRule, packed_kernel_rule, pallas_form
 from fwjax.ops.pallas.scan_spec import Kind
 from fwjax.ops.sum_rule.chunked import sum_chunks_bwd
 
@@ -24,3 +24,13 @@ KERNEL = KernelRule(
 )
 
 sum_rule_pallas = pallas_form(KERNEL)
+
+
+def _arrange_packed(xs):
+    q, k, v, starts = xs
+    return q, k, v, None, None, starts
+
+
+# Packed rows (``gates = (starts,)``):
+# :func:`~fwjax.ops.pallas.rule_kernel.packed_kernel_rule`.
+sum_rule_pallas_packed = pallas_form(packed_kernel_rule("sum_rule", _arrange_packed))

@@ -11,8 +11,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fwjax.ops.common import in_time_major
+from fwjax.ops.common import blocked_recurrence, in_time_major, scaled_inputs
 from fwjax.ops.impl import resolve_scale
+from fwjax.ops.segments import reset
 
 
 def sum_rule_step(q_t, k_t, v_t, state, scale=1.0):
@@ -86,3 +87,16 @@ def sum_rule_recurrent(q, k, v, gates, initial_state, scale, options):
     del options
     o, state = _sum_scan(*in_time_major(q, k, v, gates, initial_state, scale), initial_state)
     return jnp.moveaxis(o, 0, 1), state
+
+
+def _packed_step(q_t, k_t, v_t, start_t, s):
+    return _step(q_t, k_t, v_t, reset(s, start_t))
+
+
+def sum_rule_recurrent_packed(q, k, v, gates, initial_state, scale, options):
+    """The RECURRENT form on packed rows: ``gates = (starts,)``; the memory is emptied before
+    each document's first step (:mod:`fwjax.ops.segments`); the backward pass keeps one state
+    per ``options.remat_block`` steps (a start discards the state, so the reverse scan cannot
+    rebuild the states before it)."""
+    xs = scaled_inputs(q, k, v, gates, initial_state, scale)
+    return blocked_recurrence(_packed_step, xs, (0,) * 4, initial_state, options.remat_block)

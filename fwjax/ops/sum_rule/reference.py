@@ -12,23 +12,29 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fwjax.ops.common import HIGHEST, causal_mask, per_head
+from fwjax.ops.common import HIGHEST, causal_mask, no_starts, per_head
 
 
-def _one_head(q, k, v, s0):
-    """q, k: [T, K]; v: [T, V]; s0: [K, V] -> (o: [T, V], S_T: [K, V])."""
+def _one_head(q, k, v, starts, s0):
+    """q, k: [T, K]; v: [T, V]; starts: [T]; s0: [K, V] -> (o: [T, V], S_T: [K, V])."""
 
     def step(s, inputs):
-        q_t, k_t, v_t = inputs
+        q_t, k_t, v_t, start_t = inputs
+        s = jnp.where(start_t != 0, 0.0, s)  # a document start empties the memory
         s = s + jnp.outer(k_t, v_t)  # S_t = S_{t-1} + k_t v_tᵀ
         return s, jnp.matmul(s.T, q_t, precision=HIGHEST)  # o_t = S_tᵀ q_t
 
-    s_final, o = jax.lax.scan(step, s0, (q, k, v))
+    s_final, o = jax.lax.scan(step, s0, (q, k, v, starts))
     return o, s_final
 
 
 def sum_rule_reference(q, k, v, gates, initial_state, scale, options):
     """See :func:`fwjax.ops.sum_rule`; ``options`` are unused."""
+    return sum_rule_reference_packed(q, k, v, (no_starts(k),), initial_state, scale, options)
+
+
+def sum_rule_reference_packed(q, k, v, gates, initial_state, scale, options):
+    """The REFERENCE form on packed rows: ``gates = (starts,)``."""
     del options
     return per_head(_one_head, q, k, v, gates, initial_state, scale)
 
