@@ -166,7 +166,9 @@ def test_document_starts_positions_and_cu_seqlens():
         segment_ids_from_cu_seqlens(jnp.asarray([0, 2, 5, 6]), 6), [[0, 0, 1, 1, 1, 2]]
     )
     x = jnp.arange(1.0, 7.0)[None].repeat(2, 0)
-    np.testing.assert_array_equal(segmented_cumsum(x, starts), [[1, 3, 3, 7, 12, 6], np.cumsum(x[1])])
+    np.testing.assert_array_equal(
+        segmented_cumsum(x, starts), [[1, 3, 3, 7, 12, 6], np.cumsum(x[1])]
+    )
 
 
 def test_segment_ids_are_validated():
