@@ -26,6 +26,7 @@ from fwjax.ops import (
     feature_maps,
     init_fast_weight_state,
     memory_keys,
+    segments,
     softmax_attention,
 )
 
@@ -165,9 +166,19 @@ class FastWeightAttention(nnx.Module):
             d, m = self.projection[...].shape
             self.projection[...] = feature_maps.draw_favor_projection(key, d, m)
 
-    def __call__(self, x, state: FastWeightLayerState | None = None, *, remat: bool = False):
+    def __call__(
+        self,
+        x,
+        state: FastWeightLayerState | None = None,
+        *,
+        segment_ids=None,
+        remat: bool = False,
+    ):
         """``x [B, T, d_model] -> (y [B, T, d_model], FastWeightLayerState)``.
 
+        ``segment_ids``: packed rows, integer ``[B, T]`` document ids: the memory, ``z`` and
+        the short convolution's window restart at each document start
+        (:mod:`fwjax.ops.segments`); the first document continues ``state``.
         ``remat``: recompute the projections before and after the fast weight op in the
         backward pass (:func:`~fwjax.nn.remat.rematerialised`); the op itself keeps its
         residuals (``Remat.FAST_WEIGHT``).
@@ -175,7 +186,8 @@ class FastWeightAttention(nnx.Module):
         prepare, finish = type(self)._prepare, type(self)._finish
         if remat:
             prepare, finish = rematerialised(prepare), rematerialised(finish)
-        q, k, v, beta, alpha, conv_state = prepare(self, x, None if state is None else state.conv)
+        conv_cache = None if state is None else state.conv
+        q, k, v, beta, alpha, conv_state = prepare(self, x, conv_cache, segment_ids)
         projection = None if self.projection is None else self.projection[...]
         cfg = self.config
         y, memory = fast_weight_attention(
@@ -193,12 +205,15 @@ class FastWeightAttention(nnx.Module):
             chunk_size=cfg.chunk_size,
             alpha=alpha,
             pallas=cfg.pallas,
+            segment_ids=segment_ids,
         )
         if cfg.diagnostics and _capturing(self):
+            if segment_ids is not None:
+                raise ValueError("memory diagnostics of packed rows (segment_ids) are not built")
             self._record_diagnostics(k, v, beta, alpha, projection, state)
         return finish(self, x, y), FastWeightLayerState(memory, conv_state)
 
-    def _prepare(self, x, conv_cache):
+    def _prepare(self, x, conv_cache, segment_ids=None):
         """The op's inputs: ``q, k, v [B, T, H, D]``, ``β, α [B, T, H]`` (or None) and the short
         convolution's new cache."""
         b, t, _ = x.shape
@@ -208,7 +223,7 @@ class FastWeightAttention(nnx.Module):
         conv_state = None
         if self.conv is not None:
             qkv, conv_state = causal_depthwise_conv(
-                qkv, self.conv[...].astype(qkv.dtype), conv_cache
+                qkv, self.conv[...].astype(qkv.dtype), conv_cache, segment_ids
             )
             qkv = jax.nn.silu(qkv)
         q, k, v = (z.reshape(b, t, h, dh) for z in jnp.split(qkv, 3, axis=-1))
@@ -262,24 +277,39 @@ def _diagnostics_of(layer: FastWeightAttention, k, v, beta, alpha, projection, s
     return diagnostics.summarize(trace, final, beta)
 
 
-def causal_depthwise_conv(x, kernel, cache=None):
+def causal_depthwise_conv(x, kernel, cache=None, segment_ids=None):
     """Causal depthwise convolution over time: ``y_t = Σ_j kernel[j] · x_{t − (J−1) + j}``.
 
     Args:
       x: ``[B, T, C]``.
       kernel: ``[J, C]`` (the last row multiplies the current step).
       cache: the previous ``J − 1`` inputs ``[B, J − 1, C]``, or None for zeros.
+      segment_ids: packed rows, integer ``[B, T]``: a step sees only the steps of its own
+        document (the cache belongs to the row's first document); None: one sequence per row.
 
     Returns:
-      ``(y [B, T, C], new_cache [B, J − 1, C])``.
+      ``(y [B, T, C], new_cache [B, J − 1, C])``: the last ``J − 1`` inputs of the row's last
+      document (zeros before its start), which a carried row continues.
     """
     j = kernel.shape[0]
     b, t, c = x.shape
     if cache is None:
         cache = jnp.zeros((b, j - 1, c), x.dtype)
     xp = jnp.concatenate([cache.astype(x.dtype), x], axis=1)  # [B, J − 1 + T, C]
-    y = sum(kernel[i] * xp[:, i : i + t] for i in range(j))
-    return y, xp[:, xp.shape[1] - (j - 1) :]
+    new_cache = xp[:, xp.shape[1] - (j - 1) :]
+    taps = [xp[:, i : i + t] for i in range(j)]  # tap i holds x_{t − (J−1−i)}
+    if segment_ids is not None:
+        segments.document_starts(segment_ids, (b, t))  # validates shape and dtype
+        segment_ids = jnp.asarray(segment_ids)
+        # The document of every entry of xp: the cache belongs to the row's first document.
+        ids = jnp.concatenate([jnp.repeat(segment_ids[:, :1], j - 1, axis=1), segment_ids], 1)
+        for i in range(j - 1):
+            visible = ids[:, i : i + t] == segment_ids
+            taps[i] = jnp.where(visible[..., None], taps[i], 0)
+        last = ids[:, ids.shape[1] - (j - 1) :] == segment_ids[:, -1:]
+        new_cache = jnp.where(last[..., None], new_cache, 0)
+    y = sum(kernel[i] * taps[i] for i in range(j))
+    return y, new_cache
 
 
 class KVCache(NamedTuple):
@@ -329,8 +359,12 @@ class SoftmaxAttention(nnx.Module):
             jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype), jnp.zeros((), jnp.int32)
         )
 
-    def __call__(self, x, state: KVCache | None = None):
+    def __call__(self, x, state: KVCache | None = None, *, segment_ids=None):
+        """``x [B, T, d_model] -> (y, KVCache or None)``; ``segment_ids``: packed rows without a
+        cache, integer ``[B, T]``: a query attends only to its own document's keys."""
         b, t, _ = x.shape
+        if segment_ids is not None and state is not None:
+            raise ValueError("segment_ids (packed rows) with a KVCache are not supported")
         h, dh = self.num_heads, self.head_dim
         q, k, v = (z.reshape(b, t, h, dh) for z in jnp.split(self.qkv(x), 3, axis=-1))
         start = jnp.zeros((), jnp.int32) if state is None else state.length
@@ -338,7 +372,7 @@ class SoftmaxAttention(nnx.Module):
             positions = start + jnp.arange(t)
             q, k = rotary_embedding(q, positions), rotary_embedding(k, positions)
         if state is None:
-            y = softmax_attention(q, k, v, causal=True)
+            y = softmax_attention(q, k, v, causal=True, segment_ids=segment_ids)
             return self.out(y.reshape(b, t, h * dh)), None
         keys = jax.lax.dynamic_update_slice_in_dim(state.keys, k.astype(self.dtype), start, 1)
         values = jax.lax.dynamic_update_slice_in_dim(state.values, v.astype(self.dtype), start, 1)

@@ -27,6 +27,7 @@ from fwjax.nn.remat import (
     variable_leaves,
     written_variables,
 )
+from fwjax.ops import segments
 
 _ACTIVATIONS = {Activation.RELU: jax.nn.relu, Activation.GELU: jax.nn.gelu}
 
@@ -104,17 +105,22 @@ class TransformerBlock(nnx.Module):
     def init_state(self, batch_size: int):
         return self.attention.init_state(batch_size)
 
-    def __call__(self, x, state=None):
-        """``x [B, T, d_model] -> (x', state')``, rematerialised per ``config.remat``."""
+    def __call__(self, x, state=None, segment_ids=None):
+        """``x [B, T, d_model] -> (x', state')``, rematerialised per ``config.remat``;
+        ``segment_ids``: packed rows (integer ``[B, T]`` document ids) for the attention."""
         if self.remat is Remat.NONE:
-            return self._forward(x, state)
+            return self._forward(x, state, segment_ids)
         if self.remat is Remat.FAST_WEIGHT and isinstance(self.attention, FastWeightAttention):
-            return self._forward(x, state, around_op=True)
-        return rematerialised(type(self)._forward, BLOCK_POLICIES[self.remat])(self, x, state)
+            return self._forward(x, state, segment_ids, around_op=True)
+        forward = rematerialised(type(self)._forward, BLOCK_POLICIES[self.remat])
+        return forward(self, x, state, segment_ids)
 
-    def _forward(self, x, state, around_op: bool = False):
+    def _forward(self, x, state, segment_ids=None, around_op: bool = False):
         """The block; ``around_op``: everything but the fast weight op is rematerialised."""
-        attention = functools.partial(self.attention, remat=True) if around_op else self.attention
+        kwargs = {"segment_ids": segment_ids}
+        if around_op:
+            kwargs["remat"] = True
+        attention = functools.partial(self.attention, **kwargs)
         ff = type(self)._feed_forward
         ff = rematerialised(ff) if around_op else ff
         if self.norm_position is NormPosition.PRE:
@@ -156,6 +162,13 @@ class TransformerLM(nnx.Module):
     The input is ``embed(tokens) · (√d_model if embed_scale) + positions`` (LEARNED: a table of
     ``max_len`` rows; SINUSOIDAL: fixed encodings; ROTARY / NONE: nothing added here). Positions
     count from the carried ``state.position``.
+
+    Packed rows (``segment_ids``, integer ``[B, T]`` document ids): every layer keeps its
+    documents apart (memories emptied, softmax masked, :mod:`fwjax.ops.segments`) and absolute
+    positions restart at each document start, so a packed row computes what its documents
+    compute alone. The row's first document continues the carried state and its positions
+    continue ``state.position`` (one counter for the batch: carried packed rows are meant for
+    models without absolute positions, as ``carry_state`` training requires).
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
@@ -201,13 +214,18 @@ class TransformerLM(nnx.Module):
             layers = tuple(block.init_state(batch_size) for block in self.blocks)
         return LMState(layers, jnp.zeros((), jnp.int32))
 
-    def __call__(self, tokens, state: LMState | None = None):
+    def __call__(self, tokens, state: LMState | None = None, segment_ids=None):
         t = tokens.shape[1]
         start = jnp.zeros((), jnp.int32) if state is None else state.position
         x = self.embed(tokens)
         if self.config.embed_scale:
             x = x * np.sqrt(self.config.d_model)
         positions = start + jnp.arange(t)
+        if segment_ids is not None:
+            starts = segments.document_starts(segment_ids, tokens.shape)
+            first = segments.start_index(starts)
+            # [B, T]: the first document continues from ``start``, later ones count from 0.
+            positions = jnp.where(first == 0, positions, positions - first - start)
         if self.config.positional is Positional.SINUSOIDAL:
             x = x + sinusoidal_positions(positions, self.config.d_model).astype(x.dtype)
         elif self.config.positional is Positional.LEARNED:
@@ -215,11 +233,12 @@ class TransformerLM(nnx.Module):
         x = self.dropout(x)
         layers = None if state is None else state.layers
         if self.config.scan_layers:
-            x, layer_states = _scan_blocks(self.blocks, x, layers, self.config.num_layers)
+            n = self.config.num_layers
+            x, layer_states = _scan_blocks(self.blocks, x, layers, n, segment_ids)
         else:
             layer_states = []
             for i, block in enumerate(self.blocks):
-                x, s = block(x, None if layers is None else layers[i])
+                x, s = block(x, None if layers is None else layers[i], segment_ids)
                 layer_states.append(s)
         if self.final_norm is not None:
             x = self.final_norm(x)
@@ -256,7 +275,7 @@ def stack_block_states(blocks) -> dict:
     return jax.tree.map(lambda *leaves: jnp.stack(leaves), *pure)
 
 
-def _scan_blocks(blocks: TransformerBlock, x, states, num_layers: int):
+def _scan_blocks(blocks: TransformerBlock, x, states, num_layers: int, segment_ids=None):
     """``x`` through stacked ``blocks`` as one ``lax.scan`` over the layer axis, so the block is
     traced and compiled once whatever the depth.
 
@@ -270,6 +289,7 @@ def _scan_blocks(blocks: TransformerBlock, x, states, num_layers: int):
       x: ``[B, T, d_model]``.
       states: one carried state per layer, or None.
       num_layers: the layers stacked in ``blocks``.
+      segment_ids: packed rows (integer ``[B, T]``), or None.
 
     Returns:
       ``(x', per-layer states as a tuple)``.
@@ -282,7 +302,7 @@ def _scan_blocks(blocks: TransformerBlock, x, states, num_layers: int):
         block_state, carried = layer
         before = variable_leaves(block_state)
         block = nnx.merge(graphdef, block_state)
-        x, new_carried = block(x, carried)
+        x, new_carried = block(x, carried, segment_ids)
         new_state = nnx.state(block)
         written[:] = written_variables(before, new_state)
         return x, (new_state, new_carried)

@@ -20,8 +20,19 @@ from fwjax.ops.feature_maps import FeatureMap, centered_l2_norm, l2_norm, sum_no
 from fwjax.ops.gated_delta_rule import gated_delta_rule
 from fwjax.ops.impl import Impl, resolve_scale, state_dtype
 from fwjax.ops.pallas import PallasOptions
+from fwjax.ops.segments import document_starts, segmented_cumsum, start_index
 from fwjax.ops.sum_rule import sum_rule
-from fwjax.shapes import Alpha, Beta, Keys, Outputs, Projection, RawHeads, Scale, Values
+from fwjax.shapes import (
+    Alpha,
+    Beta,
+    Keys,
+    Outputs,
+    Projection,
+    RawHeads,
+    Scale,
+    SegmentIds,
+    Values,
+)
 
 
 class UpdateRule(enum.Enum):
@@ -140,6 +151,7 @@ def fast_weight_attention(
     eps: float = 1e-5,
     alpha: Alpha | None = None,
     pallas: PallasOptions | None = None,
+    segment_ids: SegmentIds | None = None,
 ) -> tuple[Outputs, FastWeightState]:
     """Applies φ, the normalisation and the update rule; returns outputs and the carried memory.
 
@@ -175,6 +187,9 @@ def fast_weight_attention(
       eps: added to the attention normalisation's output denominator.
       alpha: decay gates ``[B, T, H]`` in ``(0, 1]`` for GATED_DELTA (with NONE, SUM or L2
         normalisation); None otherwise.
+      segment_ids: packed rows, integer ``[B, T]`` document ids (:mod:`fwjax.ops.segments`):
+        the memory and ``z`` are emptied at each document start (the first document continues
+        ``state``); None: one sequence per row.
 
     Returns:
       ``(y, state)``: ``y [B, T, H, V]`` in the inputs' promoted dtype and the new
@@ -197,7 +212,7 @@ def fast_weight_attention(
     fk = memory_keys(k, feature_map, normalization, projection)
 
     s0 = None if state is None else state.fast_weights
-    forms = {"impl": impl, "chunk_size": chunk_size, "pallas": pallas}
+    forms = {"impl": impl, "chunk_size": chunk_size, "pallas": pallas, "segment_ids": segment_ids}
     if not normalization.uses_normalizer:
         if update_rule is UpdateRule.GATED_DELTA:
             y, s = gated_delta_rule(fq, fk, v, beta, alpha, s0, scale, **forms)
@@ -215,8 +230,16 @@ def fast_weight_attention(
         z0 = jnp.zeros((b, h, key_dim), dtype)
     else:
         z0 = state.normalizer.astype(dtype)
-    z_incl = z0[:, None] + jnp.cumsum(fk, axis=1)  # z_t, [B, T, H, K]
-    z_prev = jnp.concatenate([z0[:, None], z_incl], axis=1)[:, :-1]  # z_{t-1} (any T, 0 too)
+    if segment_ids is None:
+        z_incl = z0[:, None] + jnp.cumsum(fk, axis=1)  # z_t, [B, T, H, K]
+        z_prev = jnp.concatenate([z0[:, None], z_incl], axis=1)[:, :-1]  # z_{t-1} (any T, 0 too)
+    else:
+        # z restarts at each document start; only the first document continues z0.
+        starts = document_starts(segment_ids, fk.shape[:2])
+        first_doc = (start_index(starts) == 0)[:, :, None, None]
+        z_incl = segmented_cumsum(fk, starts) + jnp.where(first_doc, z0[:, None], 0)
+        z_prev = jnp.concatenate([z0[:, None], z_incl], axis=1)[:, :-1]
+        z_prev = jnp.where(starts[:, :, None, None], 0, z_prev)
     if update_rule is UpdateRule.DELTA:
         d = jnp.einsum("bthk,bthk->bth", z_prev, fk)
         d = jnp.where(d == 0, jnp.ones_like(d), d)
