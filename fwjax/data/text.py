@@ -103,14 +103,44 @@ def train_validation_split(tokens: np.ndarray, validation_fraction: float):
     return tokens[:cut], tokens[cut:]
 
 
+def document_fields(inputs: np.ndarray, previous: np.ndarray, separator: int) -> dict:
+    """Packed documents in windows of a corpus whose documents end with ``separator``.
+
+    Args:
+      inputs: the windows' input tokens ``[R, T]``.
+      previous: the token before each window ``[R]`` (``separator`` at the corpus start).
+      separator: the id of the token that ends a document (e.g. ``<eos>``).
+
+    Returns:
+      ``dict(segment_ids [R, T] int32, document_start [R] bool)``: the document index of each
+      step inside its window (a step after a separator starts a new document), and whether
+      the window's first step starts one (a carried memory must then start empty).
+    """
+    ends = inputs == separator
+    segment_ids = np.concatenate(
+        [np.zeros_like(ends[:, :1], np.int32), np.cumsum(ends[:, :-1], axis=1, dtype=np.int32)],
+        axis=1,
+    )
+    return dict(segment_ids=segment_ids, document_start=np.asarray(previous) == separator)
+
+
+def previous_tokens(tokens: np.ndarray, starts: np.ndarray, separator: int) -> np.ndarray:
+    """The token before each window start (``separator`` before the first token)."""
+    return np.where(starts > 0, tokens[np.maximum(starts - 1, 0)], separator)
+
+
 class ContiguousStreams:
     """``B`` parallel streams of ``T``-token segments over one token array.
 
     Stream ``b`` covers tokens ``[b·L, (b+1)·L + 1)`` with ``L = num_segments · T``; batch ``i``
-    is segment ``i mod num_segments`` of every stream, inputs and next-token targets.
+    is segment ``i mod num_segments`` of every stream, inputs and next-token targets. With a
+    document ``separator`` the batches also describe the packed documents
+    (:func:`document_fields`).
     """
 
-    def __init__(self, tokens: np.ndarray, batch_size: int, segment_len: int):
+    def __init__(
+        self, tokens: np.ndarray, batch_size: int, segment_len: int, separator: int | None = None
+    ):
         tokens = np.asarray(tokens, dtype=np.int32)
         self.num_segments = (len(tokens) - 1) // (batch_size * segment_len)
         if self.num_segments < 1:
@@ -121,6 +151,7 @@ class ContiguousStreams:
         self.tokens = tokens
         self.batch_size = batch_size
         self.segment_len = segment_len
+        self.separator = separator
 
     def __len__(self) -> int:
         return self.num_segments
@@ -138,7 +169,8 @@ class ContiguousStreams:
         Returns:
           ``dict(inputs [R, T] int32, targets [R, T] int32, reset [R] bool)`` (``R = B`` without
           ``rows``); ``reset`` is True at the first segment of an epoch (a carried memory must
-          start empty there).
+          start empty there) and, with a ``separator``, where a document starts at the
+          segment's first step; then also ``segment_ids [R, T]`` (:func:`document_fields`).
         """
         t, n = self.segment_len, self.num_segments
         seg = index % n
@@ -146,7 +178,15 @@ class ContiguousStreams:
         starts = streams * n * t + seg * t
         window = self.tokens[starts[:, None] + np.arange(t + 1)]
         reset = np.full((len(streams),), seg == 0)
-        return dict(inputs=window[:, :-1], targets=window[:, 1:], reset=reset)
+        batch = dict(inputs=window[:, :-1], targets=window[:, 1:], reset=reset)
+        if self.separator is None:
+            return batch
+        # Read the token before a segment only inside its own stream (at an epoch start the
+        # memory resets anyway).
+        previous = np.full(len(streams), self.separator)
+        if seg > 0:
+            previous = self.tokens[starts - 1]
+        return _with_documents(batch, previous, self.separator)
 
 
 class RandomWindows:
@@ -155,7 +195,14 @@ class RandomWindows:
     pure function of the seed and the index, whatever came before.
     """
 
-    def __init__(self, tokens: np.ndarray, batch_size: int, segment_len: int, seed: int = 0):
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        batch_size: int,
+        segment_len: int,
+        seed: int = 0,
+        separator: int | None = None,
+    ):
         tokens = np.asarray(tokens, dtype=np.int32)
         if len(tokens) < segment_len + 1:
             raise ValueError(
@@ -166,18 +213,35 @@ class RandomWindows:
         self.batch_size = batch_size
         self.segment_len = segment_len
         self.seed = seed
+        self.separator = separator
 
     def batch(self, index: int, rows: slice | None = None) -> dict:
         """Returns ``dict(inputs [R, T] int32, targets [R, T] int32, reset [R] bool)``, the
         windows ``rows`` of the batch (all ``B`` without ``rows``; only those are read);
-        ``reset`` is all True (windows are independent: nothing may be carried across them)."""
+        ``reset`` is all True (windows are independent: nothing may be carried across them);
+        with a ``separator`` also ``segment_ids [R, T]`` (:func:`document_fields`)."""
         t = self.segment_len
         rng = np.random.default_rng((self.seed, index))
         starts = rng.integers(0, len(self.tokens) - t, size=self.batch_size)
         starts = starts if rows is None else starts[rows]
         window = self.tokens[starts[:, None] + np.arange(t + 1)]
         reset = np.ones((len(starts),), bool)
-        return dict(inputs=window[:, :-1], targets=window[:, 1:], reset=reset)
+        batch = dict(inputs=window[:, :-1], targets=window[:, 1:], reset=reset)
+        if self.separator is None:
+            return batch
+        previous = previous_tokens(self.tokens, starts, self.separator)
+        return _with_documents(batch, previous, self.separator)
+
+
+def _with_documents(batch: dict, previous, separator: int) -> dict:
+    """``batch`` with ``segment_ids`` added and ``reset`` set where a document starts at a
+    window's first step (``previous``: the token before each window)."""
+    docs = document_fields(batch["inputs"], previous, separator)
+    return {
+        **batch,
+        "segment_ids": docs["segment_ids"],
+        "reset": batch["reset"] | docs["document_start"],
+    }
 
 
 class Sampling(enum.Enum):

@@ -125,6 +125,22 @@ class Tokenizer:
             ids.append(eos)
         return np.asarray(ids, dtype=np.int32)
 
+    def token_id(self, symbol: str) -> int:
+        """The id of one token given as text: a one-byte string (BYTE), a character of the
+        vocabulary (CHAR) or a word of it (WORD, e.g. ``"<eos>"``).
+
+        Raises:
+          ValueError: ``symbol`` is not exactly one token of this tokeniser.
+        """
+        if self.kind is TokenizerKind.BYTE:
+            raw = symbol.encode("utf-8")
+            if len(raw) != 1:
+                raise ValueError(f"{symbol=} is {len(raw)} bytes; a byte token is one byte")
+            return raw[0]
+        if symbol not in self._index:
+            raise ValueError(f"{symbol=} is not in the {self.kind.value} vocabulary")
+        return self._index[symbol]
+
     def decode(self, ids) -> str:
         """Token ids back to text (bytes: invalid UTF-8 → U+FFFD; words: ``<eos>`` → newline)."""
         ids = np.asarray(ids).reshape(-1)

@@ -362,6 +362,12 @@ class LMTaskConfig:
         ``positional`` NONE, SINUSOIDAL or ROTARY).
       eval_stride: the default stride of SLIDING evaluation (≤ ``segment_len``; None:
         ``segment_len // 2``).
+      document_separator: pack documents: the token (as text: ``"<eos>"`` for word tokens, a
+        one-byte / one-character string such as ``"\n"`` for byte / char tokens) that ends a
+        document. Each window then carries ``segment_ids``: every layer keeps its documents
+        apart (the memory restarts at each document start, softmax attention is masked,
+        positions restart), in training and in every evaluation mode; a carried memory is
+        emptied where a window begins a document. None: windows run across documents.
     """
 
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
@@ -376,6 +382,7 @@ class LMTaskConfig:
     sampling: Sampling = Sampling.STREAMS
     carry_state: bool = False
     eval_stride: int | None = None
+    document_separator: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "dataset", LMDataset(self.dataset))
@@ -409,6 +416,8 @@ class LMTaskConfig:
             raise ValueError(f"eval_split='test' needs dataset='wikitext103'; got {self.dataset}")
         if self.dataset is LMDataset.LOCAL_TEXT and self.text_path is None:
             raise ValueError("dataset='local_text' needs text_path")
+        if self.document_separator is not None and not self.document_separator:
+            raise ValueError("document_separator must be a token's text or None; got ''")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -183,16 +183,20 @@ class LMTrainTask:
         )
         self.tokenizer = data.tokenizer
         self.valid_tokens = data.valid
+        self.separator = None
+        if cfg.document_separator is not None:
+            self.separator = data.tokenizer.token_id(cfg.document_separator)
+        sep = dict(separator=self.separator)
         if cfg.sampling is text_data.Sampling.RANDOM_WINDOWS:
             self.train_streams = text_data.RandomWindows(
-                data.train, config.batch_size, cfg.segment_len, config.seed
+                data.train, config.batch_size, cfg.segment_len, config.seed, **sep
             )
         else:
             self.train_streams = text_data.ContiguousStreams(
-                data.train, config.batch_size, cfg.segment_len
+                data.train, config.batch_size, cfg.segment_len, **sep
             )
         self.valid_streams = text_data.ContiguousStreams(
-            data.valid, config.batch_size, cfg.segment_len
+            data.valid, config.batch_size, cfg.segment_len, **sep
         )
         self.model_config = cfg.model
         if cfg.tokenizer is not TokenizerKind.BYTE:
@@ -233,7 +237,7 @@ class LMTrainTask:
         state = None
         if carry is not None:
             state = _reset_rows(carry, model.init_state(batch["inputs"].shape[0]), batch["reset"])
-        logits, state = model(batch["inputs"], state)
+        logits, state = model(batch["inputs"], state, segment_ids=batch.get("segment_ids"))
         per_token = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
         loss = jnp.mean(per_token)
         new_carry = None if carry is None else jax.lax.stop_gradient(state)
@@ -280,15 +284,16 @@ _SCORE_FNS: dict[int, Any] = {}  # id(ModelDef) -> jitted score (dropped with th
 
 
 def _score_fn(model_def):
-    """The jitted ``(params, rest, inputs, targets, weights, state) -> (Σ weighted NLL, state)``
-    of a model (one per ``ModelDef``, so repeated evaluations reuse its compilations)."""
+    """The jitted ``(params, rest, inputs, targets, weights, state, segment_ids) -> (Σ weighted
+    NLL, state)`` of a model (one per ``ModelDef``, so repeated evaluations reuse its
+    compilations); ``segment_ids`` may be None."""
     key = id(model_def)
     if key not in _SCORE_FNS:
 
         @jax.jit
-        def score(params, rest, inputs, targets, weights, state):
+        def score(params, rest, inputs, targets, weights, state, segment_ids):
             model = model_def.merge(params, rest, train=False)
-            logits, new_state = model(inputs, state)
+            logits, new_state = model(inputs, state, segment_ids=segment_ids)
             nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
             return jnp.sum(nll * weights), new_state
 
@@ -366,13 +371,22 @@ def evaluate_lm(
         mask = np.concatenate([mask[:, 0], np.zeros((pad, t), bool)]).reshape(calls, rows, t)
     score = _score_fn(run.model_def)
     carried = mode is LMEvalMode.CARRIED
-    state = run.model().init_state(index.shape[1]) if carried else None
+    fresh = run.model().init_state(index.shape[1]) if carried else None
+    state = fresh
     total, count = 0.0, int(mask.sum())
     for s in range(index.shape[0]):
         inputs = jnp.asarray(tokens[index[s]], jnp.int32)
         targets = jnp.asarray(tokens[index[s] + 1], jnp.int32)
         weights = jnp.asarray(mask[s], jnp.float32)
-        part, new_state = score(run.state.params, run.state.rest, inputs, targets, weights, state)
+        segment_ids = None
+        if task.separator is not None:  # packed documents, as in training
+            previous = text_data.previous_tokens(tokens, index[s][:, 0], task.separator)
+            docs = text_data.document_fields(tokens[index[s]], previous, task.separator)
+            segment_ids = jnp.asarray(docs["segment_ids"])
+            if carried:
+                state = _reset_rows(state, fresh, jnp.asarray(docs["document_start"]))
+        args = (inputs, targets, weights, state, segment_ids)
+        part, new_state = score(run.state.params, run.state.rest, *args)
         total += float(part)
         if carried:
             state = new_state

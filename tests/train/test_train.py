@@ -305,8 +305,10 @@ def test_cli_train_eval_generate(tmp_path, capsys):
 def test_two_processes_train_in_lockstep(tmp_path):
     """jax.distributed over 2 local CPU processes (2 devices each): the same losses everywhere
     and as one process on 4 devices, and each process reads only its own rows of the text (its
-    token array fails any read outside its streams, in training and evaluation)."""
+    token array fails any read outside its streams, in training and evaluation), documents
+    packed (each line one document)."""
     port = 20000 + os.getpid() % 20000
+    overrides = [*TINY_LM, "steps=4", "eval_every=4", r'lm.document_separator="\n"']
     script = tmp_path / "worker.py"
     script.write_text(
         "import os, sys, json\n"
@@ -325,15 +327,15 @@ def test_two_processes_train_in_lockstep(tmp_path):
         "        assert self.lo <= i.min() and i.max() < self.hi, (self.lo, self.hi, i.min())\n"
         "        return self.tokens[index]\n"
         "plain_init = text.ContiguousStreams.__init__\n"
-        "def guarded_init(self, tokens, batch_size, segment_len):\n"
+        "def guarded_init(self, tokens, batch_size, segment_len, **kw):\n"
         "    import jax\n"
-        "    plain_init(self, tokens, batch_size, segment_len)\n"
+        "    plain_init(self, tokens, batch_size, segment_len, **kw)\n"
         "    span, per = self.num_segments * segment_len, batch_size // jax.process_count()\n"
         "    lo = jax.process_index() * per * span\n"
         "    self.tokens = OwnRowsOnly(self.tokens, lo, lo + per * span + 1)\n"
         "text.ContiguousStreams.__init__ = guarded_init\n"
         "pid, wd = int(sys.argv[1]), sys.argv[2]\n"
-        f"overrides = {[*TINY_LM, 'steps=4', 'eval_every=4']!r} + [\n"
+        f"overrides = {overrides!r} + [\n"
         f"    'distributed.coordinator_address=\"localhost:{port}\"',\n"
         "    'distributed.num_processes=2', f'distributed.process_id={pid}']\n"
         "config = load_train_config('lm_tiny', overrides)\n"
@@ -359,7 +361,7 @@ def test_two_processes_train_in_lockstep(tmp_path):
     results = [json.loads(o.split("RESULT ")[-1]) for o in outs]
     assert results[0] == results[1]
     single = train(
-        load_train_config("lm_tiny", [*TINY_LM, "steps=4", "eval_every=4"]),
+        load_train_config("lm_tiny", overrides),
         tmp_path / "single",
         devices=jax.devices()[:4],
     )
