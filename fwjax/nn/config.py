@@ -199,7 +199,9 @@ class ModelConfig:
       scale_residual_init: scale the initial weights of the projections that write into the
         residual stream (attention output, feed-forward down) by 1/√(2·num_layers), as GPT-2.
       dtype: compute dtype (e.g. bfloat16); the fast weight state is always float32.
-      param_dtype: the dtype parameters are stored (and trained) in; float32 unless set.
+      param_dtype: the dtype parameters are stored in; float32 unless set. Below float32
+        (e.g. bfloat16) the training optimizer keeps float32 master weights
+        (:func:`fwjax.train.optim.with_master_weights`).
       scan_layers: store the blocks as one module whose variables have a leading layer axis
         (built with ``nnx.vmap``, as MaxText and the flax gemma example) and run them as one
         ``lax.scan``: the block is traced and compiled once, the optimizer updates a few

@@ -20,6 +20,7 @@ from jax.sharding import Mesh
 
 from fwjax.nn.attention import SOWING_WITHOUT_CAPTURE
 from fwjax.train import mesh as mesh_lib
+from fwjax.train import optim
 
 
 class TrainState(NamedTuple):
@@ -193,7 +194,7 @@ def make_train_step(task, model_def: ModelDef, tx, seed: int):
         )
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        params = optim.apply_updates(state.params, updates, opt_state)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         new_state = TrainState(
             step=state.step + 1,
