@@ -15,6 +15,12 @@ rows already there):
 - ``parts``: the forward pass, forward + backward (``jax.value_and_grad``) and the full step,
   the non-finite guard's select over parameters and optimizer state alone, and model FLOPs/s
   against an in-run 2048³ float32 matmul (MFU on this machine).
+- ``packed``: the step with packed documents (``lm.document_separator``: each line of the
+  generated text, ≈ 80 bytes, is a document) against the same windows unpacked, for the delta
+  rule's RECURRENT and CHUNKED forms and softmax attention.
+- ``profile``: a ``jax.profiler`` trace of steps of the delta-rule (CHUNKED) and softmax models;
+  the XLA ops that took the most time, grouped by their JAX op names (from the compiled HLO's
+  metadata), summed over the traced steps.
 
 Usage::
 
@@ -33,6 +39,7 @@ import contextlib
 import functools
 import json
 import math
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -247,8 +254,101 @@ def section_parts(args, done, write):
         write(row)
 
 
+PACKED_MODELS = {
+    "delta_recurrent": ("delta", ['lm.model.fast_weight.impl="recurrent"']),
+    "delta_chunked": ("delta", ['lm.model.fast_weight.impl="chunked"']),
+    "softmax": ("softmax", []),
+}
+
+
+def section_packed(args, done, write):
+    for t in (512, 2048):
+        for name, (kind, extra) in PACKED_MODELS.items():
+            for packed in (False, True):
+                key = f"packed|{name}|T{t}|{packed}"
+                if key in done:
+                    continue
+                sep = ['lm.document_separator="\\n"'] if packed else []
+                config = _config(kind, t, max(args.tokens // t, 1), 2, [*extra, *sep])
+                with _run(config) as run:
+                    stats = _timed(_step_timer(run), args.repeats)
+                    docs = None
+                    if packed:
+                        ids = np.asarray(run.batch(0)["segment_ids"])
+                        docs = float(np.mean(ids.max(axis=1) + 1))
+                write(dict(key=key, section="packed", model=name, t=t, packed=packed, docs=docs,
+                           **stats))  # fmt: skip
+
+
+def _hlo_op_names(compiled_text: str) -> dict[str, str]:
+    """HLO instruction name -> the JAX op name of its metadata (where the op came from)."""
+    pattern = r'^\s*(?:ROOT )?%?([\w.\-]+) = [^\n]*?metadata=\{op_name="([^"]+)"'
+    return {m.group(1): m.group(2) for m in re.finditer(pattern, compiled_text, re.M)}
+
+
+def _op_group(op_name: str) -> str:
+    """A readable group of a JAX op name: the path without the step's own prefix and the
+    loops' bodies (``transpose(...)`` marks the backward pass)."""
+    name = op_name.removeprefix("jit(train_step)/")
+    name = re.sub(r"/while/body(/closed_call)?", "/while", name)
+    return name
+
+
+def _hlo_op_times(trace_dir: Path, names: dict[str, str]) -> dict[str, float]:
+    """Total duration (s) per op group of the XLA ops (events with an ``hlo_op``) of a
+    Perfetto trace written by ``jax.profiler.trace(..., create_perfetto_trace=True)``."""
+    import gzip
+
+    path = next(trace_dir.rglob("perfetto_trace.json.gz"))
+    with gzip.open(path) as f:
+        events = json.loads(f.read())
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    totals: dict[str, float] = {}
+    for e in events:
+        hlo_op = e.get("args", {}).get("hlo_op")
+        if e.get("ph") != "X" or hlo_op is None:
+            continue
+        group = _op_group(names.get(hlo_op, hlo_op))
+        totals[group] = totals.get(group, 0.0) + e["dur"] * 1e-6
+    return totals
+
+
+PROFILED = {
+    "delta (CHUNKED)": ("delta", ['lm.model.fast_weight.impl="chunked"']),
+    "softmax": ("softmax", []),
+}
+
+
+def section_profile(args, done, write):
+    steps = 3
+    for name, (kind, extra) in PROFILED.items():
+        key = f"profile|{name}"
+        if key in done:
+            continue
+        config = _config(kind, 1024, 8, 2, extra)
+        with _run(config) as run, tempfile.TemporaryDirectory() as trace_dir:
+            call = _step_timer(run)
+            step = _timed(call, 5)
+            names = _hlo_op_names(run.train_step.lower(run.state, run.batch(0)).compile().as_text())
+            with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+                for _ in range(steps):
+                    jax.block_until_ready(call())
+            totals = _hlo_op_times(Path(trace_dir), names)
+        total = sum(totals.values())
+        fast_weight = sum(v for k, v in totals.items() if "fast_weight_attention" in k)
+        top = sorted(totals.items(), key=lambda kv: -kv[1])[:10]
+        write(dict(key=key, section="profile", model=name, t=1024, batch=8, steps=steps,
+                   step=step, op_s=total, fast_weight_op_s=fast_weight,
+                   top=[dict(name=n, s=v) for n, v in top]))  # fmt: skip
+
+
 SECTIONS = dict(
-    length=section_length, remat=section_remat, compile=section_compile, parts=section_parts
+    length=section_length,
+    remat=section_remat,
+    compile=section_compile,
+    parts=section_parts,
+    packed=section_packed,
+    profile=section_profile,
 )
 
 
@@ -312,6 +412,31 @@ def table(rows: list[dict]) -> str:
             )
         if peak:
             out.append(f"\n2048³ float32 matmul: {peak['flops_per_s'] / 1e9:.0f} GFLOP/s.")
+        out.append("")
+    packed = {(r["model"], r["t"], r["packed"]): r for r in rows if r["section"] == "packed"}
+    if packed:
+        out += _header("model", "T", "documents / row", "step ms", "packed step ms", "ratio")
+        for (model, t, is_packed), r in packed.items():
+            plain = packed.get((model, t, False))
+            if is_packed and plain:
+                out.append(
+                    f"| {model} | {t} | {r['docs']:.1f} | {_fmt_ms(plain)} | {_fmt_ms(r)} | "
+                    f"{r['median_s'] / plain['median_s']:.2f} |"
+                )
+        out.append("")
+    for r in (r for r in rows if r["section"] == "profile"):
+        out.append(
+            f"Profile of {r['model']} (T {r['t']}, B {r['batch']}; step {_fmt_ms(r['step'])} ms "
+            f"untraced): {r['op_s'] / r['steps'] * 1e3:.0f} ms of XLA ops per traced step, "
+            f"{r['fast_weight_op_s'] / r['op_s']:.0%} in the fast weight op.\n"
+        )
+        out += _header("op (JAX op name; `transpose(…)` = backward)", "ms / step", "share")
+        for op in r["top"]:
+            out.append(
+                f"| `{op['name'][:90]}` | {op['s'] / r['steps'] * 1e3:.1f} | "
+                f"{op['s'] / r['op_s']:.0%} |"
+            )
+        out.append("")
     return "\n".join(out)
 
 
@@ -321,7 +446,7 @@ def _ints(text: str) -> list[int]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sections", default="length,remat,compile,parts")
+    parser.add_argument("--sections", default="length,remat,compile,parts,packed,profile")
     parser.add_argument("--lengths", type=_ints, default=[512, 1024, 2048, 4096, 8192])
     parser.add_argument("--tokens", type=int, default=8192, help="tokens per step (length)")
     parser.add_argument("--length-layers", type=int, default=2)

@@ -32,7 +32,8 @@ Channels are head-major in both (``(h d)``); the convolution's last tap multipli
 step in both (PyTorch's ``Conv1d`` is a cross-correlation). Supported: fla's defaults and
 ``use_gate``; refused with a ValueError naming the value: ``expand_k``/``expand_v`` ≠ 1,
 ``use_short_conv=False`` (fla then applies SiLU to v without a convolution), ``conv_bias``,
-``use_beta=False``, ``allow_neg_eigval``, ``qk_activation`` ≠ ``silu``, ``qk_norm`` ≠ ``l2``.
+``use_beta=False``, ``qk_activation`` ≠ ``silu``, ``qk_norm`` ≠ ``l2``. ``allow_neg_eigval``
+(fla doubles β) is ``FastWeightConfig.beta_range = 2``.
 
 A layer inside an fla model checkpoint (e.g. ``model.layers.3.attn.q_proj.weight``) is taken
 with ``prefix="model.layers.3.attn."``. Usage, with the torch layer at hand::
@@ -65,7 +66,8 @@ class DeltaNetOptions:
     Attributes:
       qk_activation: fla's ``qk_activation``; only ``"silu"`` is supported.
       qk_norm: fla's ``qk_norm``; only ``"l2"`` is supported.
-      allow_neg_eigval: fla's ``allow_neg_eigval`` (β ∈ (0, 2)); only False is supported.
+      allow_neg_eigval: fla's ``allow_neg_eigval``: β = 2σ(·) ∈ (0, 2), fwjax's
+        ``beta_range = 2``.
       norm_eps: the output RMSNorm's epsilon (fla's ``norm_eps``).
     """
 
@@ -79,8 +81,6 @@ class DeltaNetOptions:
             raise ValueError(f"qk_activation={self.qk_activation!r}: only 'silu' is supported")
         if self.qk_norm != "l2":
             raise ValueError(f"qk_norm={self.qk_norm!r}: only 'l2' is supported")
-        if self.allow_neg_eigval:
-            raise ValueError(f"allow_neg_eigval={self.allow_neg_eigval}: not supported")
         if not self.norm_eps > 0:
             raise ValueError(f"norm_eps={self.norm_eps} must be > 0")
 
@@ -194,6 +194,7 @@ def deltanet_config(
         output_norm=True,
         norm_eps=options.norm_eps,
         output_gate=shape.use_gate,
+        beta_range=2.0 if options.allow_neg_eigval else 1.0,
         impl=impl,
     )
 

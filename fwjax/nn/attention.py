@@ -232,7 +232,7 @@ class FastWeightAttention(nnx.Module):
         beta = alpha = None
         if self.num_gates:
             logits = b_logits.astype(jnp.float32).reshape(b, t, self.num_gates, h)
-            beta = jax.nn.sigmoid(logits[:, :, 0])
+            beta = cfg.beta_range * jax.nn.sigmoid(logits[:, :, 0])
             if self.gate_bias is not None:
                 alpha = jax.nn.sigmoid(logits[:, :, 1] + self.gate_bias[...])
         return q, k, v, beta, alpha, conv_state

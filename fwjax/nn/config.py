@@ -109,6 +109,10 @@ class FastWeightConfig:
       feature_map: φ applied to keys and queries (``FeatureMap``: ELU+1, DPFP-ν, FAVOR+(m)).
       normalization: key/query and output normalisation.
       update_rule: sum or delta rule.
+      beta_range: the write strength is ``β = beta_range · σ(w_β·x)``: 1 (the paper) keeps
+        ``I − β k kᵀ`` positive semi-definite for unit keys; 2 lets it reach eigenvalue −1, a
+        reflection (Grazzi et al., 2025, "Unlocking State-Tracking in Linear RNNs Through
+        Negative Eigenvalues"; flash-linear-attention's ``allow_neg_eigval``). In ``(0, 2]``.
       favor_redraw: redraw policy of FAVOR+'s projection.
       short_conv: a causal depthwise convolution of ``conv_size`` on q, k, v (DeltaNet).
       conv_size: its kernel length.
@@ -133,6 +137,7 @@ class FastWeightConfig:
     feature_map: FeatureMap = _ELU_P1
     normalization: Normalization = Normalization.SUM
     update_rule: UpdateRule = UpdateRule.DELTA
+    beta_range: float = 1.0
     favor_redraw: FavorRedraw = FavorRedraw.NEVER
     short_conv: bool = False
     conv_size: int = 4
@@ -160,6 +165,11 @@ class FastWeightConfig:
                 f"update_rule=GATED_DELTA has no attention normalisation; got {self.normalization}"
             )
         _positive(conv_size=self.conv_size)
+        if not 0.0 < self.beta_range <= 2.0:
+            raise ValueError(
+                f"beta_range={self.beta_range} must be in (0, 2]: above 2, I − β k kᵀ has "
+                "eigenvalues below −1 and the memory can grow without bound"
+            )
         if self.output_gate and not self.output_norm:
             raise ValueError(f"output_gate={self.output_gate} needs output_norm=True")
         if not self.norm_eps > 0:

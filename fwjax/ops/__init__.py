@@ -6,7 +6,7 @@ Public entry points dispatch on :class:`Impl`::
     out, state = delta_rule(q, k, v, beta, initial_state=None, scale=1.0, impl=Impl.AUTO)
 """
 
-from fwjax.ops import feature_maps
+from fwjax.ops import feature_maps, segments
 from fwjax.ops.delta_rule import delta_rule, delta_rule_step
 from fwjax.ops.fast_weight_attention import (
     FastWeightState,
@@ -41,6 +41,7 @@ __all__ = [
     "init_fast_weight_state",
     "memory_keys",
     "retrieval_readout",
+    "segments",
     "softmax_attention",
     "sum_rule",
     "sum_rule_step",

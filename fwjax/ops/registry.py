@@ -120,6 +120,10 @@ def run_rule(
     """
     names = [name for name, _ in rule.gates]
     p = prepare_inputs(q, k, v, dict(zip(names, gates, strict=True)), initial_state)
+    if segment_ids is not None and impl in (Impl.AUTO, Impl.AUTO.value):
+        # Packed rows: the chunked form's masks cost +5–13 % per training step where the
+        # recurrent form's rematerialised blocks cost +72–77 % (CPU, benchmarks/README.md).
+        impl = Impl.CHUNKED
     impl = resolve_impl(impl)
     options = FormOptions(
         chunk_size=resolve_chunk_size(chunk_size),

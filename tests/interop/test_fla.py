@@ -144,7 +144,6 @@ def test_unsupported_layers_are_refused_naming_the_reason(changes, needle):
     [
         (dict(qk_norm="sum"), "qk_norm='sum'"),
         (dict(qk_activation="relu"), "qk_activation='relu'"),
-        (dict(allow_neg_eigval=True), "allow_neg_eigval=True"),
         (dict(norm_eps=0.0), "norm_eps=0.0 must be > 0"),
     ],
 )
@@ -184,3 +183,16 @@ def test_a_gated_layer_decodes_step_by_step_to_its_parallel_output():
         y, state = layer(x[:, t : t + 1], state)
         ys.append(y)
     np.testing.assert_allclose(jnp.concatenate(ys, axis=1), parallel, rtol=1e-5, atol=1e-6)
+
+
+def test_allow_neg_eigval_doubles_beta():
+    """fla's ``allow_neg_eigval`` is ``beta_range = 2``: the same layer writes with twice the β."""
+    rng = np.random.default_rng(0)
+    w = {k: rng.normal(size=v.shape).astype(np.float32) * 0.3 for k, v in _weights().items()}
+    plain = fx.from_fla_deltanet(w)
+    doubled = fx.from_fla_deltanet(w, fx.DeltaNetOptions(allow_neg_eigval=True))
+    assert (plain.config.beta_range, doubled.config.beta_range) == (1.0, 2.0)
+    x = jnp.asarray(rng.normal(size=(1, 6, 8)), jnp.float32)
+    betas = [layer._prepare(x, None)[3] for layer in (plain, doubled)]
+    np.testing.assert_allclose(betas[1], 2 * betas[0], rtol=1e-6)
+    assert float(jnp.max(betas[1])) > 1.0
