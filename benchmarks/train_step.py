@@ -276,8 +276,17 @@ def section_packed(args, done, write):
                     if packed:
                         ids = np.asarray(run.batch(0)["segment_ids"])
                         docs = float(np.mean(ids.max(axis=1) + 1))
-                write(dict(key=key, section="packed", model=name, t=t, packed=packed, docs=docs,
-                           **stats))  # fmt: skip
+                write(
+                    dict(
+                        key=key,
+                        section="packed",
+                        model=name,
+                        t=t,
+                        packed=packed,
+                        docs=docs,
+                        **stats,
+                    )
+                )
 
 
 def _hlo_op_names(compiled_text: str) -> dict[str, str]:
@@ -337,9 +346,20 @@ def section_profile(args, done, write):
         total = sum(totals.values())
         fast_weight = sum(v for k, v in totals.items() if "fast_weight_attention" in k)
         top = sorted(totals.items(), key=lambda kv: -kv[1])[:10]
-        write(dict(key=key, section="profile", model=name, t=1024, batch=8, steps=steps,
-                   step=step, op_s=total, fast_weight_op_s=fast_weight,
-                   top=[dict(name=n, s=v) for n, v in top]))  # fmt: skip
+        write(
+            dict(
+                key=key,
+                section="profile",
+                model=name,
+                t=1024,
+                batch=8,
+                steps=steps,
+                step=step,
+                op_s=total,
+                fast_weight_op_s=fast_weight,
+                top=[dict(name=n, s=v) for n, v in top],
+            )
+        )
 
 
 SECTIONS = dict(

@@ -102,7 +102,12 @@ class FastWeightAttention(nnx.Module):
         self.num_gates = {UpdateRule.SUM: 0, UpdateRule.DELTA: 1, UpdateRule.GATED_DELTA: 2}[
             config.update_rule
         ]
-        width = 3 * d_model + self.num_gates * num_heads
+        # DeltaProduct: N keys, values and write strengths per head and token.
+        n = config.householder_steps
+        if n > 1:
+            self.num_gates = n
+        self.qkv_width = (1 + 2 * n) * d_model
+        width = self.qkv_width + self.num_gates * num_heads
         dtypes = dict(dtype=dtype, param_dtype=param_dtype)
         self.qkvb = _dense(d_model, width, (EMBED, HEADS), **dtypes, rngs=rngs)
         self.out = _dense(d_model, d_model, (HEADS, EMBED), **dtypes, rngs=rngs, scale=out_scale)
@@ -117,7 +122,7 @@ class FastWeightAttention(nnx.Module):
         )
         conv_init = nnx.initializers.normal(1.0 / math.sqrt(config.conv_size))
         self.conv = nnx.data(
-            nnx.Param(conv_init(rngs.params(), (config.conv_size, 3 * d_model), param_dtype))
+            nnx.Param(conv_init(rngs.params(), (config.conv_size, self.qkv_width), param_dtype))
             if config.short_conv
             else None
         )
@@ -219,20 +224,26 @@ class FastWeightAttention(nnx.Module):
         b, t, _ = x.shape
         h, dh, cfg = self.num_heads, self.head_dim, self.config
         proj = self.qkvb(x)
-        qkv, b_logits = proj[..., : 3 * h * dh], proj[..., 3 * h * dh :]
+        qkv, b_logits = proj[..., : self.qkv_width], proj[..., self.qkv_width :]
         conv_state = None
         if self.conv is not None:
             qkv, conv_state = causal_depthwise_conv(
                 qkv, self.conv[...].astype(qkv.dtype), conv_cache, segment_ids
             )
             qkv = jax.nn.silu(qkv)
-        q, k, v = (z.reshape(b, t, h, dh) for z in jnp.split(qkv, 3, axis=-1))
+        n = cfg.householder_steps
+        q, k, v = jnp.split(qkv, [h * dh, (1 + n) * h * dh], axis=-1)
+        q = q.reshape(b, t, h, dh)
+        # One key and value per head, or N of them (DeltaProduct): [B, T, (N,) H, D].
+        k, v = (z.reshape(b, t, h, dh) if n == 1 else z.reshape(b, t, n, h, dh) for z in (k, v))
         if cfg.silu_l2_qk:
             q, k = (feature_maps.l2_norm(jax.nn.silu(z)) for z in (q, k))
         beta = alpha = None
         if self.num_gates:
             logits = b_logits.astype(jnp.float32).reshape(b, t, self.num_gates, h)
             beta = cfg.beta_range * jax.nn.sigmoid(logits[:, :, 0])
+            if n > 1:  # DeltaProduct: one write strength per step, [B, T, N, H]
+                beta = cfg.beta_range * jax.nn.sigmoid(logits)
             if self.gate_bias is not None:
                 alpha = jax.nn.sigmoid(logits[:, :, 1] + self.gate_bias[...])
         return q, k, v, beta, alpha, conv_state

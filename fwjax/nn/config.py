@@ -113,6 +113,10 @@ class FastWeightConfig:
         ``I − β k kᵀ`` positive semi-definite for unit keys; 2 lets it reach eigenvalue −1, a
         reflection (Grazzi et al., 2025, "Unlocking State-Tracking in Linear RNNs Through
         Negative Eigenvalues"; flash-linear-attention's ``allow_neg_eigval``). In ``(0, 2]``.
+      householder_steps: ``N`` delta steps per token (DeltaProduct, Siems et al., 2025;
+        :func:`fwjax.ops.delta_product`): the layer projects ``N`` keys, values and write
+        strengths per head and token. 1 is the delta rule; above 1 it needs the DELTA rule
+        without attention normalisation (and no memory diagnostics).
       favor_redraw: redraw policy of FAVOR+'s projection.
       short_conv: a causal depthwise convolution of ``conv_size`` on q, k, v (DeltaNet).
       conv_size: its kernel length.
@@ -138,6 +142,7 @@ class FastWeightConfig:
     normalization: Normalization = Normalization.SUM
     update_rule: UpdateRule = UpdateRule.DELTA
     beta_range: float = 1.0
+    householder_steps: int = 1
     favor_redraw: FavorRedraw = FavorRedraw.NEVER
     short_conv: bool = False
     conv_size: int = 4
@@ -169,6 +174,18 @@ class FastWeightConfig:
             raise ValueError(
                 f"beta_range={self.beta_range} must be in (0, 2]: above 2, I − β k kᵀ has "
                 "eigenvalues below −1 and the memory can grow without bound"
+            )
+        _positive(householder_steps=self.householder_steps)
+        if self.householder_steps > 1 and (
+            self.update_rule is not UpdateRule.DELTA or self.normalization.uses_normalizer
+        ):
+            raise ValueError(
+                f"householder_steps={self.householder_steps} needs update_rule=DELTA without "
+                f"attention normalisation; got {self.update_rule=}, {self.normalization=}"
+            )
+        if self.householder_steps > 1 and self.diagnostics:
+            raise ValueError(
+                "memory diagnostics of DeltaProduct (householder_steps > 1) are not built"
             )
         if self.output_gate and not self.output_norm:
             raise ValueError(f"output_gate={self.output_gate} needs output_norm=True")

@@ -7,6 +7,7 @@ Public entry points dispatch on :class:`Impl`::
 """
 
 from fwjax.ops import feature_maps, segments
+from fwjax.ops.delta_product import delta_product, delta_product_step
 from fwjax.ops.delta_rule import delta_rule, delta_rule_step
 from fwjax.ops.fast_weight_attention import (
     FastWeightState,
@@ -31,6 +32,8 @@ __all__ = [
     "Impl",
     "Normalization",
     "UpdateRule",
+    "delta_product",
+    "delta_product_step",
     "delta_rule",
     "delta_rule_step",
     "fast_weight_attention",

@@ -15,6 +15,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from fwjax.ops.delta_product import delta_product
 from fwjax.ops.delta_rule import delta_rule
 from fwjax.ops.feature_maps import FeatureMap, centered_l2_norm, l2_norm, sum_norm
 from fwjax.ops.gated_delta_rule import gated_delta_rule
@@ -171,7 +172,10 @@ def fast_weight_attention(
     cancels (up to L2's eps guard); otherwise the exact map is used.
 
     Args:
-      q, k: raw queries and keys ``[B, T, H, D]`` (before φ).
+      q, k: raw queries and keys ``[B, T, H, D]`` (before φ). Keys ``[B, T, N, H, D]`` with
+        values ``[B, T, N, H, V]`` and ``beta [B, T, N, H]`` write ``N`` times per token
+        (DeltaProduct, :func:`fwjax.ops.delta_product`; DELTA rule, no attention
+        normalisation).
       v: values ``[B, T, H, V]``.
       beta: write strengths ``[B, T, H]`` for the (gated) delta rule; None for the sum rule.
       feature_map: the map φ.
@@ -213,6 +217,14 @@ def fast_weight_attention(
 
     s0 = None if state is None else state.fast_weights
     forms = {"impl": impl, "chunk_size": chunk_size, "pallas": pallas, "segment_ids": segment_ids}
+    if fk.ndim == 5:  # DeltaProduct: N keys per token
+        if update_rule is not UpdateRule.DELTA or normalization.uses_normalizer:
+            raise ValueError(
+                f"keys [B, T, N, H, D] (DeltaProduct) need update_rule=DELTA without attention "
+                f"normalisation; got {update_rule=}, {normalization=}"
+            )
+        y, s = delta_product(fq, fk, v, beta, s0, scale, **forms)
+        return y.astype(out_dtype), FastWeightState(s, None)
     if not normalization.uses_normalizer:
         if update_rule is UpdateRule.GATED_DELTA:
             y, s = gated_delta_rule(fq, fk, v, beta, alpha, s0, scale, **forms)

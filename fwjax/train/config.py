@@ -12,6 +12,7 @@ import enum
 
 from fwjax.data.recall import MQARTask, MultiHopTask
 from fwjax.data.retrieval import RetrievalSetting, RetrievalTask
+from fwjax.data.state_tracking import ModularSumTask
 from fwjax.data.text import LMDataset, Sampling
 from fwjax.data.tokenizers import TokenizerKind
 from fwjax.nn.config import (
@@ -422,12 +423,12 @@ class LMTaskConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RecallTaskConfig:
-    """A recall task of :mod:`fwjax.data.recall` (MQAR or multi-hop) for a causal LM, scored at
-    the answer positions only.
+    """A recall task of :mod:`fwjax.data.recall` (MQAR or multi-hop) or a state-tracking task of
+    :mod:`fwjax.data.state_tracking` for a causal LM, scored at the answer positions only.
 
     Attributes:
       model: the :class:`~fwjax.nn.ModelConfig`; ``vocab_size`` must cover the task's.
-      mqar, multihop: the task (exactly one; neither: ``MQARTask(num_pairs=16)``).
+      mqar, multihop, modular_sum: the task (at most one; none: ``MQARTask(num_pairs=16)``).
       eval_sequences: the fixed evaluation set (``eval=True`` stream of the run's seed), in
         batches of ``eval_batch_size``.
       embedding_std: if set, the input embedding is initialised with this standard deviation
@@ -438,14 +439,18 @@ class RecallTaskConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     mqar: MQARTask | None = None
     multihop: MultiHopTask | None = None
+    modular_sum: ModularSumTask | None = None
     eval_sequences: int = 256
     eval_batch_size: int = 64
     embedding_std: float | None = None
 
     def __post_init__(self):
-        if self.mqar is not None and self.multihop is not None:
-            raise ValueError("give one of [recall.mqar] and [recall.multihop], not both")
-        if self.mqar is None and self.multihop is None:
+        given = [x is not None for x in (self.mqar, self.multihop, self.modular_sum)]
+        if sum(given) > 1:
+            raise ValueError(
+                "give one of [recall.mqar], [recall.multihop] and [recall.modular_sum]"
+            )
+        if not any(given):
             object.__setattr__(self, "mqar", MQARTask(num_pairs=16))
         _check_positive(eval_sequences=self.eval_sequences, eval_batch_size=self.eval_batch_size)
         if self.eval_sequences % self.eval_batch_size:
@@ -457,9 +462,12 @@ class RecallTaskConfig:
         if self.model.vocab_size < self.data().vocab_size:
             raise ValueError(f"{self.model.vocab_size=} must be >= {self.data().vocab_size=}")
 
-    def data(self) -> MQARTask | MultiHopTask:
+    def data(self) -> MQARTask | MultiHopTask | ModularSumTask:
         """The task's batches."""
-        return self.mqar if self.mqar is not None else self.multihop
+        for task in (self.mqar, self.multihop, self.modular_sum):
+            if task is not None:
+                return task
+        raise AssertionError("unreachable: __post_init__ sets mqar")
 
 
 class TaskKind(enum.Enum):

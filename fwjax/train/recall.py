@@ -34,7 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fwjax.data.recall import MQARTask, RecallTask
+from fwjax.data.recall import MQARTask, MultiHopTask, RecallTask
+from fwjax.data.state_tracking import ModularSumTask
 from fwjax.nn.config import ModelConfig
 from fwjax.train.config import TaskKind, TrainConfig
 from fwjax.train.config_io import load_train_config, with_overrides
@@ -57,8 +58,9 @@ def recall_train_config(
     ``{"steps": 2000, "seed": 1, "optimizer.learning_rate": 1e-3}``.
 
     Args:
-      task: an :class:`~fwjax.data.recall.MQARTask` or
-        :class:`~fwjax.data.recall.MultiHopTask`.
+      task: an :class:`~fwjax.data.recall.MQARTask`,
+        :class:`~fwjax.data.recall.MultiHopTask` or
+        :class:`~fwjax.data.state_tracking.ModularSumTask`.
       model_config: the :class:`~fwjax.nn.ModelConfig`; its vocabulary must cover the task's.
       fields: ``{"key.path": value}`` overrides of the protocol.
       base: the protocol config.
@@ -69,8 +71,11 @@ def recall_train_config(
     config = load_train_config(base)
     if config.task is not TaskKind.RECALL:
         raise ValueError(f"base={str(base)!r} is a {config.task.value!r} config, not recall")
-    mqar, multihop = (task, None) if isinstance(task, MQARTask) else (None, task)
-    recall = dataclasses.replace(config.recall, model=model_config, mqar=mqar, multihop=multihop)
+    fields_of = {MQARTask: "mqar", MultiHopTask: "multihop", ModularSumTask: "modular_sum"}
+    if type(task) not in fields_of:
+        raise TypeError(f"task={task!r} is not one of {sorted(c.__name__ for c in fields_of)}")
+    tasks = dict.fromkeys(fields_of.values()) | {fields_of[type(task)]: task}
+    recall = dataclasses.replace(config.recall, model=model_config, **tasks)
     return with_overrides(config, {"recall": recall, **(fields or {})})
 
 

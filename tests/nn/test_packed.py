@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from fwjax.nn import FastWeightConfig, ModelConfig, Remat, TransformerLM
+from fwjax.nn import FastWeightConfig, ModelConfig, TransformerLM
 from fwjax.nn.attention import causal_depthwise_conv
 from fwjax.ops import Normalization, UpdateRule
 
@@ -26,7 +26,6 @@ MODELS = {
         fast_weight=FastWeightConfig(update_rule=UpdateRule.GATED_DELTA, short_conv=True),
         positional="sinusoidal",
         scan_layers=True,
-        remat=Remat.FULL,
     ),
     "hybrid_rotary": dict(
         layer_kinds=("fast_weight", "softmax"),
@@ -44,7 +43,13 @@ def _packed(lengths=LENGTHS):
     return tokens, jnp.asarray(ids, jnp.int32)
 
 
-@pytest.mark.parametrize("name", MODELS)
+# Scanned layers compile once per document length: the slowest case (~20 s) runs with -m slow.
+_SLOW = {"gated_scanned"}
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=[pytest.mark.slow] if n in _SLOW else []) for n in MODELS]
+)
 def test_a_packed_row_gives_its_documents_logits_and_gradients(name):
     model = TransformerLM(ModelConfig(**SMALL, **MODELS[name]), rngs=nnx.Rngs(0))
     tokens, ids = _packed()
@@ -80,13 +85,14 @@ def test_a_carried_row_continues_its_first_document_only():
     config = ModelConfig(**SMALL, **{**MODELS["delta_conv_attention_norm"], "positional": "none"})
     model = TransformerLM(config, rngs=nnx.Rngs(0))
     tokens, ids = _packed()
-    whole, _ = model(tokens, model.init_state(2), segment_ids=ids)
-    for cut in (2, 7, 9):  # inside document 0; inside document 2, after document 1
-        first, state = model(tokens[:, :cut], model.init_state(2), segment_ids=ids[:, :cut])
-        second, _ = model(tokens[:, cut:], state, segment_ids=ids[:, cut:])
-        np.testing.assert_allclose(
-            jnp.concatenate([first, second], axis=1), whole, rtol=2e-5, atol=2e-5
-        )
+    call = nnx.jit(lambda m, tokens, state, ids: m(tokens, state, segment_ids=ids))
+    whole, _ = call(model, tokens, model.init_state(2), ids)
+    cut = 7  # inside document 2, after document 1 (which starts and ends in the first part)
+    first, state = call(model, tokens[:, :cut], model.init_state(2), ids[:, :cut])
+    second, _ = call(model, tokens[:, cut:], state, ids[:, cut:])
+    np.testing.assert_allclose(
+        jnp.concatenate([first, second], axis=1), whole, rtol=2e-5, atol=2e-5
+    )
 
 
 def test_causal_conv_never_reads_across_a_document_start():

@@ -1,0 +1,167 @@
+"""State tracking (running sums modulo m): which fast weight transitions can count?
+
+    python -m experiments.state_tracking [--modulus 2] [--seeds 3] [--steps 1500] [--quick]
+
+A 1-layer :class:`~fwjax.nn.TransformerLM` predicts ``(x_1 + … + x_t) mod m`` at every
+position of ``T`` random digits (:class:`~fwjax.data.state_tracking.ModularSumTask`), trained in
+the one training loop (:func:`fwjax.train.recall.run_recall`). Variants differ only in the
+token mixer (identity feature map with L2-normalised keys, no positions, no short convolution):
+
+* ``delta``: the delta rule, ``β = σ(·) ∈ (0, 1)`` (transition eigenvalues in [0, 1]);
+* ``delta_neg``: ``β = 2σ(·) ∈ (0, 2)`` (reflections, Grazzi et al., 2025);
+* ``product2_neg``: DeltaProduct with 2 steps per token and ``β ∈ (0, 2)`` (rotations as
+  products of two reflections, Siems et al., 2025);
+* ``softmax``: causal softmax attention (no positions: the sum is order-free).
+
+Each point (modulus, variant, seed) is written to its own JSON file under
+``experiments/results/state_tracking/`` as soon as it finishes (points with a file are
+skipped: re-running resumes); ``state_tracking.md`` / ``.csv`` are rewritten after each point.
+Reported: the final evaluation accuracy over all positions and over the last quarter of the
+sequence (the longest sums), and the time each point took.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import time
+from pathlib import Path
+
+from experiments import sweep as sweep_lib
+from experiments.records import write_json_atomic
+from fwjax.data.state_tracking import ModularSumTask
+from fwjax.nn.config import AttentionKind, FastWeightConfig, ModelConfig, Positional
+from fwjax.ops import FeatureMap, FeatureMapKind, Normalization, UpdateRule
+from fwjax.train.recall import recall_train_config, run_recall
+
+RESULTS = Path(__file__).resolve().parent / "results"
+OUT = RESULTS / "state_tracking"
+
+_L2 = dict(feature_map=FeatureMap(FeatureMapKind.IDENTITY), normalization=Normalization.L2)
+VARIANTS: dict[str, FastWeightConfig | None] = {
+    "delta": FastWeightConfig(**_L2, update_rule=UpdateRule.DELTA),
+    "delta_neg": FastWeightConfig(**_L2, update_rule=UpdateRule.DELTA, beta_range=2.0),
+    "product2_neg": FastWeightConfig(
+        **_L2, update_rule=UpdateRule.DELTA, beta_range=2.0, householder_steps=2
+    ),
+    "softmax": None,
+}
+
+
+def model_config(variant: str, modulus: int) -> ModelConfig:
+    fw = VARIANTS[variant]
+    kind = AttentionKind.SOFTMAX if fw is None else AttentionKind.FAST_WEIGHT
+    return ModelConfig(
+        vocab_size=modulus,
+        d_model=64,
+        num_layers=1,
+        num_heads=4,
+        d_ff=128,
+        layer_kinds=(kind,),
+        fast_weight=fw or FastWeightConfig(),
+        positional=Positional.NONE,
+        max_len=256,
+    )
+
+
+def run_point(point, *, steps: int, length: int, out: Path = OUT) -> dict:
+    modulus, variant, seed = point
+    task = ModularSumTask(modulus=modulus, length=length)
+    fields = {
+        "steps": steps,
+        "seed": seed,
+        "batch_size": 32,
+        "eval_every": steps,
+        "log_every": steps,
+        "checkpoint.every_steps": steps,
+        "optimizer.learning_rate": 1e-3,
+        "optimizer.warmup_steps": 100,
+        "recall.eval_sequences": 256,
+    }
+    config = recall_train_config(task, model_config(variant, modulus), fields)
+    start = time.perf_counter()
+    result = run_recall(config)
+    record = dict(
+        modulus=modulus,
+        variant=variant,
+        seed=seed,
+        steps=steps,
+        length=length,
+        accuracy=result.accuracy,
+        last_quarter_accuracy=result.hop_accuracy[4],
+        loss=result.loss,
+        seconds=time.perf_counter() - start,
+    )
+    write_json_atomic(_path(point, out), record)
+    return record
+
+
+def _path(point, out: Path = OUT) -> Path:
+    modulus, variant, seed = point
+    return out / f"mod{modulus}_{variant}_seed{seed}.json"
+
+
+def write_outputs(out: Path = OUT, results: Path = RESULTS) -> list[dict]:
+    """Merges the point files of ``out`` into ``results/state_tracking.{csv,md}``."""
+    records = sweep_lib.load_records(out, lambda r: (r["modulus"], r["variant"], r["seed"]))
+    columns = [
+        "modulus",
+        "variant",
+        "seed",
+        "steps",
+        "length",
+        "accuracy",
+        "last_quarter_accuracy",
+        "loss",
+        "seconds",
+    ]
+    sweep_lib.write_csv(records, results / "state_tracking.csv", columns)
+    lines = [
+        "| modulus | variant | seeds | accuracy (mean, min–max) | last quarter | s / point |",
+        "|---|---|---|---|---|---|",
+    ]
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["modulus"], r["variant"]), []).append(r)
+    for (modulus, variant), rs in groups.items():
+        acc = [r["accuracy"] for r in rs]
+        last = [r["last_quarter_accuracy"] for r in rs]
+        lines.append(
+            f"| {modulus} | {variant} | {len(rs)} | {statistics.mean(acc):.3f} "
+            f"({min(acc):.3f}–{max(acc):.3f}) | {statistics.mean(last):.3f} | "
+            f"{statistics.mean(r['seconds'] for r in rs):.0f} |"
+        )
+    (results / "state_tracking.md").write_text("\n".join(lines) + "\n")
+    return records
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--modulus", type=int, nargs="+", default=[2])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--length", type=int, default=64)
+    parser.add_argument("--quick", action="store_true", help="one seed, 20 steps, into /tmp")
+    args = parser.parse_args(argv)
+    out, results = OUT, RESULTS
+    if args.quick:
+        out = results = Path("/tmp/fwjax_state_tracking_quick")
+        args.seeds, args.steps, args.length = 1, 20, 16
+    out.mkdir(parents=True, exist_ok=True)
+    points = [(m, v, s) for m in args.modulus for v in args.variants for s in range(args.seeds)]
+    sweep_lib.run_points(
+        points,
+        functools.partial(run_point, steps=args.steps, length=args.length, out=out),
+        path=functools.partial(_path, out=out),
+        write_outputs=functools.partial(write_outputs, out, results),
+        describe=lambda p, r: (
+            f"{p}: accuracy {r['accuracy']:.3f}, last quarter "
+            f"{r['last_quarter_accuracy']:.3f} ({r['seconds']:.0f} s)"
+        ),
+    )
+
+
+if __name__ == "__main__":
+    main()
