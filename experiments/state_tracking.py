@@ -11,6 +11,8 @@ token mixer (identity feature map with L2-normalised keys, no positions, no shor
 * ``delta_neg``: ``β = 2σ(·) ∈ (0, 2)`` (reflections, Grazzi et al., 2025);
 * ``product2_neg``: DeltaProduct with 2 steps per token and ``β ∈ (0, 2)`` (rotations as
   products of two reflections, Siems et al., 2025);
+* ``recurrent_delta``: the Recurrent Delta Net (Irie et al., 2021): the delta rule whose keys,
+  values and write strengths also see tanh of the previous output (softmax feature map);
 * ``softmax``: causal softmax attention (no positions: the sum is order-free).
 
 Each point (modulus, variant, seed) is written to its own JSON file under
@@ -39,19 +41,26 @@ RESULTS = Path(__file__).resolve().parent / "results"
 OUT = RESULTS / "state_tracking"
 
 _L2 = dict(feature_map=FeatureMap(FeatureMapKind.IDENTITY), normalization=Normalization.L2)
-VARIANTS: dict[str, FastWeightConfig | None] = {
-    "delta": FastWeightConfig(**_L2, update_rule=UpdateRule.DELTA),
-    "delta_neg": FastWeightConfig(**_L2, update_rule=UpdateRule.DELTA, beta_range=2.0),
-    "product2_neg": FastWeightConfig(
-        **_L2, update_rule=UpdateRule.DELTA, beta_range=2.0, householder_steps=2
+_FW, _SOFTMAX, _RDN = (
+    AttentionKind.FAST_WEIGHT,
+    AttentionKind.SOFTMAX,
+    AttentionKind.RECURRENT_DELTA,
+)
+# name -> (token mixer, fast weight configuration)
+VARIANTS: dict[str, tuple[AttentionKind, FastWeightConfig]] = {
+    "delta": (_FW, FastWeightConfig(**_L2, update_rule=UpdateRule.DELTA)),
+    "delta_neg": (_FW, FastWeightConfig(**_L2, update_rule=UpdateRule.DELTA, beta_range=2.0)),
+    "product2_neg": (
+        _FW,
+        FastWeightConfig(**_L2, update_rule=UpdateRule.DELTA, beta_range=2.0, householder_steps=2),
     ),
-    "softmax": None,
+    "recurrent_delta": (_RDN, FastWeightConfig()),
+    "softmax": (_SOFTMAX, FastWeightConfig()),
 }
 
 
 def model_config(variant: str, modulus: int) -> ModelConfig:
-    fw = VARIANTS[variant]
-    kind = AttentionKind.SOFTMAX if fw is None else AttentionKind.FAST_WEIGHT
+    kind, fw = VARIANTS[variant]
     return ModelConfig(
         vocab_size=modulus,
         d_model=64,
@@ -59,7 +68,7 @@ def model_config(variant: str, modulus: int) -> ModelConfig:
         num_heads=4,
         d_ff=128,
         layer_kinds=(kind,),
-        fast_weight=fw or FastWeightConfig(),
+        fast_weight=fw,
         positional=Positional.NONE,
         max_len=256,
     )

@@ -21,6 +21,7 @@ from fwjax.nn.config import (
     Remat,
 )
 from fwjax.nn.partitioning import AXIS_NAMES, logical_axis_rules
+from fwjax.nn.recurrent_fwp import RecurrentDeltaAttention, RecurrentDeltaLayerState
 from fwjax.nn.retrieval import RetrievalConfig, RetrievalModel
 from fwjax.nn.transformer import (
     FeedForward,
@@ -49,6 +50,8 @@ __all__ = [
     "ModelConfig",
     "NormPosition",
     "Positional",
+    "RecurrentDeltaAttention",
+    "RecurrentDeltaLayerState",
     "Remat",
     "RetrievalConfig",
     "RetrievalModel",

@@ -19,10 +19,18 @@ from fwjax.validation import check_positive_ints as _positive
 
 
 class AttentionKind(enum.Enum):
-    """The token mixer of a layer."""
+    """The token mixer of a layer.
+
+    Attributes:
+      FAST_WEIGHT: :class:`~fwjax.nn.FastWeightAttention` (``ModelConfig.fast_weight``).
+      SOFTMAX: :class:`~fwjax.nn.SoftmaxAttention`.
+      RECURRENT_DELTA: the Recurrent Delta Net
+        (:class:`~fwjax.nn.recurrent_fwp.RecurrentDeltaAttention`; ``fast_weight.impl``).
+    """
 
     FAST_WEIGHT = "fast_weight"
     SOFTMAX = "softmax"
+    RECURRENT_DELTA = "recurrent_delta"
 
 
 class Remat(enum.Enum):

@@ -20,6 +20,7 @@ from fwjax.nn.config import (
     Remat,
 )
 from fwjax.nn.partitioning import EMBED, LAYERS, MLP, VOCAB, logical
+from fwjax.nn.recurrent_fwp import RecurrentDeltaAttention
 from fwjax.nn.remat import (
     BLOCK_POLICIES,
     rematerialised,
@@ -70,7 +71,16 @@ class TransformerBlock(nnx.Module):
         self.remat = config.remat
         # GPT-2: projections into the residual stream start 1/√(2L) smaller.
         out_scale = (2 * config.num_layers) ** -0.5 if config.scale_residual_init else 1.0
-        if kind is AttentionKind.FAST_WEIGHT:
+        if kind is AttentionKind.RECURRENT_DELTA:
+            self.attention = RecurrentDeltaAttention(
+                config.fast_weight,
+                config.d_model,
+                config.num_heads,
+                **dtypes,
+                out_scale=out_scale,
+                rngs=rngs,
+            )
+        elif kind is AttentionKind.FAST_WEIGHT:
             self.attention = FastWeightAttention(
                 config.fast_weight,
                 config.d_model,

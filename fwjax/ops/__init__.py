@@ -22,6 +22,7 @@ from fwjax.ops.feature_maps import FeatureMap, FeatureMapKind
 from fwjax.ops.gated_delta_rule import gated_delta_rule, gated_delta_rule_step
 from fwjax.ops.impl import Impl
 from fwjax.ops.readout import retrieval_readout
+from fwjax.ops.recurrent_delta import recurrent_delta_rule, recurrent_delta_step
 from fwjax.ops.softmax_attention import softmax_attention
 from fwjax.ops.sum_rule import sum_rule, sum_rule_step
 
@@ -43,6 +44,8 @@ __all__ = [
     "gated_delta_rule_step",
     "init_fast_weight_state",
     "memory_keys",
+    "recurrent_delta_rule",
+    "recurrent_delta_step",
     "retrieval_readout",
     "segments",
     "softmax_attention",
