@@ -13,6 +13,7 @@ token mixer (identity feature map with L2-normalised keys, no positions, no shor
   products of two reflections, Siems et al., 2025);
 * ``recurrent_delta``: the Recurrent Delta Net (Irie et al., 2021): the delta rule whose keys,
   values and write strengths also see tanh of the previous output (softmax feature map);
+* ``srwm``: the modern self-referential weight matrix (Irie et al., 2022);
 * ``softmax``: causal softmax attention (no positions: the sum is order-free).
 
 Each point (modulus, variant, seed) is written to its own JSON file under
@@ -41,10 +42,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 OUT = RESULTS / "state_tracking"
 
 _L2 = dict(feature_map=FeatureMap(FeatureMapKind.IDENTITY), normalization=Normalization.L2)
-_FW, _SOFTMAX, _RDN = (
+_FW, _SOFTMAX, _RDN, _SRWM = (
     AttentionKind.FAST_WEIGHT,
     AttentionKind.SOFTMAX,
     AttentionKind.RECURRENT_DELTA,
+    AttentionKind.SRWM,
 )
 # name -> (token mixer, fast weight configuration)
 VARIANTS: dict[str, tuple[AttentionKind, FastWeightConfig]] = {
@@ -55,6 +57,7 @@ VARIANTS: dict[str, tuple[AttentionKind, FastWeightConfig]] = {
         FastWeightConfig(**_L2, update_rule=UpdateRule.DELTA, beta_range=2.0, householder_steps=2),
     ),
     "recurrent_delta": (_RDN, FastWeightConfig()),
+    "srwm": (_SRWM, FastWeightConfig()),
     "softmax": (_SOFTMAX, FastWeightConfig()),
 }
 
@@ -142,7 +145,36 @@ def write_outputs(out: Path = OUT, results: Path = RESULTS) -> list[dict]:
             f"{statistics.mean(r['seconds'] for r in rs):.0f} |"
         )
     (results / "state_tracking.md").write_text("\n".join(lines) + "\n")
+    if records:
+        plot(groups, results / "state_tracking.png")
     return records
+
+
+def plot(groups: dict[tuple, list[dict]], path: Path) -> None:
+    """Last-quarter accuracy per variant (bars: the seeds' mean; dots: each seed), one panel
+    per modulus."""
+    from experiments import plotting
+
+    moduli = sorted({m for m, _ in groups})
+    variants = [v for v in VARIANTS if any(v == g[1] for g in groups)]
+    with plotting.style() as plt:
+        fig, axes = plt.subplots(
+            1, len(moduli), figsize=(5 * len(moduli), 4), squeeze=False, layout="constrained"
+        )
+        for ax, modulus in zip(axes[0], moduli, strict=True):
+            for i, variant in enumerate(variants):
+                rs = groups.get((modulus, variant), [])
+                accs = [r["last_quarter_accuracy"] for r in rs]
+                if accs:
+                    ax.bar(i, statistics.mean(accs), color=f"C{i}", alpha=0.6)
+                    ax.plot([i] * len(accs), accs, "k.", markersize=6)
+            ax.axhline(1 / modulus, color="gray", linestyle=":", label="chance")
+            ax.set_xticks(range(len(variants)), variants, rotation=30, ha="right")
+            ax.set_ylim(0, 1.05)
+            ax.set_title(f"running sum mod {modulus} (T {rs[0]['length'] if rs else '?'})")
+            ax.set_ylabel("accuracy, last quarter of the sequence")
+        fig.savefig(path)
+        plt.close(fig)
 
 
 def main(argv=None) -> None:

@@ -332,4 +332,86 @@ class MultiHopTask(_TokenLayout):
         return _outputs(tokens, answer_pos, answers, hops)
 
 
-RecallTask = MQARTask | MultiHopTask
+@dataclasses.dataclass(frozen=True)
+class ZoologyMQARTask:
+    """MQAR exactly as Zoology generates it (``zoology/data/multiquery_ar.py``, Arora et al.,
+    2023): the protocol of the published MQAR grids.
+
+    A sequence of ``length`` tokens starts with ``P`` key-value pairs (keys drawn without
+    replacement from ``1 … V/2 − 1``, values from ``V/2 … V − 1``); each key is then queried
+    once, at a position after the pairs drawn from a power law over the gaps (``power_a``;
+    small gaps likely), and the value is predicted at the query's position. Every other token
+    is random (``random_non_queries``, any id in ``0 … V − 1``, as in Zoology) or 0.
+
+    Attributes:
+      vocab_size: ``V`` (Zoology: 8192).
+      length: ``T`` (even, ``4P <= T < V``).
+      num_pairs: ``P``.
+      power_a: the power law's exponent (Zoology's default 0.01).
+      random_non_queries: fill the non-query positions with random tokens.
+
+    Differences from Zoology's code: batches are drawn from a NumPy ``Generator`` seeded by
+    ``(seed, index, eval)`` (Zoology draws fixed train and test sets with the global seed), and
+    the query gaps are sampled without replacement by Gumbel top-``P`` (the same distribution
+    as ``numpy.random.choice(replace=False, p=...)``).
+    """
+
+    vocab_size: int = 8192
+    length: int = 64
+    num_pairs: int = 8
+    power_a: float = 0.01
+    random_non_queries: bool = True
+
+    max_hops = 1
+
+    def __post_init__(self):
+        check_ints(minimum=1, num_pairs=self.num_pairs)
+        check_ints(minimum=2, length=self.length, vocab_size=self.vocab_size)
+        if self.length % 2:
+            raise ValueError(f"{self.length=} must be even (Zoology's layout)")
+        if 4 * self.num_pairs > self.length:
+            raise ValueError(f"{self.num_pairs=} needs length >= 4 · num_pairs; got {self.length=}")
+        if self.vocab_size <= self.length:
+            raise ValueError(f"{self.vocab_size=} must exceed {self.length=}")
+        if self.num_pairs > self.vocab_size // 2 - 1:
+            raise ValueError(f"{self.num_pairs=} distinct keys need vocab_size > 2 · (P + 1)")
+        if not self.power_a > 0:
+            raise ValueError(f"{self.power_a=} must be > 0")
+
+    def batch(self, seed: int, index: int, batch_size: int, *, eval: bool = False) -> dict:
+        """The batch at position ``index`` of the stream ``seed`` (``eval``: a disjoint stream).
+
+        Returns:
+          ``dict(tokens, targets, mask, hops)``, each ``[B, T]`` (the interface of
+          :class:`MQARTask`): the answer of each query is predicted at the query key.
+        """
+        rng = np.random.default_rng([seed, index, int(eval), 1])
+        b, p, t, v = batch_size, self.num_pairs, self.length, self.vocab_size
+        half = v // 2
+        keys = _random_subsets(rng, b, half - 1, p) + 1
+        values = _random_subsets(rng, b, v - half, p) + half
+        context = np.stack([keys, values], axis=2).reshape(b, 2 * p)
+        # The query gaps: P distinct slots of (T − 2P) / 2, power-law weights (Gumbel top-P).
+        space = (t - 2 * p) // 2
+        weights = self.power_a * np.arange(1, space + 1) ** (self.power_a - 1)
+        scores = np.log(weights / weights.sum()) + rng.gumbel(size=(b, space))
+        gaps = np.argsort(-scores, axis=1)[:, :p]
+        rest = np.zeros((b, t - 2 * p + 1), np.int64)
+        np.put_along_axis(rest, 2 * gaps, keys, axis=1)
+        examples = np.concatenate([context, rest], axis=1)  # [B, T + 1]
+        labels = np.full((b, t + 1), -1, np.int64)
+        np.put_along_axis(labels, 2 * gaps + 2 * p + 1, values, axis=1)
+        tokens, labels = examples[:, :-1], labels[:, 1:]
+        if self.random_non_queries:
+            noise = rng.integers(0, v, tokens.shape)
+            tokens = np.where(tokens == 0, noise, tokens)
+        mask = labels >= 0
+        return dict(
+            tokens=tokens.astype(np.int32),
+            targets=np.where(mask, labels, PAD).astype(np.int32),
+            mask=mask,
+            hops=mask.astype(np.int32),
+        )
+
+
+RecallTask = MQARTask | MultiHopTask | ZoologyMQARTask

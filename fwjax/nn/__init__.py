@@ -1,6 +1,7 @@
 """Flax NNX layers and models built on :mod:`fwjax.ops`."""
 
 from fwjax.nn.attention import (
+    BaseConv,
     FastWeightAttention,
     FastWeightLayerState,
     FavorProjection,
@@ -21,7 +22,12 @@ from fwjax.nn.config import (
     Remat,
 )
 from fwjax.nn.partitioning import AXIS_NAMES, logical_axis_rules
-from fwjax.nn.recurrent_fwp import RecurrentDeltaAttention, RecurrentDeltaLayerState
+from fwjax.nn.recurrent_fwp import (
+    RecurrentDeltaAttention,
+    RecurrentDeltaLayerState,
+    SRWMAttention,
+    SRWMLayerState,
+)
 from fwjax.nn.retrieval import RetrievalConfig, RetrievalModel
 from fwjax.nn.transformer import (
     FeedForward,
@@ -39,6 +45,7 @@ __all__ = [
     "PAPER_RECIPE",
     "Activation",
     "AttentionKind",
+    "BaseConv",
     "FastWeightAttention",
     "FastWeightConfig",
     "FastWeightLayerState",
@@ -55,6 +62,8 @@ __all__ = [
     "Remat",
     "RetrievalConfig",
     "RetrievalModel",
+    "SRWMAttention",
+    "SRWMLayerState",
     "SoftmaxAttention",
     "TransformerBlock",
     "TransformerLM",

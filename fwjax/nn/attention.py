@@ -323,6 +323,44 @@ def causal_depthwise_conv(x, kernel, cache=None, segment_ids=None):
     return y, new_cache
 
 
+class BaseConv(nnx.Module):
+    """Zoology's ``BaseConv`` mixer with a short kernel: ``y = conv(u) ⊙ (W u + b) + u``, with
+    ``conv`` a causal depthwise convolution (with bias) of ``kernel_size`` taps (Arora et al.,
+    2023; ``zoology/mixers/base_conv.py``). It gives the next layer each token's recent
+    neighbours, which is how Zoology's recall models bind a key to the value after it.
+
+    Shapes: ``x: [B, T, d_model] -> y``; the state is the convolution's cache (the last
+    ``kernel_size − 1`` inputs) or None.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        kernel_size: int = 3,
+        *,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.dtype = dtype
+        bound = 1.0 / math.sqrt(kernel_size)  # PyTorch's Conv1d init (fan-in = kernel size)
+        init = nnx.initializers.uniform(2 * bound)
+        self.kernel = nnx.Param(init(rngs.params(), (kernel_size, d_model), param_dtype) - bound)
+        self.bias = nnx.Param(init(rngs.params(), (d_model,), param_dtype) - bound)
+        self.projection = nnx.Linear(
+            d_model, d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
+
+    def init_state(self, batch_size: int):
+        j, d = self.kernel[...].shape
+        return jnp.zeros((batch_size, j - 1, d), self.dtype)
+
+    def __call__(self, x, state=None, *, segment_ids=None):
+        conv, cache = causal_depthwise_conv(x, self.kernel[...].astype(x.dtype), state, segment_ids)
+        y = (conv + self.bias[...].astype(x.dtype)) * self.projection(x) + x
+        return y, (None if state is None else cache)
+
+
 class KVCache(NamedTuple):
     """State of a :class:`SoftmaxAttention` layer: a fixed-length key/value buffer."""
 

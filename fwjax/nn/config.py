@@ -26,11 +26,17 @@ class AttentionKind(enum.Enum):
       SOFTMAX: :class:`~fwjax.nn.SoftmaxAttention`.
       RECURRENT_DELTA: the Recurrent Delta Net
         (:class:`~fwjax.nn.recurrent_fwp.RecurrentDeltaAttention`; ``fast_weight.impl``).
+      SRWM: the modern self-referential weight matrix
+        (:class:`~fwjax.nn.recurrent_fwp.SRWMAttention`; ``fast_weight.impl``).
+      BASE_CONV: Zoology's gated short convolution (:class:`~fwjax.nn.BaseConv`), the layer
+        that precedes every sequence mixer in the Zoology recall models.
     """
 
     FAST_WEIGHT = "fast_weight"
     SOFTMAX = "softmax"
     RECURRENT_DELTA = "recurrent_delta"
+    SRWM = "srwm"
+    BASE_CONV = "base_conv"
 
 
 class Remat(enum.Enum):
@@ -214,7 +220,8 @@ class ModelConfig:
     """A Transformer language model whose layers each use fast weight or softmax attention.
 
     Attributes:
-      vocab_size, d_model, num_layers, num_heads, d_ff: sizes; ``num_heads`` must divide
+      vocab_size, d_model, num_layers, num_heads, d_ff: sizes (``d_ff = 0``: blocks without a
+        feed-forward sublayer, Zoology's recall models); ``num_heads`` must divide
         ``d_model`` (head dimension ``d_model // num_heads``).
       layer_kinds: one ``AttentionKind`` per layer (hybrids allowed); None means all FAST_WEIGHT.
       fast_weight: the fast weight layers' configuration.
@@ -275,9 +282,10 @@ class ModelConfig:
             d_model=self.d_model,
             num_layers=self.num_layers,
             num_heads=self.num_heads,
-            d_ff=self.d_ff,
             max_len=self.max_len,
         )
+        if self.d_ff < 0 or isinstance(self.d_ff, bool) or not isinstance(self.d_ff, int):
+            raise ValueError(f"d_ff={self.d_ff!r} must be an int >= 0 (0: no feed-forward)")
         if self.d_model % self.num_heads:
             raise ValueError(f"num_heads={self.num_heads} must divide d_model={self.d_model}")
         kinds = self.layer_kinds

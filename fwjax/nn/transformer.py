@@ -10,7 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fwjax.nn.attention import FastWeightAttention, SoftmaxAttention, _dense, lecun_normal
+from fwjax.nn.attention import (
+    BaseConv,
+    FastWeightAttention,
+    SoftmaxAttention,
+    _dense,
+    lecun_normal,
+)
 from fwjax.nn.config import (
     Activation,
     AttentionKind,
@@ -20,7 +26,7 @@ from fwjax.nn.config import (
     Remat,
 )
 from fwjax.nn.partitioning import EMBED, LAYERS, MLP, VOCAB, logical
-from fwjax.nn.recurrent_fwp import RecurrentDeltaAttention
+from fwjax.nn.recurrent_fwp import RecurrentDeltaAttention, SRWMAttention
 from fwjax.nn.remat import (
     BLOCK_POLICIES,
     rematerialised,
@@ -71,7 +77,18 @@ class TransformerBlock(nnx.Module):
         self.remat = config.remat
         # GPT-2: projections into the residual stream start 1/√(2L) smaller.
         out_scale = (2 * config.num_layers) ** -0.5 if config.scale_residual_init else 1.0
-        if kind is AttentionKind.RECURRENT_DELTA:
+        if kind is AttentionKind.BASE_CONV:
+            self.attention = BaseConv(config.d_model, **dtypes, rngs=rngs)
+        elif kind is AttentionKind.SRWM:
+            self.attention = SRWMAttention(
+                config.fast_weight,
+                config.d_model,
+                config.num_heads,
+                **dtypes,
+                out_scale=out_scale,
+                rngs=rngs,
+            )
+        elif kind is AttentionKind.RECURRENT_DELTA:
             self.attention = RecurrentDeltaAttention(
                 config.fast_weight,
                 config.d_model,
@@ -99,14 +116,18 @@ class TransformerBlock(nnx.Module):
                 out_scale=out_scale,
                 rngs=rngs,
             )
-        self.ff = FeedForward(
-            config.d_model,
-            config.d_ff,
-            config.dropout,
-            **dtypes,
-            activation=config.activation,
-            out_scale=out_scale,
-            rngs=rngs,
+        self.ff = nnx.data(
+            FeedForward(
+                config.d_model,
+                config.d_ff,
+                config.dropout,
+                **dtypes,
+                activation=config.activation,
+                out_scale=out_scale,
+                rngs=rngs,
+            )
+            if config.d_ff
+            else None
         )
         self.norm1 = nnx.LayerNorm(config.d_model, **dtypes, rngs=rngs)
         self.norm2 = nnx.LayerNorm(config.d_model, **dtypes, rngs=rngs)
@@ -141,7 +162,10 @@ class TransformerBlock(nnx.Module):
         return ff(self, self.norm1(x + self.dropout(y))), state
 
     def _feed_forward(self, x):
-        """The feed-forward sublayer with its residual (and, post-LN, its normalisation)."""
+        """The feed-forward sublayer with its residual (and, post-LN, its normalisation);
+        nothing when the model has no feed-forward (``d_ff = 0``)."""
+        if self.ff is None:
+            return x
         if self.norm_position is NormPosition.PRE:
             return x + self.dropout(self.ff(self.norm2(x)))
         return self.norm2(x + self.dropout(self.ff(x)))

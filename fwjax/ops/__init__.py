@@ -24,6 +24,7 @@ from fwjax.ops.impl import Impl
 from fwjax.ops.readout import retrieval_readout
 from fwjax.ops.recurrent_delta import recurrent_delta_rule, recurrent_delta_step
 from fwjax.ops.softmax_attention import softmax_attention
+from fwjax.ops.srwm import srwm, srwm_step
 from fwjax.ops.sum_rule import sum_rule, sum_rule_step
 
 __all__ = [
@@ -49,6 +50,8 @@ __all__ = [
     "retrieval_readout",
     "segments",
     "softmax_attention",
+    "srwm",
+    "srwm_step",
     "sum_rule",
     "sum_rule_step",
 ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 
-from fwjax.data.recall import MQARTask, MultiHopTask
+from fwjax.data.recall import MQARTask, MultiHopTask, ZoologyMQARTask
 from fwjax.data.retrieval import RetrievalSetting, RetrievalTask
 from fwjax.data.state_tracking import ModularSumTask
 from fwjax.data.text import LMDataset, Sampling
@@ -428,7 +428,8 @@ class RecallTaskConfig:
 
     Attributes:
       model: the :class:`~fwjax.nn.ModelConfig`; ``vocab_size`` must cover the task's.
-      mqar, multihop, modular_sum: the task (at most one; none: ``MQARTask(num_pairs=16)``).
+      mqar, multihop, zoology_mqar, modular_sum: the task (at most one; none:
+        ``MQARTask(num_pairs=16)``).
       eval_sequences: the fixed evaluation set (``eval=True`` stream of the run's seed), in
         batches of ``eval_batch_size``.
       embedding_std: if set, the input embedding is initialised with this standard deviation
@@ -440,15 +441,18 @@ class RecallTaskConfig:
     mqar: MQARTask | None = None
     multihop: MultiHopTask | None = None
     modular_sum: ModularSumTask | None = None
+    zoology_mqar: ZoologyMQARTask | None = None
     eval_sequences: int = 256
     eval_batch_size: int = 64
     embedding_std: float | None = None
 
     def __post_init__(self):
-        given = [x is not None for x in (self.mqar, self.multihop, self.modular_sum)]
+        tasks = (self.mqar, self.multihop, self.modular_sum, self.zoology_mqar)
+        given = [x is not None for x in tasks]
         if sum(given) > 1:
             raise ValueError(
-                "give one of [recall.mqar], [recall.multihop] and [recall.modular_sum]"
+                "give one of [recall.mqar], [recall.multihop], [recall.modular_sum] and "
+                "[recall.zoology_mqar]"
             )
         if not any(given):
             object.__setattr__(self, "mqar", MQARTask(num_pairs=16))
@@ -462,9 +466,9 @@ class RecallTaskConfig:
         if self.model.vocab_size < self.data().vocab_size:
             raise ValueError(f"{self.model.vocab_size=} must be >= {self.data().vocab_size=}")
 
-    def data(self) -> MQARTask | MultiHopTask | ModularSumTask:
+    def data(self) -> MQARTask | MultiHopTask | ModularSumTask | ZoologyMQARTask:
         """The task's batches."""
-        for task in (self.mqar, self.multihop, self.modular_sum):
+        for task in (self.mqar, self.multihop, self.modular_sum, self.zoology_mqar):
             if task is not None:
                 return task
         raise AssertionError("unreachable: __post_init__ sets mqar")

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fwjax.data.recall import MQARTask, MultiHopTask, RecallTask
+from fwjax.data.recall import MQARTask, MultiHopTask, RecallTask, ZoologyMQARTask
 from fwjax.data.state_tracking import ModularSumTask
 from fwjax.nn.config import ModelConfig
 from fwjax.train.config import TaskKind, TrainConfig
@@ -59,7 +59,8 @@ def recall_train_config(
 
     Args:
       task: an :class:`~fwjax.data.recall.MQARTask`,
-        :class:`~fwjax.data.recall.MultiHopTask` or
+        :class:`~fwjax.data.recall.MultiHopTask`,
+        :class:`~fwjax.data.recall.ZoologyMQARTask` or
         :class:`~fwjax.data.state_tracking.ModularSumTask`.
       model_config: the :class:`~fwjax.nn.ModelConfig`; its vocabulary must cover the task's.
       fields: ``{"key.path": value}`` overrides of the protocol.
@@ -71,7 +72,12 @@ def recall_train_config(
     config = load_train_config(base)
     if config.task is not TaskKind.RECALL:
         raise ValueError(f"base={str(base)!r} is a {config.task.value!r} config, not recall")
-    fields_of = {MQARTask: "mqar", MultiHopTask: "multihop", ModularSumTask: "modular_sum"}
+    fields_of = {
+        MQARTask: "mqar",
+        MultiHopTask: "multihop",
+        ModularSumTask: "modular_sum",
+        ZoologyMQARTask: "zoology_mqar",
+    }
     if type(task) not in fields_of:
         raise TypeError(f"task={task!r} is not one of {sorted(c.__name__ for c in fields_of)}")
     tasks = dict.fromkeys(fields_of.values()) | {fields_of[type(task)]: task}

@@ -119,3 +119,38 @@ def test_lengths_follow_the_sizes():
 def test_invalid_sizes_name_the_values(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_zoology_mqar_follows_zoologys_layout():
+    """Zoology's ``multiquery_ar``: P pairs first (keys below V/2, values above), then each key
+    queried once at an even offset after the pairs, its value predicted at the query."""
+    from fwjax.data.recall import ZoologyMQARTask
+
+    task = ZoologyMQARTask(vocab_size=40, length=32, num_pairs=4, random_non_queries=False)
+    batch = task.batch(seed=0, index=3, batch_size=16)
+    tokens, targets, mask = batch["tokens"], batch["targets"], batch["mask"]
+    keys, values = tokens[:, 0:8:2], tokens[:, 1:8:2]
+    assert (keys >= 1).all() and (keys < 20).all() and (values >= 20).all()
+    assert all(len(set(row)) == 4 for row in keys)
+    assert (mask.sum(axis=1) == 4).all() and not mask[:, :8].any()
+    rows, cols = np.nonzero(mask)
+    assert ((cols - 8) % 2 == 0).all()
+    for r, c in zip(rows, cols, strict=True):  # the query is a key; its target is that key's value
+        (i,) = np.nonzero(keys[r] == tokens[r, c])[0]
+        assert targets[r, c] == values[r, i]
+    assert (tokens[~mask][:, None] == 0).sum() > 0  # without random fill, the rest is 0
+    noisy = ZoologyMQARTask(vocab_size=40, length=32, num_pairs=4).batch(0, 3, 16)
+    np.testing.assert_array_equal(noisy["targets"], targets)  # same draw, random filler
+    assert (noisy["tokens"] != 0).mean() > 0.9
+
+
+def test_zoology_mqar_gaps_follow_the_power_law_and_sizes_are_checked():
+    from fwjax.data.recall import ZoologyMQARTask
+
+    batch = ZoologyMQARTask(vocab_size=1024, length=64, num_pairs=8).batch(0, 0, 512)
+    counts = np.bincount(np.nonzero(batch["mask"])[1], minlength=64)[16::2]
+    assert counts[0] > 2 * counts[-1]  # short gaps are the likely ones
+    with pytest.raises(ValueError, match="length >= 4"):
+        ZoologyMQARTask(vocab_size=1024, length=16, num_pairs=8)
+    with pytest.raises(ValueError, match="must exceed"):
+        ZoologyMQARTask(vocab_size=32, length=64, num_pairs=8)

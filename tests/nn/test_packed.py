@@ -103,3 +103,27 @@ def test_causal_conv_never_reads_across_a_document_start():
     y, new_cache = causal_depthwise_conv(x, kernel, cache, ids)
     np.testing.assert_array_equal(y[0, :, 0], [21, 13, 6, 4, 9, 6])
     np.testing.assert_array_equal(new_cache[0, :, 0], [0, 6])  # only document 2's inputs
+
+
+def test_base_conv_is_a_gated_short_convolution_with_a_residual():
+    """Zoology's BaseConv: ``(conv(u) + bias) ⊙ (W u + b) + u``; with a cache it carries."""
+    from fwjax.nn import BaseConv
+
+    layer = BaseConv(6, 3, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, 7, 6))
+    y, _ = layer(x)
+    conv, _ = causal_depthwise_conv(x, layer.kernel[...])
+    expected = (conv + layer.bias[...]) * layer.projection(x) + x
+    np.testing.assert_allclose(y, expected, rtol=1e-6, atol=1e-6)
+    first, cache = layer(x[:, :4], layer.init_state(2))
+    second, _ = layer(x[:, 4:], cache)
+    np.testing.assert_allclose(jnp.concatenate([first, second], 1), y, rtol=1e-6, atol=1e-6)
+
+
+def test_a_model_without_feed_forward_blocks():
+    """``d_ff = 0``: blocks are the token mixer alone (Zoology's recall models)."""
+    config = ModelConfig(**{**SMALL, "d_ff": 0}, layer_kinds=("base_conv", "softmax"))
+    model = TransformerLM(config, rngs=nnx.Rngs(0))
+    assert all(block.ff is None for block in model.blocks)
+    logits, _ = model(jnp.zeros((1, 5), jnp.int32))
+    assert logits.shape == (1, 5, SMALL["vocab_size"])
