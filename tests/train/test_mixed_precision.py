@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from fwjax.cli import load_train_config
 from fwjax.train import Run, train
@@ -42,21 +43,16 @@ def test_float32_parameters_keep_the_plain_optimizer_state():
     )
 
 
-def test_bfloat16_parameters_train_sharded_with_float32_master_weights(tmp_path):
-    """8 devices, FSDP × tensor parallel: the master weights are sharded as the parameters,
-    the parameters are their rounding after every step, and a resumed run continues exactly."""
-    mesh = ["mesh.data=4", "mesh.model=2", "mesh.fsdp=true"]
-    overrides = [*TINY_LM, *BF16, *mesh, "eval_every=100", *CONSTANT_LR]
-    whole = train(load_train_config("lm_tiny", [*overrides, "steps=4"]), tmp_path / "whole")
-    train(load_train_config("lm_tiny", [*overrides, "steps=2"]), tmp_path / "split")
-    resumed = train(load_train_config("lm_tiny", [*overrides, "steps=4"]), tmp_path / "split")
-    assert resumed["resumed_from"] == 2
-    np.testing.assert_array_equal(
-        _train_losses(tmp_path / "whole"), _train_losses(tmp_path / "split")
-    )
-    assert np.isfinite(whole["train"]["loss"])
+MESH = ["mesh.data=4", "mesh.model=2", "mesh.fsdp=true"]
 
-    run = Run(load_train_config("lm_tiny", [*overrides, "steps=4"]), tmp_path / "whole")
+
+def test_bfloat16_parameters_train_sharded_with_float32_master_weights(tmp_path):
+    """8 devices, FSDP × tensor parallel: the master weights are sharded as the parameters and
+    the parameters are their rounding after training steps."""
+    overrides = [*TINY_LM, *BF16, *MESH, "eval_every=100", *CONSTANT_LR, "steps=2"]
+    summary = train(load_train_config("lm_tiny", overrides), tmp_path)
+    assert np.isfinite(summary["train"]["loss"])
+    run = Run(load_train_config("lm_tiny", overrides), tmp_path)
     run.checkpointer.close()
     state = run.state.opt_state
     assert isinstance(state, MasterWeightsState)
@@ -67,3 +63,15 @@ def test_bfloat16_parameters_train_sharded_with_float32_master_weights(tmp_path)
         assert p.dtype == jnp.bfloat16 and m.dtype == jnp.float32, jax.tree_util.keystr(path)
         assert p.sharding.spec == m.sharding.spec, jax.tree_util.keystr(path)
         np.testing.assert_array_equal(np.asarray(p), np.asarray(m.astype(jnp.bfloat16)))
+
+
+@pytest.mark.slow  # three sharded training runs (~25 s)
+def test_a_bfloat16_run_with_master_weights_resumes_exactly(tmp_path):
+    overrides = [*TINY_LM, *BF16, *MESH, "eval_every=100", *CONSTANT_LR]
+    train(load_train_config("lm_tiny", [*overrides, "steps=4"]), tmp_path / "whole")
+    train(load_train_config("lm_tiny", [*overrides, "steps=2"]), tmp_path / "split")
+    resumed = train(load_train_config("lm_tiny", [*overrides, "steps=4"]), tmp_path / "split")
+    assert resumed["resumed_from"] == 2
+    np.testing.assert_array_equal(
+        _train_losses(tmp_path / "whole"), _train_losses(tmp_path / "split")
+    )
