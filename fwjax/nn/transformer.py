@@ -68,6 +68,13 @@ class FeedForward(nnx.Module):
         return self.down(self.dropout(_ACTIVATIONS[self.activation](self.up(x))))
 
 
+_FAST_WEIGHT_MIXERS = {
+    AttentionKind.FAST_WEIGHT: FastWeightAttention,
+    AttentionKind.RECURRENT_DELTA: RecurrentDeltaAttention,
+    AttentionKind.SRWM: SRWMAttention,
+}
+
+
 class TransformerBlock(nnx.Module):
     """Attention and feed-forward sublayers with residuals; post-LN (the paper) or pre-LN."""
 
@@ -79,26 +86,8 @@ class TransformerBlock(nnx.Module):
         out_scale = (2 * config.num_layers) ** -0.5 if config.scale_residual_init else 1.0
         if kind is AttentionKind.BASE_CONV:
             self.attention = BaseConv(config.d_model, **dtypes, rngs=rngs)
-        elif kind is AttentionKind.SRWM:
-            self.attention = SRWMAttention(
-                config.fast_weight,
-                config.d_model,
-                config.num_heads,
-                **dtypes,
-                out_scale=out_scale,
-                rngs=rngs,
-            )
-        elif kind is AttentionKind.RECURRENT_DELTA:
-            self.attention = RecurrentDeltaAttention(
-                config.fast_weight,
-                config.d_model,
-                config.num_heads,
-                **dtypes,
-                out_scale=out_scale,
-                rngs=rngs,
-            )
-        elif kind is AttentionKind.FAST_WEIGHT:
-            self.attention = FastWeightAttention(
+        elif kind in _FAST_WEIGHT_MIXERS:  # the mixers configured by ``config.fast_weight``
+            self.attention = _FAST_WEIGHT_MIXERS[kind](
                 config.fast_weight,
                 config.d_model,
                 config.num_heads,

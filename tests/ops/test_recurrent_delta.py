@@ -126,24 +126,3 @@ def test_there_is_no_chunkwise_form(impl):
     xs, weights, _ = _inputs()
     with pytest.raises(ValueError, match="no chunkwise form"):
         recurrent_delta_rule(**xs, weights=weights, impl=impl)
-
-
-def test_a_recurrent_delta_language_model_carries_its_state():
-    """``AttentionKind.RECURRENT_DELTA`` layers in a TransformerLM: a window split in two with
-    the state carried gives the whole window's logits; gradients reach the recurrent weights."""
-    from flax import nnx
-
-    from fwjax.nn import ModelConfig, TransformerLM
-
-    sizes = dict(vocab_size=11, d_model=16, num_layers=2, num_heads=2, d_ff=16)
-    config = ModelConfig(**sizes, layer_kinds=("recurrent_delta",) * 2, positional="none")
-    model = TransformerLM(config, rngs=nnx.Rngs(0))
-    tokens = jax.random.randint(jax.random.key(0), (2, 9), 0, 11)
-    call = nnx.jit(lambda m, tokens, state: m(tokens, state))
-    whole, _ = call(model, tokens, model.init_state(2))
-    first, state = call(model, tokens[:, :4], model.init_state(2))
-    second, _ = call(model, tokens[:, 4:], state)
-    np.testing.assert_allclose(jnp.concatenate([first, second], 1), whole, rtol=2e-5, atol=2e-5)
-    grads = nnx.jit(nnx.grad(lambda m: jnp.mean(m(tokens)[0] ** 2)))(model)
-    r_q = grads["blocks"][0]["attention"]["r_q"][...]
-    assert r_q.shape == (2, 8, 8) and float(jnp.abs(r_q).sum()) > 0

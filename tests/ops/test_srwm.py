@@ -98,26 +98,3 @@ def test_there_is_no_chunkwise_form():
     x, state = _inputs()
     with pytest.raises(ValueError, match="no chunkwise form"):
         srwm(x, state, "chunked")
-
-
-def test_an_srwm_language_model_carries_its_state():
-    """``AttentionKind.SRWM`` layers: a window split in two with the state (the matrix's change
-    from the slow weights) carried gives the whole window's logits; gradients reach the slow
-    weights."""
-    from flax import nnx
-
-    from fwjax.nn import ModelConfig, TransformerLM
-
-    sizes = dict(vocab_size=11, d_model=16, num_layers=2, num_heads=2, d_ff=16)
-    model = TransformerLM(
-        ModelConfig(**sizes, layer_kinds=("srwm",) * 2, positional="none"), rngs=nnx.Rngs(0)
-    )
-    tokens = jax.random.randint(jax.random.key(0), (2, 9), 0, 11)
-    call = nnx.jit(lambda m, tokens, state: m(tokens, state))
-    whole, _ = call(model, tokens, model.init_state(2))
-    first, state = call(model, tokens[:, :4], model.init_state(2))
-    second, _ = call(model, tokens[:, 4:], state)
-    np.testing.assert_allclose(jnp.concatenate([first, second], 1), whole, rtol=2e-5, atol=2e-5)
-    grads = nnx.jit(nnx.grad(lambda m: jnp.mean(m(tokens)[0] ** 2)))(model)
-    w_b = grads["blocks"][0]["attention"]["w_b"][...]
-    assert w_b.shape == (2, 8, 4) and float(jnp.abs(w_b).sum()) > 0

@@ -14,17 +14,15 @@ import functools
 
 from fwjax.ops.delta_rule.chunked import delta_chunks_bwd, delta_wy_terms
 from fwjax.ops.pallas import chunk_math as cm
-from fwjax.ops.pallas.rule_kernel import KernelRule, packed_kernel_rule, pallas_form
-from fwjax.ops.pallas.scan_spec import Kind
+from fwjax.ops.pallas.rule_kernel import (
+    DELTA_OPERANDS,
+    KernelRule,
+    packed_kernel_rule,
+    pallas_form,
+)
 
 # The kernels' operands: Q, K and the phase-1 terms W, U, P.
-OPERANDS = (
-    ("q", Kind.SEQ_KEY),
-    ("k", Kind.SEQ_KEY),
-    ("w", Kind.SEQ_KEY),
-    ("u", Kind.SEQ_VALUE),
-    ("p", Kind.SEQ_CHUNK),
-)
+OPERANDS = DELTA_OPERANDS
 KERNEL = KernelRule(
     name="delta_rule",
     phase1=lambda q, k, v, beta: (q, k, *delta_wy_terms(q, k, v, beta)),

@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from fwjax.ops.delta_rule.pallas import OPERANDS
 from fwjax.ops.gated_delta_rule.chunked import gated_chunks_bwd, gated_terms
 from fwjax.ops.pallas import chunk_math as cm
-from fwjax.ops.pallas.rule_kernel import KernelRule, packed_kernel_rule, pallas_form
-from fwjax.ops.pallas.scan_spec import Kind
+from fwjax.ops.pallas.rule_kernel import (
+    DECAY_OPERANDS,
+    KernelRule,
+    packed_kernel_rule,
+    pallas_form,
+)
 
 
 def _phase1(q, k, v, beta, log_alpha):
@@ -38,7 +41,7 @@ def _phase1(q, k, v, beta, log_alpha):
 KERNEL = KernelRule(
     name="gated_delta_rule",
     phase1=_phase1,
-    operands=(*OPERANDS, ("decay", Kind.SEQ_KEY)),  # Q', K', W, U, P and Γ_C
+    operands=DECAY_OPERANDS,  # Q', K', W, U, P and Γ_C
     forward=cm.gated_delta_forward,
     backward=None,
     xla_backward=gated_chunks_bwd,

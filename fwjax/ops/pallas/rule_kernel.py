@@ -172,15 +172,16 @@ def pallas_form(rule: KernelRule) -> Callable:
     return form
 
 
-# The operands of the gated delta rule's kernel: Q', K', W, U, P and the chunk decay.
-DECAY_OPERANDS = (
+# The operands of the delta rule's kernel: Q, K and the phase-1 terms W, U, P; the gated
+# delta rule's kernel adds the chunk decay.
+DELTA_OPERANDS = (
     ("q", Kind.SEQ_KEY),
     ("k", Kind.SEQ_KEY),
     ("w", Kind.SEQ_KEY),
     ("u", Kind.SEQ_VALUE),
     ("p", Kind.SEQ_CHUNK),
-    ("decay", Kind.SEQ_KEY),
 )
+DECAY_OPERANDS = (*DELTA_OPERANDS, ("decay", Kind.SEQ_KEY))
 
 
 def packed_kernel_rule(name: str, arrange: Callable) -> KernelRule:
