@@ -194,8 +194,8 @@ def test_a_deltaproduct_layer_carries_its_state_and_packs_documents():
         householder_steps=2,
         short_conv=True,
     )
-    sizes = dict(vocab_size=11, d_model=16, num_layers=2, num_heads=2, d_ff=16)
-    kinds = ("fast_weight",) * 2
+    sizes = dict(vocab_size=11, d_model=16, num_layers=1, num_heads=2, d_ff=16)
+    kinds = ("fast_weight",)
     config = ModelConfig(**sizes, layer_kinds=kinds, fast_weight=fw, positional="none")
     model = TransformerLM(config, rngs=nnx.Rngs(0))
     assert model.blocks[0].attention.qkvb.kernel[...].shape == (16, 5 * 16 + 2 * 2)

@@ -193,6 +193,7 @@ def test_packed_carried_eval_equals_one_packed_pass_over_the_whole_split(packed_
     assert abs(float(other) - full) > 1e-4
 
 
+@pytest.mark.slow  # packed training is also run by the two-process test of test_train.py
 def test_packed_training_runs_with_a_carried_memory(tmp_path):
     overrides = [*TINY_CHAR, "steps=3", r'lm.document_separator="\n"']
     summary = train(load_train_config("lm_tiny", overrides), tmp_path, devices=jax.devices()[:1])

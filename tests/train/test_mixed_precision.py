@@ -46,6 +46,7 @@ def test_float32_parameters_keep_the_plain_optimizer_state():
 MESH = ["mesh.data=4", "mesh.model=2", "mesh.fsdp=true"]
 
 
+@pytest.mark.slow  # a sharded 8-device training run (~30 s); the wrapper's tests above stay
 def test_bfloat16_parameters_train_sharded_with_float32_master_weights(tmp_path):
     """8 devices, FSDP × tensor parallel: the master weights are sharded as the parameters and
     the parameters are their rounding after training steps."""
