@@ -177,10 +177,6 @@ def packed_chunk_step(s, inputs):
     each ``[B, H, C, .]``, with incoming state ``s`` -> ``(S, O)``; rematerialised, so a scan
     of it keeps one state per chunk for the backward pass."""
     q_e, k_e, w, u, p, total = packed_terms(*inputs)
-    return _packed_forward(q_e, k_e, w, u, p, total, s)
-
-
-def _packed_forward(q_e, k_e, w, u, p, total, s):
     o, s = chunk_forward(q_e, k_e, w, u, p, s, total)
     return s, o
 
