@@ -23,6 +23,9 @@ from fwjax.nn.config import (
 )
 from fwjax.nn.partitioning import AXIS_NAMES, logical_axis_rules
 from fwjax.nn.recurrent_fwp import (
+    DeltaLSTMAttention,
+    DeltaRNNAttention,
+    DeltaRNNLayerState,
     RecurrentDeltaAttention,
     RecurrentDeltaLayerState,
     SRWMAttention,
@@ -46,6 +49,9 @@ __all__ = [
     "Activation",
     "AttentionKind",
     "BaseConv",
+    "DeltaLSTMAttention",
+    "DeltaRNNAttention",
+    "DeltaRNNLayerState",
     "FastWeightAttention",
     "FastWeightConfig",
     "FastWeightLayerState",

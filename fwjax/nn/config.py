@@ -28,6 +28,10 @@ class AttentionKind(enum.Enum):
         (:class:`~fwjax.nn.recurrent_fwp.RecurrentDeltaAttention`; ``fast_weight.impl``).
       SRWM: the modern self-referential weight matrix
         (:class:`~fwjax.nn.recurrent_fwp.SRWMAttention`; ``fast_weight.impl``).
+      DELTA_RNN, DELTA_LSTM: the Delta RNN and Delta LSTM (recurrent fast weights fed back the
+        previous output; :class:`~fwjax.nn.recurrent_fwp.DeltaRNNAttention`,
+        :class:`~fwjax.nn.recurrent_fwp.DeltaLSTMAttention`; ``fast_weight.impl``,
+        ``chunk_size`` and ``pallas`` run their feed-forward Delta Nets).
       BASE_CONV: Zoology's gated short convolution (:class:`~fwjax.nn.BaseConv`), the layer
         that precedes every sequence mixer in the Zoology recall models.
     """
@@ -36,6 +40,8 @@ class AttentionKind(enum.Enum):
     SOFTMAX = "softmax"
     RECURRENT_DELTA = "recurrent_delta"
     SRWM = "srwm"
+    DELTA_RNN = "delta_rnn"
+    DELTA_LSTM = "delta_lstm"
     BASE_CONV = "base_conv"
 
 

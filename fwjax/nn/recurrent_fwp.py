@@ -1,19 +1,24 @@
 """Recurrent and self-referential fast weight programmer layers: the Recurrent Delta Net (Irie,
 Schlag, Csordás, Schmidhuber, 2021), whose slow network also reads its own previous output
-(:func:`fwjax.ops.recurrent_delta.recurrent_delta_rule`), and the modern self-referential weight
-matrix (Irie et al., 2022; :func:`fwjax.ops.srwm.srwm`)."""
+(:func:`fwjax.ops.recurrent_delta.recurrent_delta_rule`), the Delta RNN and Delta LSTM of the
+same paper, whose outputs feed back through recurrent fast weights
+(:mod:`fwjax.ops.delta_rnn`), and the modern self-referential weight matrix (Irie et al., 2022;
+:func:`fwjax.ops.srwm.srwm`)."""
 
 from __future__ import annotations
 
 import math
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from fwjax.nn.attention import _dense
 from fwjax.nn.config import FastWeightConfig
 from fwjax.nn.partitioning import EMBED, HEADS
+from fwjax.ops import Impl, delta_rule, feature_maps
+from fwjax.ops.delta_rnn import GATES, DeltaLSTMState, DeltaRNNState, delta_lstm, delta_rnn
 from fwjax.ops.recurrent_delta import (
     RecurrentDeltaState,
     RecurrentWeights,
@@ -182,3 +187,113 @@ class SRWMAttention(nnx.Module):
         y, final = srwm(x.reshape(b, t, h, dh), start, impl=self.config.impl)
         change = SRWMState(*(f - a for f, a in zip(final, slow, strict=True)))
         return self.out(y.astype(self.dtype).reshape(b, t, h * dh)), SRWMLayerState(change)
+
+
+class DeltaRNNLayerState(NamedTuple):
+    """State of a :class:`DeltaRNNAttention` / :class:`DeltaLSTMAttention` layer: the
+    feed-forward fast weights ``[B, G·H, D, D]`` (G = 1 for the Delta RNN, 3 for the Delta LSTM)
+    and the recurrent part's :class:`~fwjax.ops.delta_rnn.DeltaRNNState` or
+    :class:`~fwjax.ops.delta_rnn.DeltaLSTMState`."""
+
+    feed_forward: jax.Array
+    recurrent: DeltaRNNState | DeltaLSTMState
+
+
+class DeltaRNNAttention(nnx.Module):
+    """The Delta RNN layer (the official ``CudaFastRNNv2Layer``; Irie et al., 2021).
+
+    One bias-free projection gives, per head and gate, the feed-forward query, key, value and
+    write strength and the recurrent key, value and write strength. The feed-forward part is a
+    Delta Net (:func:`fwjax.ops.delta_rule`, ELU+1 features with sum normalisation, as the
+    official layer) giving ``z_t``; the recurrent part (:func:`fwjax.ops.delta_rnn.delta_rnn`,
+    softmax recurrent keys) gives ``h_t = z_t + R_tᵀ softmax(h_{t-1})``, read with scale
+    ``1/√d_head`` and projected back without bias.
+
+    ``config.impl`` runs the feed-forward Delta Net (any Impl, ``config.chunk_size`` and
+    ``config.pallas`` apply); the recurrent part runs REFERENCE when ``config.impl`` is
+    REFERENCE and RECURRENT otherwise (it has no chunkwise form). The other
+    :class:`FastWeightConfig` fields do not apply.
+
+    Shapes: ``x: [B, T, d_model] -> y: [B, T, d_model]``.
+    """
+
+    gates = 1
+
+    def __init__(
+        self,
+        config: FastWeightConfig,
+        d_model: int,
+        num_heads: int,
+        *,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        out_scale: float = 1.0,
+        rngs: nnx.Rngs,
+    ):
+        if d_model % num_heads:
+            raise ValueError(f"{num_heads=} must divide {d_model=}")
+        self.config = config
+        self.num_heads, self.head_dim, self.dtype = num_heads, d_model // num_heads, dtype
+        dtypes = dict(dtype=dtype, param_dtype=param_dtype)
+        # Per gate: q, k, v, recurrent k, recurrent v ([D] each) and two write strengths.
+        width = self.gates * num_heads * (5 * self.head_dim + 2)
+        self.proj = _dense(d_model, width, (EMBED, HEADS), **dtypes, rngs=rngs)
+        self.out = _dense(d_model, d_model, (HEADS, EMBED), **dtypes, rngs=rngs, scale=out_scale)
+
+    def init_state(self, batch_size: int) -> DeltaRNNLayerState:
+        b, g, h, d = batch_size, self.gates, self.num_heads, self.head_dim
+        zeros = lambda *shape: jnp.zeros(shape, jnp.float32)
+        if g == 1:
+            recurrent = DeltaRNNState(zeros(b, h, d, d), zeros(b, h, d))
+        else:
+            recurrent = DeltaLSTMState(zeros(b, g, h, d, d), zeros(b, h, d), zeros(b, h, d))
+        return DeltaRNNLayerState(zeros(b, g * h, d, d), recurrent)
+
+    def __call__(self, x, state: DeltaRNNLayerState | None = None, *, segment_ids=None):
+        """``x [B, T, d_model] -> (y, DeltaRNNLayerState)``."""
+        if segment_ids is not None:
+            raise ValueError(
+                f"packed rows (segment_ids) are not supported by {type(self).__name__}"
+            )
+        b, t, _ = x.shape
+        g, h, d = self.gates, self.num_heads, self.head_dim
+        proj = self.proj(x)
+        vectors = proj[..., : 5 * g * h * d].reshape(b, t, 5, g, h, d)
+        betas = jax.nn.sigmoid(proj[..., 5 * g * h * d :].reshape(b, t, 2, g, h))
+        # Feed-forward fast weights: one Delta Net per gate and head (G·H heads).
+        heads = lambda x: x.reshape(b, t, g * h, *x.shape[4:])
+        phi = lambda x: feature_maps.sum_norm(feature_maps.elu_p1(x))
+        impl = Impl(self.config.impl)
+        z, feed_forward = delta_rule(
+            heads(phi(vectors[:, :, 0])),
+            heads(phi(vectors[:, :, 1])),
+            heads(vectors[:, :, 2]),
+            heads(betas[:, :, 0]),
+            None if state is None else state.feed_forward,
+            scale=1.0,
+            impl=impl,
+            chunk_size=self.config.chunk_size,
+            pallas=self.config.pallas,
+        )
+        z = z.reshape(b, t, g, h, d)
+        # Recurrent fast weights, fed back the previous output.
+        rec_impl = Impl.REFERENCE if impl is Impl.REFERENCE else Impl.RECURRENT
+        rec_k = jax.nn.softmax(vectors[:, :, 3].astype(jnp.float32), axis=-1)
+        rec = (z, rec_k, vectors[:, :, 4], betas[:, :, 1])
+        previous = None if state is None else state.recurrent
+        if g == 1:
+            y, recurrent = delta_rnn(*(x[:, :, 0] for x in rec), previous, impl=rec_impl)
+        else:
+            y, recurrent = delta_lstm(*rec, previous, impl=rec_impl)
+        y = (y / math.sqrt(d)).astype(self.dtype).reshape(b, t, h * d)
+        return self.out(y), DeltaRNNLayerState(feed_forward, recurrent)
+
+
+class DeltaLSTMAttention(DeltaRNNAttention):
+    """The Delta LSTM layer (the official ``CudaFastLSTMv4Layer``; Irie et al., 2021): the
+    :class:`DeltaRNNAttention` layout with three gates (input gate, update term, output gate),
+    each with its own feed-forward Delta Net and recurrent fast weights, combined by
+    :func:`fwjax.ops.delta_rnn.delta_lstm` (coupled input/forget gate). Shapes as
+    :class:`DeltaRNNAttention`."""
+
+    gates = GATES

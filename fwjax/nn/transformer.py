@@ -26,7 +26,12 @@ from fwjax.nn.config import (
     Remat,
 )
 from fwjax.nn.partitioning import EMBED, LAYERS, MLP, VOCAB, logical
-from fwjax.nn.recurrent_fwp import RecurrentDeltaAttention, SRWMAttention
+from fwjax.nn.recurrent_fwp import (
+    DeltaLSTMAttention,
+    DeltaRNNAttention,
+    RecurrentDeltaAttention,
+    SRWMAttention,
+)
 from fwjax.nn.remat import (
     BLOCK_POLICIES,
     rematerialised,
@@ -72,6 +77,8 @@ _FAST_WEIGHT_MIXERS = {
     AttentionKind.FAST_WEIGHT: FastWeightAttention,
     AttentionKind.RECURRENT_DELTA: RecurrentDeltaAttention,
     AttentionKind.SRWM: SRWMAttention,
+    AttentionKind.DELTA_RNN: DeltaRNNAttention,
+    AttentionKind.DELTA_LSTM: DeltaLSTMAttention,
 }
 
 

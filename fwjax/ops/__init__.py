@@ -8,6 +8,7 @@ Public entry points dispatch on :class:`Impl`::
 
 from fwjax.ops import feature_maps, segments
 from fwjax.ops.delta_product import delta_product, delta_product_step
+from fwjax.ops.delta_rnn import delta_lstm, delta_lstm_step, delta_rnn, delta_rnn_step
 from fwjax.ops.delta_rule import delta_rule, delta_rule_step
 from fwjax.ops.fast_weight_attention import (
     FastWeightState,
@@ -34,8 +35,12 @@ __all__ = [
     "Impl",
     "Normalization",
     "UpdateRule",
+    "delta_lstm",
+    "delta_lstm_step",
     "delta_product",
     "delta_product_step",
+    "delta_rnn",
+    "delta_rnn_step",
     "delta_rule",
     "delta_rule_step",
     "fast_weight_attention",
