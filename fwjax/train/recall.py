@@ -25,7 +25,7 @@ import dataclasses
 import math
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +144,9 @@ class RecallResult:
       steps: optimizer steps taken.
       seconds: wall time of training and evaluation (compilation included).
       num_params: trainable parameters.
+      transfer: the final model's evaluation metrics (``loss``, ``accuracy``,
+        ``hop{h}_accuracy``) on each task given to :func:`run_recall` as ``transfer`` (e.g. the
+        same task at other lengths), in that order.
     """
 
     accuracy: float
@@ -154,6 +157,7 @@ class RecallResult:
     steps: int
     seconds: float
     num_params: int
+    transfer: tuple[dict, ...] = ()
 
 
 def answer_metrics(logits, targets, mask, hops, max_hops: int) -> dict:
@@ -191,7 +195,12 @@ def masked_cross_entropy(logits, targets, mask):
     return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
-def run_recall(config: TrainConfig, workdir: str | Path | None = None) -> RecallResult:
+def run_recall(
+    config: TrainConfig,
+    workdir: str | Path | None = None,
+    *,
+    transfer: Sequence[RecallTask] = (),
+) -> RecallResult:
     """Trains the recall run ``config`` with :func:`fwjax.train.loop.train_run` and collects
     its :class:`RecallResult` (the history from ``metrics.jsonl``).
 
@@ -201,6 +210,9 @@ def run_recall(config: TrainConfig, workdir: str | Path | None = None) -> Recall
         history entry's train loss the mean since the previous evaluation.
       workdir: the run's work directory (checkpoints, resume); None: a temporary one, deleted
         afterwards.
+      transfer: tasks the final model is also evaluated on, without training (length
+        generalisation: the trained task at other lengths); each gets the evaluation set of
+        the run (``eval=True`` stream of its seed, ``recall.eval_sequences`` sequences).
 
     Returns:
       A :class:`RecallResult`.
@@ -213,6 +225,7 @@ def run_recall(config: TrainConfig, workdir: str | Path | None = None) -> Recall
     start = time.perf_counter()
     with finished_run(config, workdir) as (summary, run, records):
         params = run.state.params
+        transferred = tuple(_evaluate(run, task) for task in transfer)
     train_loss = {r["step"]: r["loss"] for r in records if r["split"] == "train"}
     evals = [r for r in records if r["split"] == "eval"]
     final = summary["eval"]
@@ -232,7 +245,27 @@ def run_recall(config: TrainConfig, workdir: str | Path | None = None) -> Recall
         steps=summary["steps"],
         seconds=time.perf_counter() - start,
         num_params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)),
+        transfer=transferred,
     )
+
+
+def _evaluate(run, task: RecallTask) -> dict:
+    """The metrics of ``run``'s final model on ``task``'s evaluation set (the run's seed and
+    evaluation sizes), summarised as the recall task's evaluations are."""
+    cfg = run.config.recall
+
+    @jax.jit
+    def sums(params, rest, batch):
+        model = run.model_def.merge(params, rest, train=False)
+        logits, _ = model(batch["tokens"])
+        return answer_metrics(logits, batch["targets"], batch["mask"], batch["hops"], task.max_hops)
+
+    total = None
+    for i in range(cfg.eval_sequences // cfg.eval_batch_size):
+        batch = task.batch(run.config.seed, i, cfg.eval_batch_size, eval=True)
+        part = sums(run.state.params, run.state.rest, batch)
+        total = part if total is None else jax.tree.map(jnp.add, total, part)
+    return run.task.summarize(jax.device_get(total))
 
 
 def train_recall(

@@ -30,6 +30,7 @@ class Rule:
     name: str
     has_beta: bool
     has_alpha: bool = False
+    beta_offset: float = 0.0  # 1.0: β ∈ (1, 2), transitions with a negative eigenvalue
 
     @property
     def impls(self):
@@ -40,6 +41,8 @@ class Rule:
         """Runs the rule; ``pallas``: :class:`fwjax.ops.pallas.PallasOptions` of PALLAS;
         ``inputs["segment_ids"]`` (optional): packed rows."""
         kw = {**inputs, **overrides}
+        if self.beta_offset:
+            kw["beta"] = kw["beta"] + self.beta_offset
         if self.has_alpha:
             return gated_delta_rule(
                 kw["q"],
@@ -84,6 +87,7 @@ class Rule:
             n: np.asarray(x).astype(np.float64) if hasattr(x, "dtype") else x
             for n, x in inputs.items()
         }
+        f64["beta"] = f64["beta"] + self.beta_offset
         if self.has_alpha:
             args = (f64[n] for n in ("q", "k", "v", "beta", "alpha", "s0"))
             return gated_delta_rule_np(*args, f64["scale"])
@@ -104,6 +108,10 @@ SUM = Rule("sum", has_beta=False)
 GATED = Rule("gated", has_beta=True, has_alpha=True)
 RULES = (DELTA, SUM)  # the rules every property test covers
 PARITY_RULES = (*RULES, GATED)  # the parity suite also covers the gated delta rule
+# β ∈ (1, 2) (``FastWeightConfig.beta_range = 2``): I − β k kᵀ reflects. The chunked inverse
+# and the custom VJPs must stay exact; the forward and VJP suites run these too.
+DELTA_NEG = Rule("delta_neg", has_beta=True, beta_offset=1.0)
+GATED_NEG = Rule("gated_neg", has_beta=True, has_alpha=True, beta_offset=1.0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,6 +1,8 @@
 """DeltaProduct (N delta steps per token) and negative eigenvalues (β up to 2): every Impl
 against float64 oracles, outputs, final state and VJPs; N = 1 is the delta rule; decoding
-step by step equals the parallel forward; a packed row equals its documents; β = 2 reflects."""
+step by step equals the parallel forward; a packed row equals its documents; β = 2 reflects.
+The delta and gated delta rules with β ∈ (1, 2) run in the shared parity suite
+(``DELTA_NEG`` / ``GATED_NEG`` in tests/ops/rules.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +12,7 @@ import pytest
 from fwjax.ops import Impl, delta_rule
 from fwjax.ops.delta_product import delta_product, delta_product_step
 from tests.jax_compat import enable_x64
-from tests.ops.rules import DELTA, GATED, IMPLS, Case, make_inputs, state_tolerance, upcast
+from tests.ops.rules import IMPLS, state_tolerance, upcast
 from tests.tolerances import assert_close
 
 B, T, N, H, K, V = 2, 13, 3, 2, 5, 4
@@ -129,53 +131,19 @@ def test_a_packed_row_equals_its_documents():
 
 @pytest.mark.parametrize("impl", IMPLS, ids=lambda i: i.value)
 def test_beta_two_with_zero_values_is_a_reflection(impl):
-    """With unit keys, v = 0 and β = 2 each step is S ← (I − 2 k kᵀ) S: the norm is kept."""
+    """With unit keys, v = 0 and β = 2 each step is S ← (I − 2 k kᵀ) S: the norm is kept.
+
+    On CPU (interpret mode) every Impl keeps it to 5e-7. Compiled PALLAS kernels are held to
+    2e-2: their float32 dots may run on tensor cores at reduced precision (TF32 on GPU); that
+    bound is not measured on a device yet."""
     x = _inputs(5)
     x = {**x, "v": jnp.zeros_like(x["v"]), "beta": jnp.full_like(x["beta"], 2.0)}
     _, state = _run(x, impl)
     np.testing.assert_allclose(
         np.linalg.norm(np.asarray(state), axis=(-2, -1)),
         np.linalg.norm(np.asarray(x["s0"]), axis=(-2, -1)),
-        rtol=2e-2 if impl is Impl.PALLAS else 1e-5,
+        rtol=2e-2 if impl is Impl.PALLAS and jax.default_backend() != "cpu" else 1e-5,
     )
-
-
-# The gated rule's PALLAS backward is its CHUNKED form's VJP and its RECURRENT form is autodiff
-# of the step; CHUNKED (the inverse and the masks) is the one that could depend on β ≤ 1.
-NEGATIVE_EIGENVALUE_CASES = [(DELTA, impl) for impl in IMPLS] + [(GATED, Impl.CHUNKED)]
-
-
-@pytest.mark.parametrize(
-    ("rule", "impl"),
-    NEGATIVE_EIGENVALUE_CASES,
-    ids=[f"{r.name}-{i.value}" for r, i in NEGATIVE_EIGENVALUE_CASES],
-)
-def test_negative_eigenvalues_beta_up_to_two_in_every_impl(rule, impl):
-    """β ∈ (1, 2) (I − β k kᵀ with a negative eigenvalue): outputs, state and VJP of every Impl
-    against the float64 oracle and REFERENCE VJP."""
-    case = Case(b=2, t=21, h=2, k=4, v=3, chunk=8)
-    x = make_inputs(case, jnp.float32)
-    x["beta"] = 1.0 + x["beta"]
-    out, state = rule(x, impl, case.chunk)
-    expected_out, expected_state = rule.oracle(x)
-    assert_close(out, expected_out)
-    assert_close(state, expected_state, state_tolerance(impl, jnp.float32, state.dtype))
-    if impl is Impl.REFERENCE:
-        return
-    names = rule.diff_args
-    rng = np.random.default_rng(0)
-    cot = (rng.normal(size=out.shape), rng.normal(size=state.shape))
-
-    def vjp(inputs, which, cotangents):
-        f = lambda *a: rule(inputs, which, case.chunk, **dict(zip(names, a, strict=True)))
-        return jax.vjp(f, *(inputs[n] for n in names))[1](cotangents)
-
-    grads = vjp(x, impl, tuple(jnp.asarray(c, jnp.float32) for c in cot))
-    with enable_x64(True):
-        expected = vjp(upcast(x), Impl.REFERENCE, tuple(jnp.asarray(c) for c in cot))
-        expected = [np.asarray(g) for g in expected]
-    for name, g, e in zip(names, grads, expected, strict=True):
-        assert_close(g, e, state_tolerance(impl, jnp.float32, g.dtype), f"d{name}")
 
 
 def test_a_deltaproduct_layer_carries_its_state_and_packs_documents():

@@ -14,7 +14,9 @@ from fwjax.ops import Impl
 from tests.jax_compat import enable_x64
 from tests.ops.rules import (
     CASES,
+    DELTA_NEG,
     GATED,
+    GATED_NEG,
     IMPLS,
     PARITY_RULES,
     SUM,
@@ -37,6 +39,13 @@ GATED_CASES = {"forward": (CASES[0], CASES[1], CASES[3]), "vjp": (CASES[1],)}
 
 
 def _covered(rule, impl, case, kind, dtype):
+    if rule in (DELTA_NEG, GATED_NEG):
+        # β ∈ (1, 2): the case that has everything, in float32. The gated rule's PALLAS backward
+        # is CHUNKED's VJP and its RECURRENT form is autodiff of the step; CHUNKED (the
+        # inverse and the masks) is the form that could depend on β ≤ 1.
+        gated_form = impl in (Impl.REFERENCE, Impl.CHUNKED)
+        first = case is CASES[1] and dtype == jnp.float32
+        return first and (rule is DELTA_NEG or gated_form)
     if kind == "vjp" and dtype == jnp.bfloat16 and case is not CASES[1]:
         return False  # bfloat16 VJPs: the one case that has everything (CI time)
     if rule is GATED and case not in GATED_CASES[kind]:
@@ -59,7 +68,7 @@ def over_the_suite(kind):
                 dtype,
                 id=f"{jnp.dtype(dtype).name}-{case}-{impl.value}-{rule.name}",
             )
-            for rule in PARITY_RULES
+            for rule in (*PARITY_RULES, DELTA_NEG, GATED_NEG)
             for impl in IMPLS
             for case in CASES
             for dtype in DTYPES
