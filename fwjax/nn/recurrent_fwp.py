@@ -27,6 +27,29 @@ from fwjax.ops.recurrent_delta import (
 from fwjax.ops.srwm import SRWMState, srwm
 
 
+class _RecurrentMixer(nnx.Module):
+    """What the layers of this module share: the head layout of the mixer interface of
+    :class:`~fwjax.nn.TransformerBlock` (``config, d_model, num_heads``), the bias-free output
+    projection of the heads, and no packed rows (their recurrences carry no document resets)."""
+
+    def __init__(self, config: FastWeightConfig, d_model: int, num_heads: int, dtype):
+        if d_model % num_heads:
+            raise ValueError(f"{num_heads=} must divide {d_model=}")
+        self.config = config
+        self.num_heads, self.head_dim, self.dtype = num_heads, d_model // num_heads, dtype
+
+    def _out_projection(self, d_model: int, param_dtype, out_scale: float, rngs: nnx.Rngs):
+        """``[.., H·d_head] -> [.., d_model]``, no bias; ``out_scale`` multiplies the init std."""
+        dtypes = dict(dtype=self.dtype, param_dtype=param_dtype)
+        return _dense(d_model, d_model, (HEADS, EMBED), **dtypes, rngs=rngs, scale=out_scale)
+
+    def _check_unpacked(self, segment_ids) -> None:
+        if segment_ids is not None:
+            raise ValueError(
+                f"packed rows (segment_ids) are not supported by {type(self).__name__}"
+            )
+
+
 class RecurrentDeltaLayerState(NamedTuple):
     """State of a :class:`RecurrentDeltaAttention` layer: the op's
     :class:`~fwjax.ops.recurrent_delta.RecurrentDeltaState` (fast weights and previous output)."""
@@ -34,7 +57,7 @@ class RecurrentDeltaLayerState(NamedTuple):
     memory: RecurrentDeltaState
 
 
-class RecurrentDeltaAttention(nnx.Module):
+class RecurrentDeltaAttention(_RecurrentMixer):
     """The Recurrent Delta Net layer (the official ``CudaFastWeightRecUpdateTanhLayer``).
 
     One bias-free projection gives the feed-forward parts ``q^x, k^x, v^x`` and a write-strength
@@ -59,13 +82,10 @@ class RecurrentDeltaAttention(nnx.Module):
         out_scale: float = 1.0,
         rngs: nnx.Rngs,
     ):
-        if d_model % num_heads:
-            raise ValueError(f"{num_heads=} must divide {d_model=}")
-        self.config = config
-        self.num_heads, self.head_dim, self.dtype = num_heads, d_model // num_heads, dtype
+        super().__init__(config, d_model, num_heads, dtype)
         dtypes = dict(dtype=dtype, param_dtype=param_dtype)
         self.qkvb = _dense(d_model, 3 * d_model + num_heads, (EMBED, HEADS), **dtypes, rngs=rngs)
-        self.out = _dense(d_model, d_model, (HEADS, EMBED), **dtypes, rngs=rngs, scale=out_scale)
+        self.out = self._out_projection(d_model, param_dtype, out_scale, rngs)
         init = nnx.initializers.normal(1.0 / math.sqrt(self.head_dim))
         h, dh = num_heads, self.head_dim
         self.r_q, self.r_k, self.r_v = (
@@ -84,10 +104,7 @@ class RecurrentDeltaAttention(nnx.Module):
 
     def __call__(self, x, state: RecurrentDeltaLayerState | None = None, *, segment_ids=None):
         """``x [B, T, d_model] -> (y, RecurrentDeltaLayerState)``."""
-        if segment_ids is not None:
-            raise ValueError(
-                "packed rows (segment_ids) are not supported by the Recurrent Delta Net"
-            )
+        self._check_unpacked(segment_ids)
         b, t, _ = x.shape
         h, dh = self.num_heads, self.head_dim
         proj = self.qkvb(x)
@@ -119,7 +136,7 @@ class SRWMLayerState(NamedTuple):
     change: SRWMState
 
 
-class SRWMAttention(nnx.Module):
+class SRWMAttention(_RecurrentMixer):
     """The modern self-referential weight matrix layer (the official ``SRWMlayer``).
 
     The input is split into heads and fed to each head's self-referential matrix
@@ -143,10 +160,7 @@ class SRWMAttention(nnx.Module):
         beta_init: float = -1.0,
         rngs: nnx.Rngs,
     ):
-        if d_model % num_heads:
-            raise ValueError(f"{num_heads=} must divide {d_model=}")
-        self.config = config
-        self.num_heads, self.head_dim, self.dtype = num_heads, d_model // num_heads, dtype
+        super().__init__(config, d_model, num_heads, dtype)
         h, dh = num_heads, self.head_dim
         std = 1.0 / math.sqrt(dh)
         init = nnx.initializers.normal(std)
@@ -154,15 +168,7 @@ class SRWMAttention(nnx.Module):
             nnx.Param(init(rngs.params(), (h, dh, dh), param_dtype)) for _ in range(3)
         )
         self.w_b = nnx.Param(init(rngs.params(), (h, dh, 4), param_dtype) + beta_init)
-        self.out = _dense(
-            d_model,
-            d_model,
-            (HEADS, EMBED),
-            dtype=dtype,
-            param_dtype=param_dtype,
-            rngs=rngs,
-            scale=out_scale,
-        )
+        self.out = self._out_projection(d_model, param_dtype, out_scale, rngs)
 
     def _slow(self) -> SRWMState:
         return SRWMState(self.w_y[...], self.w_q[...], self.w_k[...], self.w_b[...])
@@ -174,8 +180,7 @@ class SRWMAttention(nnx.Module):
 
     def __call__(self, x, state: SRWMLayerState | None = None, *, segment_ids=None):
         """``x [B, T, d_model] -> (y, SRWMLayerState)``."""
-        if segment_ids is not None:
-            raise ValueError("packed rows (segment_ids) are not supported by the SRWM layer")
+        self._check_unpacked(segment_ids)
         b, t, _ = x.shape
         h, dh = self.num_heads, self.head_dim
         slow = SRWMState(*(jnp.broadcast_to(p, (b, *p.shape)) for p in self._slow()))
@@ -199,7 +204,7 @@ class DeltaRNNLayerState(NamedTuple):
     recurrent: DeltaRNNState | DeltaLSTMState
 
 
-class DeltaRNNAttention(nnx.Module):
+class DeltaRNNAttention(_RecurrentMixer):
     """The Delta RNN layer (the official ``CudaFastRNNv2Layer``; Irie et al., 2021).
 
     One bias-free projection gives, per head and gate, the feed-forward query, key, value and
@@ -230,15 +235,12 @@ class DeltaRNNAttention(nnx.Module):
         out_scale: float = 1.0,
         rngs: nnx.Rngs,
     ):
-        if d_model % num_heads:
-            raise ValueError(f"{num_heads=} must divide {d_model=}")
-        self.config = config
-        self.num_heads, self.head_dim, self.dtype = num_heads, d_model // num_heads, dtype
+        super().__init__(config, d_model, num_heads, dtype)
         dtypes = dict(dtype=dtype, param_dtype=param_dtype)
         # Per gate: q, k, v, recurrent k, recurrent v ([D] each) and two write strengths.
         width = self.gates * num_heads * (5 * self.head_dim + 2)
         self.proj = _dense(d_model, width, (EMBED, HEADS), **dtypes, rngs=rngs)
-        self.out = _dense(d_model, d_model, (HEADS, EMBED), **dtypes, rngs=rngs, scale=out_scale)
+        self.out = self._out_projection(d_model, param_dtype, out_scale, rngs)
 
     def init_state(self, batch_size: int) -> DeltaRNNLayerState:
         b, g, h, d = batch_size, self.gates, self.num_heads, self.head_dim
@@ -251,10 +253,7 @@ class DeltaRNNAttention(nnx.Module):
 
     def __call__(self, x, state: DeltaRNNLayerState | None = None, *, segment_ids=None):
         """``x [B, T, d_model] -> (y, DeltaRNNLayerState)``."""
-        if segment_ids is not None:
-            raise ValueError(
-                f"packed rows (segment_ids) are not supported by {type(self).__name__}"
-            )
+        self._check_unpacked(segment_ids)
         b, t, _ = x.shape
         g, h, d = self.gates, self.num_heads, self.head_dim
         proj = self.proj(x)
