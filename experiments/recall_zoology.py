@@ -1,7 +1,8 @@
 """MQAR under Zoology's protocol (Arora et al., 2023): softmax attention and the fast weight rules
 with one recipe.
 
-    python -m experiments.recall_zoology [--pairs 4 8 16] [--d-model 64] [--seeds 1] [--quick]
+    python -m experiments.recall_zoology [--length 64] [--pairs 4 8 16] [--d-model 64]
+        [--lr 3e-3] [--seeds 1] [--quick]
 
 Data: :class:`~fwjax.data.recall.ZoologyMQARTask` (Zoology's generator: vocabulary 1024 here,
 power-law query gaps, random filler). Model, identical for every variant but the sequence mixer
@@ -12,8 +13,11 @@ sequence mixer; no feed-forward (``d_ff = 0``), no positions, pre-LN, 2 heads. A
 sequences. Variants: ``softmax``; ``sum`` (ELU+1, attention normalisation: the linear
 transformer); ``delta`` (identity φ, L2: DeltaNet); ``gated_delta`` (identity φ, L2).
 
-Each point (pairs, d_model, variant, seed) is written to ``experiments/results/recall_zoology/``
-when it finishes (re-running resumes); ``recall_zoology.{md,csv}`` are rewritten after each.
+Each point (length, pairs, d_model, variant, learning rate, seed) is written to
+``experiments/results/recall_zoology/`` when it finishes (re-running resumes);
+``recall_zoology.{md,csv,png}`` are rewritten after each. Several ``--lr`` values make a
+learning-rate sweep: the table and figure report, per model and grid point, the learning rate
+with the best mean accuracy over seeds (as Zoology reports the best of its sweep).
 """
 
 from __future__ import annotations
@@ -34,7 +38,6 @@ from fwjax.train.recall import recall_train_config, run_recall
 RESULTS = Path(__file__).resolve().parent / "results"
 OUT = RESULTS / "recall_zoology"
 VOCAB = 1024
-LENGTH = 64
 
 _L2 = dict(feature_map=FeatureMap(FeatureMapKind.IDENTITY), normalization=Normalization.L2)
 VARIANTS: dict[str, FastWeightConfig | None] = {
@@ -49,7 +52,7 @@ VARIANTS: dict[str, FastWeightConfig | None] = {
 }
 
 
-def model_config(variant: str, d_model: int) -> ModelConfig:
+def model_config(variant: str, d_model: int, length: int = 64) -> ModelConfig:
     fw = VARIANTS[variant]
     mixer = AttentionKind.SOFTMAX if fw is None else AttentionKind.FAST_WEIGHT
     return ModelConfig(
@@ -61,13 +64,13 @@ def model_config(variant: str, d_model: int) -> ModelConfig:
         layer_kinds=(AttentionKind.BASE_CONV, mixer),
         fast_weight=fw or FastWeightConfig(),
         positional=Positional.NONE,
-        max_len=LENGTH,
+        max_len=length,
     )
 
 
-def run_point(point, *, steps: int, lr: float, out: Path = OUT) -> dict:
-    pairs, d_model, variant, seed = point
-    task = ZoologyMQARTask(vocab_size=VOCAB, length=LENGTH, num_pairs=pairs)
+def run_point(point, *, steps: int, out: Path = OUT) -> dict:
+    length, pairs, d_model, variant, lr, seed = point
+    task = ZoologyMQARTask(vocab_size=VOCAB, length=length, num_pairs=pairs)
     fields = {
         "steps": steps,
         "seed": seed,
@@ -81,7 +84,8 @@ def run_point(point, *, steps: int, lr: float, out: Path = OUT) -> dict:
         "recall.eval_sequences": 512,
     }
     start = time.perf_counter()
-    result = run_recall(recall_train_config(task, model_config(variant, d_model), fields))
+    config = recall_train_config(task, model_config(variant, d_model, length), fields)
+    result = run_recall(config)
     record = dict(
         pairs=pairs,
         d_model=d_model,
@@ -89,7 +93,7 @@ def run_point(point, *, steps: int, lr: float, out: Path = OUT) -> dict:
         seed=seed,
         steps=steps,
         lr=lr,
-        length=LENGTH,
+        length=length,
         vocab=VOCAB,
         accuracy=result.accuracy,
         loss=result.loss,
@@ -100,51 +104,117 @@ def run_point(point, *, steps: int, lr: float, out: Path = OUT) -> dict:
 
 
 def _path(point, out: Path = OUT) -> Path:
-    pairs, d_model, variant, seed = point
-    return out / f"p{pairs}_d{d_model}_{variant}_seed{seed}.json"
+    length, pairs, d_model, variant, lr, seed = point
+    return out / f"T{length}_p{pairs}_d{d_model}_{variant}_lr{lr:g}_seed{seed}.json"
+
+
+def best_by_lr(records: list[dict]) -> dict[tuple, tuple[float, list[dict]]]:
+    """Per ``(length, d_model, pairs, variant)``: the learning rate whose seeds' mean accuracy
+    is highest, and those seeds' records."""
+    runs: dict[tuple, dict[float, list[dict]]] = {}
+    for r in records:
+        key = (r["length"], r["d_model"], r["pairs"], r["variant"])
+        runs.setdefault(key, {}).setdefault(r["lr"], []).append(r)
+    mean = lambda rs: statistics.mean(r["accuracy"] for r in rs)
+    return {key: max(by_lr.items(), key=lambda kv: mean(kv[1])) for key, by_lr in runs.items()}
 
 
 def write_outputs(out: Path = OUT, results: Path = RESULTS) -> list[dict]:
-    """Merges the point files into ``results/recall_zoology.{csv,md}``."""
-    key = lambda r: (r["d_model"], r["pairs"], list(VARIANTS).index(r["variant"]), r["seed"])
+    """Merges the point files into ``results/recall_zoology.{csv,md,png}``."""
+    key = lambda r: (
+        r["length"],
+        r["d_model"],
+        r["pairs"],
+        list(VARIANTS).index(r["variant"]),
+        r["lr"],
+        r["seed"],
+    )
     records = sweep_lib.load_records(out, key)
     columns = [
+        "length",
         "pairs",
         "d_model",
         "variant",
         "seed",
         "steps",
         "lr",
-        "length",
         "vocab",
         "accuracy",
         "loss",
         "seconds",
     ]
     sweep_lib.write_csv(records, results / "recall_zoology.csv", columns)
-    groups: dict[tuple, list[dict]] = {}
-    for r in records:
-        groups.setdefault((r["d_model"], r["pairs"]), []).append(r)
+    best = best_by_lr(records)
     names = [v for v in VARIANTS if any(r["variant"] == v for r in records)]
-    lines = ["| d_model | pairs | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
-    for (d_model, pairs), rs in groups.items():
+    lines = [
+        "| T | d_model | pairs | " + " | ".join(names) + " |",
+        "|---|---|---|" + "---|" * len(names),
+    ]
+    for length, d_model, pairs in sorted({k[:3] for k in best}):
         cells = []
         for v in names:
-            accs = [r["accuracy"] for r in rs if r["variant"] == v]
-            cells.append(f"{statistics.mean(accs):.3f} ({len(accs)})" if accs else "–")
-        lines.append(f"| {d_model} | {pairs} | " + " | ".join(cells) + " |")
+            if (length, d_model, pairs, v) not in best:
+                cells.append("–")
+                continue
+            lr, rs = best[length, d_model, pairs, v]
+            accs = [r["accuracy"] for r in rs]
+            spread = f", {min(accs):.3f}–{max(accs):.3f}" if len(accs) > 1 else ""
+            lrs = {r["lr"] for r in records if r["variant"] == v and r["pairs"] == pairs}
+            sweep = f", lr {lr:g}" + (f" of {len(lrs)}" if len(lrs) > 1 else "")
+            seeds = f"{len(accs)} seed" + "s" * (len(accs) > 1)
+            cells.append(f"{statistics.mean(accs):.3f} ({seeds}{spread}{sweep})")
+        lines.append(f"| {length} | {d_model} | {pairs} | " + " | ".join(cells) + " |")
     (results / "recall_zoology.md").write_text("\n".join(lines) + "\n")
+    if records:
+        plot(best, names, results / "recall_zoology.png")
     return records
+
+
+def plot(best: dict[tuple, tuple[float, list[dict]]], names: list[str], path: Path) -> None:
+    """Zoology's figure: one panel per sequence length, accuracy (best learning rate, mean over
+    seeds; dots: each seed) against the number of key-value pairs, one line per model and
+    d_model."""
+    from experiments import plotting
+
+    lengths = sorted({k[0] for k in best})
+    dims = sorted({k[1] for k in best})
+    with plotting.style() as plt:
+        fig, axes = plt.subplots(
+            1, len(lengths), figsize=(5 * len(lengths), 4), squeeze=False, layout="constrained"
+        )
+        for ax, length in zip(axes[0], lengths, strict=True):
+            for i, v in enumerate(names):
+                for j, d in enumerate(dims):
+                    keys = sorted(k for k in best if k[0] == length and k[1] == d and k[3] == v)
+                    if not keys:
+                        continue
+                    pairs = [k[2] for k in keys]
+                    accs = [[r["accuracy"] for r in best[k][1]] for k in keys]
+                    style = ("-", "--", ":")[j % 3]
+                    label = v if len(dims) == 1 else f"{v}, d {d}"
+                    means = [statistics.mean(a) for a in accs]
+                    ax.plot(pairs, means, "o" + style, color=f"C{i}", label=label)
+                    for p, a in zip(pairs, accs, strict=True):
+                        ax.plot([p] * len(a), a, ".", color=f"C{i}", alpha=0.4)
+            ax.set_xscale("log", base=2)
+            ax.set_ylim(0, 1.05)
+            ax.set_title(f"MQAR (Zoology protocol), T {length}")
+            ax.set_xlabel("key-value pairs")
+            ax.set_ylabel("answer accuracy")
+        axes[0][-1].legend(fontsize=7, loc="lower left")
+        fig.savefig(path)
+        plt.close(fig)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--length", type=int, nargs="+", default=[64])
     parser.add_argument("--pairs", type=int, nargs="+", default=[4, 8, 16])
     parser.add_argument("--d-model", type=int, nargs="+", default=[64])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--lr", type=float, nargs="+", default=[3e-3])
     parser.add_argument("--quick", action="store_true", help="one point, 10 steps, into /tmp")
     args = parser.parse_args(argv)
     out, results = OUT, RESULTS
@@ -153,15 +223,17 @@ def main(argv=None) -> None:
         args.pairs, args.d_model, args.seeds, args.steps = [4], [64], 1, 10
     out.mkdir(parents=True, exist_ok=True)
     points = [
-        (p, d, v, s)
+        (n, p, d, v, lr, s)
+        for n in args.length
         for d in args.d_model
         for p in args.pairs
         for v in args.variants
+        for lr in args.lr
         for s in range(args.seeds)
     ]
     sweep_lib.run_points(
         points,
-        functools.partial(run_point, steps=args.steps, lr=args.lr, out=out),
+        functools.partial(run_point, steps=args.steps, out=out),
         path=functools.partial(_path, out=out),
         write_outputs=functools.partial(write_outputs, out, results),
         describe=lambda p, r: f"{p}: accuracy {r['accuracy']:.3f} ({r['seconds']:.0f} s)",

@@ -42,7 +42,9 @@ def test_a_language_model_carries_the_layer_state(kind, weight, shape):
     assert g.shape == shape and float(jnp.abs(g).sum()) > 0
 
 
-@pytest.mark.parametrize("kind", ["delta_rnn", "delta_lstm"])
+# The Delta LSTM: its three gates' Delta Nets run as 3·H heads of one call (the Delta RNN's one
+# gate is the same code with G = 1).
+@pytest.mark.parametrize("kind", ["delta_lstm"])
 def test_the_chunked_feed_forward_part_equals_the_reference(kind):
     tokens = jax.random.randint(jax.random.key(1), (2, 13), 0, 11)
     logits = {}
