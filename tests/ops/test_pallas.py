@@ -148,3 +148,31 @@ def test_compiled_tpu(rule, dtype):
     if jax.default_backend() != "tpu":
         pytest.skip("needs a TPU default backend")
     _compiled(rule, GPU_CASES[1], dtype, PallasBackward.KERNEL)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
+def test_gated_chunk_decay_keeps_float32_with_bfloat16_inputs(packed):
+    """α = 0.9999 with bfloat16 inputs: a 16-step chunk decays by 0.9984, which bfloat16 rounds
+    to exactly 1.0 (the head would stop forgetting). With no writes (zero keys and values) the
+    state after T steps is exactly α^T · S₀ in float32."""
+    from fwjax.ops import gated_delta_rule
+
+    b, t, h, d = 1, 512, 2, 16
+    zeros = jnp.zeros((b, t, h, d), jnp.bfloat16)
+    beta = jnp.full((b, t, h), 0.5, jnp.bfloat16)
+    alpha = jnp.full((b, t, h), 0.9999, jnp.float32)
+    s0 = jnp.ones((b, h, d, d), jnp.float32)
+    ids = jnp.zeros((b, t), jnp.int32) if packed else None
+    _, state = gated_delta_rule(
+        zeros,
+        zeros,
+        zeros,
+        beta,
+        alpha,
+        s0,
+        1.0,
+        impl=Impl.PALLAS,
+        chunk_size=16,
+        segment_ids=ids,
+    )
+    np.testing.assert_allclose(state, np.full(s0.shape, 0.9999**t), rtol=1e-4)

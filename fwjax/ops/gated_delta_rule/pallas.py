@@ -25,6 +25,7 @@ from fwjax.ops.gated_delta_rule.chunked import gated_chunks_bwd, gated_terms
 from fwjax.ops.pallas import chunk_math as cm
 from fwjax.ops.pallas.rule_kernel import (
     DECAY_OPERANDS,
+    DECAYS,
     KernelRule,
     packed_kernel_rule,
     pallas_form,
@@ -45,6 +46,7 @@ KERNEL = KernelRule(
     forward=cm.gated_delta_forward,
     backward=None,
     xla_backward=gated_chunks_bwd,
+    exact_operands=DECAYS,  # Γ_C in float32 whatever the inputs' dtype
 )
 _form = pallas_form(KERNEL)
 

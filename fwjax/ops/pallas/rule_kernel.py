@@ -64,6 +64,9 @@ class KernelRule:
         None when the rule has no backward kernel.
       xla_backward: ``((*inputs, states), (dO, dS)) -> (*input cotangents, dS⁰)`` on the
         chunked ``[N, B, H, C, .]`` layout: the CHUNKED form's reverse chunk scan.
+      exact_operands: operands passed in the state dtype rather than the matmul dtype: the
+        decays, which multiply the state elementwise (a bfloat16 chunk decay of 0.9984 rounds
+        to 1.0, and the head stops forgetting).
     """
 
     name: str
@@ -72,6 +75,14 @@ class KernelRule:
     forward: Callable
     backward: Callable | None
     xla_backward: Callable
+    exact_operands: frozenset[str] = frozenset()
+
+    def cast_operands(self, operands, md, sd) -> list:
+        """The phase-1 operands, flattened to ``[B·H, N·C, .]``, in the matmul dtype ``md``
+        (those of ``exact_operands`` in the state dtype ``sd``)."""
+        names = [name for name, _ in self.operands]
+        dtype = lambda name: sd if name in self.exact_operands else md
+        return [flat(x).astype(dtype(n)) for n, x in zip(names, operands, strict=True)]
 
 
 def _forward_spec(rule: KernelRule, cfg: KernelConfig, sd, save_states: bool) -> ChunkScan:
@@ -107,7 +118,7 @@ def _backward_spec(rule: KernelRule, cfg: KernelConfig, sd) -> ChunkScan:
 
 
 def _run_forward(rule, cfg, xs, s0, save_states):
-    operands = [flat(x).astype(cfg.matmul_dtype) for x in rule.phase1(*xs)]
+    operands = rule.cast_operands(rule.phase1(*xs), cfg.matmul_dtype, s0.dtype)
     spec = _forward_spec(rule, cfg, s0.dtype, save_states)
     o, s, *states = run_chunk_scan(spec, *operands, s0, cfg=cfg)
     return unflat(o, cfg.tiling.chunk), s, *states
@@ -136,7 +147,7 @@ def _kernel_op_bwd(rule, cfg, residuals, cotangents):
     md, c = cfg.matmul_dtype, cfg.tiling.chunk
     operands, phase1_vjp = jax.vjp(rule.phase1, *xs)  # recompute phase 1
     spec = _backward_spec(rule, cfg, sd)
-    flat_operands = [flat(x).astype(md) for x in operands]
+    flat_operands = rule.cast_operands(operands, md, sd)
     *grads, d_s0 = run_chunk_scan(spec, *flat_operands, states, flat(d_o).astype(md), d_s, cfg=cfg)
     grads = [
         unflat(g.sum(axis=0) if _COTANGENT_KIND[kind] is not kind else g, c)
@@ -182,6 +193,7 @@ DELTA_OPERANDS = (
     ("p", Kind.SEQ_CHUNK),
 )
 DECAY_OPERANDS = (*DELTA_OPERANDS, ("decay", Kind.SEQ_KEY))
+DECAYS = frozenset({"decay"})  # kept in the state dtype (KernelRule.exact_operands)
 
 
 def packed_kernel_rule(name: str, arrange: Callable) -> KernelRule:
@@ -208,4 +220,5 @@ def packed_kernel_rule(name: str, arrange: Callable) -> KernelRule:
         forward=cm.gated_delta_forward,
         backward=None,
         xla_backward=functools.partial(packed_chunks_bwd, arrange),
+        exact_operands=DECAYS,
     )
