@@ -73,14 +73,15 @@ def test_tpu_kernels_in_interpret_mode(rule):
     _compare(rule, SMALL, jnp.float32, PallasOptions(backend=PallasBackend.MOSAIC_TPU))
 
 
-@pytest.mark.parametrize("rule", RULES, **RULE_IDS)
+@pytest.mark.parametrize("rule", [*RULES, GATED], **RULE_IDS)
 def test_xla_backward_option(rule):
     _compare(rule, SMALL, jnp.float32, PallasOptions(backward=PallasBackward.XLA))
 
 
-@pytest.mark.parametrize("rule", OPTION_RULES, **RULE_IDS)
+@pytest.mark.parametrize("rule", [*OPTION_RULES, GATED], **RULE_IDS)
 def test_value_tiles_sum_their_partial_gradients(rule):
-    """V = 40 pads to 64 = 4 tiles of 16: dq, dk (and dW, dP) are summed over tiles."""
+    """V = 40 pads to 64 = 4 tiles of 16: dq, dk (and dW, dP, the gated rule's chunk-decay
+    cotangent) are summed over tiles."""
     case = Case(b=1, t=24, h=2, k=8, v=40, chunk=16)
     _compare(rule, case, jnp.float32, PallasOptions(value_block=16))
 

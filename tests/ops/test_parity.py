@@ -40,18 +40,16 @@ GATED_CASES = {"forward": (CASES[0], CASES[1], CASES[3]), "vjp": (CASES[1],)}
 
 def _covered(rule, impl, case, kind, dtype):
     if rule in (DELTA_NEG, GATED_NEG):
-        # β ∈ (1, 2): the case that has everything, in float32. The gated rule's PALLAS backward
-        # is CHUNKED's VJP and its RECURRENT form is autodiff of the step; CHUNKED (the
-        # inverse and the masks) is the form that could depend on β ≤ 1.
-        gated_form = impl in (Impl.REFERENCE, Impl.CHUNKED)
+        # β ∈ (1, 2): the case that has everything, in float32. The gated rule's RECURRENT form
+        # is autodiff of the step; CHUNKED and PALLAS (the inverse, the masks, the kernels'
+        # VJP) are the forms that could depend on β ≤ 1.
+        gated_form = impl is not Impl.RECURRENT
         first = case is CASES[1] and dtype == jnp.float32
         return first and (rule is DELTA_NEG or gated_form)
     if kind == "vjp" and dtype == jnp.bfloat16 and case is not CASES[1]:
         return False  # bfloat16 VJPs: the one case that has everything (CI time)
     if rule is GATED and case not in GATED_CASES[kind]:
         return False
-    if rule is GATED and impl is Impl.PALLAS and kind == "vjp" and dtype == jnp.bfloat16:
-        return False  # its backward is CHUNKED's VJP, covered in bfloat16 for CHUNKED
     return impl is not Impl.PALLAS or case in PALLAS_CASES[kind]
 
 

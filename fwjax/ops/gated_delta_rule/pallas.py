@@ -11,10 +11,12 @@ Phase 1 (XLA, :func:`~fwjax.ops.gated_delta_rule.chunked.gated_terms`), with
 then per chunk (kernel, state tile on chip): ``Ũ = U − W S``, ``O = Q' S + P Ũ``,
 ``S ← Γ_C S + K'ᵀ Ũ``.
 
-Backward: the gated rule has no backward kernel; ``PallasOptions.backward`` does not apply.
-The reverse chunk scan of the CHUNKED form's VJP
-(:func:`~fwjax.ops.gated_delta_rule.chunked.gated_chunks_bwd`) runs in XLA on the
-kernel-saved states.
+Backward (``PallasBackward.KERNEL``): a reverse kernel over the chunks
+(:func:`~fwjax.ops.pallas.chunk_math.gated_delta_backward`: the delta rule's chunk VJP with the
+decayed terms, plus ``Γ̄_C = Σ S ⊙ G`` and ``G ← Γ_C G + …``), then phase 1's VJP in XLA;
+``PallasBackward.XLA`` runs the reverse chunk scan of the CHUNKED form's VJP
+(:func:`~fwjax.ops.gated_delta_rule.chunked.gated_chunks_bwd`) on the kernel-saved states.
+Packed rows always take the XLA backward.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ KERNEL = KernelRule(
     phase1=_phase1,
     operands=DECAY_OPERANDS,  # Q', K', W, U, P and Γ_C
     forward=cm.gated_delta_forward,
-    backward=None,
+    backward=cm.gated_delta_backward,
     xla_backward=gated_chunks_bwd,
     exact_operands=DECAYS,  # Γ_C in float32 whatever the inputs' dtype
 )

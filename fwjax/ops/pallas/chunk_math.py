@@ -16,6 +16,7 @@ Gated delta rule (phase-1 terms with the decays folded in, see
 :mod:`fwjax.ops.gated_delta_rule.pallas`; ``Γ_C`` the chunk's total decay)::
 
     forward:   Ũ = U − W S,   O = Q' S + P Ũ,   S ← Γ_C S + K'ᵀ Ũ
+    backward:  the delta rule's with Q', K', then Γ̄_C = Σ (S ⊙ G),   G ← Γ_C G + Q'ᵀ Ō − Wᵀ Ũ̄
 
 Sum rule (``P = Q Kᵀ ⊙ M`` computed in the kernel)::
 
@@ -66,6 +67,24 @@ def gated_delta_forward(q, k, w, u, p, decay, s, md, sd):
     (``Γ_C`` everywhere for the scalar gate), repeated over the chunk's rows; its column maximum
     is taken (a reduction every backend lowers, where a row slice is not)."""
     return delta_forward(q, k, w, u, p, s, md, sd, decay)
+
+
+def gated_delta_backward(q, k, w, u, p, decay, s, do, g, md, sd):
+    """VJP of one gated-delta-rule chunk (:func:`gated_delta_forward`).
+
+    Returns ``(g_new, dq, dk, dw, du, dp, d_decay)``: the delta rule's cotangents with the
+    decayed ``Q', K'`` (:func:`delta_backward`, whose ``g_new`` carries ``G`` undecayed) and
+    ``g_new = Γ_C G + Q'ᵀ Ō − Wᵀ Ũ̄``. ``d_decay [C, K]``: ``Σ_v S ⊙ G`` per state row, spread
+    evenly over the chunk's rows (the forward reads the rows' maximum of identical entries;
+    phase 1's VJP sums the tile), a partial sum over value tiles.
+    """
+    g_new, dq, dk, dw, du, dp = delta_backward(q, k, w, u, p, s, do, g, md, sd)
+    gamma = jnp.max(decay.astype(sd), axis=0)[:, None]  # Γ_C per state row: [K, 1]
+    g_new = g_new + (gamma - 1.0) * g  # Γ_C G instead of G
+    per_row = jnp.sum(s * g, axis=1)  # ∂L/∂Γ_C of each state row: [K]
+    rows = q.shape[0]
+    d_decay = jnp.broadcast_to(per_row[None, :] / rows, (rows, per_row.shape[0]))
+    return g_new, dq, dk, dw, du, dp, d_decay
 
 
 def delta_backward(q, k, w, u, p, s, do, g, md, sd):
