@@ -7,8 +7,12 @@ prints its full error and the others still run (JAX and torch never share a proc
    REFERENCE at ``B2 T512 H4 D64`` (bf16 and fp32; outputs, final state, all input gradients),
    the sum rule too; then flash-linear-attention's ``chunk_delta_rule`` (bf16) on the same
    inputs, against the same reference (so the timings compare the same computation).
-2. ``time``: per (impl, shape, mode) one subprocess: bf16 inputs, warm up (compile) once, then
-   the median of ``--repeats`` timed calls; tokens/s, achieved GB/s and TFLOP/s.
+2. ``time``: per (impl, shape, mode) one subprocess: bf16 inputs, every implementation timed by
+   the same method (:func:`measure`): warm-up calls until compilation and autotuning are done
+   (at least 3, then until 3 consecutive calls agree within 10 %), then ``--repeats`` (≥ 20)
+   calls, each synchronised on the device (``block_until_ready`` / ``torch.cuda.synchronize``);
+   the median and the 10th–90th percentile spread, tokens/s, achieved GB/s and TFLOP/s. The
+   gated delta rule is timed against fla's ``chunk_gated_delta_rule`` the same way.
 
 Every result is one JSON line, appended to ``<out>/gpu_bench.jsonl`` as it arrives (partial
 results survive a timeout) and printed. Usage (repo root, the machine's python3)::
@@ -28,17 +32,17 @@ import argparse
 import dataclasses
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
 import traceback
 
 C_MODEL = 64
-SHAPES = ((8, 1024, 8, 64), (2, 8192, 8, 64), (4, 4096, 16, 128))  # (B, T, H, D)
+SHAPES = ((8, 1024, 8, 64), (2, 8192, 8, 64), (4, 4096, 16, 128), (1, 32768, 16, 128))
 SMOKE_SHAPES = ((1, 64, 2, 16),)
 TARGET_SHAPE = (2, 8192, 8, 64)
 IMPLS = ("fwjax_pallas", "fla_chunk", "fwjax_chunked", "fwjax_recurrent")
+GATED_IMPLS = ("fwjax_gated_pallas", "fla_gated_chunk")  # (B, T, H, D) of SHAPES, after IMPLS
 # Extra PALLAS variants at the target shape, run last, if time is left.
 EXTRAS = ("fwjax_pallas_tv32", "fwjax_pallas_tv64", "fwjax_pallas_xla_bwd")
 
@@ -86,14 +90,77 @@ def make_inputs_np(b, t, h, d, seed=0):
     return q, k, v, beta, do
 
 
+def make_log_alpha_np(b, t, h, seed=0):
+    """float32 ``log α`` of the gated rule, α ∈ (0.9, 1) (Gated DeltaNet's decays)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed + 1)
+    return np.log(rng.uniform(0.9, 1.0, (b, t, h))).astype(np.float32)
+
+
+def measure(call, *, repeats, min_warmup=3, max_warmup=50, settle=0.1, warmup_budget_s=60.0):
+    """The one timing method of every implementation.
+
+    ``call()`` runs the computation once and returns after the device has finished it. Warm-up:
+    the first call (compilation, autotuning) is reported as ``compile_s``; then calls until the
+    last ``min_warmup`` agree within ``settle`` (relative), at most ``max_warmup`` calls or
+    ``warmup_budget_s`` seconds; then ``repeats`` timed calls.
+
+    Returns:
+      ``dict(compile_s, warmup_calls, times_s, median_s, p10_s, p90_s)``.
+    """
+    import statistics as st
+
+    t0 = time.perf_counter()
+    call()
+    compile_s = time.perf_counter() - t0
+    recent: list[float] = []
+    start, calls = time.perf_counter(), 0
+    while calls < max_warmup:
+        t0 = time.perf_counter()
+        call()
+        calls += 1
+        recent = [*recent, time.perf_counter() - t0][-min_warmup:]
+        settled = len(recent) == min_warmup and max(recent) <= (1 + settle) * min(recent)
+        if settled or time.perf_counter() - start > warmup_budget_s:
+            break
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+    deciles = st.quantiles(times, n=10) if len(times) > 1 else times * 9
+    return {
+        "compile_s": compile_s,
+        "warmup_calls": calls,
+        "times_s": times,
+        "median_s": st.median(times),
+        "p10_s": deciles[0],
+        "p90_s": deciles[-1],
+    }
+
+
 # ----------------------------------------------------------------------------- JAX workers
 
 
 def _jax_op(impl: str, smoke: bool):
-    from fwjax.ops import Impl, delta_rule
+    """``op(q, k, v, beta, log_alpha) -> (out, state)`` of the fwjax implementation ``impl``."""
+    import jax.numpy as jnp
+
+    from fwjax.ops import Impl, delta_rule, gated_delta_rule
     from fwjax.ops.pallas import PallasBackward, PallasOptions
 
     chunk = 16 if smoke else 64
+    if impl == "fwjax_gated_pallas":
+
+        def gated(q, k, v, beta, log_alpha):
+            alpha = jnp.exp(log_alpha)
+            scale = q.shape[-1] ** -0.5
+            return gated_delta_rule(
+                q, k, v, beta, alpha, None, scale, impl=Impl.PALLAS, chunk_size=chunk
+            )
+
+        return gated
     pallas = None
     if impl.startswith("fwjax_pallas"):
         kind = Impl.PALLAS
@@ -104,7 +171,8 @@ def _jax_op(impl: str, smoke: bool):
     else:
         kind = {"fwjax_chunked": Impl.CHUNKED, "fwjax_recurrent": Impl.RECURRENT}[impl]
 
-    def op(q, k, v, beta):
+    def op(q, k, v, beta, log_alpha):
+        del log_alpha  # the delta rule has no decay
         scale = q.shape[-1] ** -0.5
         return delta_rule(q, k, v, beta, None, scale, impl=kind, chunk_size=chunk, pallas=pallas)
 
@@ -119,26 +187,20 @@ def worker_time_jax(job: Job):
     q, k, v, beta, do = (
         jnp.asarray(x, jnp.bfloat16) for x in make_inputs_np(job.b, job.t, job.h, job.d)
     )
+    log_alpha = jnp.asarray(make_log_alpha_np(job.b, job.t, job.h))  # float32
     if job.mode == "fwd":
-        fn = jax.jit(lambda q, k, v, beta: op(q, k, v, beta)[0])
-        args = (q, k, v, beta)
+        fn = jax.jit(lambda q, k, v, beta, log_alpha: op(q, k, v, beta, log_alpha)[0])
+        args = (q, k, v, beta, log_alpha)
     else:
 
-        def fwdbwd(q, k, v, beta, do):
-            out, pullback = jax.vjp(lambda *a: op(*a)[0], q, k, v, beta)
+        def fwdbwd(q, k, v, beta, log_alpha, do):
+            out, pullback = jax.vjp(lambda *a: op(*a)[0], q, k, v, beta, log_alpha)
             return out, pullback(do)
 
         fn = jax.jit(fwdbwd)
-        args = (q, k, v, beta, do)
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    compile_s = time.perf_counter() - t0
-    times = []
-    for _ in range(job.repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return {"compile_s": compile_s, "times_s": times, "device": str(jax.devices()[0])}
+        args = (q, k, v, beta, log_alpha, do)
+    res = measure(lambda: jax.block_until_ready(fn(*args)), repeats=job.repeats)
+    return {**res, "device": str(jax.devices()[0])}
 
 
 def _errors(got, ref):
@@ -238,33 +300,35 @@ def _fla():
 
 
 def worker_time_fla(job: Job):
+    """fla's ``chunk_delta_rule`` (``fla_chunk``) or ``chunk_gated_delta_rule`` with
+    ``g = log α`` (``fla_gated_chunk``), timed by :func:`measure`."""
     torch, chunk_delta_rule = _fla()
     dev = "cuda"
     q, k, v, beta, do = (
         torch.from_numpy(x).to(dev, torch.bfloat16)
         for x in make_inputs_np(job.b, job.t, job.h, job.d)
     )
-    for x in (q, k, v, beta):
-        x.requires_grad_(job.mode == "fwdbwd")
     scale = job.d**-0.5
+    grad_of = [q, k, v, beta]
+    if job.impl == "fla_gated_chunk":
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+        g = torch.from_numpy(make_log_alpha_np(job.b, job.t, job.h)).to(dev, torch.float32)
+        grad_of.append(g)
+        op = lambda: chunk_gated_delta_rule(q, k, v, g, beta, scale=scale)
+    else:
+        op = lambda: chunk_delta_rule(q, k, v, beta, scale=scale)
+    for x in grad_of:
+        x.requires_grad_(job.mode == "fwdbwd")
 
     def call():
-        o, _ = chunk_delta_rule(q, k, v, beta, scale=scale)
+        o, _ = op()
         if job.mode == "fwdbwd":
-            torch.autograd.grad(o, (q, k, v, beta), do)
-
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    call()  # triton autotuning and compilation
-    torch.cuda.synchronize()
-    compile_s = time.perf_counter() - t0
-    times = []
-    for _ in range(job.repeats):
-        t0 = time.perf_counter()
-        call()
+            torch.autograd.grad(o, grad_of, do)
         torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return {"compile_s": compile_s, "times_s": times, "device": torch.cuda.get_device_name()}
+
+    res = measure(call, repeats=job.repeats)
+    return {**res, "device": torch.cuda.get_device_name()}
 
 
 def worker_parity_fla(out_dir: str):
@@ -302,10 +366,10 @@ def worker_main(argv):
         worker_parity_fla(json.loads(payload)["out"])
         return
     job = Job(**json.loads(payload))
-    res = worker_time_fla(job) if job.impl == "fla_chunk" else worker_time_jax(job)
-    med = statistics.median(res["times_s"])
+    res = worker_time_fla(job) if job.impl.startswith("fla_") else worker_time_jax(job)
+    med = res["median_s"]
     tokens = job.b * job.t
-    rec = {"stage": "time", **dataclasses.asdict(job), **res, "median_s": med}
+    rec = {"stage": "time", **dataclasses.asdict(job), **res}
     rec["tokens_per_s"] = tokens / med
     rec["gb_per_s"] = model_bytes(job.b, job.t, job.h, job.d, job.mode) / med / 1e9
     rec["tflop_per_s"] = model_flops(job.b, job.t, job.h, job.d, job.mode) / med / 1e12
@@ -357,7 +421,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU (interpret)")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--deadline", type=float, default=400.0, help="seconds for the whole run")
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds per subprocess")
     ap.add_argument("--skip-parity", action="store_true")
@@ -393,16 +457,16 @@ def main():
     # 2. timings: the target shape first, the essential impls first, extras last.
     others = tuple(s for s in SHAPES if s != TARGET_SHAPE)
     shapes = SMOKE_SHAPES if smoke else (TARGET_SHAPE, *others)
-    impls = tuple(i for i in IMPLS if not (smoke and i == "fla_chunk"))
+    impls = tuple(i for i in IMPLS + GATED_IMPLS if not (smoke and i.startswith("fla_")))
     jobs = [
-        Job(impl, *shape, mode, 2 if smoke else args.repeats, smoke)
+        Job(impl, *shape, mode, 3 if smoke else args.repeats, smoke)
         for shape in shapes
         for mode in ("fwdbwd", "fwd")
         for impl in impls
     ]
     extras_shape = SMOKE_SHAPES[0] if smoke else TARGET_SHAPE
     jobs += [
-        Job(impl, *extras_shape, "fwdbwd", 2 if smoke else args.repeats, smoke)
+        Job(impl, *extras_shape, "fwdbwd", 3 if smoke else args.repeats, smoke)
         for impl in (EXTRAS[-1:] if smoke else EXTRAS)
     ]
     if args.only:
@@ -414,9 +478,11 @@ def main():
                 rec = json.loads(line[len("RESULT ") :])
                 drv.record(rec)
                 ms, mtok = rec["median_s"] * 1e3, rec["tokens_per_s"] / 1e6
+                spread = f"{rec['p10_s'] * 1e3:.2f}–{rec['p90_s'] * 1e3:.2f}"
                 print(
-                    f"   {job.name}: {ms:.2f} ms  {mtok:.2f} Mtok/s  {rec['gb_per_s']:.1f} GB/s"
-                    f"  {rec['tflop_per_s']:.2f} TFLOP/s  (compile {rec['compile_s']:.1f}s)",
+                    f"   {job.name}: {ms:.2f} ms ({spread})  {mtok:.2f} Mtok/s"
+                    f"  {rec['gb_per_s']:.1f} GB/s  {rec['tflop_per_s']:.2f} TFLOP/s"
+                    f"  (compile {rec['compile_s']:.1f}s, {rec['warmup_calls']} warm-up calls)",
                     flush=True,
                 )
     print(f"done in {time.monotonic() - t_start:.0f}s; results in {drv.jsonl}", flush=True)
@@ -441,6 +507,11 @@ def summarize(path):
                 o = times.get((other, b, t, h, d, mode))
                 if o is not None:
                     print(f"B{b}T{t}H{h}D{d} {mode}: PALLAS throughput = {o / p:.2f} x {other}")
+            gated = times.get(("fwjax_gated_pallas", b, t, h, d, mode))
+            fla_gated = times.get(("fla_gated_chunk", b, t, h, d, mode))
+            if gated is not None and fla_gated is not None:
+                ratio = fla_gated / gated
+                print(f"B{b}T{t}H{h}D{d} {mode}: gated PALLAS throughput = {ratio:.2f} x fla")
 
 
 if __name__ == "__main__":
