@@ -12,7 +12,10 @@ prints its full error and the others still run (JAX and torch never share a proc
    (at least 3, then until 3 consecutive calls agree within 10 %), then ``--repeats`` (≥ 20)
    calls, each synchronised on the device (``block_until_ready`` / ``torch.cuda.synchronize``);
    the median and the 10th–90th percentile spread, tokens/s, achieved GB/s and TFLOP/s. The
-   gated delta rule is timed against fla's ``chunk_gated_delta_rule`` the same way.
+   gated delta rule is timed against fla's ``chunk_gated_delta_rule`` the same way, and one
+   DeltaNet layer (projections, short convolutions, the op, the output RMSNorm and projection;
+   fwd+bwd w.r.t. the input and every weight) against ``fla.layers.DeltaNet``: fwjax's
+   ``FastWeightAttention`` with :func:`fwjax.interop.fla.deltanet_config` (PALLAS), bf16.
 
 Every result is one JSON line, appended to ``<out>/gpu_bench.jsonl`` as it arrives (partial
 results survive a timeout) and printed. Usage (repo root, the machine's python3)::
@@ -43,6 +46,10 @@ SMOKE_SHAPES = ((1, 64, 2, 16),)
 TARGET_SHAPE = (2, 8192, 8, 64)
 IMPLS = ("fwjax_pallas", "fla_chunk", "fwjax_chunked", "fwjax_recurrent")
 GATED_IMPLS = ("fwjax_gated_pallas", "fla_gated_chunk")  # (B, T, H, D) of SHAPES, after IMPLS
+# One layer, fwd+bwd: (B, T, H, D) with d_model = H·D = 1024 / 2048 at T 2048 / 4096.
+LAYER_SHAPES = ((2, 2048, 8, 128), (2, 4096, 8, 128), (2, 2048, 16, 128), (2, 4096, 16, 128))
+LAYER_IMPLS = ("fwjax_layer", "fla_layer")
+SMOKE_LAYER_SHAPES = ((1, 32, 2, 16),)
 # Extra PALLAS variants at the target shape, run last, if time is left.
 EXTRAS = ("fwjax_pallas_tv32", "fwjax_pallas_tv64", "fwjax_pallas_xla_bwd")
 
@@ -179,10 +186,47 @@ def _jax_op(impl: str, smoke: bool):
     return op
 
 
+def worker_time_jax_layer(job: Job):
+    """fwjax's DeltaNet layer (fla's defaults: short convolutions, SiLU + L2 q/k, β, output
+    RMSNorm, no gate), bf16 compute and parameters, fwd+bwd w.r.t. the input and every weight."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from fwjax.interop.fla import DeltaNetShape, deltanet_config
+    from fwjax.nn import FastWeightAttention
+    from fwjax.ops import Impl
+
+    d_model = job.h * job.d
+    shape = DeltaNetShape(hidden_size=d_model, num_heads=job.h, conv_size=4, use_gate=False)
+    config = deltanet_config(shape, impl=Impl.PALLAS)
+    layer = FastWeightAttention(
+        config, d_model, job.h, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)
+    )
+    graph, params = nnx.split(layer)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((job.b, job.t, d_model)), jnp.bfloat16)
+    dy = jnp.asarray(rng.standard_normal((job.b, job.t, d_model)), jnp.bfloat16)
+
+    def forward(params, x):
+        y, _ = nnx.merge(graph, params)(x)
+        return y
+
+    if job.mode == "fwd":
+        fn = jax.jit(forward)
+    else:
+        fn = jax.jit(lambda p, x: jax.vjp(forward, p, x)[1](dy))
+    res = measure(lambda: jax.block_until_ready(fn(params, x)), repeats=job.repeats)
+    return {**res, "device": str(jax.devices()[0])}
+
+
 def worker_time_jax(job: Job):
     import jax
     import jax.numpy as jnp
 
+    if job.impl == "fwjax_layer":
+        return worker_time_jax_layer(job)
     op = _jax_op(job.impl, job.smoke)
     q, k, v, beta, do = (
         jnp.asarray(x, jnp.bfloat16) for x in make_inputs_np(job.b, job.t, job.h, job.d)
@@ -299,9 +343,37 @@ def _fla():
     return torch, chunk_delta_rule
 
 
+def worker_time_fla_layer(job: Job):
+    """``fla.layers.DeltaNet`` (its defaults: ``mode="chunk"``, short convolutions, SiLU + L2
+    q/k, β, output RMSNorm, no gate) in bf16, fwd+bwd w.r.t. the input and every weight."""
+    import numpy as np
+    import torch
+    from fla.layers import DeltaNet
+
+    d_model = job.h * job.d
+    layer = DeltaNet(hidden_size=d_model, num_heads=job.h).to("cuda", torch.bfloat16)
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.standard_normal((job.b, job.t, d_model), np.float32))
+    x = x.to("cuda", torch.bfloat16).requires_grad_(job.mode == "fwdbwd")
+    dy = torch.from_numpy(rng.standard_normal((job.b, job.t, d_model), np.float32))
+    dy = dy.to("cuda", torch.bfloat16)
+    weights = [x, *layer.parameters()]
+
+    def call():
+        y = layer(x)[0]
+        if job.mode == "fwdbwd":
+            torch.autograd.grad(y, weights, dy)
+        torch.cuda.synchronize()
+
+    res = measure(call, repeats=job.repeats)
+    return {**res, "device": torch.cuda.get_device_name()}
+
+
 def worker_time_fla(job: Job):
     """fla's ``chunk_delta_rule`` (``fla_chunk``) or ``chunk_gated_delta_rule`` with
     ``g = log α`` (``fla_gated_chunk``), timed by :func:`measure`."""
+    if job.impl == "fla_layer":
+        return worker_time_fla_layer(job)
     torch, chunk_delta_rule = _fla()
     dev = "cuda"
     q, k, v, beta, do = (
@@ -464,6 +536,12 @@ def main():
         for mode in ("fwdbwd", "fwd")
         for impl in impls
     ]
+    layer_impls = tuple(i for i in LAYER_IMPLS if not (smoke and i.startswith("fla_")))
+    jobs += [
+        Job(impl, *shape, "fwdbwd", 3 if smoke else args.repeats, smoke)
+        for shape in (SMOKE_LAYER_SHAPES if smoke else LAYER_SHAPES)
+        for impl in layer_impls
+    ]
     extras_shape = SMOKE_SHAPES[0] if smoke else TARGET_SHAPE
     jobs += [
         Job(impl, *extras_shape, "fwdbwd", 3 if smoke else args.repeats, smoke)
@@ -498,7 +576,7 @@ def summarize(path):
         for r in rows
         if r.get("stage") == "time"
     }
-    for b, t, h, d in SHAPES + SMOKE_SHAPES:
+    for b, t, h, d in SHAPES + SMOKE_SHAPES + LAYER_SHAPES + SMOKE_LAYER_SHAPES:
         for mode in ("fwdbwd", "fwd"):
             p = times.get(("fwjax_pallas", b, t, h, d, mode))
             if p is None:
@@ -507,6 +585,11 @@ def summarize(path):
                 o = times.get((other, b, t, h, d, mode))
                 if o is not None:
                     print(f"B{b}T{t}H{h}D{d} {mode}: PALLAS throughput = {o / p:.2f} x {other}")
+            layer = times.get(("fwjax_layer", b, t, h, d, mode))
+            fla_layer = times.get(("fla_layer", b, t, h, d, mode))
+            if layer is not None and fla_layer is not None:
+                ratio = fla_layer / layer
+                print(f"B{b}T{t}H{h}D{d} {mode}: DeltaNet layer throughput = {ratio:.2f} x fla")
             gated = times.get(("fwjax_gated_pallas", b, t, h, d, mode))
             fla_gated = times.get(("fla_gated_chunk", b, t, h, d, mode))
             if gated is not None and fla_gated is not None:
