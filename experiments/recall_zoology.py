@@ -52,16 +52,20 @@ VARIANTS: dict[str, FastWeightConfig | None] = {
 }
 
 
-def model_config(variant: str, d_model: int, length: int = 64) -> ModelConfig:
+def model_config(
+    variant: str, d_model: int, length: int = 64, *, depth: int = 1, vocab_size: int = VOCAB
+) -> ModelConfig:
+    """Zoology's recall model: ``depth`` × [BaseConv, mixer] (``depth`` 1: Zoology's 2 layers),
+    no feed-forward, no positions, 2 heads."""
     fw = VARIANTS[variant]
     mixer = AttentionKind.SOFTMAX if fw is None else AttentionKind.FAST_WEIGHT
     return ModelConfig(
-        vocab_size=VOCAB,
+        vocab_size=vocab_size,
         d_model=d_model,
-        num_layers=2,
+        num_layers=2 * depth,
         num_heads=2,
         d_ff=0,
-        layer_kinds=(AttentionKind.BASE_CONV, mixer),
+        layer_kinds=(AttentionKind.BASE_CONV, mixer) * depth,
         fast_weight=fw or FastWeightConfig(),
         positional=Positional.NONE,
         max_len=length,
