@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from experiments import sweep as sweep_lib
-from experiments.recall_zoology import VARIANTS, model_config
+from experiments.recall_zoology import VARIANTS, model_config, training_fields
 from experiments.records import write_json_atomic
 from fwjax.data.recall import MultiHopTask
 from fwjax.train.recall import recall_train_config, run_recall
@@ -37,18 +37,7 @@ TASK = MultiHopTask(num_chains=8, chain_length=2, max_hops=2, num_queries=8, num
 
 def run_point(point, *, steps: int, task: MultiHopTask = TASK, out: Path = OUT) -> dict:
     depth, variant, seed = point
-    fields = {
-        "steps": steps,
-        "seed": seed,
-        "batch_size": 64,
-        "eval_every": max(steps // 4, 1),
-        "log_every": max(steps // 4, 1),
-        "checkpoint.every_steps": steps,
-        "optimizer.learning_rate": 3e-3,
-        "optimizer.warmup_steps": min(100, steps),
-        "optimizer.weight_decay": 0.1,
-        "recall.eval_sequences": 512,
-    }
+    fields = training_fields(steps, 3e-3, seed)
     model = model_config(variant, 64, task.length, depth=depth, vocab_size=task.vocab_size)
     start = time.perf_counter()
     result = run_recall(recall_train_config(task, model, fields))
