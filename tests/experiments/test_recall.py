@@ -83,6 +83,8 @@ def test_the_config_file_is_the_sweeps_point():
     assert load_train_config("recall_mqar_delta") == config
 
 
+# ~8 s; a deprecated wrapper of run_recall, which the default suite covers directly.
+@pytest.mark.slow
 def test_train_recall_is_a_deprecated_wrapper_of_the_loop():
     """A tiny multi-hop run in the training loop: evaluations at steps 2 and 4 with per-hop
     accuracies; the deprecated ``train_recall`` warns."""
