@@ -277,6 +277,7 @@ class DeltaRNNAttention(_RecurrentMixer):
         z = z.reshape(b, t, g, h, d)
         # Recurrent fast weights, fed back the previous output.
         rec_impl = Impl.REFERENCE if impl is Impl.REFERENCE else Impl.RECURRENT
+        # The recurrent keys' softmax in float32, the precision the recurrent op computes in.
         rec_k = jax.nn.softmax(vectors[:, :, 3].astype(jnp.float32), axis=-1)
         rec = (z, rec_k, vectors[:, :, 4], betas[:, :, 1])
         previous = None if state is None else state.recurrent
