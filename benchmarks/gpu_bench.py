@@ -52,6 +52,10 @@ LAYER_IMPLS = ("fwjax_layer", "fla_layer")
 SMOKE_LAYER_SHAPES = ((1, 32, 2, 16),)
 # Extra PALLAS variants at the target shape, run last, if time is left.
 EXTRAS = ("fwjax_pallas_tv32", "fwjax_pallas_tv64", "fwjax_pallas_xla_bwd")
+# The split state scan (CHUNKED with state_segments P), fwd+bwd at the long shapes with few
+# B·H, against plain CHUNKED (P = 1) above: which P pays, per shape (the rule AUTO needs).
+SPLITS = ("fwjax_chunked_split4", "fwjax_chunked_split16")
+SPLIT_SHAPES = ((2, 8192, 8, 64), (1, 32768, 16, 128))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,8 +172,10 @@ def _jax_op(impl: str, smoke: bool):
             )
 
         return gated
-    pallas = None
-    if impl.startswith("fwjax_pallas"):
+    pallas, segments = None, None
+    if impl.startswith("fwjax_chunked_split"):
+        kind, segments = Impl.CHUNKED, int(impl.removeprefix("fwjax_chunked_split"))
+    elif impl.startswith("fwjax_pallas"):
         kind = Impl.PALLAS
         if impl.endswith("_xla_bwd"):
             pallas = PallasOptions(backward=PallasBackward.XLA)
@@ -181,7 +187,18 @@ def _jax_op(impl: str, smoke: bool):
     def op(q, k, v, beta, log_alpha):
         del log_alpha  # the delta rule has no decay
         scale = q.shape[-1] ** -0.5
-        return delta_rule(q, k, v, beta, None, scale, impl=kind, chunk_size=chunk, pallas=pallas)
+        return delta_rule(
+            q,
+            k,
+            v,
+            beta,
+            None,
+            scale,
+            impl=kind,
+            chunk_size=chunk,
+            pallas=pallas,
+            state_segments=segments,
+        )
 
     return op
 
@@ -546,6 +563,11 @@ def main():
     jobs += [
         Job(impl, *extras_shape, "fwdbwd", 3 if smoke else args.repeats, smoke)
         for impl in (EXTRAS[-1:] if smoke else EXTRAS)
+    ]
+    jobs += [
+        Job(impl, *shape, "fwdbwd", 3 if smoke else args.repeats, smoke)
+        for shape in (SMOKE_SHAPES if smoke else SPLIT_SHAPES)
+        for impl in (("fwjax_chunked_split2",) if smoke else SPLITS)
     ]
     if args.only:
         wanted = [w for w in args.only.split(",") if w]

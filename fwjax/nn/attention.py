@@ -211,6 +211,7 @@ class FastWeightAttention(nnx.Module):
             alpha=alpha,
             pallas=cfg.pallas,
             segment_ids=segment_ids,
+            state_segments=cfg.state_segments,
         )
         if cfg.diagnostics and _capturing(self):
             if segment_ids is not None:

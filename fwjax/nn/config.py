@@ -151,7 +151,9 @@ class FastWeightConfig:
       norm_eps: the output RMSNorm's epsilon (flax's default 1e-6; fla's DeltaNet uses 1e-5).
       impl: how the op is computed; ``chunk_size``: the chunk length of the chunkwise forms
         (CHUNKED, PALLAS); ``pallas``: the :class:`~fwjax.ops.pallas.PallasOptions` of PALLAS
-        (a mapping of its fields is accepted), None for the defaults.
+        (a mapping of its fields is accepted), None for the defaults; ``state_segments``: the
+        delta rule's CHUNKED chunk scans as that many parallel segments
+        (:func:`fwjax.ops.delta_rule`), None for one sequential scan.
       diagnostics: also record memory diagnostics (:mod:`fwjax.diagnostics`: state norm,
         retrieval error and cosine, β statistics, effective rank; one extra O(T·K·V) scan) as
         ``nnx.Intermediate`` values named ``memory`` when the call runs under
@@ -174,6 +176,7 @@ class FastWeightConfig:
     chunk_size: int | None = None
     diagnostics: bool = False
     pallas: PallasOptions | None = None
+    state_segments: int | None = None
 
     def __post_init__(self):
         for name, kind in (
@@ -212,6 +215,7 @@ class FastWeightConfig:
         if not self.norm_eps > 0:
             raise ValueError(f"norm_eps={self.norm_eps} must be > 0")
         _positive(chunk_size=self.chunk_size, allow_none=True)
+        _positive(state_segments=self.state_segments, allow_none=True)
         if isinstance(self.pallas, Mapping):
             object.__setattr__(self, "pallas", PallasOptions(**self.pallas))
         if not isinstance(self.pallas, PallasOptions | None):

@@ -131,7 +131,15 @@ def init_fast_weight_state(
 _ELU_P1 = FeatureMap()
 
 
-_STATIC = ("feature_map", "normalization", "update_rule", "impl", "chunk_size", "pallas")
+_STATIC = (
+    "feature_map",
+    "normalization",
+    "update_rule",
+    "impl",
+    "chunk_size",
+    "pallas",
+    "state_segments",
+)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -153,6 +161,7 @@ def fast_weight_attention(
     alpha: Alpha | None = None,
     pallas: PallasOptions | None = None,
     segment_ids: SegmentIds | None = None,
+    state_segments: int | None = None,
 ) -> tuple[Outputs, FastWeightState]:
     """Applies φ, the normalisation and the update rule; returns outputs and the carried memory.
 
@@ -194,6 +203,8 @@ def fast_weight_attention(
       segment_ids: packed rows, integer ``[B, T]`` document ids (:mod:`fwjax.ops.segments`):
         the memory and ``z`` are emptied at each document start (the first document continues
         ``state``); None: one sequence per row.
+      state_segments: the DELTA rule's CHUNKED form runs its chunk scans as this many parallel
+        segments (see :func:`delta_rule`); other rules and forms ignore it.
 
     Returns:
       ``(y, state)``: ``y [B, T, H, V]`` in the inputs' promoted dtype and the new
@@ -229,7 +240,7 @@ def fast_weight_attention(
         if update_rule is UpdateRule.GATED_DELTA:
             y, s = gated_delta_rule(fq, fk, v, beta, alpha, s0, scale, **forms)
         elif update_rule is UpdateRule.DELTA:
-            y, s = delta_rule(fq, fk, v, beta, s0, scale, **forms)
+            y, s = delta_rule(fq, fk, v, beta, s0, scale, **forms, state_segments=state_segments)
         else:
             y, s = sum_rule(fq, fk, v, s0, scale, **forms)
         return y.astype(out_dtype), FastWeightState(s, None)
@@ -255,7 +266,8 @@ def fast_weight_attention(
     if update_rule is UpdateRule.DELTA:
         d = jnp.einsum("bthk,bthk->bth", z_prev, fk)
         d = jnp.where(d == 0, jnp.ones_like(d), d)
-        y, s = delta_rule(fq, fk / d[..., None], v, beta * d, s0, scale, **forms)
+        k_d, beta_d = fk / d[..., None], beta * d
+        y, s = delta_rule(fq, k_d, v, beta_d, s0, scale, **forms, state_segments=state_segments)
     else:
         y, s = sum_rule(fq, fk, v, s0, scale, **forms)
     n = jnp.einsum("bthk,bthk->bth", z_incl, fq) + eps

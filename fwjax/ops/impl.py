@@ -111,12 +111,15 @@ class FormOptions:
         backward pass.
       pallas: the :class:`fwjax.ops.pallas.PallasOptions` of PALLAS; None: the defaults.
       out_dtype: the inputs' promoted dtype (PALLAS's default matmul operand dtype).
+      state_segments: the delta rule's CHUNKED form runs its chunk scans as this many
+        parallel segments (:mod:`fwjax.ops.state_split`); None: one sequential scan.
     """
 
     chunk_size: int
     remat_block: int
     pallas: PallasOptions | None
     out_dtype: jnp.dtype
+    state_segments: int | None = None
 
 
 def state_dtype(*dtypes) -> jnp.dtype:

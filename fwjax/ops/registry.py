@@ -38,6 +38,7 @@ from fwjax.ops.sum_rule import chunked as sum_chunked
 from fwjax.ops.sum_rule import pallas as sum_pallas
 from fwjax.ops.sum_rule import recurrent as sum_recurrent
 from fwjax.ops.sum_rule import reference as sum_reference
+from fwjax.validation import check_positive_ints
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +108,7 @@ def run_rule(
     pallas,
     remat_block=None,
     segment_ids=None,
+    state_segments=None,
 ):
     """Validates the inputs, resolves ``impl``, ``chunk_size``, ``remat_block`` and ``scale``,
     and runs ``rule``'s form; the arguments and result are those of the public op (e.g.
@@ -125,11 +127,13 @@ def run_rule(
         # recurrent form's rematerialised blocks cost +72–77 % (CPU, benchmarks/README.md).
         impl = Impl.CHUNKED
     impl = resolve_impl(impl)
+    check_positive_ints(allow_none=True, state_segments=state_segments)
     options = FormOptions(
         chunk_size=resolve_chunk_size(chunk_size),
         remat_block=resolve_chunk_size(remat_block, "remat_block"),
         pallas=pallas,
         out_dtype=p.out_dtype,
+        state_segments=state_segments,
     )
     scale = resolve_scale(scale, p.k.shape[-1])
     starts = None

@@ -1,6 +1,7 @@
 """NNX layers and models: shapes, state API (decode == parallel, carry == concatenation),
 parameter counts, every φ × rule × normalisation, dtype policy, config validation."""
 
+import importlib
 import itertools
 
 import jax
@@ -294,6 +295,33 @@ def test_retrieval_model_shapes_and_gradients(attention, rule):
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
 
 
+@pytest.mark.parametrize("norm", [Normalization.L2, Normalization.ATTENTION])
+def test_a_split_state_scan_gives_the_layer_the_same_outputs_and_gradients(norm, monkeypatch):
+    """``FastWeightConfig.state_segments`` reaches the delta rule's CHUNKED form (both the
+    plain and the attention-normalised delta rule) and changes nothing but rounding."""
+    chunked = importlib.import_module("fwjax.ops.delta_rule.chunked")
+    split = []
+    scan = chunked.segmented_scan
+    monkeypatch.setattr(
+        chunked, "segmented_scan", lambda *a, **kw: split.append(a[5]) or scan(*a, **kw)
+    )
+    jax.clear_caches()  # trace the ops again, through the spy
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 29, 8)), jnp.float32)
+    results = []
+    for segments in (None, 3):
+        cfg = FastWeightConfig(
+            normalization=norm, impl=Impl.CHUNKED, chunk_size=4, state_segments=segments
+        )
+        layer = FastWeightAttention(cfg, d_model=8, num_heads=2, rngs=nnx.Rngs(0))
+        loss = lambda m: jnp.sum(jnp.sin(m(x)[0]))
+        results.append(nnx.value_and_grad(loss)(layer))
+    assert 3 in split  # the forward and the backward chunk scans ran as 3 segments
+    got, expected = (jax.tree.leaves(r) for r in results)
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected, strict=True):
+        assert_close(g, e)
+
+
 def test_config_validation_names_the_values():
     with pytest.raises(ValueError, match="num_heads=3 must divide d_model=16"):
         ModelConfig(d_model=16, num_heads=3)
@@ -311,6 +339,8 @@ def test_config_validation_names_the_values():
         FastWeightConfig(feature_map=FeatureMap(FeatureMapKind.FAVOR_PLUS, num_features=0))
     with pytest.raises(ValueError, match="'bogus'"):
         FastWeightConfig(normalization="bogus")
+    with pytest.raises(ValueError, match="state_segments=0"):
+        FastWeightConfig(state_segments=0)
     with pytest.raises(ValueError, match="num_keys=0"):
         RetrievalConfig(num_keys=0, num_values=3)
     with pytest.raises(ValueError, match="d_embed=0"):

@@ -31,6 +31,7 @@ class Rule:
     has_beta: bool
     has_alpha: bool = False
     beta_offset: float = 0.0  # 1.0: β ∈ (1, 2), transitions with a negative eigenvalue
+    state_segments: int | None = None  # the delta rule's split state scan (CHUNKED)
 
     @property
     def impls(self):
@@ -69,6 +70,7 @@ class Rule:
                 chunk_size=chunk_size,
                 pallas=pallas,
                 segment_ids=kw.get("segment_ids"),
+                state_segments=self.state_segments,
             )
         return sum_rule(
             kw["q"],
@@ -112,6 +114,9 @@ PARITY_RULES = (*RULES, GATED)  # the parity suite also covers the gated delta r
 # and the custom VJPs must stay exact; the forward and VJP suites run these too.
 DELTA_NEG = Rule("delta_neg", has_beta=True, beta_offset=1.0)
 GATED_NEG = Rule("gated_neg", has_beta=True, has_alpha=True, beta_offset=1.0)
+# The CHUNKED delta rule's forward and backward chunk scans as 2 parallel segments
+# (fwjax.ops.state_split); 3 chunks are padded to 4, 4 chunks split evenly.
+DELTA_SPLIT = Rule("delta_split", has_beta=True, state_segments=2)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,7 +13,7 @@ from fwjax.ops.pallas import PallasOptions
 from fwjax.shapes import Beta, Keys, Outputs, Queries, Scale, SegmentIds, State, Values
 
 
-@functools.partial(jax.jit, static_argnames=("impl", "chunk_size", "pallas"))
+@functools.partial(jax.jit, static_argnames=("impl", "chunk_size", "pallas", "state_segments"))
 def delta_rule(
     q: Queries,
     k: Keys,
@@ -25,6 +25,7 @@ def delta_rule(
     chunk_size: int | None = None,
     pallas: PallasOptions | None = None,
     segment_ids: SegmentIds | None = None,
+    state_segments: int | None = None,
 ) -> tuple[Outputs, State]:
     """The delta rule fast weight memory.
 
@@ -60,6 +61,14 @@ def delta_rule(
         the memory is emptied before each document's first step, so every document computes
         what it would alone (:mod:`fwjax.ops.segments`). The first document continues
         ``initial_state``; the final state is the last document's. None: one sequence per row.
+      state_segments: CHUNKED only: run the forward and backward chunk scans as ``P``
+        parallel segments (each segment's affine map from a zero start, the ``P`` maps
+        combined in sequence, each segment rerun from its true incoming state;
+        :mod:`fwjax.ops.state_split`). Same result up to rounding, ``P`` times the
+        parallelism of the state chain for about twice its matmuls: for long sequences with
+        few ``B·H``. None: one sequential scan (the default on every backend until measured).
+        Packed rows (``segment_ids``) ignore it.
+
     Returns:
       ``(out, state)``: ``out [B, T, H, V]`` in the inputs' promoted dtype, and the final
       state ``S_T`` ``[B, H, K, V]`` in the state dtype (the inputs', initial state's and
@@ -80,6 +89,7 @@ def delta_rule(
         chunk_size,
         pallas,
         segment_ids=segment_ids,
+        state_segments=state_segments,
     )
 
 

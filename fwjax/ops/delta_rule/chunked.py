@@ -18,6 +18,11 @@ chunks in reverse with ``G = ∂L/∂S`` (state after the chunk)::
 
     Ũ̄ = Pᵀ Ō + K G,   P̄ = (Ō Ũᵀ) ⊙ M,   Q̄ = Ō S⁰ᵀ,   K̄ = Ũ Gᵀ,   W̄ = −Ũ̄ S⁰ᵀ,   Ū = Ũ̄
     G ← G + Qᵀ Ō − Wᵀ Ũ̄                                           (now ∂L/∂S⁰)
+
+Both chains are affine in their carry, ``S ← (I − KᵀW) S + KᵀU`` and
+``G ← (I − WᵀK) G + Qᵀ Ō − Wᵀ Pᵀ Ō``, so with ``state_segments = P > 1`` both scans run as
+``P`` parallel segments (:mod:`fwjax.ops.state_split`): more parallelism for long sequences
+with few batch elements and heads.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from fwjax.ops.common import (
     packed_chunks,
     wy_terms,
 )
+from fwjax.ops.state_split import pad_chunks, resolve_segments, segmented_scan
 
 
 def delta_wy_terms(q, k, v, beta):
@@ -57,50 +63,80 @@ def _chunk_backward(q_i, k_i, w_i, u_i, p_i, s_i, do_i, g):
     return g, (dq, dk, dw, du_tilde, dp)
 
 
-def _scan_forward(q, k, v, beta, s0, fused):
+def _forward_chain(s, inputs):
+    """The state update of :func:`fwjax.ops.common.chunk_forward` alone (no output)."""
+    k_i, w_i, u_i = inputs[1], inputs[2], inputs[3]
+    return s + mT(k_i) @ (u_i - w_i @ s)
+
+
+def _forward_linear(m, inputs):
+    """The linear part of :func:`_forward_chain`: ``(I − Kᵀ W) m``."""
+    k_i, w_i = inputs[1], inputs[2]
+    return m - mT(k_i) @ (w_i @ m)
+
+
+def _backward_chain(g, inputs):
+    """The ``G`` update of :func:`_chunk_backward` alone: ``G + Qᵀ Ō − Wᵀ (Pᵀ Ō + K G)``."""
+    q_i, k_i, w_i, _, p_i, _, do_i = inputs
+    return g + mT(q_i) @ do_i - mT(w_i) @ (mT(p_i) @ do_i + k_i @ g)
+
+
+def _backward_linear(m, inputs):
+    """The linear part of :func:`_backward_chain`: ``(I − Wᵀ K) m``."""
+    k_i, w_i = inputs[1], inputs[2]
+    return m - mT(w_i) @ (k_i @ m)
+
+
+def _scan_forward(q, k, v, beta, s0, fused, segments=1):
     """Phase 2 over all chunks; returns ``(O, S_final, states entering each chunk)``.
 
     ``fused``: compute each chunk's phase-1 terms inside the scan step (working set of one chunk,
     which stays in cache on CPU) instead of for all chunks up front (more parallelism).
+    ``segments``: the chunk scan as that many parallel segments (:mod:`fwjax.ops.state_split`;
+    phase 1 then runs for all chunks up front).
     """
-    if fused:
+    if fused and segments == 1:
 
         def chunk_step(s, inputs):
             q_i, k_i, v_i, beta_i = inputs
             o_i, s_new = chunk_forward(q_i, k_i, *delta_wy_terms(q_i, k_i, v_i, beta_i), s)
             return s_new, (o_i, s)
 
-        xs = (q, k, v, beta)
-    else:
+        s, (o, states) = jax.lax.scan(chunk_step, s0, (q, k, v, beta))
+        return o, s, states
 
-        def chunk_step(s, inputs):
-            o_i, s_new = chunk_forward(*inputs, s)
-            return s_new, (o_i, s)
+    def chunk_step(s, inputs):
+        o_i, s_new = chunk_forward(*inputs, s)
+        return s_new, (o_i, s)
 
-        xs = (q, k, *delta_wy_terms(q, k, v, beta))
-    s, (o, states) = jax.lax.scan(chunk_step, s0, xs)
-    return o, s, states
+    xs, n = pad_chunks((q, k, *delta_wy_terms(q, k, v, beta)), segments)
+    s, (o, states) = segmented_scan(chunk_step, _forward_chain, _forward_linear, s0, xs, segments)
+    return o[:n], s, states[:n]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def delta_chunks(q, k, v, beta, s0, fused):
-    """Chunked ``[N, B, H, C, .]`` inputs in the compute dtype -> (o [N, B, H, C, V], S)."""
-    o, s, _ = _scan_forward(q, k, v, beta, s0, fused)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def delta_chunks(q, k, v, beta, s0, fused, segments=1):
+    """Chunked ``[N, B, H, C, .]`` inputs in the compute dtype -> (o [N, B, H, C, V], S).
+
+    ``fused`` and ``segments``: the schedule of :func:`_scan_forward` (the backward pass uses
+    the same)."""
+    o, s, _ = _scan_forward(q, k, v, beta, s0, fused, segments)
     return o, s
 
 
-def _delta_chunks_fwd(q, k, v, beta, s0, fused):
-    o, s, states = _scan_forward(q, k, v, beta, s0, fused)
+def _delta_chunks_fwd(q, k, v, beta, s0, fused, segments):
+    o, s, states = _scan_forward(q, k, v, beta, s0, fused, segments)
     return (o, s), (q, k, v, beta, states)
 
 
-def delta_chunks_bwd(fused, residuals, cotangents):
+def delta_chunks_bwd(fused, segments, residuals, cotangents):
     """The VJP of :func:`delta_chunks` from its residuals ``(q, k, v, β, states)`` (``states``:
     the state entering each chunk, ``[N, B, H, K, V]``) and the cotangents ``(dO, dS)``;
-    returns ``(dq, dk, dv, dβ, dS⁰)``."""
+    returns ``(dq, dk, dv, dβ, dS⁰)``. ``segments > 1`` runs the reverse chunk scan as that many
+    parallel segments."""
     q, k, v, beta, states = residuals
     d_o, d_s = cotangents
-    if fused:
+    if fused and segments == 1:
 
         def chunk_step(g, inputs):
             q_i, k_i, v_i, beta_i, s_i, do_i = inputs
@@ -117,11 +153,12 @@ def delta_chunks_bwd(fused, residuals, cotangents):
     def chunk_step(g, inputs):
         return _chunk_backward(*inputs, g)
 
-    d_s0, (dq, dk, *d_wy) = jax.lax.scan(
-        chunk_step, d_s, (q, k, w, u, p, states, d_o), reverse=True
+    xs, n = pad_chunks((q, k, w, u, p, states, d_o), segments)
+    d_s0, (dq, dk, *d_wy) = segmented_scan(
+        chunk_step, _backward_chain, _backward_linear, d_s, xs, segments, reverse=True
     )
-    dq_wy, dk_wy, dv, d_beta = wy_vjp(tuple(d_wy))
-    return dq + dq_wy, dk + dk_wy, dv, d_beta, d_s0
+    dq_wy, dk_wy, dv, d_beta = wy_vjp(tuple(x[:n] for x in d_wy))
+    return dq[:n] + dq_wy, dk[:n] + dk_wy, dv, d_beta, d_s0
 
 
 delta_chunks.defvjp(_delta_chunks_fwd, delta_chunks_bwd)
@@ -135,7 +172,9 @@ _FUSED_PHASES = {"cpu": True}
 def delta_rule_chunked(q, k, v, gates, initial_state, scale, options):
     """See :func:`fwjax.ops.delta_rule`. Any ``T``: the tail is padded with zero keys and β = 0."""
     chunks = in_chunks(q, k, v, gates, initial_state, scale, options.chunk_size)
-    o, s = delta_chunks(*chunks, initial_state, fused_phases(jax.default_backend()))
+    segments = resolve_segments(options.state_segments, chunks[0].shape[0])
+    fused = fused_phases(jax.default_backend())
+    o, s = delta_chunks(*chunks, initial_state, fused, segments)
     return from_chunks(o, q.shape[1]), s
 
 

@@ -29,7 +29,7 @@ KERNEL = KernelRule(
     operands=OPERANDS,
     forward=cm.delta_forward,
     backward=cm.delta_backward,
-    xla_backward=functools.partial(delta_chunks_bwd, False),
+    xla_backward=functools.partial(delta_chunks_bwd, False, 1),
 )
 
 delta_rule_pallas = pallas_form(KERNEL)

@@ -1,0 +1,120 @@
+"""The split state scan: a scan over chunks whose carry is affine in itself, run as ``P``
+segments in parallel instead of one sequential chain.
+
+The chunkwise forms carry a ``[..., K, V]`` matrix across chunks with an affine update. For the
+delta rule's forward pass (``W, U``: the chunk's WY terms) and its backward pass (``G = ∂L/∂S``,
+walked in reverse)::
+
+    S ← (I − Kᵀ W) S + Kᵀ U                       (forward)
+    G ← (I − Wᵀ K) G + Qᵀ Ō − Wᵀ Pᵀ Ō             (backward)
+
+A sequential scan over ``N`` chunks has only ``B·H·(V / tile)`` independent chains; with long
+sequences and few heads that does not fill an accelerator (B 1, H 16 is 16 chains). Split the
+``N`` chunks into ``P`` segments of ``L = N / P``; then (the parallel prefix of affine maps,
+Blelloch, 1990, "Prefix sums and their applications", with one level)::
+
+    1. every segment in parallel, from a zero carry and from the identity:
+         b_p = the segment's chain applied to 0,   M_p = the product of its transitions
+    2. sequentially over the P segments (P small matrix products):
+         c_0 = carry₀,   c_{p+1} = M_p c_p + b_p
+    3. every segment in parallel: the original scan from its true incoming carry c_p
+
+Step 3 gives exactly what the sequential scan gives (outputs, per-chunk carries, final carry)
+up to rounding; steps 1 and 2 add about twice the chain's matmuls plus ``L`` products of
+``[K, K]`` matrices per segment, in exchange for ``P`` times the parallelism.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+
+def segmented_scan(
+    step: Callable,
+    chain: Callable,
+    linear: Callable,
+    init: jax.Array,
+    xs,
+    segments: int,
+    *,
+    reverse: bool = False,
+):
+    """``jax.lax.scan(step, init, xs, reverse=reverse)`` computed as ``segments`` parallel
+    segments, for a step whose carry update is affine.
+
+    Args:
+      step: ``step(carry, x) -> (carry', y)``, the scan's step; ``carry [..., K, V]``.
+      chain: ``chain(carry, x) -> carry'``, the carry update of ``step`` alone (cheaper: no
+        output); it must be affine, ``chain(c, x) = A_x c + b_x`` with ``A_x [..., K, K]``
+        acting from the left.
+      linear: ``linear(m, x) -> A_x m`` for ``m [..., K, K]``: the linear part of ``chain``.
+      init: the initial carry ``[..., K, V]``.
+      xs: the scanned inputs, a pytree of ``[N, ...]`` arrays; ``N`` must be a multiple of
+        ``segments`` (pad with chunks whose transition is the identity: zero keys).
+      segments: ``P``; 1 is the plain sequential scan.
+      reverse: scan from the last chunk to the first (the backward pass).
+
+    Returns:
+      ``(final carry, ys)`` as :func:`jax.lax.scan` returns them.
+
+    Raises:
+      ValueError: ``segments`` does not divide ``N``.
+    """
+    if segments == 1:
+        return jax.lax.scan(step, init, xs, reverse=reverse)
+    n = jax.tree.leaves(xs)[0].shape[0]
+    if segments < 1 or n % segments:
+        raise ValueError(f"{segments=} must be a positive divisor of the number of chunks {n=}")
+    per_segment = jax.tree.map(lambda x: x.reshape(segments, n // segments, *x.shape[1:]), xs)
+
+    # 1. Each segment's affine map (M_p, b_p), all segments at once.
+    def segment_map(x_segment):
+        k = init.shape[-2]
+        identity = jnp.broadcast_to(jnp.eye(k, dtype=init.dtype), (*init.shape[:-2], k, k))
+
+        def body(carry, x):
+            m, b = carry
+            return (linear(m, x), chain(b, x)), None
+
+        (m, b), _ = jax.lax.scan(body, (identity, jnp.zeros_like(init)), x_segment, reverse=reverse)
+        return m, b
+
+    maps = jax.vmap(segment_map)(per_segment)  # M [P, ..., K, K], b [P, ..., K, V]
+
+    # 2. The carry entering each segment: c_{p+1} = M_p c_p + b_p, in the scan's direction.
+    def combine(c, mb):
+        m, b = mb
+        return m @ c + b, c
+
+    _, incoming = jax.lax.scan(combine, init, maps, reverse=reverse)
+
+    # 3. Every segment's scan from its true incoming carry.
+    finals, ys = jax.vmap(lambda c, x: jax.lax.scan(step, c, x, reverse=reverse))(
+        incoming, per_segment
+    )
+    ys = jax.tree.map(lambda y: y.reshape(n, *y.shape[2:]), ys)
+    return finals[0 if reverse else -1], ys
+
+
+def pad_chunks(xs, segments: int):
+    """Pads the ``[N, ...]`` leaves of ``xs`` with zero chunks to a multiple of ``segments``;
+    returns ``(padded, N)``. Zero keys (and zero β, values, queries) make a chunk whose
+    transition is the identity and whose output is zero."""
+    n = jax.tree.leaves(xs)[0].shape[0]
+    extra = -n % segments
+    pad = lambda x: jnp.pad(x, [(0, extra)] + [(0, 0)] * (x.ndim - 1))
+    return jax.tree.map(pad, xs), n
+
+
+def resolve_segments(segments: int | None, num_chunks: int) -> int:
+    """``P`` for a scan over ``num_chunks`` chunks: ``segments`` capped at ``num_chunks``, or 1
+    (the sequential scan) when None. The automatic choice stays 1 on every backend until a GPU
+    measurement (``benchmarks/gpu_bench.py``, job ``split``) shows where splitting pays."""
+    if segments is None:
+        return 1
+    if segments < 1:
+        raise ValueError(f"{segments=} must be a positive integer")
+    return max(1, min(segments, num_chunks))
