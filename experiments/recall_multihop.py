@@ -11,9 +11,10 @@ object id to the same entity's subject id, find that pair. Model: the recipe of
 d_model 64, 2 heads, AdamW lr 3e-3, batch 64) with ``depth`` blocks: ``depth`` 1 is Zoology's
 2-layer model, which has one sequence-mixing lookup; ``depth`` 2 has two.
 
-Each point (depth, variant, seed) is written to ``experiments/results/recall_multihop/`` when it
-finishes (re-running resumes); ``recall_multihop.{md,csv}`` are rewritten after each. Reported:
-accuracy on 1-hop and 2-hop queries of 512 fixed evaluation sequences.
+Each point (depth, variant, steps, seed) is written to ``experiments/results/recall_multihop/``
+when it finishes (re-running resumes), with its evaluation curve; ``recall_multihop.{md,csv}``
+are rewritten after each. Reported: accuracy on 1-hop and 2-hop queries of 512 fixed evaluation
+sequences.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ OUT = RESULTS / "recall_multihop"
 TASK = MultiHopTask(num_chains=8, chain_length=2, max_hops=2, num_queries=8, num_entities=64)
 
 
-def run_point(point, *, steps: int, task: MultiHopTask = TASK, out: Path = OUT) -> dict:
-    depth, variant, seed = point
+def run_point(point, *, task: MultiHopTask = TASK, out: Path = OUT) -> dict:
+    depth, variant, steps, seed = point
     fields = training_fields(steps, 3e-3, seed)
     model = model_config(variant, 64, task.length, depth=depth, vocab_size=task.vocab_size)
     start = time.perf_counter()
@@ -51,40 +52,41 @@ def run_point(point, *, steps: int, task: MultiHopTask = TASK, out: Path = OUT) 
         hop1_accuracy=result.hop_accuracy.get(1),
         hop2_accuracy=result.hop_accuracy.get(2),
         seconds=time.perf_counter() - start,
+        # (step, eval accuracy over both hop counts) at each evaluation
+        curve=[[step, acc] for step, _, _, acc in result.history],
     )
     write_json_atomic(_path(point, out), record)
     return record
 
 
 def _path(point, out: Path = OUT) -> Path:
-    depth, variant, seed = point
-    return out / f"depth{depth}_{variant}_seed{seed}.json"
+    depth, variant, steps, seed = point
+    return out / f"depth{depth}_{variant}_steps{steps}_seed{seed}.json"
 
 
 def write_outputs(out: Path = OUT, results: Path = RESULTS) -> list[dict]:
     """Merges the point files into ``results/recall_multihop.{csv,md}``."""
     order = list(VARIANTS)
     records = sweep_lib.load_records(
-        out, lambda r: (r["depth"], order.index(r["variant"]), r["seed"])
+        out, lambda r: (r["depth"], order.index(r["variant"]), r["steps"], r["seed"])
     )
     columns = ["depth", "variant", "seed", "steps", "length", "accuracy"]
     columns += ["hop1_accuracy", "hop2_accuracy", "seconds"]
     sweep_lib.write_csv(records, results / "recall_multihop.csv", columns)
     groups: dict[tuple, list[dict]] = {}
     for r in records:
-        groups.setdefault((r["depth"], r["variant"]), []).append(r)
+        groups.setdefault((r["depth"], r["variant"], r["steps"]), []).append(r)
     lines = [
-        "| [BaseConv, mixer] blocks | mixer | seeds | 1-hop | 2-hop | s / point |",
-        "|---|---|---|---|---|---|",
+        "| [BaseConv, mixer] blocks | mixer | steps | seeds | 1-hop | 2-hop | s / point |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for (depth, variant), rs in groups.items():
+    for (depth, variant, steps), rs in groups.items():
         hop1, hop2, seconds = (
             statistics.mean(r[name] for r in rs)
             for name in ("hop1_accuracy", "hop2_accuracy", "seconds")
         )
-        lines.append(
-            f"| {depth} | {variant} | {len(rs)} | {hop1:.3f} | {hop2:.3f} | {seconds:.0f} |"
-        )
+        cells = [depth, variant, steps, len(rs), f"{hop1:.3f}", f"{hop2:.3f}", f"{seconds:.0f}"]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
     (results / "recall_multihop.md").write_text("\n".join(lines) + "\n")
     return records
 
@@ -94,18 +96,28 @@ def main(argv=None) -> None:
     parser.add_argument("--depth", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--variants", nargs="+", default=["softmax", "delta"])
     parser.add_argument("--seeds", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, nargs="+", default=[3000])
+    parser.add_argument(
+        "--workers", type=int, default=1, help="points at once, one core and XLA thread each"
+    )
     parser.add_argument("--quick", action="store_true", help="one point, 10 steps, into /tmp")
     args = parser.parse_args(argv)
     out, results = OUT, RESULTS
     if args.quick:
         out = results = Path("/tmp/fwjax_recall_multihop_quick")
-        args.depth, args.variants, args.seeds, args.steps = [1], ["softmax"], 1, 10
+        args.depth, args.variants, args.seeds, args.steps = [1], ["softmax"], 1, [10]
     out.mkdir(parents=True, exist_ok=True)
-    points = [(d, v, s) for d in args.depth for v in args.variants for s in range(args.seeds)]
+    points = [
+        (d, v, steps, s)
+        for d in args.depth
+        for v in args.variants
+        for steps in args.steps
+        for s in range(args.seeds)
+    ]
     sweep_lib.run_points(
         points,
-        functools.partial(run_point, steps=args.steps, out=out),
+        functools.partial(run_point, out=out),
+        workers=args.workers,
         path=functools.partial(_path, out=out),
         write_outputs=functools.partial(write_outputs, out, results),
         describe=lambda p, r: (

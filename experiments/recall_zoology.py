@@ -2,7 +2,7 @@
 with one recipe.
 
     python -m experiments.recall_zoology [--length 64] [--pairs 4 8 16] [--d-model 64]
-        [--lr 3e-3] [--seeds 1] [--quick]
+        [--lr 3e-3] [--steps 2000] [--seeds 1] [--workers 1] [--quick]
 
 Data: :class:`~fwjax.data.recall.ZoologyMQARTask` (Zoology's generator: vocabulary 1024 here,
 power-law query gaps, random filler). Model, identical for every variant but the sequence mixer
@@ -11,13 +11,16 @@ block is Zoology's gated short convolution (``base_conv``, kernel 3) and whose s
 sequence mixer; no feed-forward (``d_ff = 0``), no positions, pre-LN, 2 heads. AdamW (lr
 ``--lr``, 100 warmup, cosine, wd 0.1), batch 64, ``--steps`` steps; evaluation on 512 fixed
 sequences. Variants: ``softmax``; ``sum`` (ELU+1, attention normalisation: the linear
-transformer); ``delta`` (identity φ, L2: DeltaNet); ``gated_delta`` (identity φ, L2).
+transformer); ``sum_dpfp`` (DPFP-1, attention normalisation); ``delta`` (identity φ, L2:
+DeltaNet); ``delta_sumnorm`` (ELU+1, sum normalisation: the paper's delta rule);
+``gated_delta`` (identity φ, L2).
 
-Each point (length, pairs, d_model, variant, learning rate, seed) is written to
-``experiments/results/recall_zoology/`` when it finishes (re-running resumes);
-``recall_zoology.{md,csv,png}`` are rewritten after each. Several ``--lr`` values make a
-learning-rate sweep: the table and figure report, per model and grid point, the learning rate
-with the best mean accuracy over seeds (as Zoology reports the best of its sweep).
+Each point (length, pairs, d_model, variant, learning rate, steps, seed) is written to
+``experiments/results/recall_zoology/`` when it finishes (re-running resumes), with its
+evaluation curve; ``recall_zoology.{md,csv,png}`` are rewritten after each. Several ``--lr`` or
+``--steps`` values make a sweep: the table and figure report, per model and grid point, the
+(learning rate, steps) setting with the best mean accuracy over seeds (as Zoology reports the
+best of its sweep).
 """
 
 from __future__ import annotations
@@ -47,7 +50,17 @@ VARIANTS: dict[str, FastWeightConfig | None] = {
         normalization=Normalization.ATTENTION,
         update_rule=UpdateRule.SUM,
     ),
+    "sum_dpfp": FastWeightConfig(
+        feature_map=FeatureMap(FeatureMapKind.DPFP, nu=1),
+        normalization=Normalization.ATTENTION,
+        update_rule=UpdateRule.SUM,
+    ),
     "delta": FastWeightConfig(**_L2, update_rule=UpdateRule.DELTA),
+    "delta_sumnorm": FastWeightConfig(
+        feature_map=FeatureMap(FeatureMapKind.ELU_P1),
+        normalization=Normalization.SUM,
+        update_rule=UpdateRule.DELTA,
+    ),
     "gated_delta": FastWeightConfig(**_L2, update_rule=UpdateRule.GATED_DELTA),
 }
 
@@ -89,8 +102,8 @@ def training_fields(steps: int, lr: float, seed: int) -> dict:
     }
 
 
-def run_point(point, *, steps: int, out: Path = OUT) -> dict:
-    length, pairs, d_model, variant, lr, seed = point
+def run_point(point, *, out: Path = OUT) -> dict:
+    length, pairs, d_model, variant, lr, steps, seed = point
     task = ZoologyMQARTask(vocab_size=VOCAB, length=length, num_pairs=pairs)
     fields = training_fields(steps, lr, seed)
     start = time.perf_counter()
@@ -108,23 +121,29 @@ def run_point(point, *, steps: int, out: Path = OUT) -> dict:
         accuracy=result.accuracy,
         loss=result.loss,
         seconds=time.perf_counter() - start,
+        # (step, eval accuracy) at each of the evaluations: whether accuracy still rises
+        curve=[[step, acc] for step, _, _, acc in result.history],
     )
     write_json_atomic(_path(point, out), record)
     return record
 
 
 def _path(point, out: Path = OUT) -> Path:
-    length, pairs, d_model, variant, lr, seed = point
-    return out / f"T{length}_p{pairs}_d{d_model}_{variant}_lr{lr:g}_seed{seed}.json"
+    length, pairs, d_model, variant, lr, steps, seed = point
+    name = f"T{length}_p{pairs}_d{d_model}_{variant}_lr{lr:g}_steps{steps}_seed{seed}.json"
+    return out / name
 
 
-def best_by_lr(records: list[dict]) -> dict[tuple, tuple[float, list[dict]]]:
-    """Per ``(length, d_model, pairs, variant)``: the learning rate whose seeds' mean accuracy
-    is highest, and those seeds' records."""
-    runs: dict[tuple, dict[float, list[dict]]] = {}
+def _grid_key(record: dict) -> tuple:
+    return (record["length"], record["d_model"], record["pairs"], record["variant"])
+
+
+def best_setting(records: list[dict]) -> dict[tuple, tuple[tuple[float, int], list[dict]]]:
+    """Per ``(length, d_model, pairs, variant)``: the ``(lr, steps)`` setting whose seeds' mean
+    accuracy is highest, and those seeds' records."""
+    runs: dict[tuple, dict[tuple[float, int], list[dict]]] = {}
     for r in records:
-        key = (r["length"], r["d_model"], r["pairs"], r["variant"])
-        runs.setdefault(key, {}).setdefault(r["lr"], []).append(r)
+        runs.setdefault(_grid_key(r), {}).setdefault((r["lr"], r["steps"]), []).append(r)
     mean = lambda rs: statistics.mean(r["accuracy"] for r in rs)
     return {key: max(by_lr.items(), key=lambda kv: mean(kv[1])) for key, by_lr in runs.items()}
 
@@ -137,6 +156,7 @@ def write_outputs(out: Path = OUT, results: Path = RESULTS) -> list[dict]:
         r["pairs"],
         list(VARIANTS).index(r["variant"]),
         r["lr"],
+        r["steps"],
         r["seed"],
     )
     records = sweep_lib.load_records(out, key)
@@ -154,7 +174,7 @@ def write_outputs(out: Path = OUT, results: Path = RESULTS) -> list[dict]:
         "seconds",
     ]
     sweep_lib.write_csv(records, results / "recall_zoology.csv", columns)
-    best = best_by_lr(records)
+    best = best_setting(records)
     names = [v for v in VARIANTS if any(r["variant"] == v for r in records)]
     lines = [
         "| T | d_model | pairs | " + " | ".join(names) + " |",
@@ -166,11 +186,13 @@ def write_outputs(out: Path = OUT, results: Path = RESULTS) -> list[dict]:
             if (length, d_model, pairs, v) not in best:
                 cells.append("–")
                 continue
-            lr, rs = best[length, d_model, pairs, v]
+            (lr, steps), rs = best[length, d_model, pairs, v]
             accs = [r["accuracy"] for r in rs]
             spread = f", {min(accs):.3f}–{max(accs):.3f}" if len(accs) > 1 else ""
-            lrs = {r["lr"] for r in records if r["variant"] == v and r["pairs"] == pairs}
-            sweep = f", lr {lr:g}" + (f" of {len(lrs)}" if len(lrs) > 1 else "")
+            point = (length, d_model, pairs, v)
+            tried = {(r["lr"], r["steps"]) for r in records if _grid_key(r) == point}
+            sweep = f", lr {lr:g}, {steps} steps"
+            sweep += f"; best of {len(tried)}" if len(tried) > 1 else ""
             seeds = f"{len(accs)} seed" + "s" * (len(accs) > 1)
             cells.append(f"{statistics.mean(accs):.3f} ({seeds}{spread}{sweep})")
         lines.append(f"| {length} | {d_model} | {pairs} | " + " | ".join(cells) + " |")
@@ -180,38 +202,61 @@ def write_outputs(out: Path = OUT, results: Path = RESULTS) -> list[dict]:
     return records
 
 
-def plot(best: dict[tuple, tuple[float, list[dict]]], names: list[str], path: Path) -> None:
-    """Zoology's figure: one panel per sequence length, accuracy (best learning rate, mean over
-    seeds; dots: each seed) against the number of key-value pairs, one line per model and
-    d_model."""
+def plot(best: dict[tuple, tuple[tuple, list[dict]]], names: list[str], path: Path) -> None:
+    """Zoology's figure: one column per sequence length. Top row: accuracy (best setting, mean
+    over seeds; dots: each seed) against the number of key-value pairs, one line per model
+    and d_model. Bottom row (when several d_model were run): accuracy against d_model, the
+    state size axis of Zoology's figure, one line per model and number of pairs."""
     from experiments import plotting
 
     lengths = sorted({k[0] for k in best})
     dims = sorted({k[1] for k in best})
+    rows = 2 if len(dims) > 1 else 1
+    styles = ("-", "--", ":", "-.")
+
+    def draw(ax, keys, x_of, color, style, label):
+        xs = [x_of(k) for k in keys]
+        accs = [[r["accuracy"] for r in best[k][1]] for k in keys]
+        ax.plot(xs, [statistics.mean(a) for a in accs], "o" + style, color=color, label=label)
+        for x, a in zip(xs, accs, strict=True):
+            ax.plot([x] * len(a), a, ".", color=color, alpha=0.4)
+
     with plotting.style() as plt:
         fig, axes = plt.subplots(
-            1, len(lengths), figsize=(5 * len(lengths), 4), squeeze=False, layout="constrained"
+            rows,
+            len(lengths),
+            figsize=(5 * len(lengths), 4 * rows),
+            squeeze=False,
+            layout="constrained",
         )
-        for ax, length in zip(axes[0], lengths, strict=True):
+        for col, length in enumerate(lengths):
+            at = [k for k in best if k[0] == length]
             for i, v in enumerate(names):
                 for j, d in enumerate(dims):
-                    keys = sorted(k for k in best if k[0] == length and k[1] == d and k[3] == v)
-                    if not keys:
-                        continue
-                    pairs = [k[2] for k in keys]
-                    accs = [[r["accuracy"] for r in best[k][1]] for k in keys]
-                    style = ("-", "--", ":")[j % 3]
-                    label = v if len(dims) == 1 else f"{v}, d {d}"
-                    means = [statistics.mean(a) for a in accs]
-                    ax.plot(pairs, means, "o" + style, color=f"C{i}", label=label)
-                    for p, a in zip(pairs, accs, strict=True):
-                        ax.plot([p] * len(a), a, ".", color=f"C{i}", alpha=0.4)
-            ax.set_xscale("log", base=2)
-            ax.set_ylim(0, 1.05)
-            ax.set_title(f"MQAR (Zoology protocol), T {length}")
-            ax.set_xlabel("key-value pairs")
-            ax.set_ylabel("answer accuracy")
-        axes[0][-1].legend(fontsize=7, loc="lower left")
+                    keys = sorted(k for k in at if k[1] == d and k[3] == v)
+                    if keys:
+                        label = v if len(dims) == 1 else f"{v}, d {d}"
+                        draw(axes[0][col], keys, lambda k: k[2], f"C{i}", styles[j % 4], label)
+                if rows == 2:
+                    pairs = sorted({k[2] for k in at if k[3] == v})
+                    for j, p in enumerate(pairs):
+                        keys = sorted(k for k in at if k[2] == p and k[3] == v)
+                        if len(keys) > 1:
+                            label = f"{v}, {p} pairs"
+                            draw(axes[1][col], keys, lambda k: k[1], f"C{i}", styles[j % 4], label)
+            axes[0][col].set_xlabel("key-value pairs")
+            axes[0][col].set_title(f"MQAR (Zoology protocol), T {length}")
+            if rows == 2:
+                axes[1][col].set_xlabel("d_model (state size)")
+                axes[1][col].set_title(f"T {length}: accuracy vs model dimension")
+            for ax in axes[:, col]:
+                ax.set_xscale("log", base=2)
+                ax.set_ylim(0, 1.05)
+                ax.set_ylabel("answer accuracy")
+        for row in axes:
+            handles = [ax for ax in row if ax.get_legend_handles_labels()[0]]
+            if handles:
+                handles[-1].legend(fontsize=7, loc="lower left")
         fig.savefig(path)
         plt.close(fig)
 
@@ -223,27 +268,32 @@ def main(argv=None) -> None:
     parser.add_argument("--d-model", type=int, nargs="+", default=[64])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
     parser.add_argument("--seeds", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--steps", type=int, nargs="+", default=[2000])
     parser.add_argument("--lr", type=float, nargs="+", default=[3e-3])
+    parser.add_argument(
+        "--workers", type=int, default=1, help="points at once, one core and XLA thread each"
+    )
     parser.add_argument("--quick", action="store_true", help="one point, 10 steps, into /tmp")
     args = parser.parse_args(argv)
     out, results = OUT, RESULTS
     if args.quick:
         out = results = Path("/tmp/fwjax_recall_zoology_quick")
-        args.pairs, args.d_model, args.seeds, args.steps = [4], [64], 1, 10
+        args.pairs, args.d_model, args.seeds, args.steps = [4], [64], 1, [10]
     out.mkdir(parents=True, exist_ok=True)
     points = [
-        (n, p, d, v, lr, s)
+        (n, p, d, v, lr, steps, s)
         for n in args.length
         for d in args.d_model
         for p in args.pairs
         for v in args.variants
         for lr in args.lr
+        for steps in args.steps
         for s in range(args.seeds)
     ]
     sweep_lib.run_points(
         points,
-        functools.partial(run_point, steps=args.steps, out=out),
+        functools.partial(run_point, out=out),
+        workers=args.workers,
         path=functools.partial(_path, out=out),
         write_outputs=functools.partial(write_outputs, out, results),
         describe=lambda p, r: f"{p}: accuracy {r['accuracy']:.3f} ({r['seconds']:.0f} s)",

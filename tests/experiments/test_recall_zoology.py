@@ -12,31 +12,35 @@ from experiments import recall_zoology
 
 
 def test_a_tiny_point_is_written_and_skipped_when_run_again(tmp_path):
-    point = (32, 4, 16, "delta", 1e-3, 0)
-    record = recall_zoology.run_point(point, steps=2, out=tmp_path)
+    point = (32, 4, 16, "delta", 1e-3, 2, 0)
+    record = recall_zoology.run_point(point, out=tmp_path)
     assert json.loads(recall_zoology._path(point, tmp_path).read_text()) == record
     assert 0.0 <= record["accuracy"] <= 1.0 and record["pairs"] == 4 and record["length"] == 32
     records = recall_zoology.write_outputs(tmp_path, tmp_path)
     table = (tmp_path / "recall_zoology.md").read_text().splitlines()
     assert len(records) == 1 and table[2].startswith("| 32 | 16 | 4 | ")
-    assert "lr 0.001" in table[2] and (tmp_path / "recall_zoology.png").stat().st_size > 0
+    assert [step for step, _ in record["curve"]] == [1, 2]
+    assert "lr 0.001, 2 steps" in table[2] and (tmp_path / "recall_zoology.png").stat().st_size > 0
 
 
-def test_the_table_reports_the_best_learning_rate_of_each_model():
-    def record(lr, seed, accuracy):
+def test_the_table_reports_the_best_setting_of_each_model():
+    def record(lr, seed, accuracy, steps=2000):
         keys = dict(length=64, d_model=64, pairs=8, variant="delta")
-        return dict(keys, lr=lr, seed=seed, accuracy=accuracy)
+        return dict(keys, lr=lr, steps=steps, seed=seed, accuracy=accuracy)
 
     records = [record(1e-3, 0, 0.9), record(1e-3, 1, 0.5), record(3e-3, 0, 0.8)]
-    records.append(record(3e-3, 1, 0.8))
-    lr, runs = recall_zoology.best_by_lr(records)[64, 64, 8, "delta"]
-    assert lr == 3e-3 and [r["seed"] for r in runs] == [0, 1]
+    records += [record(3e-3, 1, 0.8), record(3e-3, 0, 0.79, steps=6000)]
+    setting, runs = recall_zoology.best_setting(records)[64, 64, 8, "delta"]
+    assert setting == (3e-3, 2000) and [r["seed"] for r in runs] == [0, 1]
+    records.append(record(3e-3, 1, 0.9, steps=6000))
+    setting, runs = recall_zoology.best_setting(records)[64, 64, 8, "delta"]
+    assert setting == (3e-3, 6000) and [r["accuracy"] for r in runs] == [0.79, 0.9]
 
 
 @pytest.mark.slow  # ~2 min on 2 CPU cores
 def test_softmax_attention_solves_zoology_mqar(tmp_path):
     """T 64, 8 pairs, vocabulary 1024, d_model 64: ≥ 0.99 answer accuracy in 2000 steps
     (measured 0.9985); fails if the model stack or the recipe regresses."""
-    point = (64, 8, 64, "softmax", 3e-3, 0)
-    record = recall_zoology.run_point(point, steps=2000, out=tmp_path)
+    point = (64, 8, 64, "softmax", 3e-3, 2000, 0)
+    record = recall_zoology.run_point(point, out=tmp_path)
     assert record["accuracy"] >= 0.99
