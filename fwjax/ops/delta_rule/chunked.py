@@ -64,36 +64,44 @@ def _chunk_backward(q_i, k_i, w_i, u_i, p_i, s_i, do_i, g):
 
 
 def _forward_chain(s, inputs):
-    """The state update of :func:`fwjax.ops.common.chunk_forward` alone (no output)."""
-    k_i, w_i, u_i = inputs[1], inputs[2], inputs[3]
+    """The state update of one chunk, ``S + Kᵀ (U − W S)`` (inputs ``(K, W, U)``)."""
+    k_i, w_i, u_i = inputs
     return s + mT(k_i) @ (u_i - w_i @ s)
 
 
 def _forward_linear(m, inputs):
     """The linear part of :func:`_forward_chain`: ``(I − Kᵀ W) m``."""
-    k_i, w_i = inputs[1], inputs[2]
+    k_i, w_i, _ = inputs
     return m - mT(k_i) @ (w_i @ m)
 
 
 def _backward_chain(g, inputs):
-    """The ``G`` update of :func:`_chunk_backward` alone: ``G + Qᵀ Ō − Wᵀ (Pᵀ Ō + K G)``."""
-    q_i, k_i, w_i, _, p_i, _, do_i = inputs
-    return g + mT(q_i) @ do_i - mT(w_i) @ (mT(p_i) @ do_i + k_i @ g)
+    """The ``G`` update of one chunk, ``G + H − Wᵀ K G`` (inputs ``(K, W, H)``, with
+    ``H = Qᵀ Ō − Wᵀ Pᵀ Ō`` the part that does not depend on ``G``)."""
+    k_i, w_i, h_i = inputs
+    return g + h_i - mT(w_i) @ (k_i @ g)
 
 
 def _backward_linear(m, inputs):
     """The linear part of :func:`_backward_chain`: ``(I − Wᵀ K) m``."""
-    k_i, w_i = inputs[1], inputs[2]
+    k_i, w_i, _ = inputs
     return m - mT(w_i) @ (k_i @ m)
+
+
+def _emit_carry(chain):
+    """A scan step that applies ``chain`` and emits the carry it was given."""
+    return lambda carry, inputs: (chain(carry, inputs), carry)
 
 
 def _scan_forward(q, k, v, beta, s0, fused, segments=1):
     """Phase 2 over all chunks; returns ``(O, S_final, states entering each chunk)``.
 
-    ``fused``: compute each chunk's phase-1 terms inside the scan step (working set of one chunk,
-    which stays in cache on CPU) instead of for all chunks up front (more parallelism).
-    ``segments``: the chunk scan as that many parallel segments (:mod:`fwjax.ops.state_split`;
-    phase 1 then runs for all chunks up front).
+    ``fused``: compute each chunk's phase-1 terms and output inside the scan step (working set
+    of one chunk, which stays in cache on CPU). Otherwise (the accelerator schedule of
+    flash-linear-attention's ``chunk_delta_h`` + ``chunk_o``): phase 1 for all chunks at once,
+    a scan that carries only the state chain ``S ← S + Kᵀ (U − W S)`` (two matmuls per chunk),
+    then every chunk's output ``O = Q S + P (U − W S)`` at once. ``segments``: that chain as
+    so many parallel segments (:mod:`fwjax.ops.state_split`).
     """
     if fused and segments == 1:
 
@@ -105,13 +113,13 @@ def _scan_forward(q, k, v, beta, s0, fused, segments=1):
         s, (o, states) = jax.lax.scan(chunk_step, s0, (q, k, v, beta))
         return o, s, states
 
-    def chunk_step(s, inputs):
-        o_i, s_new = chunk_forward(*inputs, s)
-        return s_new, (o_i, s)
-
-    xs, n = pad_chunks((q, k, *delta_wy_terms(q, k, v, beta)), segments)
-    s, (o, states) = segmented_scan(chunk_step, _forward_chain, _forward_linear, s0, xs, segments)
-    return o[:n], s, states[:n]
+    w, u, p = delta_wy_terms(q, k, v, beta)
+    xs, n = pad_chunks((k, w, u), segments)
+    step = _emit_carry(_forward_chain)
+    s, states = segmented_scan(step, _forward_chain, _forward_linear, s0, xs, segments)
+    states = states[:n]
+    o = q @ states + p @ (u - w @ states)  # every chunk at once
+    return o, s, states
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
@@ -132,8 +140,12 @@ def _delta_chunks_fwd(q, k, v, beta, s0, fused, segments):
 def delta_chunks_bwd(fused, segments, residuals, cotangents):
     """The VJP of :func:`delta_chunks` from its residuals ``(q, k, v, β, states)`` (``states``:
     the state entering each chunk, ``[N, B, H, K, V]``) and the cotangents ``(dO, dS)``;
-    returns ``(dq, dk, dv, dβ, dS⁰)``. ``segments > 1`` runs the reverse chunk scan as that many
-    parallel segments."""
+    returns ``(dq, dk, dv, dβ, dS⁰)``.
+
+    Unfused, the mirror of the forward schedule: the chain ``G ← G + H − Wᵀ K G`` alone in a
+    reverse scan (two matmuls per chunk; ``H = Qᵀ Ō − Wᵀ Pᵀ Ō`` for all chunks beforehand, as
+    ``segments`` parallel segments when ``segments > 1``), then every chunk's gradients at once
+    from its incoming state and its ``G``."""
     q, k, v, beta, states = residuals
     d_o, d_s = cotangents
     if fused and segments == 1:
@@ -149,16 +161,21 @@ def delta_chunks_bwd(fused, segments, residuals, cotangents):
         return (*grads, d_s0)
 
     (w, u, p), wy_vjp = jax.vjp(delta_wy_terms, q, k, v, beta)  # recompute phase 1
-
-    def chunk_step(g, inputs):
-        return _chunk_backward(*inputs, g)
-
-    xs, n = pad_chunks((q, k, w, u, p, states, d_o), segments)
-    d_s0, (dq, dk, *d_wy) = segmented_scan(
-        chunk_step, _backward_chain, _backward_linear, d_s, xs, segments, reverse=True
+    h = mT(q) @ d_o - mT(w) @ (mT(p) @ d_o)
+    xs, n = pad_chunks((k, w, h), segments)
+    step = _emit_carry(_backward_chain)  # emits G = ∂L/∂S after each chunk
+    d_s0, g = segmented_scan(
+        step, _backward_chain, _backward_linear, d_s, xs, segments, reverse=True
     )
-    dq_wy, dk_wy, dv, d_beta = wy_vjp(tuple(x[:n] for x in d_wy))
-    return dq[:n] + dq_wy, dk[:n] + dk_wy, dv, d_beta, d_s0
+    g = g[:n]
+    # Every chunk's gradients at once (the terms of _chunk_backward).
+    u_tilde = u - w @ states
+    du_tilde = mT(p) @ d_o + k @ g
+    mask = causal_mask(q.shape[-2], include_diagonal=True)
+    dp = jnp.where(mask, d_o @ mT(u_tilde), 0)
+    dw = -du_tilde @ mT(states)
+    dq_wy, dk_wy, dv, d_beta = wy_vjp((dw, du_tilde, dp))
+    return d_o @ mT(states) + dq_wy, u_tilde @ mT(g) + dk_wy, dv, d_beta, d_s0
 
 
 delta_chunks.defvjp(_delta_chunks_fwd, delta_chunks_bwd)
