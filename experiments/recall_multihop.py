@@ -1,7 +1,7 @@
 """Multi-hop recall under Zoology's model recipe: does depth let softmax attention compose lookups?
 
     python -m experiments.recall_multihop [--depth 1 2] [--variants softmax delta] [--seeds 1]
-        [--steps 3000] [--quick]
+        [--steps 3000] [--d-ff 0] [--quick]
 
 Task: :class:`~fwjax.data.recall.MultiHopTask` with 8 chains of 2 links over 64 entities, no
 distractors, 8 queries per sequence, half of them 1-hop and half 2-hop (``T = 57``). A 2-hop
@@ -9,12 +9,14 @@ query ``HOP_2 e`` needs two lookups in sequence: find the pair whose subject is 
 object id to the same entity's subject id, find that pair. Model: the recipe of
 :mod:`experiments.recall_zoology` (``[BaseConv, mixer]`` blocks, no feed-forward, no positions,
 d_model 64, 2 heads, AdamW lr 3e-3, batch 64) with ``depth`` blocks: ``depth`` 1 is Zoology's
-2-layer model, which has one sequence-mixing lookup; ``depth`` 2 has two.
+2-layer model, which has one sequence-mixing lookup; ``depth`` 2 has two. ``--d-ff`` adds a
+feed-forward layer to every block (Zoology's recall models have none): a per-token map that can
+turn an entity's object id into its subject id between the two lookups.
 
-Each point (depth, variant, steps, seed) is written to ``experiments/results/recall_multihop/``
-when it finishes (re-running resumes), with its evaluation curve; ``recall_multihop.{md,csv}``
-are rewritten after each. Reported: accuracy on 1-hop and 2-hop queries of 512 fixed evaluation
-sequences.
+Each point (depth, d_ff, variant, steps, seed) is written to
+``experiments/results/recall_multihop/`` when it finishes (re-running resumes), with its
+evaluation curve; ``recall_multihop.{md,csv}`` are rewritten after each. Reported: accuracy on
+1-hop and 2-hop queries of 512 fixed evaluation sequences.
 """
 
 from __future__ import annotations
@@ -37,13 +39,16 @@ TASK = MultiHopTask(num_chains=8, chain_length=2, max_hops=2, num_queries=8, num
 
 
 def run_point(point, *, task: MultiHopTask = TASK, out: Path = OUT) -> dict:
-    depth, variant, steps, seed = point
+    depth, d_ff, variant, steps, seed = point
     fields = training_fields(steps, 3e-3, seed)
-    model = model_config(variant, 64, task.length, depth=depth, vocab_size=task.vocab_size)
+    model = model_config(
+        variant, 64, task.length, depth=depth, vocab_size=task.vocab_size, d_ff=d_ff
+    )
     start = time.perf_counter()
     result = run_recall(recall_train_config(task, model, fields))
     record = dict(
         depth=depth,
+        d_ff=d_ff,
         variant=variant,
         seed=seed,
         steps=steps,
@@ -60,32 +65,34 @@ def run_point(point, *, task: MultiHopTask = TASK, out: Path = OUT) -> dict:
 
 
 def _path(point, out: Path = OUT) -> Path:
-    depth, variant, steps, seed = point
-    return out / f"depth{depth}_{variant}_steps{steps}_seed{seed}.json"
+    depth, d_ff, variant, steps, seed = point
+    return out / f"depth{depth}_ff{d_ff}_{variant}_steps{steps}_seed{seed}.json"
 
 
 def write_outputs(out: Path = OUT, results: Path = RESULTS) -> list[dict]:
     """Merges the point files into ``results/recall_multihop.{csv,md}``."""
     order = list(VARIANTS)
     records = sweep_lib.load_records(
-        out, lambda r: (r["depth"], order.index(r["variant"]), r["steps"], r["seed"])
+        out,
+        lambda r: (r["depth"], r["d_ff"], order.index(r["variant"]), r["steps"], r["seed"]),
     )
-    columns = ["depth", "variant", "seed", "steps", "length", "accuracy"]
+    columns = ["depth", "d_ff", "variant", "seed", "steps", "length", "accuracy"]
     columns += ["hop1_accuracy", "hop2_accuracy", "seconds"]
     sweep_lib.write_csv(records, results / "recall_multihop.csv", columns)
     groups: dict[tuple, list[dict]] = {}
     for r in records:
-        groups.setdefault((r["depth"], r["variant"], r["steps"]), []).append(r)
+        groups.setdefault((r["depth"], r["d_ff"], r["variant"], r["steps"]), []).append(r)
     lines = [
-        "| [BaseConv, mixer] blocks | mixer | steps | seeds | 1-hop | 2-hop | s / point |",
-        "|---|---|---|---|---|---|---|",
+        "| [BaseConv, mixer] blocks | d_ff | mixer | steps | seeds | 1-hop | 2-hop | s / point |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for (depth, variant, steps), rs in groups.items():
+    for (depth, d_ff, variant, steps), rs in groups.items():
         hop1, hop2, seconds = (
             statistics.mean(r[name] for r in rs)
             for name in ("hop1_accuracy", "hop2_accuracy", "seconds")
         )
-        cells = [depth, variant, steps, len(rs), f"{hop1:.3f}", f"{hop2:.3f}", f"{seconds:.0f}"]
+        cells = [depth, d_ff, variant, steps, len(rs)]
+        cells += [f"{hop1:.3f}", f"{hop2:.3f}", f"{seconds:.0f}"]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     (results / "recall_multihop.md").write_text("\n".join(lines) + "\n")
     return records
@@ -97,6 +104,7 @@ def main(argv=None) -> None:
     parser.add_argument("--variants", nargs="+", default=["softmax", "delta"])
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--steps", type=int, nargs="+", default=[3000])
+    parser.add_argument("--d-ff", type=int, nargs="+", default=[0])
     parser.add_argument(
         "--workers", type=int, default=1, help="points at once, one core and XLA thread each"
     )
@@ -108,8 +116,9 @@ def main(argv=None) -> None:
         args.depth, args.variants, args.seeds, args.steps = [1], ["softmax"], 1, [10]
     out.mkdir(parents=True, exist_ok=True)
     points = [
-        (d, v, steps, s)
+        (d, ff, v, steps, s)
         for d in args.depth
+        for ff in args.d_ff
         for v in args.variants
         for steps in args.steps
         for s in range(args.seeds)

@@ -66,10 +66,16 @@ VARIANTS: dict[str, FastWeightConfig | None] = {
 
 
 def model_config(
-    variant: str, d_model: int, length: int = 64, *, depth: int = 1, vocab_size: int = VOCAB
+    variant: str,
+    d_model: int,
+    length: int = 64,
+    *,
+    depth: int = 1,
+    vocab_size: int = VOCAB,
+    d_ff: int = 0,
 ) -> ModelConfig:
     """Zoology's recall model: ``depth`` × [BaseConv, mixer] (``depth`` 1: Zoology's 2 layers),
-    no feed-forward, no positions, 2 heads."""
+    no feed-forward (``d_ff`` > 0 adds one to every block), no positions, 2 heads."""
     fw = VARIANTS[variant]
     mixer = AttentionKind.SOFTMAX if fw is None else AttentionKind.FAST_WEIGHT
     return ModelConfig(
@@ -77,7 +83,7 @@ def model_config(
         d_model=d_model,
         num_layers=2 * depth,
         num_heads=2,
-        d_ff=0,
+        d_ff=d_ff,
         layer_kinds=(AttentionKind.BASE_CONV, mixer) * depth,
         fast_weight=fw or FastWeightConfig(),
         positional=Positional.NONE,
