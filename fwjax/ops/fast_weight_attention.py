@@ -203,8 +203,9 @@ def fast_weight_attention(
       segment_ids: packed rows, integer ``[B, T]`` document ids (:mod:`fwjax.ops.segments`):
         the memory and ``z`` are emptied at each document start (the first document continues
         ``state``); None: one sequence per row.
-      state_segments: the DELTA rule's CHUNKED form runs its chunk scans as this many parallel
-        segments (see :func:`delta_rule`); other rules and forms ignore it.
+      state_segments: the CHUNKED form of the DELTA and GATED_DELTA rules runs its chunk scans
+        as this many parallel segments (see :func:`delta_rule`); other rules and forms ignore
+        it.
 
     Returns:
       ``(y, state)``: ``y [B, T, H, V]`` in the inputs' promoted dtype and the new
@@ -238,7 +239,9 @@ def fast_weight_attention(
         return y.astype(out_dtype), FastWeightState(s, None)
     if not normalization.uses_normalizer:
         if update_rule is UpdateRule.GATED_DELTA:
-            y, s = gated_delta_rule(fq, fk, v, beta, alpha, s0, scale, **forms)
+            y, s = gated_delta_rule(
+                fq, fk, v, beta, alpha, s0, scale, **forms, state_segments=state_segments
+            )
         elif update_rule is UpdateRule.DELTA:
             y, s = delta_rule(fq, fk, v, beta, s0, scale, **forms, state_segments=state_segments)
         else:

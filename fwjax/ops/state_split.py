@@ -99,14 +99,22 @@ def segmented_scan(
     return finals[0 if reverse else -1], ys
 
 
-def pad_chunks(xs, segments: int):
-    """Pads the ``[N, ...]`` leaves of ``xs`` with zero chunks to a multiple of ``segments``;
-    returns ``(padded, N)``. Zero keys (and zero β, values, queries) make a chunk whose
+def emit_carry(chain: Callable) -> Callable:
+    """A scan step that applies ``chain`` and emits the carry it was given (the state entering
+    each chunk, or in a reverse scan ``G`` after each chunk)."""
+    return lambda carry, inputs: (chain(carry, inputs), carry)
+
+
+def pad_chunks(xs, segments: int, fills=None):
+    """Pads the ``[N, ...]`` leaves of ``xs`` to a multiple of ``segments`` chunks; returns
+    ``(padded, N)``. ``fills``: the padding value of each leaf (a tuple like ``xs``; None: all
+    zeros). Zero keys (and zero β, values, queries) and a chunk decay of 1 make a chunk whose
     transition is the identity and whose output is zero."""
     n = jax.tree.leaves(xs)[0].shape[0]
     extra = -n % segments
-    pad = lambda x: jnp.pad(x, [(0, extra)] + [(0, 0)] * (x.ndim - 1))
-    return jax.tree.map(pad, xs), n
+    fills = jax.tree.map(lambda _: 0.0, xs) if fills is None else fills
+    pad = lambda x, fill: jnp.pad(x, [(0, extra)] + [(0, 0)] * (x.ndim - 1), constant_values=fill)
+    return jax.tree.map(pad, xs, fills), n
 
 
 def resolve_segments(segments: int | None, num_chunks: int) -> int:

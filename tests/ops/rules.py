@@ -57,6 +57,7 @@ class Rule:
                 chunk_size=chunk_size,
                 pallas=pallas,
                 segment_ids=kw.get("segment_ids"),
+                state_segments=self.state_segments,
             )
         if self.has_beta:
             return delta_rule(
@@ -114,9 +115,11 @@ PARITY_RULES = (*RULES, GATED)  # the parity suite also covers the gated delta r
 # and the custom VJPs must stay exact; the forward and VJP suites run these too.
 DELTA_NEG = Rule("delta_neg", has_beta=True, beta_offset=1.0)
 GATED_NEG = Rule("gated_neg", has_beta=True, has_alpha=True, beta_offset=1.0)
-# The CHUNKED delta rule's forward and backward chunk scans as 2 parallel segments
+# The CHUNKED (gated) delta rule's forward and backward chunk scans as 2 parallel segments
 # (fwjax.ops.state_split); 3 chunks are padded to 4, 4 chunks split evenly.
 DELTA_SPLIT = Rule("delta_split", has_beta=True, state_segments=2)
+GATED_SPLIT = Rule("gated_split", has_beta=True, has_alpha=True, state_segments=2)
+SPLIT_RULES = (DELTA_SPLIT, GATED_SPLIT)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,11 +15,11 @@ from tests.jax_compat import enable_x64
 from tests.ops.rules import (
     CASES,
     DELTA_NEG,
-    DELTA_SPLIT,
     GATED,
     GATED_NEG,
     IMPLS,
     PARITY_RULES,
+    SPLIT_RULES,
     SUM,
     Case,
     make_inputs,
@@ -40,7 +40,7 @@ GATED_CASES = {"forward": (CASES[0], CASES[1], CASES[3]), "vjp": (CASES[1],)}
 
 
 def _covered(rule, impl, case, kind, dtype):
-    if rule is DELTA_SPLIT:
+    if rule in SPLIT_RULES:
         # Only CHUNKED splits; cases with 3 chunks (T not divisible) and 4 (T divisible).
         bf16_vjp = kind == "vjp" and dtype == jnp.bfloat16
         return impl is Impl.CHUNKED and case in (CASES[1], CASES[2]) and not bf16_vjp
@@ -71,7 +71,7 @@ def over_the_suite(kind):
                 dtype,
                 id=f"{jnp.dtype(dtype).name}-{case}-{impl.value}-{rule.name}",
             )
-            for rule in (*PARITY_RULES, DELTA_NEG, GATED_NEG, DELTA_SPLIT)
+            for rule in (*PARITY_RULES, DELTA_NEG, GATED_NEG, *SPLIT_RULES)
             for impl in IMPLS
             for case in CASES
             for dtype in DTYPES

@@ -41,7 +41,7 @@ from fwjax.ops.common import (
     packed_chunks,
     wy_terms,
 )
-from fwjax.ops.state_split import pad_chunks, resolve_segments, segmented_scan
+from fwjax.ops.state_split import emit_carry, pad_chunks, resolve_segments, segmented_scan
 
 
 def delta_wy_terms(q, k, v, beta):
@@ -88,11 +88,6 @@ def _backward_linear(m, inputs):
     return m - mT(w_i) @ (k_i @ m)
 
 
-def _emit_carry(chain):
-    """A scan step that applies ``chain`` and emits the carry it was given."""
-    return lambda carry, inputs: (chain(carry, inputs), carry)
-
-
 def _scan_forward(q, k, v, beta, s0, fused, segments=1):
     """Phase 2 over all chunks; returns ``(O, S_final, states entering each chunk)``.
 
@@ -115,7 +110,7 @@ def _scan_forward(q, k, v, beta, s0, fused, segments=1):
 
     w, u, p = delta_wy_terms(q, k, v, beta)
     xs, n = pad_chunks((k, w, u), segments)
-    step = _emit_carry(_forward_chain)
+    step = emit_carry(_forward_chain)
     s, states = segmented_scan(step, _forward_chain, _forward_linear, s0, xs, segments)
     states = states[:n]
     o = q @ states + p @ (u - w @ states)  # every chunk at once
@@ -163,7 +158,7 @@ def delta_chunks_bwd(fused, segments, residuals, cotangents):
     (w, u, p), wy_vjp = jax.vjp(delta_wy_terms, q, k, v, beta)  # recompute phase 1
     h = mT(q) @ d_o - mT(w) @ (mT(p) @ d_o)
     xs, n = pad_chunks((k, w, h), segments)
-    step = _emit_carry(_backward_chain)  # emits G = ∂L/∂S after each chunk
+    step = emit_carry(_backward_chain)  # emits G = ∂L/∂S after each chunk
     d_s0, g = segmented_scan(
         step, _backward_chain, _backward_linear, d_s, xs, segments, reverse=True
     )

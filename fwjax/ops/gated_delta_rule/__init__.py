@@ -12,8 +12,10 @@ from fwjax.ops.impl import Impl
 from fwjax.ops.pallas import PallasOptions
 from fwjax.shapes import Alpha, Beta, Keys, Outputs, Queries, Scale, SegmentIds, State, Values
 
+_STATIC = ("impl", "chunk_size", "pallas", "remat_block", "state_segments")
 
-@functools.partial(jax.jit, static_argnames=("impl", "chunk_size", "pallas", "remat_block"))
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def gated_delta_rule(
     q: Queries,
     k: Keys,
@@ -27,6 +29,7 @@ def gated_delta_rule(
     pallas: PallasOptions | None = None,
     remat_block: int | None = None,
     segment_ids: SegmentIds | None = None,
+    state_segments: int | None = None,
 ) -> tuple[Outputs, State]:
     """The gated delta rule: the delta rule whose memory decays by a gate ``α_t`` each step.
 
@@ -63,6 +66,9 @@ def gated_delta_rule(
         the memory is emptied before each document's first step, so every document computes
         what it would alone (:mod:`fwjax.ops.segments`). The first document continues
         ``initial_state``; the final state is the last document's. None: one sequence per row.
+      state_segments: CHUNKED only: the forward and backward chunk scans as ``P`` parallel
+        segments (see :func:`fwjax.ops.delta_rule`); None: one sequential scan. Packed rows
+        ignore it.
 
     Returns:
       ``(out, state)``: ``out [B, T, H, V]`` in the inputs' promoted dtype and ``S_T``
@@ -84,6 +90,7 @@ def gated_delta_rule(
         pallas,
         remat_block,
         segment_ids,
+        state_segments,
     )
 
 

@@ -15,17 +15,41 @@ All exponents are ``≤ 0``: no overflow however small the gates. With ``α ≡ 
 delta rule's chunked form: both take ``W, U, P`` from :func:`fwjax.ops.common.wy_terms` and run
 phase 2 with :func:`fwjax.ops.common.chunk_forward`.
 
-Backward: autodiff through a ``lax.scan`` over chunks whose step is rematerialised
-(``jax.checkpoint``): the forward pass keeps one state per chunk, the backward pass recomputes a
-chunk's intra-chunk terms from it (the memory profile of the delta rule's hand-written VJP).
+Two schedules, as the delta rule's (:mod:`fwjax.ops.delta_rule.chunked`), chosen per backend:
+
+- fused (CPU): each chunk's terms, output and state in one scan step; the backward pass is
+  autodiff through that scan with the step rematerialised (``jax.checkpoint``): one state per
+  chunk is kept, a chunk's intra-chunk terms are recomputed from it.
+- two-phase (accelerators): the terms of all chunks at once, a scan that carries only the
+  chain ``S ← Γ_C S + K'ᵀ (U − W S)``, then every output ``O = Q' S + P (U − W S)`` at once; a
+  hand-written backward pass mirrors it, with ``G = ∂L/∂S`` after each chunk::
+
+      Ũ = U − W S,   Ũ̄ = Pᵀ Ō + K' G,   P̄ = (Ō Ũᵀ) ⊙ M,   Q̄' = Ō Sᵀ,   K̄' = Ũ Gᵀ,
+      W̄ = −Ũ̄ Sᵀ,   Ū = Ũ̄,   Γ̄_C = Σ S ⊙ G,
+      G ← (Γ_C I − Wᵀ K') G + Q'ᵀ Ō − Wᵀ Pᵀ Ō         (a reverse scan of G alone)
+
+  Both chains are affine, so ``state_segments > 1`` splits them into parallel segments
+  (:mod:`fwjax.ops.state_split`).
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
-from fwjax.ops.common import chunk_forward, from_chunks, in_chunks, packed_chunks, wy_terms
+from fwjax.ops.common import (
+    causal_mask,
+    chunk_forward,
+    from_chunks,
+    in_chunks,
+    mT,
+    packed_chunks,
+    wy_terms,
+)
+from fwjax.ops.delta_rule.chunked import fused_phases
+from fwjax.ops.state_split import emit_carry, pad_chunks, resolve_segments, segmented_scan
 
 
 def gated_terms(q, k, v, beta, log_alpha):
@@ -48,22 +72,88 @@ def chunk_step(s, inputs):
     return s, o
 
 
+def _forward_chain(s, inputs):
+    """``S ← Γ_C S + K'ᵀ (U − W S)`` (inputs ``(K', W, U, Γ_C)``)."""
+    k_i, w_i, u_i, decay = inputs
+    return decay[..., None, None] * s + mT(k_i) @ (u_i - w_i @ s)
+
+
+def _forward_linear(m, inputs):
+    """The linear part of :func:`_forward_chain`: ``(Γ_C I − K'ᵀ W) m``."""
+    k_i, w_i, _, decay = inputs
+    return decay[..., None, None] * m - mT(k_i) @ (w_i @ m)
+
+
+def _backward_chain(g, inputs):
+    """``G ← Γ_C G + H − Wᵀ K' G`` (inputs ``(K', W, H, Γ_C)``, ``H = Q'ᵀ Ō − Wᵀ Pᵀ Ō``)."""
+    k_i, w_i, h_i, decay = inputs
+    return decay[..., None, None] * g + h_i - mT(w_i) @ (k_i @ g)
+
+
+def _backward_linear(m, inputs):
+    """The linear part of :func:`_backward_chain`: ``(Γ_C I − Wᵀ K') m``."""
+    k_i, w_i, _, decay = inputs
+    return decay[..., None, None] * m - mT(w_i) @ (k_i @ m)
+
+
+def _two_phase_forward(q, k, v, beta, log_alpha, s0, segments):
+    """The accelerator schedule on chunked ``[N, B, H, C, .]`` inputs: ``(O, S, states)``."""
+    q_d, k_d, w, u, p, decay = gated_terms(q, k, v, beta, log_alpha)  # all chunks at once
+    xs, n = pad_chunks((k_d, w, u, decay), segments, fills=(0.0, 0.0, 0.0, 1.0))
+    step = emit_carry(_forward_chain)  # emits the state entering each chunk
+    s, states = segmented_scan(step, _forward_chain, _forward_linear, s0, xs, segments)
+    states = states[:n]
+    o = q_d @ states + p @ (u - w @ states)  # every chunk at once
+    return o, s, states
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def gated_chunks(q, k, v, beta, log_alpha, s0, segments):
+    """The two-phase schedule: chunked inputs -> ``(o [N, B, H, C, V], S)``."""
+    o, s, _ = _two_phase_forward(q, k, v, beta, log_alpha, s0, segments)
+    return o, s
+
+
+def _gated_chunks_fwd(q, k, v, beta, log_alpha, s0, segments):
+    o, s, states = _two_phase_forward(q, k, v, beta, log_alpha, s0, segments)
+    return (o, s), (q, k, v, beta, log_alpha, states)
+
+
+def _gated_chunks_bwd(segments, residuals, cotangents):
+    *xs, states = residuals
+    d_o, d_s = cotangents
+    (q_d, k_d, w, u, p, decay), terms_vjp = jax.vjp(gated_terms, *xs)  # recompute the terms
+    h = mT(q_d) @ d_o - mT(w) @ (mT(p) @ d_o)  # the part of G's update without G
+    chain_xs, n = pad_chunks((k_d, w, h, decay), segments, fills=(0.0, 0.0, 0.0, 1.0))
+    step = emit_carry(_backward_chain)  # emits G = ∂L/∂S after each chunk
+    d_s0, g = segmented_scan(
+        step, _backward_chain, _backward_linear, d_s, chain_xs, segments, reverse=True
+    )
+    g = g[:n]
+    # Every chunk's cotangents at once.
+    u_tilde = u - w @ states
+    du_tilde = mT(p) @ d_o + k_d @ g
+    mask = causal_mask(q_d.shape[-2], include_diagonal=True)
+    d_terms = (
+        d_o @ mT(states),  # Q̄'
+        u_tilde @ mT(g),  # K̄'
+        -du_tilde @ mT(states),  # W̄
+        du_tilde,  # Ū
+        jnp.where(mask, d_o @ mT(u_tilde), 0),  # P̄
+        jnp.sum(states * g, axis=(-2, -1)),  # Γ̄_C
+    )
+    return (*terms_vjp(d_terms), d_s0)
+
+
+gated_chunks.defvjp(_gated_chunks_fwd, _gated_chunks_bwd)
+
+
 def gated_chunks_bwd(residuals, cotangents):
     """The VJP of the chunk scan from its residuals ``(q, k, v, β, log α, states)`` (chunked
     ``[N, B, H, C, .]``; ``states``: the state entering each chunk) and the cotangents
-    ``(dO, dS)``: a reverse scan of :func:`chunk_step`'s VJP. Returns
-    ``(dq, dk, dv, dβ, d log α, dS⁰)``."""
-    *xs, states = residuals
-
-    def step(g, inputs):
-        *x, s, do = inputs
-        _, pullback = jax.vjp(chunk_step, s, tuple(x))
-        g, dx = pullback((g, do))
-        return g, dx
-
-    d_o, d_s = cotangents
-    d_s0, dxs = jax.lax.scan(step, d_s, (*xs, states, d_o), reverse=True)
-    return (*dxs, d_s0)
+    ``(dO, dS)``: the two-phase backward pass (a reverse scan of ``G`` alone, then every
+    chunk's cotangents at once). Returns ``(dq, dk, dv, dβ, d log α, dS⁰)``."""
+    return _gated_chunks_bwd(1, residuals, cotangents)
 
 
 def gated_delta_rule_chunked(q, k, v, gates, initial_state, scale, options):
@@ -72,7 +162,11 @@ def gated_delta_rule_chunked(q, k, v, gates, initial_state, scale, options):
     beta, alpha = gates
     log_alpha = jnp.log(alpha.astype(initial_state.dtype))  # zero-padded: log α = 0, α = 1
     chunks = in_chunks(q, k, v, (beta, log_alpha), initial_state, scale, options.chunk_size)
-    s, o = jax.lax.scan(chunk_step, initial_state, chunks)
+    segments = resolve_segments(options.state_segments, chunks[0].shape[0])
+    if fused_phases(jax.default_backend()) and segments == 1:
+        s, o = jax.lax.scan(chunk_step, initial_state, chunks)
+    else:
+        o, s = gated_chunks(*chunks, initial_state, segments)
     return from_chunks(o, q.shape[1]), s
 
 
