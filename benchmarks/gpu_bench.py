@@ -54,7 +54,12 @@ SMOKE_LAYER_SHAPES = ((1, 32, 2, 16),)
 EXTRAS = ("fwjax_pallas_tv32", "fwjax_pallas_tv64", "fwjax_pallas_xla_bwd")
 # The split state scan (CHUNKED with state_segments P), fwd+bwd at the long shapes with few
 # B·H, against plain CHUNKED (P = 1) above: which P pays, per shape (the rule AUTO needs).
-SPLITS = ("fwjax_chunked_split4", "fwjax_chunked_split16")
+SPLITS = (
+    "fwjax_chunked_split4",
+    "fwjax_chunked_split16",
+    "fwjax_gated_chunked",
+    "fwjax_gated_chunked_split16",
+)
 SPLIT_SHAPES = ((2, 8192, 8, 64), (1, 32768, 16, 128))
 
 
@@ -162,13 +167,24 @@ def _jax_op(impl: str, smoke: bool):
     from fwjax.ops.pallas import PallasBackward, PallasOptions
 
     chunk = 16 if smoke else 64
-    if impl == "fwjax_gated_pallas":
+    if impl.startswith("fwjax_gated"):
+        kind = Impl.PALLAS if impl == "fwjax_gated_pallas" else Impl.CHUNKED
+        segments = int(impl.rsplit("_split", 1)[1]) if "_split" in impl else None
 
         def gated(q, k, v, beta, log_alpha):
             alpha = jnp.exp(log_alpha)
             scale = q.shape[-1] ** -0.5
             return gated_delta_rule(
-                q, k, v, beta, alpha, None, scale, impl=Impl.PALLAS, chunk_size=chunk
+                q,
+                k,
+                v,
+                beta,
+                alpha,
+                None,
+                scale,
+                impl=kind,
+                chunk_size=chunk,
+                state_segments=segments,
             )
 
         return gated
@@ -567,7 +583,7 @@ def main():
     jobs += [
         Job(impl, *shape, "fwdbwd", 3 if smoke else args.repeats, smoke)
         for shape in (SMOKE_SHAPES if smoke else SPLIT_SHAPES)
-        for impl in (("fwjax_chunked_split2",) if smoke else SPLITS)
+        for impl in (("fwjax_chunked_split2", "fwjax_gated_chunked_split2") if smoke else SPLITS)
     ]
     if args.only:
         wanted = [w for w in args.only.split(",") if w]
