@@ -220,10 +220,11 @@ def plot(best: dict[tuple, tuple[tuple, list[dict]]], names: list[str], path: Pa
     rows = 2 if len(dims) > 1 else 1
     styles = ("-", "--", ":", "-.")
 
-    def draw(ax, keys, x_of, color, style, label):
+    def draw(ax, keys, x_of, color, style, label, marker="o"):
         xs = [x_of(k) for k in keys]
         accs = [[r["accuracy"] for r in best[k][1]] for k in keys]
-        ax.plot(xs, [statistics.mean(a) for a in accs], "o" + style, color=color, label=label)
+        means = [statistics.mean(a) for a in accs]
+        ax.plot(xs, means, marker + style, color=color, label=label, markersize=6)
         for x, a in zip(xs, accs, strict=True):
             ax.plot([x] * len(a), a, ".", color=color, alpha=0.4)
 
@@ -242,14 +243,16 @@ def plot(best: dict[tuple, tuple[tuple, list[dict]]], names: list[str], path: Pa
                     keys = sorted(k for k in at if k[1] == d and k[3] == v)
                     if keys:
                         label = v if len(dims) == 1 else f"{v}, d {d}"
-                        draw(axes[0][col], keys, lambda k: k[2], f"C{i}", styles[j % 4], label)
+                        marker = "os^D"[j % 4]  # one marker (and line style) per d_model
+                        args = (lambda k: k[2], f"C{i}", styles[j % 4], label, marker)
+                        draw(axes[0][col], keys, *args)
                 if rows == 2:
                     pairs = sorted({k[2] for k in at if k[3] == v})
-                    for j, p in enumerate(pairs):
+                    multi = [p for p in pairs if len({k[1] for k in at if k[2] == p}) > 1]
+                    for j, p in enumerate(multi):
                         keys = sorted(k for k in at if k[2] == p and k[3] == v)
-                        if len(keys) > 1:
-                            label = f"{v}, {p} pairs"
-                            draw(axes[1][col], keys, lambda k: k[1], f"C{i}", styles[j % 4], label)
+                        label = f"{v}, {p} pairs"
+                        draw(axes[1][col], keys, lambda k: k[1], f"C{i}", styles[j % 4], label)
             axes[0][col].set_xlabel("key-value pairs")
             axes[0][col].set_title(f"MQAR (Zoology protocol), T {length}")
             if rows == 2:
@@ -259,10 +262,13 @@ def plot(best: dict[tuple, tuple[tuple, list[dict]]], names: list[str], path: Pa
                 ax.set_xscale("log", base=2)
                 ax.set_ylim(0, 1.05)
                 ax.set_ylabel("answer accuracy")
-        for row in axes:
-            handles = [ax for ax in row if ax.get_legend_handles_labels()[0]]
-            if handles:
-                handles[-1].legend(fontsize=7, loc="lower left")
+        for ax in axes.flat:
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7, loc="lower left")
+            else:  # a bottom panel whose length has one d_model per point
+                ax.set_xticks([], minor=False)
+                ax.set_xticks([], minor=True)
+                ax.text(0.5, 0.5, "one d_model per point", ha="center", transform=ax.transAxes)
         fig.savefig(path)
         plt.close(fig)
 
