@@ -154,6 +154,13 @@ def best_setting(records: list[dict]) -> dict[tuple, tuple[tuple[float, int], li
     return {key: max(by_lr.items(), key=lambda kv: mean(kv[1])) for key, by_lr in runs.items()}
 
 
+def still_rising(record: dict, margin: float = 0.01) -> bool:
+    """Whether a point's accuracy rose by more than ``margin`` over its last quarter of training
+    (its last two evaluations): not yet at a plateau. False for records without a curve."""
+    curve = record.get("curve") or []
+    return len(curve) >= 2 and curve[-1][1] - curve[-2][1] > margin
+
+
 def write_outputs(out: Path = OUT, results: Path = RESULTS) -> list[dict]:
     """Merges the point files into ``results/recall_zoology.{csv,md,png}``."""
     key = lambda r: (
@@ -200,7 +207,8 @@ def write_outputs(out: Path = OUT, results: Path = RESULTS) -> list[dict]:
             sweep = f", lr {lr:g}, {steps} steps"
             sweep += f"; best of {len(tried)}" if len(tried) > 1 else ""
             seeds = f"{len(accs)} seed" + "s" * (len(accs) > 1)
-            cells.append(f"{statistics.mean(accs):.3f} ({seeds}{spread}{sweep})")
+            rising = " ↑" if any(still_rising(r) for r in rs) else ""
+            cells.append(f"{statistics.mean(accs):.3f}{rising} ({seeds}{spread}{sweep})")
         lines.append(f"| {length} | {d_model} | {pairs} | " + " | ".join(cells) + " |")
     (results / "recall_zoology.md").write_text("\n".join(lines) + "\n")
     if records:

@@ -37,6 +37,12 @@ def test_the_table_reports_the_best_setting_of_each_model():
     assert setting == (3e-3, 6000) and [r["accuracy"] for r in runs] == [0.79, 0.9]
 
 
+def test_a_point_whose_accuracy_still_rises_is_marked():
+    assert recall_zoology.still_rising({"curve": [[500, 0.5], [1000, 0.8]]})
+    assert not recall_zoology.still_rising({"curve": [[500, 0.795], [1000, 0.8]]})
+    assert not recall_zoology.still_rising({})  # points recorded before curves were
+
+
 @pytest.mark.slow  # ~2 min on 2 CPU cores
 def test_softmax_attention_solves_zoology_mqar(tmp_path):
     """T 64, 8 pairs, vocabulary 1024, d_model 64: ≥ 0.99 answer accuracy in 2000 steps
