@@ -20,8 +20,12 @@ Blelloch, 1990, "Prefix sums and their applications", with one level)::
     3. every segment in parallel: the original scan from its true incoming carry c_p
 
 Step 3 gives exactly what the sequential scan gives (outputs, per-chunk carries, final carry)
-up to rounding; steps 1 and 2 add about twice the chain's matmuls plus ``L`` products of
-``[K, K]`` matrices per segment, in exchange for ``P`` times the parallelism.
+up to rounding. Step 1 runs the chain once more and applies each chunk's linear part to a
+``[K, K]`` matrix (for ``K ≈ V`` about twice the chain again): about three times the chain's
+matmuls in all, in exchange for ``P`` times its parallelism. ``M_p`` is a product of ``L``
+transitions: with normalised keys and ``β ∈ [0, 2]`` their eigenvalues lie in ``[−1, 1]`` and the
+product stays bounded; with unnormalised keys it can grow or shrink by orders of magnitude and
+the combine ``M_p c_p`` can lose the accuracy the sequential scan keeps.
 """
 
 from __future__ import annotations
@@ -106,10 +110,11 @@ def emit_carry(chain: Callable) -> Callable:
 
 
 def pad_chunks(xs, segments: int, fills=None):
-    """Pads the ``[N, ...]`` leaves of ``xs`` to a multiple of ``segments`` chunks; returns
-    ``(padded, N)``. ``fills``: the padding value of each leaf (a tuple like ``xs``; None: all
-    zeros). Zero keys (and zero β, values, queries) and a chunk decay of 1 make a chunk whose
-    transition is the identity and whose output is zero."""
+    """Pads the ``[N, ...]`` leaves of ``xs`` (a chain's per-chunk inputs) to a multiple of
+    ``segments`` chunks; returns ``(padded, N)``. ``fills``: the padding value of each leaf (a
+    tuple like ``xs``; None: all zeros). Zero keys and WY terms, and a chunk decay of 1, make a
+    chunk whose transition is the identity; the caller slices the padded chunks' outputs
+    away."""
     n = jax.tree.leaves(xs)[0].shape[0]
     extra = -n % segments
     fills = jax.tree.map(lambda _: 0.0, xs) if fills is None else fills
@@ -118,11 +123,14 @@ def pad_chunks(xs, segments: int, fills=None):
 
 
 def resolve_segments(segments: int | None, num_chunks: int) -> int:
-    """``P`` for a scan over ``num_chunks`` chunks: ``segments`` capped at ``num_chunks``, or 1
-    (the sequential scan) when None. The automatic choice stays 1 on every backend until a GPU
-    measurement (``benchmarks/gpu_bench.py``, job ``split``) shows where splitting pays."""
+    """``P`` for a scan over ``num_chunks`` chunks: None gives 1 (the sequential scan); otherwise
+    segments of ``L = ⌈N / segments⌉`` chunks, ``P = ⌈N / L⌉`` of them, so that padding adds
+    fewer than ``L`` identity chunks (N 9 asked for 8 segments: 5 segments of 2, one pad
+    chunk). The automatic choice stays 1 on every backend until a GPU measurement
+    (``benchmarks/gpu_bench.py``, the ``split`` jobs) shows where splitting pays."""
     if segments is None:
         return 1
     if segments < 1:
         raise ValueError(f"{segments=} must be a positive integer")
-    return max(1, min(segments, num_chunks))
+    per_segment = -(-num_chunks // segments)
+    return -(-num_chunks // per_segment)

@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fwjax.ops import Impl, delta_rule
+from fwjax.ops import Impl, delta_rule, gated_delta_rule
 from fwjax.ops.state_split import pad_chunks, resolve_segments, segmented_scan
 from tests.jax_compat import enable_x64
-from tests.oracle import delta_rule_np
+from tests.oracle import delta_rule_np, gated_delta_rule_np
 from tests.tolerances import assert_close
 
 
@@ -54,6 +54,7 @@ def test_resolve_segments():
     assert resolve_segments(None, 10) == 1
     assert resolve_segments(4, 10) == 4
     assert resolve_segments(64, 10) == 10  # at most one segment per chunk
+    assert resolve_segments(8, 9) == 5  # 5 segments of 2 chunks (1 padded), not 8 of 2 (7)
     with pytest.raises(ValueError, match="segments=0"):
         resolve_segments(0, 10)
 
@@ -64,7 +65,8 @@ def test_state_segments_is_validated_by_the_op():
         delta_rule(x, x, x, jnp.ones((1, 4, 1)), impl=Impl.CHUNKED, state_segments=0)
 
 
-def test_a_long_float32_sequence_drifts_no_more_than_the_sequential_scan():
+@pytest.mark.parametrize("gated", [False, True], ids=["delta", "gated"])
+def test_a_long_float32_sequence_drifts_no_more_than_the_sequential_scan(gated):
     """T 2048 in chunks of 16 (128 chunks) as 1 and 8 segments, float32, against the float64
     oracle: the segments' maps (products of 16 transitions) must not add error."""
     rng = np.random.default_rng(0)
@@ -73,12 +75,20 @@ def test_a_long_float32_sequence_drifts_no_more_than_the_sequential_scan():
     q, key = (unit(rng.normal(size=(b, t, h, k))) for _ in range(2))
     val = rng.normal(size=(b, t, h, v))
     beta = rng.uniform(0.05, 0.95, size=(b, t, h))
+    alpha = rng.uniform(0.9, 1.0, size=(b, t, h))
     s0 = 0.5 * rng.normal(size=(b, h, k, v))
-    expected_out, expected_state = delta_rule_np(q, key, val, beta, s0, 1.0)
+    if gated:
+        expected_out, expected_state = gated_delta_rule_np(q, key, val, beta, alpha, s0, 1.0)
+        op = lambda *a, **kw: gated_delta_rule(
+            *a[:4], jnp.asarray(alpha, jnp.float32), *a[4:], **kw
+        )
+    else:
+        expected_out, expected_state = delta_rule_np(q, key, val, beta, s0, 1.0)
+        op = delta_rule
     args = [jnp.asarray(x, jnp.float32) for x in (q, key, val, beta, s0)]
     errors = {}
     for segments in (1, 8):
-        out, state = delta_rule(*args, impl=Impl.CHUNKED, chunk_size=16, state_segments=segments)
+        out, state = op(*args, impl=Impl.CHUNKED, chunk_size=16, state_segments=segments)
         assert_close(out, expected_out, err_msg=f"output, {segments} segments")
         assert_close(state, expected_state, err_msg=f"state, {segments} segments")
         errors[segments] = float(np.max(np.abs(np.asarray(out) - expected_out)))

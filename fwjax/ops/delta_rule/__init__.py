@@ -65,7 +65,7 @@ def delta_rule(
         parallel segments (each segment's affine map from a zero start, the ``P`` maps
         combined in sequence, each segment rerun from its true incoming state;
         :mod:`fwjax.ops.state_split`). Same result up to rounding, ``P`` times the
-        parallelism of the state chain for about twice its matmuls: for long sequences with
+        parallelism of the state chain for about three times its matmuls: for long sequences with
         few ``B·H``. None: one sequential scan (the default on every backend until measured).
         Packed rows (``segment_ids``) ignore it.
 

@@ -76,15 +76,15 @@ def _forward_linear(m, inputs):
 
 
 def _backward_chain(g, inputs):
-    """The ``G`` update of one chunk, ``G + H − Wᵀ K G`` (inputs ``(K, W, H)``, with
-    ``H = Qᵀ Ō − Wᵀ Pᵀ Ō`` the part that does not depend on ``G``)."""
-    k_i, w_i, h_i = inputs
-    return g + h_i - mT(w_i) @ (k_i @ g)
+    """The ``G`` update of one chunk, ``G + Qᵀ Ō − Wᵀ (Pᵀ Ō + K G)`` (inputs
+    ``(Q, K, W, P, Ō)``)."""
+    q_i, k_i, w_i, p_i, do_i = inputs
+    return g + mT(q_i) @ do_i - mT(w_i) @ (mT(p_i) @ do_i + k_i @ g)
 
 
 def _backward_linear(m, inputs):
     """The linear part of :func:`_backward_chain`: ``(I − Wᵀ K) m``."""
-    k_i, w_i, _ = inputs
+    _, k_i, w_i, _, _ = inputs
     return m - mT(w_i) @ (k_i @ m)
 
 
@@ -137,10 +137,9 @@ def delta_chunks_bwd(fused, segments, residuals, cotangents):
     the state entering each chunk, ``[N, B, H, K, V]``) and the cotangents ``(dO, dS)``;
     returns ``(dq, dk, dv, dβ, dS⁰)``.
 
-    Unfused, the mirror of the forward schedule: the chain ``G ← G + H − Wᵀ K G`` alone in a
-    reverse scan (two matmuls per chunk; ``H = Qᵀ Ō − Wᵀ Pᵀ Ō`` for all chunks beforehand, as
-    ``segments`` parallel segments when ``segments > 1``), then every chunk's gradients at once
-    from its incoming state and its ``G``."""
+    Unfused, the mirror of the forward schedule: the chain ``G ← G + Qᵀ Ō − Wᵀ (Pᵀ Ō + K G)``
+    alone in a reverse scan (as ``segments`` parallel segments when ``segments > 1``), then
+    every chunk's gradients at once from its incoming state and its ``G``."""
     q, k, v, beta, states = residuals
     d_o, d_s = cotangents
     if fused and segments == 1:
@@ -156,8 +155,7 @@ def delta_chunks_bwd(fused, segments, residuals, cotangents):
         return (*grads, d_s0)
 
     (w, u, p), wy_vjp = jax.vjp(delta_wy_terms, q, k, v, beta)  # recompute phase 1
-    h = mT(q) @ d_o - mT(w) @ (mT(p) @ d_o)
-    xs, n = pad_chunks((k, w, h), segments)
+    xs, n = pad_chunks((q, k, w, p, d_o), segments)
     step = emit_carry(_backward_chain)  # emits G = ∂L/∂S after each chunk
     d_s0, g = segmented_scan(
         step, _backward_chain, _backward_linear, d_s, xs, segments, reverse=True

@@ -51,8 +51,10 @@ def gated_delta_rule(
       initial_state: ``S_0``, ``[B, H, K, V]``; zeros when None.
       scale: output scale; None: ``K ** -0.5`` (flash-linear-attention's convention).
       impl: an :class:`Impl` (or its value): REFERENCE, RECURRENT (block-rematerialised scan),
-        CHUNKED (any ``T``) or PALLAS (the delta rule's chunk-scan kernel with the chunk decay;
-        its backward pass is CHUNKED's VJP in XLA); AUTO picks the backend's default.
+        CHUNKED (any ``T``) or PALLAS (the delta rule's chunk-scan kernel with the chunk decay
+        and a backward kernel, or by option CHUNKED's VJP in XLA); AUTO picks the backend's
+        default. CHUNKED off CPU, CHUNKED with ``state_segments`` and PALLAS have hand-written
+        VJPs: reverse-mode autodiff only (``jax.jvp`` needs REFERENCE or RECURRENT).
       chunk_size: the chunk length of the chunkwise forms (CHUNKED, PALLAS; see
         :func:`fwjax.ops.delta_rule`); None picks the backend's default.
       pallas: :class:`fwjax.ops.pallas.PallasOptions` of ``Impl.PALLAS`` (backend, interpret

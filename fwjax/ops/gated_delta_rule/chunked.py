@@ -26,7 +26,7 @@ Two schedules, as the delta rule's (:mod:`fwjax.ops.delta_rule.chunked`), chosen
 
       Ũ = U − W S,   Ũ̄ = Pᵀ Ō + K' G,   P̄ = (Ō Ũᵀ) ⊙ M,   Q̄' = Ō Sᵀ,   K̄' = Ũ Gᵀ,
       W̄ = −Ũ̄ Sᵀ,   Ū = Ũ̄,   Γ̄_C = Σ S ⊙ G,
-      G ← (Γ_C I − Wᵀ K') G + Q'ᵀ Ō − Wᵀ Pᵀ Ō         (a reverse scan of G alone)
+      G ← Γ_C G + Q'ᵀ Ō − Wᵀ (Pᵀ Ō + K' G)            (a reverse scan of G alone)
 
   Both chains are affine, so ``state_segments > 1`` splits them into parallel segments
   (:mod:`fwjax.ops.state_split`).
@@ -85,14 +85,14 @@ def _forward_linear(m, inputs):
 
 
 def _backward_chain(g, inputs):
-    """``G ← Γ_C G + H − Wᵀ K' G`` (inputs ``(K', W, H, Γ_C)``, ``H = Q'ᵀ Ō − Wᵀ Pᵀ Ō``)."""
-    k_i, w_i, h_i, decay = inputs
-    return decay[..., None, None] * g + h_i - mT(w_i) @ (k_i @ g)
+    """``G ← Γ_C G + Q'ᵀ Ō − Wᵀ (Pᵀ Ō + K' G)`` (inputs ``(Q', K', W, P, Ō, Γ_C)``)."""
+    q_i, k_i, w_i, p_i, do_i, decay = inputs
+    return decay[..., None, None] * g + mT(q_i) @ do_i - mT(w_i) @ (mT(p_i) @ do_i + k_i @ g)
 
 
 def _backward_linear(m, inputs):
     """The linear part of :func:`_backward_chain`: ``(Γ_C I − Wᵀ K') m``."""
-    k_i, w_i, _, decay = inputs
+    _, k_i, w_i, _, _, decay = inputs
     return decay[..., None, None] * m - mT(w_i) @ (k_i @ m)
 
 
@@ -123,8 +123,8 @@ def _gated_chunks_bwd(segments, residuals, cotangents):
     *xs, states = residuals
     d_o, d_s = cotangents
     (q_d, k_d, w, u, p, decay), terms_vjp = jax.vjp(gated_terms, *xs)  # recompute the terms
-    h = mT(q_d) @ d_o - mT(w) @ (mT(p) @ d_o)  # the part of G's update without G
-    chain_xs, n = pad_chunks((k_d, w, h, decay), segments, fills=(0.0, 0.0, 0.0, 1.0))
+    chain_xs = (q_d, k_d, w, p, d_o, decay)
+    chain_xs, n = pad_chunks(chain_xs, segments, fills=(0.0, 0.0, 0.0, 0.0, 0.0, 1.0))
     step = emit_carry(_backward_chain)  # emits G = ∂L/∂S after each chunk
     d_s0, g = segmented_scan(
         step, _backward_chain, _backward_linear, d_s, chain_xs, segments, reverse=True
