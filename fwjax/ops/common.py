@@ -127,6 +127,54 @@ def chunk_forward(q, k, w, u, p, s, decay=None):
     return o, s + mT(k) @ u_tilde
 
 
+# The two-phase (accelerator) schedule of the chunked delta and gated delta rules: scans that
+# carry only the state chain (forward) or its cotangent (backward), every chunk's outputs and
+# cotangents at once outside them. Per-chunk inputs ``[..., C, .]``; ``decay`` is the chunk's
+# total decay ``Γ_C [...]`` (None: 1, the delta rule). Both chains are affine in their carry,
+# so each comes with its linear part for the split state scan (:mod:`fwjax.ops.state_split`).
+
+
+def _decayed(x, decay):
+    return x if decay is None else decay[..., None, None] * x
+
+
+def state_chain(s, inputs):
+    """``S ← Γ_C S + Kᵀ (U − W S)`` for inputs ``(K, W, U, Γ_C)``."""
+    k, w, u, decay = inputs
+    return _decayed(s, decay) + mT(k) @ (u - w @ s)
+
+
+def state_chain_linear(m, inputs):
+    """The linear part of :func:`state_chain`: ``(Γ_C I − Kᵀ W) m``."""
+    k, w, _, decay = inputs
+    return _decayed(m, decay) - mT(k) @ (w @ m)
+
+
+def cotangent_chain(g, inputs):
+    """``G ← Γ_C G + Qᵀ Ō − Wᵀ (Pᵀ Ō + K G)`` for inputs ``(Q, K, W, P, Ō, Γ_C)``: ``∂L/∂S``
+    entering a chunk from ``G = ∂L/∂S`` after it (the chunk's ``Q, K`` decayed for the gated
+    rule)."""
+    q, k, w, p, d_o, decay = inputs
+    return _decayed(g, decay) + mT(q) @ d_o - mT(w) @ (mT(p) @ d_o + k @ g)
+
+
+def cotangent_chain_linear(m, inputs):
+    """The linear part of :func:`cotangent_chain`: ``(Γ_C I − Wᵀ K) m``."""
+    _, k, w, _, _, decay = inputs
+    return _decayed(m, decay) - mT(w) @ (k @ m)
+
+
+def chunk_cotangents(q, k, w, u, p, states, g, d_o):
+    """Every chunk's cotangents at once from the state entering it (``states``) and ``G`` after
+    it: ``(Q̄, K̄, W̄, Ū, P̄)`` with ``Ũ = U − W S``, ``Ũ̄ = Pᵀ Ō + K G``, ``Q̄ = Ō Sᵀ``,
+    ``K̄ = Ũ Gᵀ``, ``W̄ = −Ũ̄ Sᵀ``, ``Ū = Ũ̄``, ``P̄ = (Ō Ũᵀ) ⊙ M``."""
+    u_tilde = u - w @ states
+    du_tilde = mT(p) @ d_o + k @ g
+    mask = causal_mask(q.shape[-2], include_diagonal=True)
+    d_p = jnp.where(mask, d_o @ mT(u_tilde), 0)
+    return d_o @ mT(states), u_tilde @ mT(g), -du_tilde @ mT(states), du_tilde, d_p
+
+
 def packed_terms(q, k, v, beta, log_alpha, starts):
     """The intra-chunk terms of any rule on chunks ``[..., C, .]`` of packed rows, with the
     document starts ``starts [..., C]`` (1 at a start) applied as masks

@@ -34,11 +34,16 @@ import jax.numpy as jnp
 
 from fwjax.ops.common import (
     causal_mask,
+    chunk_cotangents,
     chunk_forward,
+    cotangent_chain,
+    cotangent_chain_linear,
     from_chunks,
     in_chunks,
     mT,
     packed_chunks,
+    state_chain,
+    state_chain_linear,
     wy_terms,
 )
 from fwjax.ops.state_split import emit_carry, pad_chunks, resolve_segments, segmented_scan
@@ -63,31 +68,6 @@ def _chunk_backward(q_i, k_i, w_i, u_i, p_i, s_i, do_i, g):
     return g, (dq, dk, dw, du_tilde, dp)
 
 
-def _forward_chain(s, inputs):
-    """The state update of one chunk, ``S + Kᵀ (U − W S)`` (inputs ``(K, W, U)``)."""
-    k_i, w_i, u_i = inputs
-    return s + mT(k_i) @ (u_i - w_i @ s)
-
-
-def _forward_linear(m, inputs):
-    """The linear part of :func:`_forward_chain`: ``(I − Kᵀ W) m``."""
-    k_i, w_i, _ = inputs
-    return m - mT(k_i) @ (w_i @ m)
-
-
-def _backward_chain(g, inputs):
-    """The ``G`` update of one chunk, ``G + Qᵀ Ō − Wᵀ (Pᵀ Ō + K G)`` (inputs
-    ``(Q, K, W, P, Ō)``)."""
-    q_i, k_i, w_i, p_i, do_i = inputs
-    return g + mT(q_i) @ do_i - mT(w_i) @ (mT(p_i) @ do_i + k_i @ g)
-
-
-def _backward_linear(m, inputs):
-    """The linear part of :func:`_backward_chain`: ``(I − Wᵀ K) m``."""
-    _, k_i, w_i, _, _ = inputs
-    return m - mT(w_i) @ (k_i @ m)
-
-
 def _scan_forward(q, k, v, beta, s0, fused, segments=1):
     """Phase 2 over all chunks; returns ``(O, S_final, states entering each chunk)``.
 
@@ -109,9 +89,9 @@ def _scan_forward(q, k, v, beta, s0, fused, segments=1):
         return o, s, states
 
     w, u, p = delta_wy_terms(q, k, v, beta)
-    xs, n = pad_chunks((k, w, u), segments)
-    step = emit_carry(_forward_chain)
-    s, states = segmented_scan(step, _forward_chain, _forward_linear, s0, xs, segments)
+    xs, n = pad_chunks((k, w, u, None), segments)
+    step = emit_carry(state_chain)  # emits the state entering each chunk
+    s, states = segmented_scan(step, state_chain, state_chain_linear, s0, xs, segments)
     states = states[:n]
     o = q @ states + p @ (u - w @ states)  # every chunk at once
     return o, s, states
@@ -155,20 +135,14 @@ def delta_chunks_bwd(fused, segments, residuals, cotangents):
         return (*grads, d_s0)
 
     (w, u, p), wy_vjp = jax.vjp(delta_wy_terms, q, k, v, beta)  # recompute phase 1
-    xs, n = pad_chunks((q, k, w, p, d_o), segments)
-    step = emit_carry(_backward_chain)  # emits G = ∂L/∂S after each chunk
+    xs, n = pad_chunks((q, k, w, p, d_o, None), segments)
+    step = emit_carry(cotangent_chain)  # emits G = ∂L/∂S after each chunk
     d_s0, g = segmented_scan(
-        step, _backward_chain, _backward_linear, d_s, xs, segments, reverse=True
+        step, cotangent_chain, cotangent_chain_linear, d_s, xs, segments, reverse=True
     )
-    g = g[:n]
-    # Every chunk's gradients at once (the terms of _chunk_backward).
-    u_tilde = u - w @ states
-    du_tilde = mT(p) @ d_o + k @ g
-    mask = causal_mask(q.shape[-2], include_diagonal=True)
-    dp = jnp.where(mask, d_o @ mT(u_tilde), 0)
-    dw = -du_tilde @ mT(states)
-    dq_wy, dk_wy, dv, d_beta = wy_vjp((dw, du_tilde, dp))
-    return d_o @ mT(states) + dq_wy, u_tilde @ mT(g) + dk_wy, dv, d_beta, d_s0
+    d_q, d_k, *d_wy = chunk_cotangents(q, k, w, u, p, states, g[:n], d_o)  # all chunks at once
+    dq_wy, dk_wy, dv, d_beta = wy_vjp(tuple(d_wy))
+    return d_q + dq_wy, d_k + dk_wy, dv, d_beta, d_s0
 
 
 delta_chunks.defvjp(_delta_chunks_fwd, delta_chunks_bwd)

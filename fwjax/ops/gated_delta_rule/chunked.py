@@ -40,12 +40,15 @@ import jax
 import jax.numpy as jnp
 
 from fwjax.ops.common import (
-    causal_mask,
+    chunk_cotangents,
     chunk_forward,
+    cotangent_chain,
+    cotangent_chain_linear,
     from_chunks,
     in_chunks,
-    mT,
     packed_chunks,
+    state_chain,
+    state_chain_linear,
     wy_terms,
 )
 from fwjax.ops.delta_rule.chunked import fused_phases
@@ -72,36 +75,12 @@ def chunk_step(s, inputs):
     return s, o
 
 
-def _forward_chain(s, inputs):
-    """``S ← Γ_C S + K'ᵀ (U − W S)`` (inputs ``(K', W, U, Γ_C)``)."""
-    k_i, w_i, u_i, decay = inputs
-    return decay[..., None, None] * s + mT(k_i) @ (u_i - w_i @ s)
-
-
-def _forward_linear(m, inputs):
-    """The linear part of :func:`_forward_chain`: ``(Γ_C I − K'ᵀ W) m``."""
-    k_i, w_i, _, decay = inputs
-    return decay[..., None, None] * m - mT(k_i) @ (w_i @ m)
-
-
-def _backward_chain(g, inputs):
-    """``G ← Γ_C G + Q'ᵀ Ō − Wᵀ (Pᵀ Ō + K' G)`` (inputs ``(Q', K', W, P, Ō, Γ_C)``)."""
-    q_i, k_i, w_i, p_i, do_i, decay = inputs
-    return decay[..., None, None] * g + mT(q_i) @ do_i - mT(w_i) @ (mT(p_i) @ do_i + k_i @ g)
-
-
-def _backward_linear(m, inputs):
-    """The linear part of :func:`_backward_chain`: ``(Γ_C I − Wᵀ K') m``."""
-    _, k_i, w_i, _, _, decay = inputs
-    return decay[..., None, None] * m - mT(w_i) @ (k_i @ m)
-
-
 def _two_phase_forward(q, k, v, beta, log_alpha, s0, segments):
     """The accelerator schedule on chunked ``[N, B, H, C, .]`` inputs: ``(O, S, states)``."""
     q_d, k_d, w, u, p, decay = gated_terms(q, k, v, beta, log_alpha)  # all chunks at once
     xs, n = pad_chunks((k_d, w, u, decay), segments, fills=(0.0, 0.0, 0.0, 1.0))
-    step = emit_carry(_forward_chain)  # emits the state entering each chunk
-    s, states = segmented_scan(step, _forward_chain, _forward_linear, s0, xs, segments)
+    step = emit_carry(state_chain)  # emits the state entering each chunk
+    s, states = segmented_scan(step, state_chain, state_chain_linear, s0, xs, segments)
     states = states[:n]
     o = q_d @ states + p @ (u - w @ states)  # every chunk at once
     return o, s, states
@@ -125,24 +104,14 @@ def _gated_chunks_bwd(segments, residuals, cotangents):
     (q_d, k_d, w, u, p, decay), terms_vjp = jax.vjp(gated_terms, *xs)  # recompute the terms
     chain_xs = (q_d, k_d, w, p, d_o, decay)
     chain_xs, n = pad_chunks(chain_xs, segments, fills=(0.0, 0.0, 0.0, 0.0, 0.0, 1.0))
-    step = emit_carry(_backward_chain)  # emits G = ∂L/∂S after each chunk
+    step = emit_carry(cotangent_chain)  # emits G = ∂L/∂S after each chunk
     d_s0, g = segmented_scan(
-        step, _backward_chain, _backward_linear, d_s, chain_xs, segments, reverse=True
+        step, cotangent_chain, cotangent_chain_linear, d_s, chain_xs, segments, reverse=True
     )
     g = g[:n]
-    # Every chunk's cotangents at once.
-    u_tilde = u - w @ states
-    du_tilde = mT(p) @ d_o + k_d @ g
-    mask = causal_mask(q_d.shape[-2], include_diagonal=True)
-    d_terms = (
-        d_o @ mT(states),  # Q̄'
-        u_tilde @ mT(g),  # K̄'
-        -du_tilde @ mT(states),  # W̄
-        du_tilde,  # Ū
-        jnp.where(mask, d_o @ mT(u_tilde), 0),  # P̄
-        jnp.sum(states * g, axis=(-2, -1)),  # Γ̄_C
-    )
-    return (*terms_vjp(d_terms), d_s0)
+    d_terms = chunk_cotangents(q_d, k_d, w, u, p, states, g, d_o)  # all chunks at once
+    d_decay = jnp.sum(states * g, axis=(-2, -1))  # Γ̄_C = Σ S ⊙ G
+    return (*terms_vjp((*d_terms, d_decay)), d_s0)
 
 
 gated_chunks.defvjp(_gated_chunks_fwd, _gated_chunks_bwd)
