@@ -92,4 +92,6 @@ def test_a_long_float32_sequence_drifts_no_more_than_the_sequential_scan(gated):
         assert_close(out, expected_out, err_msg=f"output, {segments} segments")
         assert_close(state, expected_state, err_msg=f"state, {segments} segments")
         errors[segments] = float(np.max(np.abs(np.asarray(out) - expected_out)))
+    # Split and sequential scans round differently; the split may not lose more than a small
+    # factor of the sequential scan's own float32 error (measured: the same order of magnitude).
     assert errors[8] <= 4 * errors[1] + 1e-6, errors
