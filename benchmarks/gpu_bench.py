@@ -3,10 +3,10 @@
 One driver, one subprocess per stage, so that a crash, a hang or a compile error in one stage
 prints its full error and the others still run (JAX and torch never share a process):
 
-1. ``parity``: compiled PALLAS (default and XLA backward) and CHUNKED against the float32
-   REFERENCE at ``B2 T512 H4 D64`` (bf16 and fp32; outputs, final state, all input gradients),
-   the sum rule too; then flash-linear-attention's ``chunk_delta_rule`` (bf16) on the same
-   inputs, against the same reference (so the timings compare the same computation).
+1. ``parity``: compiled PALLAS (default, XLA backward, phased schedule) and CHUNKED against
+   the float32 REFERENCE at ``B2 T512 H4 D64`` (bf16 and fp32; outputs, final state, all input
+   gradients), the sum rule too; then flash-linear-attention's ``chunk_delta_rule`` (bf16) on
+   the same inputs, against the same reference (so the timings compare the same computation).
 2. ``time``: per (impl, shape, mode) one subprocess: bf16 inputs, every implementation timed by
    the same method (:func:`measure`): warm-up calls until compilation and autotuning are done
    (at least 3, then until 3 consecutive calls agree within 10 %), then ``--repeats`` (≥ 20)
@@ -61,6 +61,9 @@ SPLITS = (
     "fwjax_gated_chunked_split16",
 )
 SPLIT_SHAPES = ((2, 8192, 8, 64), (1, 32768, 16, 128))
+# PALLAS with PallasSchedule.PHASED (chain kernels + kernels parallel over chunks), both rules,
+# every shape and mode, against the FUSED default above: which schedule AUTO should pick.
+PHASED = ("fwjax_pallas_phased", "fwjax_gated_pallas_phased")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,12 +167,13 @@ def _jax_op(impl: str, smoke: bool):
     import jax.numpy as jnp
 
     from fwjax.ops import Impl, delta_rule, gated_delta_rule
-    from fwjax.ops.pallas import PallasBackward, PallasOptions
+    from fwjax.ops.pallas import PallasBackward, PallasOptions, PallasSchedule
 
     chunk = 16 if smoke else 64
     if impl.startswith("fwjax_gated"):
-        kind = Impl.PALLAS if impl == "fwjax_gated_pallas" else Impl.CHUNKED
+        kind = Impl.PALLAS if impl.startswith("fwjax_gated_pallas") else Impl.CHUNKED
         segments = int(impl.rsplit("_split", 1)[1]) if "_split" in impl else None
+        phased = PallasOptions(schedule=PallasSchedule.PHASED) if "_phased" in impl else None
 
         def gated(q, k, v, beta, log_alpha):
             alpha = jnp.exp(log_alpha)
@@ -185,6 +189,7 @@ def _jax_op(impl: str, smoke: bool):
                 impl=kind,
                 chunk_size=chunk,
                 state_segments=segments,
+                pallas=phased,
             )
 
         return gated
@@ -195,6 +200,8 @@ def _jax_op(impl: str, smoke: bool):
         kind = Impl.PALLAS
         if impl.endswith("_xla_bwd"):
             pallas = PallasOptions(backward=PallasBackward.XLA)
+        elif impl.endswith("_phased"):
+            pallas = PallasOptions(schedule=PallasSchedule.PHASED)
         elif "_tv" in impl:
             pallas = PallasOptions(value_block=int(impl.rsplit("_tv", 1)[1]))
     else:
@@ -298,7 +305,7 @@ def worker_parity_jax(smoke: bool, out_dir: str):
     import numpy as np
 
     from fwjax.ops import Impl, delta_rule, sum_rule
-    from fwjax.ops.pallas import PallasBackward, PallasOptions
+    from fwjax.ops.pallas import PallasBackward, PallasOptions, PallasSchedule
 
     b, t, h, d = (1, 40, 2, 16) if smoke else (2, 512, 4, 64)
     chunk = 16 if smoke else 64
@@ -345,6 +352,9 @@ def worker_parity_jax(smoke: bool, out_dir: str):
             )  # fmt: skip
         variants = [("chunked", Impl.CHUNKED, None), ("pallas", Impl.PALLAS, None)]
         variants.append(("pallas_xla_bwd", Impl.PALLAS, PallasOptions(backward=PallasBackward.XLA)))
+        variants.append(
+            ("pallas_phased", Impl.PALLAS, PallasOptions(schedule=PallasSchedule.PHASED))
+        )
         for label, impl, pallas in variants:
             for dtype in (jnp.float32, jnp.bfloat16):
                 rec = {
@@ -568,6 +578,12 @@ def main():
         for shape in shapes
         for mode in ("fwdbwd", "fwd")
         for impl in impls
+    ]
+    jobs += [
+        Job(impl, *shape, mode, 3 if smoke else args.repeats, smoke)
+        for shape in shapes
+        for mode in ("fwdbwd", "fwd")
+        for impl in PHASED
     ]
     layer_impls = tuple(i for i in LAYER_IMPLS if not (smoke and i.startswith("fla_")))
     jobs += [

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fwjax.ops import Impl, delta_rule, gated_delta_rule, sum_rule
+from fwjax.ops.pallas import PallasOptions, PallasSchedule
 from tests.oracle import delta_rule_np, gated_delta_rule_np, sum_rule_np
 
 # Every implementation the shared suite covers. On CPU, PALLAS runs its kernels (the GPU
@@ -32,6 +33,7 @@ class Rule:
     has_alpha: bool = False
     beta_offset: float = 0.0  # 1.0: β ∈ (1, 2), transitions with a negative eigenvalue
     state_segments: int | None = None  # the delta rule's split state scan (CHUNKED)
+    pallas: PallasOptions | None = None  # PALLAS's options when the caller passes none
 
     @property
     def impls(self):
@@ -42,6 +44,7 @@ class Rule:
         """Runs the rule; ``pallas``: :class:`fwjax.ops.pallas.PallasOptions` of PALLAS;
         ``inputs["segment_ids"]`` (optional): packed rows."""
         kw = {**inputs, **overrides}
+        pallas = pallas or self.pallas
         if self.beta_offset:
             kw["beta"] = kw["beta"] + self.beta_offset
         if self.has_alpha:
@@ -120,6 +123,11 @@ GATED_NEG = Rule("gated_neg", has_beta=True, has_alpha=True, beta_offset=1.0)
 DELTA_SPLIT = Rule("delta_split", has_beta=True, state_segments=2)
 GATED_SPLIT = Rule("gated_split", has_beta=True, has_alpha=True, state_segments=2)
 SPLIT_RULES = (DELTA_SPLIT, GATED_SPLIT)
+# PALLAS with the phased schedule (chain kernels + kernels parallel over chunks).
+_PHASED = PallasOptions(schedule=PallasSchedule.PHASED)
+DELTA_PHASED = Rule("delta_phased", has_beta=True, pallas=_PHASED)
+GATED_PHASED = Rule("gated_phased", has_beta=True, has_alpha=True, pallas=_PHASED)
+PHASED_RULES = (DELTA_PHASED, GATED_PHASED)
 
 
 @dataclasses.dataclass(frozen=True)

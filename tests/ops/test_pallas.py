@@ -7,6 +7,7 @@ value tiling (partial sums over tiles), the float32 precision option and float16
 """
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +20,7 @@ from fwjax.ops.pallas import (
     PallasBackward,
     PallasOptions,
     PallasPrecision,
+    PallasSchedule,
     resolve_backend,
     resolve_interpret,
     triton_tiling,
@@ -86,6 +88,43 @@ def test_value_tiles_sum_their_partial_gradients(rule):
     _compare(rule, case, jnp.float32, PallasOptions(value_block=16))
 
 
+PHASED = PallasSchedule.PHASED
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        PallasOptions(schedule=PHASED, value_block=16),
+        PallasOptions(schedule=PHASED, backend=PallasBackend.MOSAIC_TPU),
+        PallasOptions(schedule=PHASED, backward=PallasBackward.XLA),
+    ],
+    ids=["value_tiles", "tpu_kernels", "xla_backward"],
+)
+@pytest.mark.parametrize("rule", [DELTA, GATED], **RULE_IDS)
+def test_phased_schedule_options(rule, options):
+    """The phased kernels with several value tiles in the chain kernels (V = 40 pads to 64 = 4
+    tiles of 16; the parallel kernels take the whole V), on the TPU kernel family, and with
+    the XLA backward fed the states the chain kernel saved."""
+    case = Case(b=1, t=24, h=2, k=8, v=40, chunk=16) if options.value_block else SMALL
+    _compare(rule, case, jnp.float32, options)
+
+
+def test_phased_schedule_runs_the_chain_and_parallel_kernels():
+    """PHASED lowers to the chain kernels and the kernels parallel over chunks (by name); the
+    sum rule, which has none, keeps the fused kernel."""
+    inputs = make_inputs(SMALL, jnp.float32)
+    options = PallasOptions(schedule=PHASED)
+
+    def kernels(rule):
+        text = str(jax.make_jaxpr(lambda x: _grads(rule, x, Impl.PALLAS, 16, options))(inputs))
+        return set(re.findall(r"name=(\w+_(?:fwd|bwd|out|grads))\b", text))
+
+    for rule, name in ((DELTA, "delta_rule"), (GATED, "gated_delta_rule")):
+        want = {f"{name}_{kernel}" for kernel in ("chain_fwd", "out", "chain_bwd", "grads")}
+        assert kernels(rule) == want
+    assert kernels(RULES[1]) == {"sum_rule_fwd", "sum_rule_bwd"}
+
+
 def test_state_precision_keeps_bfloat16_states_float32_accurate():
     """PallasPrecision.STATE: bfloat16 inputs, float32 matmuls; the state meets float32."""
     rule = DELTA
@@ -125,34 +164,40 @@ GPU_CASES = (
 )
 
 
-def _compiled(rule, case, dtype, backward):
-    options = PallasOptions(backward=backward)
+def _compiled(rule, case, dtype, backward, schedule=PallasSchedule.FUSED):
+    options = PallasOptions(backward=backward, schedule=schedule)
     # Compiled kernels: bfloat16 matmul operands with INPUT precision; float32 uses IEEE fp32.
     _compare(rule, case, dtype, options, tol_dtype=jnp.bfloat16 if dtype == jnp.bfloat16 else None)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("schedule", list(PallasSchedule), ids=lambda s: s.value)
 @pytest.mark.parametrize("backward", list(PallasBackward), ids=lambda b: b.value)
 @pytest.mark.parametrize("dtype", (jnp.float32, jnp.bfloat16), ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("case", GPU_CASES, ids=str)
 @pytest.mark.parametrize("rule", KERNEL_RULES, **RULE_IDS)
-def test_compiled_gpu(rule, case, dtype, backward):
+def test_compiled_gpu(rule, case, dtype, backward, schedule):
     if jax.default_backend() != "gpu":
         pytest.skip("needs a GPU default backend (JAX_PLATFORMS=cuda)")
-    _compiled(rule, case, dtype, backward)
+    _compiled(rule, case, dtype, backward, schedule)
 
 
 @pytest.mark.tpu
+@pytest.mark.parametrize("schedule", list(PallasSchedule), ids=lambda s: s.value)
 @pytest.mark.parametrize("dtype", (jnp.float32, jnp.bfloat16), ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("rule", KERNEL_RULES, **RULE_IDS)
-def test_compiled_tpu(rule, dtype):
+def test_compiled_tpu(rule, dtype, schedule):
     if jax.default_backend() != "tpu":
         pytest.skip("needs a TPU default backend")
-    _compiled(rule, GPU_CASES[1], dtype, PallasBackward.KERNEL)
+    _compiled(rule, GPU_CASES[1], dtype, PallasBackward.KERNEL, schedule)
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
-def test_gated_chunk_decay_keeps_float32_with_bfloat16_inputs(packed):
+@pytest.mark.parametrize(
+    ("packed", "schedule"),
+    [(False, PallasSchedule.FUSED), (True, PallasSchedule.FUSED), (False, PHASED)],
+    ids=["plain", "packed", "phased"],
+)
+def test_gated_chunk_decay_keeps_float32_with_bfloat16_inputs(packed, schedule):
     """α = 0.9999 with bfloat16 inputs: a 16-step chunk decays by 0.9984, which bfloat16 rounds
     to exactly 1.0 (the head would stop forgetting). With no writes (zero keys and values) the
     state after T steps is exactly α^T · S₀ in float32 (bfloat16 decays leave it at S₀)."""
@@ -175,5 +220,6 @@ def test_gated_chunk_decay_keeps_float32_with_bfloat16_inputs(packed):
         impl=Impl.PALLAS,
         chunk_size=16,
         segment_ids=ids,
+        pallas=PallasOptions(schedule=schedule),
     )
     np.testing.assert_allclose(state, np.full(s0.shape, 0.9999**t), rtol=1e-4)

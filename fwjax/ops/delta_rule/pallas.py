@@ -30,6 +30,7 @@ KERNEL = KernelRule(
     forward=cm.delta_forward,
     backward=cm.delta_backward,
     xla_backward=functools.partial(delta_chunks_bwd, False, 1),
+    phased=True,
 )
 
 delta_rule_pallas = pallas_form(KERNEL)

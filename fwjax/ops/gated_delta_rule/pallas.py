@@ -49,6 +49,7 @@ KERNEL = KernelRule(
     backward=cm.gated_delta_backward,
     xla_backward=gated_chunks_bwd,
     exact_operands=DECAYS,  # Γ_C in float32 whatever the inputs' dtype
+    phased=True,
 )
 _form = pallas_form(KERNEL)
 

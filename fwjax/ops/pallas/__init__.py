@@ -1,11 +1,12 @@
 """Pallas kernels of the chunked fast weight rules: options, backend choice and tile layout.
 
-One kernel design for both rules: phase 1 of the chunked form (the WY terms of the delta rule)
-runs in XLA on all chunks at once; the sequential phase 2 runs as a Pallas kernel with one
-program per ``(batch, head, value tile)`` that keeps its fp32 state tile ``[K, tv]`` on chip
-while it walks the chunks. Columns of the state evolve independently given the chunk terms,
-so value tiling is exact. The per-chunk math is shared (:mod:`fwjax.ops.pallas.chunk_math`);
-each backend has its own file:
+One kernel design for every rule: phase 1 of the chunked form (the WY terms of the delta rule) runs
+in XLA on all chunks at once; the sequential phase 2 runs as a Pallas kernel with one program per
+``(batch, head, value tile)`` that keeps its fp32 state tile ``[K, tv]`` on chip while it walks the
+chunks (with ``PallasSchedule.PHASED`` it carries only the state chain, and kernels parallel over
+chunks do the rest). Columns of the state evolve independently given the chunk terms, so value
+tiling is exact. The per-chunk math is shared (:mod:`fwjax.ops.pallas.chunk_math`); each backend
+has its own file:
 
 - :mod:`fwjax.ops.pallas.triton_gpu` — GPU through Pallas' Triton lowering (see its docstring
   for why Triton and not Mosaic GPU);
@@ -56,6 +57,26 @@ class PallasBackward(enum.Enum):
     XLA = "xla"
 
 
+class PallasSchedule(enum.Enum):
+    """How the kernels of the delta and gated delta rules divide the chunk loop.
+
+    Attributes:
+      FUSED: one sequential kernel per ``(batch, head, value tile)`` does all of phase 2, four
+        matmuls per chunk (output included); its backward kernel nine, with partial sums over
+        value tiles through HBM.
+      PHASED: the structure of flash-linear-attention (``chunk_delta_h`` + ``chunk_o``): the
+        sequential kernel carries only the chain ``S ← Γ_C S + Kᵀ (U − W S)`` (two matmuls per
+        chunk) and saves the state entering each chunk in the matmul dtype; a kernel with one
+        program per ``(batch, head, chunk)``, all in parallel, then computes the outputs. The
+        backward mirrors it: a reverse kernel carries only ``G``, saving it per chunk, and a
+        parallel kernel forms each chunk's cotangents over the whole value dimension (no
+        partial sums). Rules without these kernels (the sum rule, packed rows) run ``FUSED``.
+    """
+
+    FUSED = "fused"
+    PHASED = "phased"
+
+
 class PallasPrecision(enum.Enum):
     """Dtype of the kernels' matmul operands (accumulation and the state are always in the
     state dtype, at least float32).
@@ -89,6 +110,7 @@ class PallasOptions:
         tile is above 16 (more programs hide the latency of the sequential chunk loop).
       num_warps: Triton warps per program; None: 4 for ``K·tv <= 64·64``, else 8.
       num_stages: Triton software pipelining stages of the chunk loop.
+      schedule: a :class:`PallasSchedule`.
     """
 
     backend: PallasBackend = PallasBackend.AUTO
@@ -98,11 +120,13 @@ class PallasOptions:
     value_block: int | None = None
     num_warps: int | None = None
     num_stages: int = 2
+    schedule: PallasSchedule = PallasSchedule.FUSED
 
     def __post_init__(self):
         object.__setattr__(self, "backend", PallasBackend(self.backend))
         object.__setattr__(self, "backward", PallasBackward(self.backward))
         object.__setattr__(self, "precision", PallasPrecision(self.precision))
+        object.__setattr__(self, "schedule", PallasSchedule(self.schedule))
         check_positive_ints(value_block=self.value_block, num_warps=self.num_warps, allow_none=True)
         check_positive_ints(num_stages=self.num_stages)
 
@@ -189,6 +213,7 @@ class KernelConfig(NamedTuple):
     matmul_dtype: jnp.dtype
     num_warps: int | None
     num_stages: int
+    schedule: PallasSchedule
 
 
 def kernel_config(options, t, k, v, chunk_size, programs, out_dtype, state_dtype) -> KernelConfig:
@@ -209,6 +234,7 @@ def kernel_config(options, t, k, v, chunk_size, programs, out_dtype, state_dtype
         jnp.dtype(out_dtype if options.precision is PallasPrecision.INPUT else state_dtype),
         options.num_warps,
         options.num_stages,
+        options.schedule,
     )
 
 
@@ -224,6 +250,19 @@ def run_chunk_scan(spec, *args, cfg: KernelConfig):
     return triton_gpu.chunk_scan(
         spec, *args, **tiles, num_warps=cfg.num_warps, num_stages=cfg.num_stages
     )
+
+
+def run_chunk_map(spec, *args, cfg: KernelConfig):
+    """Runs a :class:`fwjax.ops.pallas.scan_spec.ChunkMap` on ``cfg``'s backend."""
+    t = cfg.tiling
+    sizes = {"c": t.chunk, "k": t.key, "v": t.value, "interpret": cfg.interpret}
+    if cfg.backend is PallasBackend.MOSAIC_TPU:
+        from fwjax.ops.pallas import mosaic_tpu
+
+        return mosaic_tpu.chunk_map(spec, *args, **sizes)
+    from fwjax.ops.pallas import triton_gpu
+
+    return triton_gpu.chunk_map(spec, *args, **sizes, num_warps=cfg.num_warps)
 
 
 def to_kernel_layout(x: jax.Array, tiling: Tiling, width: int | None) -> jax.Array:
@@ -261,6 +300,7 @@ __all__ = [
     "PallasBackward",
     "PallasOptions",
     "PallasPrecision",
+    "PallasSchedule",
     "Tiling",
     "resolve_backend",
     "resolve_interpret",

@@ -24,6 +24,10 @@ Sum rule (``P = Q Kᵀ ⊙ M`` computed in the kernel)::
     backward:  P̄ = (Ō Vᵀ) ⊙ M,   Q̄ = Ō Sᵀ + P̄ K,   K̄ = V Gᵀ + P̄ᵀ Q,   V̄ = Pᵀ Ō + K G,
                G ← G + Qᵀ Ō
 
+The phased schedule splits each rule's forward into the chain ``S ← Γ_C S + Kᵀ (U − W S)``
+(sequential) and ``O = Q S + P (U − W S)`` (parallel over chunks), and the backward into
+``G ← Γ_C G + Qᵀ Ō − Wᵀ Ũ̄`` (sequential) and the cotangents above (parallel over chunks).
+
 ``M`` is lower-triangular including the diagonal; ``S`` is the state entering the chunk and
 ``G`` the cotangent of the state after it. ``Q̄, K̄, W̄, P̄`` contract over the value dimension,
 so with several value tiles each program returns a partial sum (added up in XLA).
@@ -51,13 +55,26 @@ def _dot(a, b, dims, md, sd):
     )
 
 
+def _row_decay(decay, sd):
+    """``Γ_C`` per state row, ``[K, 1]``, from the chunk decay's ``[C, K]`` tile (its column
+    maximum: a reduction every backend lowers, where a row slice is not)."""
+    return jnp.max(decay.astype(sd), axis=0)[:, None]
+
+
+def _decay_cotangent(s, g, rows, sd):
+    """``∂L/∂Γ_C = Σ_v S ⊙ G`` per state row, spread evenly over the tile's ``rows`` (the
+    forward reads their maximum of identical entries; phase 1's VJP sums the tile)."""
+    per_row = jnp.sum(s.astype(sd) * g.astype(sd), axis=1)
+    return jnp.broadcast_to(per_row[None, :] / rows, (rows, per_row.shape[0]))
+
+
 def delta_forward(q, k, w, u, p, s, md, sd, decay=None):
     """One delta-rule chunk: returns ``(O [C, tv], S_new [K, tv])`` in ``sd``. With ``decay``,
     the gated rule's chunk (see :func:`gated_delta_forward`)."""
     u_tilde = u.astype(sd) - _dot(w, s, _NN, md, sd)  # Ũ = U − W S
     o = _dot(q, s, _NN, md, sd) + _dot(p, u_tilde, _NN, md, sd)  # O = Q S + P Ũ
     if decay is not None:
-        s = jnp.max(decay.astype(sd), axis=0)[:, None] * s  # Γ_C S, Γ_C: [K, 1]
+        s = _row_decay(decay, sd) * s  # Γ_C S
     return o, s + _dot(k, u_tilde, _TN, md, sd)  # S ← S + Kᵀ Ũ
 
 
@@ -79,12 +96,8 @@ def gated_delta_backward(q, k, w, u, p, decay, s, do, g, md, sd):
     phase 1's VJP sums the tile), a partial sum over value tiles.
     """
     g_new, dq, dk, dw, du, dp = delta_backward(q, k, w, u, p, s, do, g, md, sd)
-    gamma = jnp.max(decay.astype(sd), axis=0)[:, None]  # Γ_C per state row: [K, 1]
-    g_new = g_new + (gamma - 1.0) * g  # Γ_C G instead of G
-    per_row = jnp.sum(s * g, axis=1)  # ∂L/∂Γ_C of each state row: [K]
-    rows = q.shape[0]
-    d_decay = jnp.broadcast_to(per_row[None, :] / rows, (rows, per_row.shape[0]))
-    return g_new, dq, dk, dw, du, dp, d_decay
+    g_new = g_new + (_row_decay(decay, sd) - 1.0) * g  # Γ_C G instead of G
+    return g_new, dq, dk, dw, du, dp, _decay_cotangent(s, g, q.shape[0], sd)
 
 
 def delta_backward(q, k, w, u, p, s, do, g, md, sd):
@@ -93,14 +106,58 @@ def delta_backward(q, k, w, u, p, s, do, g, md, sd):
     Returns ``(g_new, dq, dk, dw, du, dp)``: ``g_new = ∂L/∂S`` entering the chunk,
     ``dq, dk, dw [C, K]`` and ``dp [C, C]`` (partial over value tiles), ``du [C, tv]``.
     """
+    grads = delta_gradients(q, k, w, u, p, s, do, g, md, sd)
+    du = grads[3]
+    g_new = g + _dot(q, do, _TN, md, sd) - _dot(w, du, _TN, md, sd)
+    return g_new, *grads
+
+
+def delta_gradients(q, k, w, u, p, s, do, g, md, sd):
+    """The operands' cotangents of one delta-rule chunk from ``s`` (state entering it) and
+    ``g`` (∂L/∂S after it): ``(dq, dk, dw, du, dp)``, without the chain's update."""
     u_tilde = u.astype(sd) - _dot(w, s, _NN, md, sd)  # recomputed Ũ
     du = _dot(p, do, _TN, md, sd) + _dot(k, g, _NN, md, sd)  # Ũ̄ = Pᵀ Ō + K G
     dp = jnp.where(_causal(q.shape[0]), _dot(do, u_tilde, _NT, md, sd), 0)
     dq = _dot(do, s, _NT, md, sd)  # Q̄ = Ō Sᵀ
     dk = _dot(u_tilde, g, _NT, md, sd)  # K̄ = Ũ Gᵀ
     dw = -_dot(du, s, _NT, md, sd)  # W̄ = −Ũ̄ Sᵀ
-    g_new = g + _dot(q, do, _TN, md, sd) - _dot(w, du, _TN, md, sd)
-    return g_new, dq, dk, dw, du, dp
+    return dq, dk, dw, du, dp
+
+
+# The phased schedule (PallasSchedule.PHASED): the sequential kernels carry only the chains,
+# the parallel kernels (one program per chunk, the whole value dimension) do the rest.
+
+
+def chain_forward(k, w, u, s, md, sd, decay=None):
+    """The state chain of one chunk, ``S ← Γ_C S + Kᵀ (U − W S)`` (``Γ_C = 1`` without
+    ``decay [C, K]``): two matmuls."""
+    u_tilde = u.astype(sd) - _dot(w, s, _NN, md, sd)  # Ũ = U − W S
+    if decay is not None:
+        s = _row_decay(decay, sd) * s
+    return s + _dot(k, u_tilde, _TN, md, sd)
+
+
+def chunk_output(q, w, u, p, s, md, sd):
+    """One chunk's output from the state entering it: ``O = Q S + P (U − W S)``."""
+    u_tilde = u.astype(sd) - _dot(w, s, _NN, md, sd)
+    return _dot(q, s, _NN, md, sd) + _dot(p, u_tilde, _NN, md, sd)
+
+
+def chain_backward(q, k, w, p, do, g, md, sd, decay=None):
+    """The cotangent chain of one chunk, ``G ← Γ_C G + Qᵀ Ō − Wᵀ (Pᵀ Ō + K G)``."""
+    du = _dot(p, do, _TN, md, sd) + _dot(k, g, _NN, md, sd)  # Ũ̄
+    decayed = g if decay is None else _row_decay(decay, sd) * g
+    return decayed + _dot(q, do, _TN, md, sd) - _dot(w, du, _TN, md, sd)
+
+
+def chunk_gradients(q, k, w, u, p, s, do, g, md, sd, decay=None):
+    """One chunk's operand cotangents (:func:`delta_gradients`), exact over the whole value
+    dimension; with ``decay`` also ``d_decay [C, K]``, ``Σ_v S ⊙ G`` per state row spread
+    evenly over the chunk's rows (as in :func:`gated_delta_backward`)."""
+    grads = delta_gradients(q, k, w, u, p, s, do, g, md, sd)
+    if decay is None:
+        return grads
+    return *grads, _decay_cotangent(s, g, q.shape[0], sd)
 
 
 def sum_forward(q, k, v, s, md, sd):

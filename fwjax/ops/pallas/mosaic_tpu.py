@@ -1,13 +1,13 @@
-"""TPU backend: chunk-scan kernels lowered through Mosaic TPU.
+"""TPU backend: chunk kernels lowered through Mosaic TPU.
 
-Grid ``(B, H, nv, N)``: the chunk axis is the innermost, sequential (``"arbitrary"``) grid
-dimension, so Pallas' pipeline brings each chunk's ``[C, ·]`` blocks into VMEM (double-buffered)
-while the previous chunk computes. The ``[K, tv]`` carry lives in a VMEM scratch buffer that
-persists across the chunk axis: initialised from the ``STATE`` input at the first chunk, and
-written to the ``STATE`` output at the last (its block index is constant over the chunk axis,
-so it is written back to HBM once). The other grid axes are ``"parallel"`` (megacore
-sharding). Block constraints of Mosaic (last two dims divisible by ``(8, 128)`` or whole) are
-met by :func:`fwjax.ops.pallas.tpu_tiling`.
+Chunk scans (:func:`chunk_scan`), grid ``(B, H, nv, N)``: the chunk axis is the innermost,
+sequential (``"arbitrary"``) grid dimension, so Pallas' pipeline brings each chunk's ``[C, ·]``
+blocks into VMEM (double-buffered) while the previous chunk computes. The ``[K, tv]`` carry lives
+in a VMEM scratch buffer that persists across the chunk axis: initialised from the ``STATE`` input
+at the first chunk, and written to the ``STATE`` output at the last (its block index is constant
+over the chunk axis, so it is written back to HBM once). The other grid axes are ``"parallel"``
+(megacore sharding). Block constraints of Mosaic (last two dims divisible by ``(8, 128)`` or whole)
+are met by :func:`fwjax.ops.pallas.tpu_tiling`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,17 @@ import functools
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from fwjax.ops.pallas.scan_spec import ChunkScan, Dims, Kind, dims_of, out_shapes
+from fwjax.ops.pallas.scan_spec import (
+    ChunkMap,
+    ChunkScan,
+    Dims,
+    Kind,
+    dims_of,
+    map_block_spec,
+    map_dims,
+    map_kernel,
+    out_shapes,
+)
 
 
 def _block_spec(kind: Kind, d: Dims, reverse: bool) -> pl.BlockSpec:
@@ -81,6 +91,22 @@ def chunk_scan(spec: ChunkScan, *args, c: int, tv: int, interpret: bool):
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")
         ),
+        interpret=interpret,
+        name=spec.name,
+    )(*args)
+
+
+def chunk_map(spec: ChunkMap, *args, c: int, k: int, v: int, interpret: bool):
+    """Runs ``spec`` with grid ``(B, H, N)``, every axis ``"parallel"``; blocks ``[C, K]``,
+    ``[C, V]``, ``[C, C]``, ``[K, V]`` (whole last dims, ``C`` a multiple of 16)."""
+    d = map_dims(spec, args, c, k, v)
+    return pl.pallas_call(
+        functools.partial(map_kernel, spec=spec),
+        grid=(d.b, d.h, d.n),
+        in_specs=[map_block_spec(op.kind, d) for op in spec.inputs],
+        out_specs=[map_block_spec(op.kind, d) for op in spec.outputs],
+        out_shape=out_shapes(spec, d),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",) * 3),
         interpret=interpret,
         name=spec.name,
     )(*args)

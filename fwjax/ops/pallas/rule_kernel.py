@@ -32,9 +32,11 @@ from fwjax.ops.common import packed_chunks_bwd, packed_terms, scaled_inputs
 from fwjax.ops.pallas import (
     KernelConfig,
     PallasBackward,
+    PallasSchedule,
     flat,
     from_kernel_layout,
     kernel_config,
+    phased,
     run_chunk_scan,
     to_kernel_layout,
     unflat,
@@ -67,6 +69,8 @@ class KernelRule:
       exact_operands: operands passed in the state dtype rather than the matmul dtype: the
         decays, which multiply the state elementwise (a bfloat16 chunk decay of 0.9984 rounds
         to 1.0, and the head stops forgetting).
+      phased: the rule has the kernels of ``PallasSchedule.PHASED`` (operands
+        ``DELTA_OPERANDS`` or ``DECAY_OPERANDS``; see :mod:`fwjax.ops.pallas.phased`).
     """
 
     name: str
@@ -76,6 +80,7 @@ class KernelRule:
     backward: Callable | None
     xla_backward: Callable
     exact_operands: frozenset[str] = frozenset()
+    phased: bool = False
 
     def cast_operands(self, operands, md, sd) -> list:
         """The phase-1 operands, flattened to ``[B·H, N·C, .]``, in the matmul dtype ``md``
@@ -124,26 +129,38 @@ def _run_forward(rule, cfg, xs, s0, save_states):
     return unflat(o, cfg.tiling.chunk), s, *states
 
 
+def _phased(rule, cfg) -> bool:
+    return rule.phased and cfg.schedule is PallasSchedule.PHASED
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _kernel_op(rule, cfg, xs, s0):
+    if _phased(rule, cfg):
+        o, s, _ = phased.forward(rule, cfg, xs, s0)
+        return o, s
     o, s = _run_forward(rule, cfg, xs, s0, save_states=False)
     return o, s
 
 
 def _kernel_op_fwd(rule, cfg, xs, s0):
-    o, s, states = _run_forward(rule, cfg, xs, s0, save_states=True)
+    if _phased(rule, cfg):
+        o, s, states = phased.forward(rule, cfg, xs, s0)
+    else:
+        o, s, states = _run_forward(rule, cfg, xs, s0, save_states=True)
     return (o, s), (xs, states)
 
 
 def _kernel_op_bwd(rule, cfg, residuals, cotangents):
     xs, states = residuals
     d_o, d_s = cotangents
-    sd = states.dtype
+    sd = d_s.dtype  # the state dtype (PHASED saves the states in the matmul dtype)
     if rule.backward is None or cfg.backward is PallasBackward.XLA:
         to_nbh = functools.partial(jnp.moveaxis, source=2, destination=0)
-        nbh = tuple(to_nbh(x) for x in (*xs, states))
+        nbh = tuple(to_nbh(x) for x in (*xs, states.astype(sd)))
         *grads, d_s0 = rule.xla_backward(nbh, (to_nbh(d_o.astype(sd)), d_s))
         return tuple(jnp.moveaxis(g, 0, 2) for g in grads), d_s0
+    if _phased(rule, cfg):
+        return phased.backward(rule, cfg, xs, states, d_o, d_s)
     md, c = cfg.matmul_dtype, cfg.tiling.chunk
     operands, phase1_vjp = jax.vjp(rule.phase1, *xs)  # recompute phase 1
     spec = _backward_spec(rule, cfg, sd)

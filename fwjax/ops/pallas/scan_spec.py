@@ -1,9 +1,10 @@
-"""A backend-neutral description of a chunk-scan kernel, which each backend file lowers.
+"""Backend-neutral descriptions of the chunk kernels, which each backend file lowers.
 
 A kernel walks the ``N`` chunks of one ``(batch, head, value tile)`` in order (or in reverse),
 carrying a ``[K, tv]`` tile in the state dtype (the state, or its cotangent). Each operand has a
 :class:`Kind` that says how it is laid out and which slice a chunk step sees; ``step`` maps the
-per-chunk values and the carry to the new carry and the per-chunk outputs.
+per-chunk values and the carry to the new carry and the per-chunk outputs (:class:`ChunkScan`).
+A :class:`ChunkMap` has no carry: one program per ``(batch, head, chunk)``, all in parallel.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 
 class Kind(enum.Enum):
@@ -118,3 +120,69 @@ def dims_of(spec: ChunkScan, args, c: int, tv: int) -> Dims:
 
 def out_shapes(spec: ChunkScan, dims: Dims):
     return [jax.ShapeDtypeStruct(dims.shape(op.kind), op.dtype) for op in spec.outputs]
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkMap:
+    """A kernel parallel over chunks: one program per ``(batch, head, chunk)``, no carry.
+
+    Each program sees its chunk's blocks over the whole value dimension (``tv = V``: operands
+    that contract over ``V`` are complete in one program, no partial sums) and writes its
+    chunk's outputs. Input and output kinds: ``SEQ_KEY``, ``SEQ_VALUE``, ``SEQ_CHUNK`` and
+    ``STATES`` (the ``[K, V]`` state of the program's chunk).
+
+    Attributes:
+      name: kernel name (shows in profiles).
+      inputs: the input operands, in call order.
+      outputs: the output operands (with their dtypes).
+      fn: ``fn(values: dict) -> outputs: dict`` on one chunk's values.
+    """
+
+    name: str
+    inputs: tuple[Operand, ...]
+    outputs: tuple[Operand, ...]
+    fn: Callable
+
+
+MAP_KINDS = (Kind.SEQ_KEY, Kind.SEQ_VALUE, Kind.SEQ_CHUNK, Kind.STATES)
+
+
+def map_dims(spec: ChunkMap, args, c: int, k: int, v: int) -> Dims:
+    """The sizes of a :class:`ChunkMap` call with key and value sizes ``k``, ``v`` (validated
+    against each operand's kind)."""
+    seq = [a.shape for op, a in zip(spec.inputs, args, strict=True) if op.kind in SEQ_KINDS]
+    b, h, t = seq[0][:3]
+    if t % c:
+        raise ValueError(f"padded time T'={t} must be a multiple of the chunk C={c}")
+    dims = Dims(b, h, t // c, c, k, v, v)
+    for op, a in zip(spec.inputs, args, strict=True):
+        if op.kind not in MAP_KINDS:
+            raise ValueError(f"{spec.name}: {op.name} has kind {op.kind}, not one of {MAP_KINDS}")
+        if a.shape != dims.shape(op.kind):
+            raise ValueError(
+                f"{spec.name}: {op.name}.shape={a.shape}, expected {dims.shape(op.kind)}"
+            )
+    return dims
+
+
+def map_block_spec(kind: Kind, d: Dims):
+    """The block of one ``(b, h, n)`` program of a :class:`ChunkMap` (every backend's)."""
+    if kind is Kind.SEQ_KEY:
+        return pl.BlockSpec((None, None, d.c, d.k), lambda b, h, n: (b, h, n, 0))
+    if kind is Kind.SEQ_VALUE:
+        return pl.BlockSpec((None, None, d.c, d.v), lambda b, h, n: (b, h, n, 0))
+    if kind is Kind.SEQ_CHUNK:
+        return pl.BlockSpec((None, None, d.c, d.c), lambda b, h, n: (b, h, n, 0))
+    if kind is Kind.STATES:
+        return pl.BlockSpec((None, None, None, d.k, d.v), lambda b, h, n: (b, h, n, 0, 0))
+    raise ValueError(f"operand kind {kind!r} is not a ChunkMap kind")
+
+
+def map_kernel(*refs, spec: ChunkMap):
+    """The body of every backend's :class:`ChunkMap` kernel: read the chunk's blocks, apply
+    ``spec.fn``, write its outputs."""
+    n_in = len(spec.inputs)
+    values = {op.name: ref[...] for op, ref in zip(spec.inputs, refs[:n_in], strict=True)}
+    results = spec.fn(values)
+    for op, ref in zip(spec.outputs, refs[n_in:], strict=True):
+        ref[...] = results[op.name].astype(op.dtype)

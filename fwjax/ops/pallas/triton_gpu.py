@@ -1,10 +1,11 @@
-"""GPU backend: chunk-scan kernels lowered through Pallas' Triton backend.
+"""GPU backend: chunk kernels lowered through Pallas' Triton backend.
 
-Grid ``(B, H, nv)``: one program per batch element, head and value tile. Each program gets
-whole-sequence blocks of its head and walks the chunks in an in-kernel ``lax.fori_loop``
-(``scf.for``, software-pipelined by Triton with ``num_stages``), keeping its ``[K, tv]`` fp32
-carry in registers; each step loads ``[C, ·]`` row slices with ``pl.ds`` (the pattern of
-JAX's own Triton attention kernel).
+Chunk scans (:func:`chunk_scan`), grid ``(B, H, nv)``: one program per batch element, head and
+value tile. Each program gets whole-sequence blocks of its head and walks the chunks in an
+in-kernel ``lax.fori_loop`` (``scf.for``, software-pipelined by Triton with ``num_stages``),
+keeping its ``[K, tv]`` fp32 carry in registers; each step loads ``[C, ·]`` row slices with
+``pl.ds`` (the pattern of JAX's own Triton attention kernel). Chunk maps (:func:`chunk_map`),
+grid ``(B, H, N)``: one program per chunk with its whole blocks.
 
 Why Triton and not Mosaic GPU, although JAX 0.11 deprecates the Triton lowering: this kernel is
 a sequential loop of small (``64 × 64``) matmuls per program; Triton schedules such code
@@ -25,7 +26,17 @@ import jax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from fwjax.ops.pallas.scan_spec import ChunkScan, Dims, Kind, dims_of, out_shapes
+from fwjax.ops.pallas.scan_spec import (
+    ChunkMap,
+    ChunkScan,
+    Dims,
+    Kind,
+    dims_of,
+    map_block_spec,
+    map_dims,
+    map_kernel,
+    out_shapes,
+)
 
 
 def _block_spec(kind: Kind, d: Dims) -> pl.BlockSpec:
@@ -88,6 +99,24 @@ def chunk_scan(spec: ChunkScan, *args, c: int, tv: int, interpret: bool, num_war
         out_specs=[_block_spec(op.kind, d) for op in spec.outputs],
         out_shape=out_shapes(spec, d),
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name=spec.name,
+    )(*args)
+
+
+def chunk_map(spec: ChunkMap, *args, c: int, k: int, v: int, interpret: bool, num_warps):
+    """Runs ``spec`` with grid ``(B, H, N)``, one program per chunk (whole ``[C, ·]`` and
+    ``[K, V]`` blocks); returns the outputs in spec order."""
+    d = map_dims(spec, args, c, k, v)
+    if num_warps is None:
+        num_warps = 4 if d.k * d.v <= 64 * 64 else 8
+    return pl.pallas_call(
+        functools.partial(map_kernel, spec=spec),
+        grid=(d.b, d.h, d.n),
+        in_specs=[map_block_spec(op.kind, d) for op in spec.inputs],
+        out_specs=[map_block_spec(op.kind, d) for op in spec.outputs],
+        out_shape=out_shapes(spec, d),
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
         name=spec.name,
     )(*args)

@@ -1,0 +1,130 @@
+"""The phased schedule of the PALLAS kernels (``PallasSchedule.PHASED``) of the delta and gated
+delta rules: the structure of flash-linear-attention's ``chunk_delta_h`` + ``chunk_o`` and their
+backward kernels, on the backend-neutral kernel descriptions of
+:mod:`fwjax.ops.pallas.scan_spec`.
+
+Forward, from phase 1's operands ``(Q, K, W, U, P[, Γ_C])`` (XLA, all chunks at once)::
+
+    chain kernel (sequential; one program per batch, head, value tile):
+        states[n] = S;   S ← Γ_C S + Kᵀ (U − W S)                   two matmuls per chunk
+    output kernel (one program per batch, head, chunk; all in parallel):
+        O = Q S_n + P (U − W S_n)
+
+Backward, with ``Ō`` and ``G = ∂L/∂S``::
+
+    cotangent chain kernel (sequential, reverse):
+        gs[n] = G;   G ← Γ_C G + Qᵀ Ō − Wᵀ (Pᵀ Ō + K G)
+    gradient kernel (parallel over chunks, the whole value dimension in one program):
+        Q̄, K̄, W̄, Ū, P̄ [, Γ̄_C] of chunk n from S_n, gs[n], Ō      (no partial sums over tiles)
+
+then phase 1's VJP in XLA. The saved states and cotangents are stored in the matmul dtype (the
+operands they feed are rounded to it anyway; flash-linear-attention stores them in bfloat16 too);
+the chains themselves carry the state dtype. The per-chunk math is
+:mod:`fwjax.ops.pallas.chunk_math` (``chain_forward``, ``chunk_output``, ``chain_backward``,
+``chunk_gradients``).
+"""
+
+from __future__ import annotations
+
+import jax
+
+from fwjax.ops.pallas import chunk_math as cm
+from fwjax.ops.pallas import flat, run_chunk_map, run_chunk_scan, unflat
+from fwjax.ops.pallas.scan_spec import ChunkMap, ChunkScan, Kind, Operand
+
+
+def _operands(rule, cfg, terms, sd) -> tuple[dict, dict, tuple[str, ...]]:
+    """Phase 1's operands by name (flattened, cast), their kinds, and the decay's name if any."""
+    names = [name for name, _ in rule.operands]
+    values = dict(zip(names, rule.cast_operands(terms, cfg.matmul_dtype, sd), strict=True))
+    decay = ("decay",) if "decay" in values else ()
+    return values, dict(rule.operands), decay
+
+
+def forward(rule, cfg, xs, s0):
+    """Phased forward of ``rule`` on kernel-layout inputs ``xs`` (``[B, H, N, C, .]``) and the
+    padded initial state ``s0 [B, H, K, V]``.
+
+    Returns:
+      ``(O [B, H, N, C, V]`` in the matmul dtype, ``S_final`` in the state dtype, the state
+      entering each chunk ``[B, H, N, K, V]`` in the matmul dtype).
+    """
+    md, sd = cfg.matmul_dtype, s0.dtype
+    ops, kinds, decay = _operands(rule, cfg, rule.phase1(*xs), sd)
+
+    def chain_step(x, s):
+        d = x["decay"] if decay else None
+        return cm.chain_forward(x["k"], x["w"], x["u"], s, md, sd, d), {"states": s}
+
+    chain_in = ("k", "w", "u", *decay)
+    chain = ChunkScan(
+        f"{rule.name}_chain_fwd",
+        inputs=(*(Operand(n, kinds[n]) for n in chain_in), Operand("s0", Kind.STATE)),
+        outputs=(Operand("s", Kind.STATE, sd), Operand("states", Kind.STATES, md)),
+        step=chain_step,
+        reverse=False,
+        state_dtype=sd,
+    )
+    s, states = run_chunk_scan(chain, *(ops[n] for n in chain_in), s0, cfg=cfg)
+
+    out_in = ("q", "w", "u", "p")
+    output = ChunkMap(
+        f"{rule.name}_out",
+        inputs=(*(Operand(n, kinds[n]) for n in out_in), Operand("states", Kind.STATES)),
+        outputs=(Operand("o", Kind.SEQ_VALUE, md),),
+        fn=lambda x: {"o": cm.chunk_output(*(x[n] for n in out_in), x["states"], md, sd)},
+    )
+    (o,) = run_chunk_map(output, *(ops[n] for n in out_in), states, cfg=cfg)
+    return unflat(o, cfg.tiling.chunk), s, states
+
+
+def backward(rule, cfg, xs, states, d_o, d_s):
+    """Phased VJP from the residuals of :func:`forward` (``xs``, ``states``) and the
+    cotangents ``d_o [B, H, N, C, V]``, ``d_s [B, H, K, V]``; returns ``(dxs, dS⁰)``."""
+    md, sd, c = cfg.matmul_dtype, d_s.dtype, cfg.tiling.chunk
+    terms, phase1_vjp = jax.vjp(rule.phase1, *xs)  # recompute phase 1
+    ops, kinds, decay = _operands(rule, cfg, terms, sd)
+    do = flat(d_o).astype(md)
+
+    def chain_step(x, g):
+        d = x["decay"] if decay else None
+        g_new = cm.chain_backward(x["q"], x["k"], x["w"], x["p"], x["do"], g, md, sd, d)
+        return g_new, {"gs": g}  # gs[n]: ∂L/∂S after chunk n
+
+    chain_in = ("q", "k", "w", "p", *decay)
+    chain = ChunkScan(
+        f"{rule.name}_chain_bwd",
+        inputs=(
+            *(Operand(n, kinds[n]) for n in chain_in),
+            Operand("do", Kind.SEQ_VALUE),
+            Operand("ds", Kind.STATE),
+        ),
+        outputs=(Operand("ds0", Kind.STATE, sd), Operand("gs", Kind.STATES, md)),
+        step=chain_step,
+        reverse=True,
+        state_dtype=sd,
+    )
+    d_s0, gs = run_chunk_scan(chain, *(ops[n] for n in chain_in), do, d_s, cfg=cfg)
+
+    names = ("q", "k", "w", "u", "p", *decay)
+
+    def gradients(x):
+        d = x["decay"] if decay else None
+        grads = cm.chunk_gradients(
+            *(x[n] for n in names[:5]), x["states"], x["do"], x["gs"], md, sd, d
+        )
+        return {f"d{n}": g for n, g in zip(names, grads, strict=True)}
+
+    grads_map = ChunkMap(
+        f"{rule.name}_grads",
+        inputs=(
+            *(Operand(n, kinds[n]) for n in names),
+            Operand("states", Kind.STATES),
+            Operand("gs", Kind.STATES),
+            Operand("do", Kind.SEQ_VALUE),
+        ),
+        outputs=tuple(Operand(f"d{n}", kinds[n], sd) for n in names),
+        fn=gradients,
+    )
+    grads = run_chunk_map(grads_map, *(ops[n] for n in names), states, gs, do, cfg=cfg)
+    return phase1_vjp(tuple(unflat(g, c) for g in grads)), d_s0
