@@ -1,7 +1,7 @@
 """Multi-hop recall under Zoology's model recipe: does depth let softmax attention compose lookups?
 
     python -m experiments.recall_multihop [--depth 1 2] [--variants softmax delta] [--seeds 1]
-        [--steps 3000] [--d-ff 0] [--quick]
+        [--steps 3000] [--d-ff 0] [--one-hop-steps 0] [--quick]
 
 Task: :class:`~fwjax.data.recall.MultiHopTask` with 8 chains of 2 links over 64 entities, no
 distractors, 8 queries per sequence, half of them 1-hop and half 2-hop (``T = 57``). A 2-hop
@@ -13,7 +13,11 @@ d_model 64, 2 heads, AdamW lr 3e-3, batch 64) with ``depth`` blocks: ``depth`` 1
 feed-forward layer to every block (Zoology's recall models have none): a per-token map that can
 turn an entity's object id into its subject id between the two lookups.
 
-Each point (depth, d_ff, variant, steps, seed) is written to
+``--one-hop-steps N`` is a curriculum: the first ``N`` training batches score only their 1-hop
+answers (the 2-hop queries stay in the sequence, unscored); ``N >= steps`` never trains on 2-hop
+answers. Evaluation always scores both hop counts.
+
+Each point (depth, d_ff, variant, steps, seed, one-hop steps) is written to
 ``experiments/results/recall_multihop/`` when it finishes (re-running resumes), with its
 evaluation curve; ``recall_multihop.{md,csv}`` are rewritten after each. Reported: accuracy on
 1-hop and 2-hop queries of 512 fixed evaluation sequences.
@@ -22,6 +26,7 @@ evaluation curve; ``recall_multihop.{md,csv}`` are rewritten after each. Reporte
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import statistics
 import time
@@ -39,7 +44,8 @@ TASK = MultiHopTask(num_chains=8, chain_length=2, max_hops=2, num_queries=8, num
 
 
 def run_point(point, *, task: MultiHopTask = TASK, out: Path = OUT) -> dict:
-    depth, d_ff, variant, steps, seed = point
+    depth, d_ff, variant, steps, seed, one_hop_steps = _full(point)
+    task = dataclasses.replace(task, one_hop_steps=one_hop_steps)
     fields = training_fields(steps, 3e-3, seed)
     model = model_config(
         variant, 64, task.length, depth=depth, vocab_size=task.vocab_size, d_ff=d_ff
@@ -52,6 +58,7 @@ def run_point(point, *, task: MultiHopTask = TASK, out: Path = OUT) -> dict:
         variant=variant,
         seed=seed,
         steps=steps,
+        one_hop_steps=one_hop_steps,
         length=task.length,
         accuracy=result.accuracy,
         hop1_accuracy=result.hop_accuracy.get(1),
@@ -64,9 +71,15 @@ def run_point(point, *, task: MultiHopTask = TASK, out: Path = OUT) -> dict:
     return record
 
 
+def _full(point) -> tuple:
+    """``(depth, d_ff, variant, steps, seed, one_hop_steps)``; 5-tuples have no curriculum."""
+    return (*point, 0) if len(point) == 5 else tuple(point)
+
+
 def _path(point, out: Path = OUT) -> Path:
-    depth, d_ff, variant, steps, seed = point
-    return out / f"depth{depth}_ff{d_ff}_{variant}_steps{steps}_seed{seed}.json"
+    depth, d_ff, variant, steps, seed, one_hop_steps = _full(point)
+    curriculum = f"_onehop{one_hop_steps}" if one_hop_steps else ""
+    return out / f"depth{depth}_ff{d_ff}_{variant}_steps{steps}{curriculum}_seed{seed}.json"
 
 
 def write_outputs(out: Path = OUT, results: Path = RESULTS) -> list[dict]:
@@ -74,24 +87,31 @@ def write_outputs(out: Path = OUT, results: Path = RESULTS) -> list[dict]:
     order = list(VARIANTS)
     records = sweep_lib.load_records(
         out,
-        lambda r: (r["depth"], r["d_ff"], order.index(r["variant"]), r["steps"], r["seed"]),
-    )
-    columns = ["depth", "d_ff", "variant", "seed", "steps", "length", "accuracy"]
+        lambda r: (
+            r["depth"], r["d_ff"], order.index(r["variant"]), r["steps"],
+            r.get("one_hop_steps", 0), r["seed"],
+        ),
+    )  # fmt: skip
+    for r in records:
+        r.setdefault("one_hop_steps", 0)  # points from before the curriculum option
+    columns = ["depth", "d_ff", "variant", "seed", "steps", "one_hop_steps", "length", "accuracy"]
     columns += ["hop1_accuracy", "hop2_accuracy", "seconds"]
     sweep_lib.write_csv(records, results / "recall_multihop.csv", columns)
     groups: dict[tuple, list[dict]] = {}
     for r in records:
-        groups.setdefault((r["depth"], r["d_ff"], r["variant"], r["steps"]), []).append(r)
+        key = (r["depth"], r["d_ff"], r["variant"], r["steps"], r["one_hop_steps"])
+        groups.setdefault(key, []).append(r)
     lines = [
-        "| [BaseConv, mixer] blocks | d_ff | mixer | steps | seeds | 1-hop | 2-hop | s / point |",
-        "|---|---|---|---|---|---|---|---|",
+        "| [BaseConv, mixer] blocks | d_ff | mixer | steps | of which 1-hop only | seeds "
+        "| 1-hop | 2-hop | s / point |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for (depth, d_ff, variant, steps), rs in groups.items():
+    for (depth, d_ff, variant, steps, one_hop_steps), rs in groups.items():
         hop1, hop2, seconds = (
             statistics.mean(r[name] for r in rs)
             for name in ("hop1_accuracy", "hop2_accuracy", "seconds")
         )
-        cells = [depth, d_ff, variant, steps, len(rs)]
+        cells = [depth, d_ff, variant, steps, one_hop_steps, len(rs)]
         cells += [f"{hop1:.3f}", f"{hop2:.3f}", f"{seconds:.0f}"]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     (results / "recall_multihop.md").write_text("\n".join(lines) + "\n")
@@ -106,6 +126,13 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[3000])
     parser.add_argument("--d-ff", type=int, nargs="+", default=[0])
     parser.add_argument(
+        "--one-hop-steps",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="a curriculum: the first so many training batches score only 1-hop answers",
+    )
+    parser.add_argument(
         "--workers", type=int, default=1, help="points at once, one core and XLA thread each"
     )
     parser.add_argument("--quick", action="store_true", help="one point, 10 steps, into /tmp")
@@ -116,11 +143,12 @@ def main(argv=None) -> None:
         args.depth, args.variants, args.seeds, args.steps = [1], ["softmax"], 1, [10]
     out.mkdir(parents=True, exist_ok=True)
     points = [
-        (d, ff, v, steps, s)
+        (d, ff, v, steps, s, one_hop)
         for d in args.depth
         for ff in args.d_ff
         for v in args.variants
         for steps in args.steps
+        for one_hop in args.one_hop_steps
         for s in range(args.seeds)
     ]
     sweep_lib.run_points(

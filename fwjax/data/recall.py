@@ -247,6 +247,9 @@ class MultiHopTask(_TokenLayout):
       num_distractors: ``D`` noise tokens interleaved with the pairs.
       num_entities: entity vocabulary (``>= C · (L + 1)``).
       num_noise: size of the distractor range.
+      one_hop_steps: training batches with an index below this score only their 1-hop answers
+        (a curriculum: the other queries stay in the sequence, unscored: mask False, target
+        PAD, hop 0); evaluation batches score every query.
 
     Shapes: every batch array is ``[B, T]`` with ``T = length = 2CL + D + 1 + 3Q``.
     """
@@ -258,6 +261,7 @@ class MultiHopTask(_TokenLayout):
     num_distractors: int = 0
     num_entities: int = 64
     num_noise: int = 16
+    one_hop_steps: int = 0
 
     def __post_init__(self):
         _complete_and_check(
@@ -267,6 +271,7 @@ class MultiHopTask(_TokenLayout):
             max_hops=self.max_hops,
             num_entities=self.num_entities,
         )
+        check_ints(minimum=0, one_hop_steps=self.one_hop_steps)
         if self.max_hops > self.chain_length:
             raise ValueError(f"{self.max_hops=} must be <= {self.chain_length=}")
         needed = self.num_chains * (self.chain_length + 1)
@@ -329,7 +334,13 @@ class MultiHopTask(_TokenLayout):
         tokens = np.concatenate([context, np.full((b, 1), SEP), queries], axis=1)
         # Predicted at the entity's position (after its hop token; the answer follows).
         answer_pos = self.context_length + 1 + 3 * np.arange(q) + 1
-        return _outputs(tokens, answer_pos, answers, hops)
+        out = _outputs(tokens, answer_pos, answers, hops)
+        if not eval and index < self.one_hop_steps:  # the curriculum: 1-hop answers only
+            scored = out["mask"] & (out["hops"] == 1)
+            out["mask"] = scored
+            out["targets"] = np.where(scored, out["targets"], PAD).astype(np.int32)
+            out["hops"] = np.where(scored, out["hops"], 0).astype(np.int32)
+        return out
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,6 +3,8 @@ independently from the tokens."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -98,6 +100,26 @@ def test_multihop_relabels_entities_per_sequence():
     assert a != b
 
 
+def test_multihop_curriculum_scores_only_one_hop_answers_in_early_training_batches():
+    """``one_hop_steps``: training batches before it keep every token but score 1-hop answers
+    only; later batches and every evaluation batch are the plain task's."""
+    task = dataclasses.replace(HOP, one_hop_steps=2)
+    for index, eval_, curriculum in ((0, False, True), (1, False, True), (2, False, False)):
+        for ev in (eval_, True):
+            got, plain = task.batch(5, index, 16, eval=ev), HOP.batch(5, index, 16, eval=ev)
+            np.testing.assert_array_equal(got["tokens"], plain["tokens"])
+            if curriculum and not ev:
+                one_hop = plain["hops"] == 1
+                assert (plain["hops"] == 2).any() and one_hop.any()
+                np.testing.assert_array_equal(got["mask"], plain["mask"] & one_hop)
+                want_targets = np.where(one_hop, plain["targets"], 0)
+                np.testing.assert_array_equal(got["targets"], want_targets)
+                np.testing.assert_array_equal(got["hops"], np.where(one_hop, 1, 0))
+            else:
+                for name in ("mask", "targets", "hops"):
+                    np.testing.assert_array_equal(got[name], plain[name])
+
+
 def test_lengths_follow_the_sizes():
     assert MQARTask(8, num_distractors=8).length == 2 * 8 + 8 + 1 + 2 * 8
     assert MultiHopTask(4, num_distractors=3, num_queries=5).length == 2 * 8 + 3 + 1 + 3 * 5
@@ -114,6 +136,7 @@ def test_lengths_follow_the_sizes():
         (lambda: MQARTask(True), r"num_pairs=True must be a positive int"),
         (lambda: MultiHopTask(2, chain_length=1, max_hops=2), r"max_hops=2 must be <= "),
         (lambda: MultiHopTask(22, num_entities=64), r"need 66 distinct entities"),
+        (lambda: MultiHopTask(2, one_hop_steps=-1), r"one_hop_steps=-1 must be a non-negative"),
     ],
 )
 def test_invalid_sizes_name_the_values(make, match):
