@@ -125,6 +125,55 @@ def test_phased_schedule_runs_the_chain_and_parallel_kernels():
     assert kernels(RULES[1]) == {"sum_rule_fwd", "sum_rule_bwd"}
 
 
+# The custom-call targets of Pallas kernels per platform (no export compatibility guarantee).
+TARGETS = {"cuda": ("__gpu$xla.gpu.triton",), "tpu": ("tpu_custom_call",)}
+
+
+def _lowered_text(f, args, platform) -> str:
+    """The StableHLO of ``f``'s forward and VJP lowered for ``platform`` (no device needed)."""
+
+    def forward_and_vjp(*args):
+        (out, state), pullback = jax.vjp(f, *args)
+        return out, state, pullback((out, state))
+
+    unchecked = [jax.export.DisabledSafetyCheck.custom_call(t) for t in TARGETS[platform]]
+    export = jax.export.export(
+        jax.jit(forward_and_vjp), platforms=[platform], disabled_checks=unchecked
+    )
+    return export(*args).mlir_module()
+
+
+@pytest.mark.parametrize(
+    ("platform", "backend"), [("cuda", PallasBackend.TRITON), ("tpu", PallasBackend.MOSAIC_TPU)]
+)
+def test_kernels_lower_for_gpu_and_tpu_on_this_machine(monkeypatch, platform, backend):
+    """Every kernel, both schedules, forward and backward, through Pallas' Triton and Mosaic
+    TPU lowerings (``jax.export`` for that platform: lowering only, no compiler or device), so
+    an op a backend cannot lower fails here rather than on the first GPU or TPU."""
+    import fwjax.ops.pallas as pallas_module
+    from fwjax.ops import delta_rule, gated_delta_rule, sum_rule
+
+    monkeypatch.setattr(pallas_module, "resolve_interpret", lambda options, platform=None: False)
+    x = jnp.ones((1, 40, 2, 16), jnp.bfloat16)  # T not divisible by the chunk; padded tiles
+    gate = jnp.full((1, 40, 2), 0.9, jnp.bfloat16)
+    kw = {"impl": Impl.PALLAS, "chunk_size": 16}
+    ops = {
+        "delta_rule": lambda p, *a: delta_rule(*a, gate, None, 0.25, pallas=p, **kw),
+        "gated_delta_rule": lambda p, *a: gated_delta_rule(
+            *a, gate, gate, None, 0.25, pallas=p, **kw
+        ),
+        "sum_rule": lambda p, *a: sum_rule(*a, None, 0.25, pallas=p, **kw),
+    }
+    for name, op in ops.items():
+        for schedule in PallasSchedule:
+            options = PallasOptions(backend=backend, schedule=schedule)
+            text = _lowered_text(functools.partial(op, options), (x, x, x), platform)
+            phased = schedule is PHASED and name != "sum_rule"
+            suffixes = ("chain_fwd", "out", "chain_bwd", "grads") if phased else ("fwd", "bwd")
+            for suffix in suffixes:
+                assert f"{name}_{suffix}" in text, (platform, schedule, name, suffix)
+
+
 def test_state_precision_keeps_bfloat16_states_float32_accurate():
     """PallasPrecision.STATE: bfloat16 inputs, float32 matmuls; the state meets float32."""
     rule = DELTA
