@@ -7,7 +7,6 @@ value tiling (partial sums over tiles), the float32 precision option and float16
 """
 
 import functools
-import re
 
 import jax
 import jax.numpy as jnp
@@ -92,37 +91,21 @@ PHASED = PallasSchedule.PHASED
 
 
 @pytest.mark.parametrize(
-    "options",
+    ("rule", "options"),
     [
-        PallasOptions(schedule=PHASED, value_block=16),
-        PallasOptions(schedule=PHASED, backend=PallasBackend.MOSAIC_TPU),
-        PallasOptions(schedule=PHASED, backward=PallasBackward.XLA),
+        (DELTA, PallasOptions(schedule=PHASED, value_block=16)),
+        (GATED, PallasOptions(schedule=PHASED, value_block=16)),
+        (DELTA, PallasOptions(schedule=PHASED, backend=PallasBackend.MOSAIC_TPU)),
+        (GATED, PallasOptions(schedule=PHASED, backward=PallasBackward.XLA)),
     ],
-    ids=["value_tiles", "tpu_kernels", "xla_backward"],
+    ids=["delta-value_tiles", "gated-value_tiles", "delta-tpu_kernels", "gated-xla_backward"],
 )
-@pytest.mark.parametrize("rule", [DELTA, GATED], **RULE_IDS)
 def test_phased_schedule_options(rule, options):
     """The phased kernels with several value tiles in the chain kernels (V = 40 pads to 64 = 4
     tiles of 16; the parallel kernels take the whole V), on the TPU kernel family, and with
-    the XLA backward fed the states the chain kernel saved."""
+    the XLA backward fed the states the chain kernel saved (in the matmul dtype)."""
     case = Case(b=1, t=24, h=2, k=8, v=40, chunk=16) if options.value_block else SMALL
     _compare(rule, case, jnp.float32, options)
-
-
-def test_phased_schedule_runs_the_chain_and_parallel_kernels():
-    """PHASED lowers to the chain kernels and the kernels parallel over chunks (by name); the
-    sum rule, which has none, keeps the fused kernel."""
-    inputs = make_inputs(SMALL, jnp.float32)
-    options = PallasOptions(schedule=PHASED)
-
-    def kernels(rule):
-        text = str(jax.make_jaxpr(lambda x: _grads(rule, x, Impl.PALLAS, 16, options))(inputs))
-        return set(re.findall(r"name=(\w+_(?:fwd|bwd|out|grads))\b", text))
-
-    for rule, name in ((DELTA, "delta_rule"), (GATED, "gated_delta_rule")):
-        want = {f"{name}_{kernel}" for kernel in ("chain_fwd", "out", "chain_bwd", "grads")}
-        assert kernels(rule) == want
-    assert kernels(RULES[1]) == {"sum_rule_fwd", "sum_rule_bwd"}
 
 
 # The custom-call targets of Pallas kernels per platform (no export compatibility guarantee).
@@ -214,6 +197,8 @@ GPU_CASES = (
 
 
 def _compiled(rule, case, dtype, backward, schedule=PallasSchedule.FUSED):
+    if schedule is PHASED and rule not in (DELTA, GATED):
+        pytest.skip("the sum rule has no phased kernels (it runs FUSED)")
     options = PallasOptions(backward=backward, schedule=schedule)
     # Compiled kernels: bfloat16 matmul operands with INPUT precision; float32 uses IEEE fp32.
     _compare(rule, case, dtype, options, tol_dtype=jnp.bfloat16 if dtype == jnp.bfloat16 else None)
