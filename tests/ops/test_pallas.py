@@ -152,7 +152,8 @@ def test_kernels_lower_for_gpu_and_tpu_on_this_machine(monkeypatch, platform, ba
             options = PallasOptions(backend=backend, schedule=schedule)
             text = _lowered_text(functools.partial(op, options), (x, x, x), platform)
             phased = schedule is PHASED and name != "sum_rule"
-            suffixes = ("chain_fwd", "out", "chain_bwd", "grads") if phased else ("fwd", "bwd")
+            phased_kernels = ("wy", "chain_fwd", "out", "chain_bwd", "grads")
+            suffixes = phased_kernels if phased else ("fwd", "bwd")
             for suffix in suffixes:
                 assert f"{name}_{suffix}" in text, (platform, schedule, name, suffix)
 

@@ -64,13 +64,14 @@ class PallasSchedule(enum.Enum):
       FUSED: one sequential kernel per ``(batch, head, value tile)`` does all of phase 2, four
         matmuls per chunk (output included); its backward kernel nine, with partial sums over
         value tiles through HBM.
-      PHASED: the structure of flash-linear-attention (``chunk_delta_h`` + ``chunk_o``): the
-        sequential kernel carries only the chain ``S ← Γ_C S + Kᵀ (U − W S)`` (two matmuls per
-        chunk) and saves the state entering each chunk in the matmul dtype; a kernel with one
-        program per ``(batch, head, chunk)``, all in parallel, then computes the outputs. The
-        backward mirrors it: a reverse kernel carries only ``G``, saving it per chunk, and a
-        parallel kernel forms each chunk's cotangents over the whole value dimension (no
-        partial sums). Rules without these kernels (the sum rule, packed rows) run ``FUSED``.
+      PHASED: the structure of flash-linear-attention (its WY kernels, ``chunk_delta_h``,
+        ``chunk_o``): phase 1 as a kernel parallel over chunks, then the sequential kernel carries
+        only the chain ``S ← Γ_C S + Kᵀ (U − W S)`` (two matmuls per chunk) and saves the state
+        entering each chunk in the matmul dtype; a kernel with one program per ``(batch, head,
+        chunk)``, all in parallel, then computes the outputs. The backward mirrors it: a reverse
+        kernel carries only ``G``, saving it per chunk, and a parallel kernel forms each chunk's
+        cotangents over the whole value dimension (no partial sums). Rules without these kernels
+        (the sum rule, packed rows) run ``FUSED``.
     """
 
     FUSED = "fused"

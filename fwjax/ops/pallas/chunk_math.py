@@ -177,3 +177,67 @@ def sum_backward(q, k, v, s, do, g, md, sd):
     dk = _dot(v, g, _NT, md, sd) + _dot(dp, q, _TN, md, sd)  # K̄ = V Gᵀ + P̄ᵀ Q
     dv = _dot(p, do, _TN, md, sd) + _dot(k, g, _NN, md, sd)  # V̄ = Pᵀ Ō + K G
     return g + _dot(q, do, _TN, md, sd), dq, dk, dv
+
+
+# Phase 1 as a kernel (the phased schedule's forward): one chunk's WY terms from its inputs.
+
+
+def _iota(shape, axis):
+    return jax.lax.broadcasted_iota(jnp.int32, shape, axis)
+
+
+def unit_lower_inverse(a_t, sd):
+    """``X = (I + A)⁻¹`` of a strictly lower-triangular ``A [C, C]`` given as its transpose
+    ``a_t = Aᵀ``, by forward substitution: row ``i`` of ``X`` is ``e_i − A[i, :] X``, and
+    ``A[i, :]`` is column ``i`` of ``Aᵀ``. Masks and reductions only (no dynamic slices), so
+    every backend lowers it; ``C − 1`` dependent steps of ``O(C²)`` work."""
+    c = a_t.shape[0]
+    rows, cols = _iota((c, c), 0), _iota((c, c), 1)
+    eye = jnp.where(rows == cols, 1.0, 0.0).astype(sd)
+
+    def row(i, x):
+        a_i = jnp.sum(jnp.where(cols == i, a_t, 0.0), axis=1, keepdims=True)  # A[i, j] at [j, 0]
+        e_i = jnp.where(_iota((1, c), 1) == i, 1.0, 0.0)
+        new = e_i - jnp.sum(a_i * x, axis=0, keepdims=True)
+        return jnp.where(rows == i, new, x)  # [1, C] broadcast into row i
+
+    return jax.lax.fori_loop(1, c, row, eye)
+
+
+def wy_chunk(q, k, v, beta_col, beta_row, sd, g_col=None, g_row=None):
+    """One chunk's phase-1 terms (:func:`fwjax.ops.common.wy_terms`), in ``sd``.
+
+    ``beta_col [C, 1]`` and ``beta_row [1, C]`` are the chunk's write strengths in both
+    layouts; ``g_col``, ``g_row`` likewise the cumulative ``log α`` (the gated rule). With
+    ``D_tj = exp(g_t − g_j)`` on ``j ≤ t`` (the causal mask without a gate)::
+
+        A = tril(diag(β) K Kᵀ ⊙ D, −1),   T = (I + A)⁻¹
+        W = T diag(βΓ) K,   U = T diag(β) V,   P = Q Kᵀ ⊙ D
+
+    Returns ``(W, U, P)``, or for the gated rule ``(Q', K', W, U, P, decay)`` with
+    ``Q' = diag(Γ) Q``, ``K' = diag(Γ_C / Γ) K`` and the chunk decay ``Γ_C`` tiled ``[C, K]``.
+    """
+    c = k.shape[0]
+    rows, cols = _iota((c, c), 0), _iota((c, c), 1)
+    kk = _dot(k, k, _NT, sd, sd)  # K Kᵀ (symmetric)
+    scores = _dot(q, k, _NT, sd, sd)  # Q Kᵀ
+    beta_k = beta_col * k.astype(sd)
+    if g_col is not None:
+        decay = jnp.exp(jnp.where(rows >= cols, g_col - g_row, 0.0))  # D, and Dᵀ at [j, i]
+        decay_t = jnp.exp(jnp.where(cols >= rows, g_row - g_col, 0.0))
+        a_t = jnp.where(cols > rows, beta_row * kk * decay_t, 0.0)  # Aᵀ[j, i] = β_i (KKᵀ D)_ij
+        scores = scores * decay
+        beta_k = jnp.exp(g_col) * beta_k
+    else:
+        a_t = jnp.where(cols > rows, beta_row * kk, 0.0)
+    t_inv = unit_lower_inverse(a_t, sd)
+    w = _dot(t_inv, beta_k, _NN, sd, sd)
+    u = _dot(t_inv, beta_col * v.astype(sd), _NN, sd, sd)
+    p = jnp.where(rows >= cols, scores, 0.0)
+    if g_col is None:
+        return w, u, p
+    g_last = jnp.sum(jnp.where(cols == c - 1, g_row, 0.0), axis=1, keepdims=True)  # [1, 1]
+    q_decayed = jnp.exp(g_col) * q.astype(sd)
+    k_decayed = jnp.exp(g_last - g_col) * k.astype(sd)
+    chunk_decay = jnp.broadcast_to(jnp.exp(g_last), k.shape).astype(sd)
+    return q_decayed, k_decayed, w, u, p, chunk_decay

@@ -3,8 +3,10 @@ delta rules: the structure of flash-linear-attention's ``chunk_delta_h`` + ``chu
 backward kernels, on the backend-neutral kernel descriptions of
 :mod:`fwjax.ops.pallas.scan_spec`.
 
-Forward, from phase 1's operands ``(Q, K, W, U, P[, Γ_C])`` (XLA, all chunks at once)::
+Forward::
 
+    WY kernel (one program per batch, head, chunk; all in parallel):
+        Q, K, W, U, P [, Γ_C] of each chunk (the triangular inverse by forward substitution)
     chain kernel (sequential; one program per batch, head, value tile):
         states[n] = S;   S ← Γ_C S + Kᵀ (U − W S)                   two matmuls per chunk
     output kernel (one program per batch, head, chunk; all in parallel):
@@ -17,7 +19,8 @@ Backward, with ``Ō`` and ``G = ∂L/∂S``::
     gradient kernel (parallel over chunks, the whole value dimension in one program):
         Q̄, K̄, W̄, Ū, P̄ [, Γ̄_C] of chunk n from S_n, gs[n], Ō      (no partial sums over tiles)
 
-then phase 1's VJP in XLA. The saved states and cotangents are stored in the matmul dtype (the
+then phase 1's VJP in XLA (phase 1 recomputed by the XLA form of the rule, whose VJP is
+autodiff). The saved states and cotangents are stored in the matmul dtype (the
 operands they feed are rounded to it anyway; flash-linear-attention stores them in bfloat16 too);
 the chains themselves carry the state dtype. The per-chunk math is
 :mod:`fwjax.ops.pallas.chunk_math` (``chain_forward``, ``chunk_output``, ``chain_backward``,
@@ -27,6 +30,7 @@ the chains themselves carry the state dtype. The per-chunk math is
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from fwjax.ops.pallas import chunk_math as cm
 from fwjax.ops.pallas import flat, run_chunk_map, run_chunk_scan, unflat
@@ -41,6 +45,41 @@ def _operands(rule, cfg, terms, sd) -> tuple[dict, dict, tuple[str, ...]]:
     return values, dict(rule.operands), decay
 
 
+def phase1(rule, cfg, xs, sd) -> tuple:
+    """Phase 1 as a kernel parallel over chunks (:func:`~fwjax.ops.pallas.chunk_math.wy_chunk`):
+    the rule's operands (``rule.phase1``'s, flattened to ``[B, H, N·C, .]``) from kernel-layout
+    inputs ``(q, k, v, β[, log α])``. The gates enter as columns ``[C, 1]`` and rows ``[1, C]``
+    (two views of the same values); the gated rule's cumulative ``log α`` is a cumsum in XLA."""
+    q, k, v, beta, *gate = (x.astype(sd) for x in xs)
+    c = cfg.tiling.chunk
+    gates = [beta]
+    if gate:
+        gates.append(jnp.cumsum(gate[0], axis=-1))  # g = log Γ from each chunk's start
+    columns = [g.reshape(*g.shape[:2], -1, 1) for g in gates]  # SEQ_SCALAR [B, H, N·C, 1]
+    rows = [g[..., None, :] for g in gates]  # CHUNK_ROW [B, H, N, 1, C]
+    names = ("beta_col", "g_col")[: len(gates)], ("beta_row", "g_row")[: len(gates)]
+    inputs = (
+        Operand("q", Kind.SEQ_KEY),
+        Operand("k", Kind.SEQ_KEY),
+        Operand("v", Kind.SEQ_VALUE),
+        *(Operand(n, Kind.SEQ_SCALAR) for n in names[0]),
+        *(Operand(n, Kind.CHUNK_ROW) for n in names[1]),
+    )
+    kinds = dict(rule.operands)
+    outputs = tuple(Operand(n, kinds[n], sd) for n, _ in rule.operands)
+
+    def terms(x):
+        gated = {"g_col": x["g_col"], "g_row": x["g_row"]} if gate else {}
+        values = cm.wy_chunk(x["q"], x["k"], x["v"], x["beta_col"], x["beta_row"], sd, **gated)
+        if not gate:
+            values = (x["q"].astype(sd), x["k"].astype(sd), *values)  # (Q, K, W, U, P)
+        return dict(zip((op.name for op in outputs), values, strict=True))
+
+    spec = ChunkMap(f"{rule.name}_wy", inputs, outputs, terms)
+    flat_inputs = (flat(q), flat(k), flat(v), *columns, *rows)
+    return tuple(unflat(x, c) for x in run_chunk_map(spec, *flat_inputs, cfg=cfg))
+
+
 def forward(rule, cfg, xs, s0):
     """Phased forward of ``rule`` on kernel-layout inputs ``xs`` (``[B, H, N, C, .]``) and the
     padded initial state ``s0 [B, H, K, V]``.
@@ -50,7 +89,7 @@ def forward(rule, cfg, xs, s0):
       entering each chunk ``[B, H, N, K, V]`` in the matmul dtype).
     """
     md, sd = cfg.matmul_dtype, s0.dtype
-    ops, kinds, decay = _operands(rule, cfg, rule.phase1(*xs), sd)
+    ops, kinds, decay = _operands(rule, cfg, phase1(rule, cfg, xs, sd), sd)
 
     def chain_step(x, s):
         d = x["decay"] if decay else None

@@ -25,6 +25,10 @@ class Kind(enum.Enum):
       SEQ_KEY: ``[B, H, T', K]``; a step sees ``[C, K]``.
       SEQ_VALUE: ``[B, H, T', V]``; a step sees ``[C, tv]`` (its value tile).
       SEQ_CHUNK: ``[B, H, T', C]``; a step sees ``[C, C]``.
+      SEQ_SCALAR: ``[B, H, T', 1]``, one value per step (a gate); a chunk sees ``[C, 1]``.
+      CHUNK_ROW: ``[B, H, N, 1, C]``, the same values laid out as one row per chunk; a chunk
+        sees ``[1, C]`` (chunk maps only: the transpose of ``SEQ_SCALAR`` without an in-kernel
+        transpose).
       STATE: ``[B, H, K, V]``; as input, the initial carry; as output, the final carry.
       STATES: ``[B, H, N, K, V]``; a step sees ``[K, tv]`` of its chunk.
       PARTIAL_KEY: output ``[nv, B, H, T', K]``, one partial sum per value tile.
@@ -34,13 +38,22 @@ class Kind(enum.Enum):
     SEQ_KEY = "seq_key"
     SEQ_VALUE = "seq_value"
     SEQ_CHUNK = "seq_chunk"
+    SEQ_SCALAR = "seq_scalar"
+    CHUNK_ROW = "chunk_row"
     STATE = "state"
     STATES = "states"
     PARTIAL_KEY = "partial_key"
     PARTIAL_CHUNK = "partial_chunk"
 
 
-SEQ_KINDS = (Kind.SEQ_KEY, Kind.SEQ_VALUE, Kind.SEQ_CHUNK, Kind.PARTIAL_KEY, Kind.PARTIAL_CHUNK)
+SEQ_KINDS = (
+    Kind.SEQ_KEY,
+    Kind.SEQ_VALUE,
+    Kind.SEQ_CHUNK,
+    Kind.SEQ_SCALAR,
+    Kind.PARTIAL_KEY,
+    Kind.PARTIAL_CHUNK,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +108,8 @@ class Dims:
             Kind.SEQ_KEY: (b, h, t, self.k),
             Kind.SEQ_VALUE: (b, h, t, self.v),
             Kind.SEQ_CHUNK: (b, h, t, self.c),
+            Kind.SEQ_SCALAR: (b, h, t, 1),
+            Kind.CHUNK_ROW: (b, h, self.n, 1, self.c),
             Kind.STATE: (b, h, self.k, self.v),
             Kind.STATES: (b, h, self.n, self.k, self.v),
             Kind.PARTIAL_KEY: (self.nv, b, h, t, self.k),
@@ -128,8 +143,8 @@ class ChunkMap:
 
     Each program sees its chunk's blocks over the whole value dimension (``tv = V``: operands
     that contract over ``V`` are complete in one program, no partial sums) and writes its
-    chunk's outputs. Input and output kinds: ``SEQ_KEY``, ``SEQ_VALUE``, ``SEQ_CHUNK`` and
-    ``STATES`` (the ``[K, V]`` state of the program's chunk).
+    chunk's outputs. Input and output kinds: ``SEQ_KEY``, ``SEQ_VALUE``, ``SEQ_CHUNK``,
+    ``SEQ_SCALAR``, ``CHUNK_ROW`` and ``STATES`` (the ``[K, V]`` state of the program's chunk).
 
     Attributes:
       name: kernel name (shows in profiles).
@@ -144,7 +159,14 @@ class ChunkMap:
     fn: Callable
 
 
-MAP_KINDS = (Kind.SEQ_KEY, Kind.SEQ_VALUE, Kind.SEQ_CHUNK, Kind.STATES)
+MAP_KINDS = (
+    Kind.SEQ_KEY,
+    Kind.SEQ_VALUE,
+    Kind.SEQ_CHUNK,
+    Kind.SEQ_SCALAR,
+    Kind.CHUNK_ROW,
+    Kind.STATES,
+)
 
 
 def map_dims(spec: ChunkMap, args, c: int, k: int, v: int) -> Dims:
@@ -173,6 +195,10 @@ def map_block_spec(kind: Kind, d: Dims):
         return pl.BlockSpec((None, None, d.c, d.v), lambda b, h, n: (b, h, n, 0))
     if kind is Kind.SEQ_CHUNK:
         return pl.BlockSpec((None, None, d.c, d.c), lambda b, h, n: (b, h, n, 0))
+    if kind is Kind.SEQ_SCALAR:
+        return pl.BlockSpec((None, None, d.c, 1), lambda b, h, n: (b, h, n, 0))
+    if kind is Kind.CHUNK_ROW:
+        return pl.BlockSpec((None, None, None, 1, d.c), lambda b, h, n: (b, h, n, 0, 0))
     if kind is Kind.STATES:
         return pl.BlockSpec((None, None, None, d.k, d.v), lambda b, h, n: (b, h, n, 0, 0))
     raise ValueError(f"operand kind {kind!r} is not a ChunkMap kind")
