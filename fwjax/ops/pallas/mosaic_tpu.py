@@ -23,9 +23,7 @@ from fwjax.ops.pallas.scan_spec import (
     Dims,
     Kind,
     dims_of,
-    map_block_spec,
-    map_dims,
-    map_kernel,
+    map_call,
     out_shapes,
 )
 
@@ -99,14 +97,5 @@ def chunk_scan(spec: ChunkScan, *args, c: int, tv: int, interpret: bool):
 def chunk_map(spec: ChunkMap, *args, c: int, k: int, v: int, interpret: bool):
     """Runs ``spec`` with grid ``(B, H, N)``, every axis ``"parallel"``; blocks ``[C, K]``,
     ``[C, V]``, ``[C, C]``, ``[K, V]`` (whole last dims, ``C`` a multiple of 16)."""
-    d = map_dims(spec, args, c, k, v)
-    return pl.pallas_call(
-        functools.partial(map_kernel, spec=spec),
-        grid=(d.b, d.h, d.n),
-        in_specs=[map_block_spec(op.kind, d) for op in spec.inputs],
-        out_specs=[map_block_spec(op.kind, d) for op in spec.outputs],
-        out_shape=out_shapes(spec, d),
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",) * 3),
-        interpret=interpret,
-        name=spec.name,
-    )(*args)
+    params = pltpu.CompilerParams(dimension_semantics=("parallel",) * 3)
+    return map_call(spec, *args, c=c, k=k, v=v, interpret=interpret, compiler_params=params)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 from collections.abc import Callable
 
 import jax
@@ -202,6 +203,22 @@ def map_block_spec(kind: Kind, d: Dims):
     if kind is Kind.STATES:
         return pl.BlockSpec((None, None, None, d.k, d.v), lambda b, h, n: (b, h, n, 0, 0))
     raise ValueError(f"operand kind {kind!r} is not a ChunkMap kind")
+
+
+def map_call(spec: ChunkMap, *args, c: int, k: int, v: int, interpret: bool, compiler_params):
+    """Runs a :class:`ChunkMap` with grid ``(B, H, N)`` and ``map_block_spec`` blocks on the
+    backend of ``compiler_params``; returns the outputs in spec order."""
+    d = map_dims(spec, args, c, k, v)
+    return pl.pallas_call(
+        functools.partial(map_kernel, spec=spec),
+        grid=(d.b, d.h, d.n),
+        in_specs=[map_block_spec(op.kind, d) for op in spec.inputs],
+        out_specs=[map_block_spec(op.kind, d) for op in spec.outputs],
+        out_shape=out_shapes(spec, d),
+        compiler_params=compiler_params,
+        interpret=interpret,
+        name=spec.name,
+    )(*args)
 
 
 def map_kernel(*refs, spec: ChunkMap):

@@ -32,9 +32,7 @@ from fwjax.ops.pallas.scan_spec import (
     Dims,
     Kind,
     dims_of,
-    map_block_spec,
-    map_dims,
-    map_kernel,
+    map_call,
     out_shapes,
 )
 
@@ -107,16 +105,7 @@ def chunk_scan(spec: ChunkScan, *args, c: int, tv: int, interpret: bool, num_war
 def chunk_map(spec: ChunkMap, *args, c: int, k: int, v: int, interpret: bool, num_warps):
     """Runs ``spec`` with grid ``(B, H, N)``, one program per chunk (whole ``[C, ·]`` and
     ``[K, V]`` blocks); returns the outputs in spec order."""
-    d = map_dims(spec, args, c, k, v)
     if num_warps is None:
-        num_warps = 4 if d.k * d.v <= 64 * 64 else 8
-    return pl.pallas_call(
-        functools.partial(map_kernel, spec=spec),
-        grid=(d.b, d.h, d.n),
-        in_specs=[map_block_spec(op.kind, d) for op in spec.inputs],
-        out_specs=[map_block_spec(op.kind, d) for op in spec.outputs],
-        out_shape=out_shapes(spec, d),
-        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
-        interpret=interpret,
-        name=spec.name,
-    )(*args)
+        num_warps = 4 if k * v <= 64 * 64 else 8
+    params = pltriton.CompilerParams(num_warps=num_warps, num_stages=1)
+    return map_call(spec, *args, c=c, k=k, v=v, interpret=interpret, compiler_params=params)
