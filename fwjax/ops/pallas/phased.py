@@ -1,6 +1,6 @@
 """The phased schedule of the PALLAS kernels (``PallasSchedule.PHASED``) of the delta and gated
-delta rules: the structure of flash-linear-attention's ``chunk_delta_h`` + ``chunk_o`` and their
-backward kernels, on the backend-neutral kernel descriptions of
+delta rules: the structure of flash-linear-attention's WY kernels, ``chunk_delta_h`` and
+``chunk_o`` and their backward kernels, on the backend-neutral kernel descriptions of
 :mod:`fwjax.ops.pallas.scan_spec`.
 
 Forward::
@@ -23,8 +23,8 @@ then phase 1's VJP in XLA (phase 1 recomputed by the XLA form of the rule, whose
 autodiff). The saved states and cotangents are stored in the matmul dtype (the
 operands they feed are rounded to it anyway; flash-linear-attention stores them in bfloat16 too);
 the chains themselves carry the state dtype. The per-chunk math is
-:mod:`fwjax.ops.pallas.chunk_math` (``chain_forward``, ``chunk_output``, ``chain_backward``,
-``chunk_gradients``).
+:mod:`fwjax.ops.pallas.chunk_math` (``wy_chunk``, ``chain_forward``, ``chunk_output``,
+``chain_backward``, ``chunk_gradients``).
 """
 
 from __future__ import annotations
