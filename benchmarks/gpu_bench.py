@@ -62,8 +62,14 @@ SPLITS = (
 )
 SPLIT_SHAPES = ((2, 8192, 8, 64), (1, 32768, 16, 128))
 # PALLAS with PallasSchedule.PHASED (chain kernels + kernels parallel over chunks), both rules,
-# every shape and mode, against the FUSED default above: which schedule AUTO should pick.
-PHASED = ("fwjax_pallas_phased", "fwjax_gated_pallas_phased")
+# with the two-matmul and the one-matmul (PallasChain.AFFINE) chain, every shape and mode,
+# against the FUSED default above: which schedule AUTO should pick.
+PHASED = (
+    "fwjax_pallas_phased",
+    "fwjax_gated_pallas_phased",
+    "fwjax_pallas_phased_affine",
+    "fwjax_gated_pallas_phased_affine",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,13 +173,16 @@ def _jax_op(impl: str, smoke: bool):
     import jax.numpy as jnp
 
     from fwjax.ops import Impl, delta_rule, gated_delta_rule
-    from fwjax.ops.pallas import PallasBackward, PallasOptions, PallasSchedule
+    from fwjax.ops.pallas import PallasBackward, PallasChain, PallasOptions, PallasSchedule
 
     chunk = 16 if smoke else 64
     if impl.startswith("fwjax_gated"):
         kind = Impl.PALLAS if impl.startswith("fwjax_gated_pallas") else Impl.CHUNKED
         segments = int(impl.rsplit("_split", 1)[1]) if "_split" in impl else None
-        phased = PallasOptions(schedule=PallasSchedule.PHASED) if "_phased" in impl else None
+        phased = None
+        if "_phased" in impl:
+            chain = PallasChain.AFFINE if impl.endswith("_affine") else PallasChain.UPDATE
+            phased = PallasOptions(schedule=PallasSchedule.PHASED, chain=chain)
 
         def gated(q, k, v, beta, log_alpha):
             alpha = jnp.exp(log_alpha)
@@ -200,8 +209,9 @@ def _jax_op(impl: str, smoke: bool):
         kind = Impl.PALLAS
         if impl.endswith("_xla_bwd"):
             pallas = PallasOptions(backward=PallasBackward.XLA)
-        elif impl.endswith("_phased"):
-            pallas = PallasOptions(schedule=PallasSchedule.PHASED)
+        elif "_phased" in impl:
+            chain = PallasChain.AFFINE if impl.endswith("_affine") else PallasChain.UPDATE
+            pallas = PallasOptions(schedule=PallasSchedule.PHASED, chain=chain)
         elif "_tv" in impl:
             pallas = PallasOptions(value_block=int(impl.rsplit("_tv", 1)[1]))
     else:

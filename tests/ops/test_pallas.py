@@ -17,6 +17,7 @@ from fwjax.ops import Impl
 from fwjax.ops.pallas import (
     PallasBackend,
     PallasBackward,
+    PallasChain,
     PallasOptions,
     PallasPrecision,
     PallasSchedule,
@@ -88,6 +89,7 @@ def test_value_tiles_sum_their_partial_gradients(rule):
 
 
 PHASED = PallasSchedule.PHASED
+AFFINE = PallasChain.AFFINE
 
 
 @pytest.mark.parametrize(
@@ -97,13 +99,23 @@ PHASED = PallasSchedule.PHASED
         (GATED, PallasOptions(schedule=PHASED, value_block=16)),
         (DELTA, PallasOptions(schedule=PHASED, backend=PallasBackend.MOSAIC_TPU)),
         (GATED, PallasOptions(schedule=PHASED, backward=PallasBackward.XLA)),
+        (DELTA, PallasOptions(schedule=PHASED, chain=AFFINE, value_block=16)),
+        (GATED, PallasOptions(schedule=PHASED, chain=AFFINE, backend=PallasBackend.MOSAIC_TPU)),
     ],
-    ids=["delta-value_tiles", "gated-value_tiles", "delta-tpu_kernels", "gated-xla_backward"],
+    ids=[
+        "delta-value_tiles",
+        "gated-value_tiles",
+        "delta-tpu_kernels",
+        "gated-xla_backward",
+        "delta-affine_chain-value_tiles",
+        "gated-affine_chain-tpu_kernels",
+    ],
 )
 def test_phased_schedule_options(rule, options):
     """The phased kernels with several value tiles in the chain kernels (V = 40 pads to 64 = 4
-    tiles of 16; the parallel kernels take the whole V), on the TPU kernel family, and with
-    the XLA backward fed the states the chain kernel saved (in the matmul dtype)."""
+    tiles of 16; the parallel kernels take the whole V), on the TPU kernel family, with the XLA
+    backward fed the states the chain kernel saved (in the matmul dtype), and with the affine
+    chain ``S ← M S + B`` (``PallasChain.AFFINE``)."""
     case = Case(b=1, t=24, h=2, k=8, v=40, chunk=16) if options.value_block else SMALL
     _compare(rule, case, jnp.float32, options)
 
@@ -130,9 +142,9 @@ def _lowered_text(f, args, platform) -> str:
     ("platform", "backend"), [("cuda", PallasBackend.TRITON), ("tpu", PallasBackend.MOSAIC_TPU)]
 )
 def test_kernels_lower_for_gpu_and_tpu_on_this_machine(monkeypatch, platform, backend):
-    """Every kernel, both schedules, forward and backward, through Pallas' Triton and Mosaic
-    TPU lowerings (``jax.export`` for that platform: lowering only, no compiler or device), so
-    an op a backend cannot lower fails here rather than on the first GPU or TPU."""
+    """Every kernel of both schedules (and both chains), forward and backward, through Pallas'
+    Triton and Mosaic TPU lowerings (``jax.export`` for that platform: lowering only, no
+    compiler or device), so an op a backend cannot lower fails here, not on a GPU or TPU."""
     import fwjax.ops.pallas as pallas_module
     from fwjax.ops import delta_rule, gated_delta_rule, sum_rule
 
@@ -147,15 +159,18 @@ def test_kernels_lower_for_gpu_and_tpu_on_this_machine(monkeypatch, platform, ba
         ),
         "sum_rule": lambda p, *a: sum_rule(*a, None, 0.25, pallas=p, **kw),
     }
+    variants = [(PallasSchedule.FUSED, PallasChain.UPDATE), (PHASED, PallasChain.UPDATE)]
+    variants.append((PHASED, AFFINE))
     for name, op in ops.items():
-        for schedule in PallasSchedule:
-            options = PallasOptions(backend=backend, schedule=schedule)
+        for schedule, chain in variants:
+            options = PallasOptions(backend=backend, schedule=schedule, chain=chain)
             text = _lowered_text(functools.partial(op, options), (x, x, x), platform)
-            phased = schedule is PHASED and name != "sum_rule"
-            phased_kernels = ("wy", "chain_fwd", "out", "chain_bwd", "grads")
-            suffixes = phased_kernels if phased else ("fwd", "bwd")
+            suffixes = ("fwd", "bwd")
+            if schedule is PHASED and name != "sum_rule":
+                suffixes = ("wy", "chain_fwd", "out", "chain_bwd", "grads")
+                suffixes += ("affine", "affine_bwd") if chain is AFFINE else ()
             for suffix in suffixes:
-                assert f"{name}_{suffix}" in text, (platform, schedule, name, suffix)
+                assert f"{name}_{suffix}" in text, (platform, schedule, chain, name, suffix)
 
 
 def test_state_precision_keeps_bfloat16_states_float32_accurate():

@@ -78,6 +78,23 @@ class PallasSchedule(enum.Enum):
     PHASED = "phased"
 
 
+class PallasChain(enum.Enum):
+    """How the phased schedule's sequential kernels step the state chain.
+
+    Attributes:
+      UPDATE: ``S ← Γ_C S + Kᵀ (U − W S)``, two dependent matmuls (``2·C·K·V`` flops) per chunk;
+        backward ``G ← Γ_C G + Qᵀ Ō − Wᵀ (Pᵀ Ō + K G)``.
+      AFFINE: ``S ← M S + B`` with ``M = Γ_C I − Kᵀ W`` and ``B = Kᵀ U`` formed by a kernel
+        parallel over chunks: one dependent matmul (``K·K·V`` flops) per chunk, fewer for
+        ``K < 2C``; backward ``G ← Mᵀ G + H`` with ``H = Qᵀ Ō − Wᵀ Pᵀ Ō`` formed in parallel.
+        ``M`` enters as a matmul operand in the matmul dtype at every chunk; its rounding does
+        not compound (``benchmarks/chain_drift.py``).
+    """
+
+    UPDATE = "update"
+    AFFINE = "affine"
+
+
 class PallasPrecision(enum.Enum):
     """Dtype of the kernels' matmul operands (accumulation and the state are always in the
     state dtype, at least float32).
@@ -112,6 +129,7 @@ class PallasOptions:
       num_warps: Triton warps per program; None: 4 for ``K·tv <= 64·64``, else 8.
       num_stages: Triton software pipelining stages of the chunk loop.
       schedule: a :class:`PallasSchedule`.
+      chain: a :class:`PallasChain` (``PallasSchedule.PHASED`` only).
     """
 
     backend: PallasBackend = PallasBackend.AUTO
@@ -122,12 +140,14 @@ class PallasOptions:
     num_warps: int | None = None
     num_stages: int = 2
     schedule: PallasSchedule = PallasSchedule.FUSED
+    chain: PallasChain = PallasChain.UPDATE
 
     def __post_init__(self):
         object.__setattr__(self, "backend", PallasBackend(self.backend))
         object.__setattr__(self, "backward", PallasBackward(self.backward))
         object.__setattr__(self, "precision", PallasPrecision(self.precision))
         object.__setattr__(self, "schedule", PallasSchedule(self.schedule))
+        object.__setattr__(self, "chain", PallasChain(self.chain))
         check_positive_ints(value_block=self.value_block, num_warps=self.num_warps, allow_none=True)
         check_positive_ints(num_stages=self.num_stages)
 
@@ -215,6 +235,7 @@ class KernelConfig(NamedTuple):
     num_warps: int | None
     num_stages: int
     schedule: PallasSchedule
+    chain: PallasChain
 
 
 def kernel_config(options, t, k, v, chunk_size, programs, out_dtype, state_dtype) -> KernelConfig:
@@ -236,6 +257,7 @@ def kernel_config(options, t, k, v, chunk_size, programs, out_dtype, state_dtype
         options.num_warps,
         options.num_stages,
         options.schedule,
+        options.chain,
     )
 
 
@@ -299,6 +321,7 @@ __all__ = [
     "DEFAULT_OPTIONS",
     "PallasBackend",
     "PallasBackward",
+    "PallasChain",
     "PallasOptions",
     "PallasPrecision",
     "PallasSchedule",

@@ -55,6 +55,10 @@ def _dot(a, b, dims, md, sd):
     )
 
 
+def _iota(shape, axis):
+    return jax.lax.broadcasted_iota(jnp.int32, shape, axis)
+
+
 def _row_decay(decay, sd):
     """``Γ_C`` per state row, ``[K, 1]``, from the chunk decay's ``[C, K]`` tile (its column
     maximum: a reduction every backend lowers, where a row slice is not)."""
@@ -137,6 +141,36 @@ def chain_forward(k, w, u, s, md, sd, decay=None):
     return s + _dot(k, u_tilde, _TN, md, sd)
 
 
+def chain_map(k, w, md, sd, decay=None):
+    """The linear part of one chunk's state chain, ``M = Γ_C I − Kᵀ W`` ``[K, K]``."""
+    m = -_dot(k, w, _TN, md, sd)
+    eye = _iota(m.shape, 0) == _iota(m.shape, 1)
+    gamma = 1.0 if decay is None else _row_decay(decay, sd)  # [K, 1]: Γ_C on row i
+    return m + jnp.where(eye, gamma, 0.0)
+
+
+def chain_maps(k, w, u, md, sd, decay=None):
+    """The state chain of one chunk as an affine map ``S ← M S + B`` (``PallasChain.AFFINE``):
+    ``M`` of :func:`chain_map` and ``B = Kᵀ U`` ``[K, V]``."""
+    return chain_map(k, w, md, sd, decay), _dot(k, u, _TN, md, sd)
+
+
+def chain_affine(m, b, s, md, sd):
+    """One step of the affine chain, ``S ← M S + B``: one matmul."""
+    return _dot(m, s, _NN, md, sd) + b.astype(sd)
+
+
+def cotangent_inputs(q, w, p, do, md, sd):
+    """The constant part of the cotangent chain, ``H = Qᵀ Ō − Wᵀ Pᵀ Ō`` ``[K, V]``, so that
+    ``G ← Mᵀ G + H`` (``PallasChain.AFFINE``)."""
+    return _dot(q, do, _TN, md, sd) - _dot(w, _dot(p, do, _TN, md, sd), _TN, md, sd)
+
+
+def chain_affine_backward(m, h, g, md, sd):
+    """One step of the affine cotangent chain, ``G ← Mᵀ G + H``: one matmul."""
+    return _dot(m, g, _TN, md, sd) + h.astype(sd)
+
+
 def chunk_output(q, w, u, p, s, md, sd):
     """One chunk's output from the state entering it: ``O = Q S + P (U − W S)``."""
     u_tilde = u.astype(sd) - _dot(w, s, _NN, md, sd)
@@ -180,10 +214,6 @@ def sum_backward(q, k, v, s, do, g, md, sd):
 
 
 # Phase 1 as a kernel (the phased schedule's forward): one chunk's WY terms from its inputs.
-
-
-def _iota(shape, axis):
-    return jax.lax.broadcasted_iota(jnp.int32, shape, axis)
 
 
 def unit_lower_inverse(a_t, sd):

@@ -32,8 +32,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from fwjax.ops.pallas import PallasChain, flat, run_chunk_map, run_chunk_scan, unflat
 from fwjax.ops.pallas import chunk_math as cm
-from fwjax.ops.pallas import flat, run_chunk_map, run_chunk_scan, unflat
 from fwjax.ops.pallas.scan_spec import ChunkMap, ChunkScan, Kind, Operand
 
 
@@ -43,6 +43,12 @@ def _operands(rule, cfg, terms, sd) -> tuple[dict, dict, tuple[str, ...]]:
     values = dict(zip(names, rule.cast_operands(terms, cfg.matmul_dtype, sd), strict=True))
     decay = ("decay",) if "decay" in values else ()
     return values, dict(rule.operands), decay
+
+
+def _chain_maps(x, decay, md, sd):
+    """``(M, B)`` of the affine chain from one chunk's operands ``x`` (by name)."""
+    d = x["decay"] if decay else None
+    return cm.chain_maps(x["k"], x["w"], x["u"], md, sd, d)
 
 
 def phase1(rule, cfg, xs, sd) -> tuple:
@@ -91,20 +97,40 @@ def forward(rule, cfg, xs, s0):
     md, sd = cfg.matmul_dtype, s0.dtype
     ops, kinds, decay = _operands(rule, cfg, phase1(rule, cfg, xs, sd), sd)
 
-    def chain_step(x, s):
-        d = x["decay"] if decay else None
-        return cm.chain_forward(x["k"], x["w"], x["u"], s, md, sd, d), {"states": s}
+    if cfg.chain is PallasChain.AFFINE:
+        # M = Γ_C I − Kᵀ W and B = Kᵀ U for every chunk at once, then S ← M S + B.
+        maps_in = ("k", "w", "u", *decay)
+        maps = ChunkMap(
+            f"{rule.name}_affine",
+            inputs=tuple(Operand(n, kinds[n]) for n in maps_in),
+            outputs=(Operand("m", Kind.MAPS, md), Operand("b", Kind.STATES, sd)),
+            fn=lambda x: dict(zip("mb", _chain_maps(x, decay, md, sd), strict=True)),
+        )
+        m, b = run_chunk_map(maps, *(ops[n] for n in maps_in), cfg=cfg)
+        chain_in = {"m": (Kind.MAPS, m), "b": (Kind.STATES, b)}
 
-    chain_in = ("k", "w", "u", *decay)
+        def chain_step(x, s):
+            return cm.chain_affine(x["m"], x["b"], s, md, sd), {"states": s}
+
+    else:
+        chain_in = {n: (kinds[n], ops[n]) for n in ("k", "w", "u", *decay)}
+
+        def chain_step(x, s):
+            d = x["decay"] if decay else None
+            return cm.chain_forward(x["k"], x["w"], x["u"], s, md, sd, d), {"states": s}
+
     chain = ChunkScan(
         f"{rule.name}_chain_fwd",
-        inputs=(*(Operand(n, kinds[n]) for n in chain_in), Operand("s0", Kind.STATE)),
+        inputs=(
+            *(Operand(n, kind) for n, (kind, _) in chain_in.items()),
+            Operand("s0", Kind.STATE),
+        ),
         outputs=(Operand("s", Kind.STATE, sd), Operand("states", Kind.STATES, md)),
         step=chain_step,
         reverse=False,
         state_dtype=sd,
     )
-    s, states = run_chunk_scan(chain, *(ops[n] for n in chain_in), s0, cfg=cfg)
+    s, states = run_chunk_scan(chain, *(x for _, x in chain_in.values()), s0, cfg=cfg)
 
     out_in = ("q", "w", "u", "p")
     output = ChunkMap(
@@ -125,17 +151,41 @@ def backward(rule, cfg, xs, states, d_o, d_s):
     ops, kinds, decay = _operands(rule, cfg, terms, sd)
     do = flat(d_o).astype(md)
 
-    def chain_step(x, g):
-        d = x["decay"] if decay else None
-        g_new = cm.chain_backward(x["q"], x["k"], x["w"], x["p"], x["do"], g, md, sd, d)
-        return g_new, {"gs": g}  # gs[n]: ∂L/∂S after chunk n
+    if cfg.chain is PallasChain.AFFINE:
+        # M (as in the forward) and H = Qᵀ Ō − Wᵀ Pᵀ Ō for every chunk, then G ← Mᵀ G + H.
+        terms_in = ("q", "k", "w", "p", *decay)
 
-    chain_in = ("q", "k", "w", "p", *decay)
+        def affine_terms(x):
+            d = x["decay"] if decay else None
+            m = cm.chain_map(x["k"], x["w"], md, sd, d)
+            h = cm.cotangent_inputs(x["q"], x["w"], x["p"], x["do"], md, sd)
+            return {"m": m, "h": h}
+
+        maps = ChunkMap(
+            f"{rule.name}_affine_bwd",
+            inputs=(*(Operand(n, kinds[n]) for n in terms_in), Operand("do", Kind.SEQ_VALUE)),
+            outputs=(Operand("m", Kind.MAPS, md), Operand("h", Kind.STATES, sd)),
+            fn=affine_terms,
+        )
+        m, h = run_chunk_map(maps, *(ops[n] for n in terms_in), do, cfg=cfg)
+        chain_in = {"m": (Kind.MAPS, m), "h": (Kind.STATES, h)}
+
+        def chain_step(x, g):
+            return cm.chain_affine_backward(x["m"], x["h"], g, md, sd), {"gs": g}
+
+    else:
+        chain_in = {n: (kinds[n], ops[n]) for n in ("q", "k", "w", "p", *decay)}
+        chain_in["do"] = (Kind.SEQ_VALUE, do)
+
+        def chain_step(x, g):
+            d = x["decay"] if decay else None
+            g_new = cm.chain_backward(x["q"], x["k"], x["w"], x["p"], x["do"], g, md, sd, d)
+            return g_new, {"gs": g}  # gs[n]: ∂L/∂S after chunk n
+
     chain = ChunkScan(
         f"{rule.name}_chain_bwd",
         inputs=(
-            *(Operand(n, kinds[n]) for n in chain_in),
-            Operand("do", Kind.SEQ_VALUE),
+            *(Operand(n, kind) for n, (kind, _) in chain_in.items()),
             Operand("ds", Kind.STATE),
         ),
         outputs=(Operand("ds0", Kind.STATE, sd), Operand("gs", Kind.STATES, md)),
@@ -143,7 +193,7 @@ def backward(rule, cfg, xs, states, d_o, d_s):
         reverse=True,
         state_dtype=sd,
     )
-    d_s0, gs = run_chunk_scan(chain, *(ops[n] for n in chain_in), do, d_s, cfg=cfg)
+    d_s0, gs = run_chunk_scan(chain, *(x for _, x in chain_in.values()), d_s, cfg=cfg)
 
     names = ("q", "k", "w", "u", "p", *decay)
 

@@ -32,6 +32,8 @@ class Kind(enum.Enum):
         transpose).
       STATE: ``[B, H, K, V]``; as input, the initial carry; as output, the final carry.
       STATES: ``[B, H, N, K, V]``; a step sees ``[K, tv]`` of its chunk.
+      MAPS: ``[B, H, N, K, K]``, a ``[K, K]`` matrix per chunk (the chain's linear map); a
+        step sees its chunk's whole matrix (inputs only).
       PARTIAL_KEY: output ``[nv, B, H, T', K]``, one partial sum per value tile.
       PARTIAL_CHUNK: output ``[nv, B, H, T', C]``.
     """
@@ -43,6 +45,7 @@ class Kind(enum.Enum):
     CHUNK_ROW = "chunk_row"
     STATE = "state"
     STATES = "states"
+    MAPS = "maps"
     PARTIAL_KEY = "partial_key"
     PARTIAL_CHUNK = "partial_chunk"
 
@@ -113,6 +116,7 @@ class Dims:
             Kind.CHUNK_ROW: (b, h, self.n, 1, self.c),
             Kind.STATE: (b, h, self.k, self.v),
             Kind.STATES: (b, h, self.n, self.k, self.v),
+            Kind.MAPS: (b, h, self.n, self.k, self.k),
             Kind.PARTIAL_KEY: (self.nv, b, h, t, self.k),
             Kind.PARTIAL_CHUNK: (self.nv, b, h, t, self.c),
         }[kind]
@@ -122,7 +126,9 @@ def dims_of(spec: ChunkScan, args, c: int, tv: int) -> Dims:
     """Reads the sizes from the arguments (validated against each operand's kind)."""
     shapes = {op.kind: a.shape for op, a in zip(spec.inputs, args, strict=True)}
     b, h, k, v = shapes[Kind.STATE]
-    t = next(s[2] for kind, s in shapes.items() if kind in SEQ_KINDS)
+    per_chunk = (s[2] * c for kind, s in shapes.items() if kind in (Kind.STATES, Kind.MAPS))
+    t = next((s[2] for kind, s in shapes.items() if kind in SEQ_KINDS), None)
+    t = next(per_chunk) if t is None else t  # a chain over per-chunk terms only
     if t % c:
         raise ValueError(f"padded time T'={t} must be a multiple of the chunk C={c}")
     dims = Dims(b, h, t // c, c, k, v, tv)
@@ -145,7 +151,8 @@ class ChunkMap:
     Each program sees its chunk's blocks over the whole value dimension (``tv = V``: operands
     that contract over ``V`` are complete in one program, no partial sums) and writes its
     chunk's outputs. Input and output kinds: ``SEQ_KEY``, ``SEQ_VALUE``, ``SEQ_CHUNK``,
-    ``SEQ_SCALAR``, ``CHUNK_ROW`` and ``STATES`` (the ``[K, V]`` state of the program's chunk).
+    ``SEQ_SCALAR``, ``CHUNK_ROW``, ``STATES`` (the ``[K, V]`` state of the program's chunk) and
+    ``MAPS``.
 
     Attributes:
       name: kernel name (shows in profiles).
@@ -167,6 +174,7 @@ MAP_KINDS = (
     Kind.SEQ_SCALAR,
     Kind.CHUNK_ROW,
     Kind.STATES,
+    Kind.MAPS,
 )
 
 
@@ -202,6 +210,8 @@ def map_block_spec(kind: Kind, d: Dims):
         return pl.BlockSpec((None, None, None, 1, d.c), lambda b, h, n: (b, h, n, 0, 0))
     if kind is Kind.STATES:
         return pl.BlockSpec((None, None, None, d.k, d.v), lambda b, h, n: (b, h, n, 0, 0))
+    if kind is Kind.MAPS:
+        return pl.BlockSpec((None, None, None, d.k, d.k), lambda b, h, n: (b, h, n, 0, 0))
     raise ValueError(f"operand kind {kind!r} is not a ChunkMap kind")
 
 

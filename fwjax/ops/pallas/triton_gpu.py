@@ -49,6 +49,8 @@ def _block_spec(kind: Kind, d: Dims) -> pl.BlockSpec:
         return pl.BlockSpec((None, None, d.k, d.tv), lambda b, h, j: (b, h, 0, j))
     if kind is Kind.STATES:
         return pl.BlockSpec((None, None, d.n, d.k, d.tv), lambda b, h, j: (b, h, 0, 0, j))
+    if kind is Kind.MAPS:
+        return pl.BlockSpec((None, None, d.n, d.k, d.k), lambda b, h, j: (b, h, 0, 0, 0))
     if kind is Kind.PARTIAL_KEY:
         return pl.BlockSpec((None, None, None, t, d.k), lambda b, h, j: (j, b, h, 0, 0))
     if kind is Kind.PARTIAL_CHUNK:
@@ -69,7 +71,7 @@ def _kernel(*refs, spec: ChunkScan, d: Dims):
         rows = pl.ds(pl.multiple_of(n * d.c, d.c), d.c)
         values = {}
         for op in spec.inputs:
-            if op.kind is Kind.STATES:
+            if op.kind in (Kind.STATES, Kind.MAPS):
                 values[op.name] = ins[op.name][n, :, :]
             elif op.kind is not Kind.STATE:
                 values[op.name] = ins[op.name][rows, :]
