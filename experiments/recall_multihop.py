@@ -85,13 +85,12 @@ def _path(point, out: Path = OUT) -> Path:
 def write_outputs(out: Path = OUT, results: Path = RESULTS) -> list[dict]:
     """Merges the point files into ``results/recall_multihop.{csv,md}``."""
     order = list(VARIANTS)
-    records = sweep_lib.load_records(
-        out,
-        lambda r: (
-            r["depth"], r["d_ff"], order.index(r["variant"]), r["steps"],
-            r.get("one_hop_steps", 0), r["seed"],
-        ),
-    )  # fmt: skip
+
+    def sort_key(r):
+        curriculum = r.get("one_hop_steps", 0)
+        return r["depth"], r["d_ff"], order.index(r["variant"]), r["steps"], curriculum, r["seed"]
+
+    records = sweep_lib.load_records(out, sort_key)
     for r in records:
         r.setdefault("one_hop_steps", 0)  # points from before the curriculum option
     columns = ["depth", "d_ff", "variant", "seed", "steps", "one_hop_steps", "length", "accuracy"]
