@@ -45,6 +45,28 @@ def _operands(rule, cfg, terms, sd) -> tuple[dict, dict, tuple[str, ...]]:
     return values, dict(rule.operands), decay
 
 
+def _run_chain(name, chain_in, step, carry, emitted, cfg, reverse=False):
+    """A sequential chain kernel: ``chain_in`` maps each operand's name to ``(kind, array)``;
+    ``step(values, carry) -> (carry, {emitted: value})`` with the carry in ``carry``'s dtype and
+    the per-chunk ``emitted`` value saved in the matmul dtype. Returns ``(final carry,
+    emitted [B, H, N, K, V])``."""
+    spec = ChunkScan(
+        name,
+        inputs=(
+            *(Operand(n, kind) for n, (kind, _) in chain_in.items()),
+            Operand("carry0", Kind.STATE),
+        ),
+        outputs=(
+            Operand("carry", Kind.STATE, carry.dtype),
+            Operand(emitted, Kind.STATES, cfg.matmul_dtype),
+        ),
+        step=step,
+        reverse=reverse,
+        state_dtype=carry.dtype,
+    )
+    return run_chunk_scan(spec, *(x for _, x in chain_in.values()), carry, cfg=cfg)
+
+
 def _chain_maps(x, decay, md, sd):
     """``(M, B)`` of the affine chain from one chunk's operands ``x`` (by name)."""
     d = x["decay"] if decay else None
@@ -119,18 +141,7 @@ def forward(rule, cfg, xs, s0):
             d = x["decay"] if decay else None
             return cm.chain_forward(x["k"], x["w"], x["u"], s, md, sd, d), {"states": s}
 
-    chain = ChunkScan(
-        f"{rule.name}_chain_fwd",
-        inputs=(
-            *(Operand(n, kind) for n, (kind, _) in chain_in.items()),
-            Operand("s0", Kind.STATE),
-        ),
-        outputs=(Operand("s", Kind.STATE, sd), Operand("states", Kind.STATES, md)),
-        step=chain_step,
-        reverse=False,
-        state_dtype=sd,
-    )
-    s, states = run_chunk_scan(chain, *(x for _, x in chain_in.values()), s0, cfg=cfg)
+    s, states = _run_chain(f"{rule.name}_chain_fwd", chain_in, chain_step, s0, "states", cfg)
 
     out_in = ("q", "w", "u", "p")
     output = ChunkMap(
@@ -182,18 +193,8 @@ def backward(rule, cfg, xs, states, d_o, d_s):
             g_new = cm.chain_backward(x["q"], x["k"], x["w"], x["p"], x["do"], g, md, sd, d)
             return g_new, {"gs": g}  # gs[n]: ∂L/∂S after chunk n
 
-    chain = ChunkScan(
-        f"{rule.name}_chain_bwd",
-        inputs=(
-            *(Operand(n, kind) for n, (kind, _) in chain_in.items()),
-            Operand("ds", Kind.STATE),
-        ),
-        outputs=(Operand("ds0", Kind.STATE, sd), Operand("gs", Kind.STATES, md)),
-        step=chain_step,
-        reverse=True,
-        state_dtype=sd,
-    )
-    d_s0, gs = run_chunk_scan(chain, *(x for _, x in chain_in.values()), d_s, cfg=cfg)
+    name = f"{rule.name}_chain_bwd"
+    d_s0, gs = _run_chain(name, chain_in, chain_step, d_s, "gs", cfg, reverse=True)
 
     names = ("q", "k", "w", "u", "p", *decay)
 
