@@ -52,14 +52,19 @@ LAYER_IMPLS = ("fwjax_layer", "fla_layer")
 SMOKE_LAYER_SHAPES = ((1, 32, 2, 16),)
 # Extra PALLAS variants at the target shape, run last, if time is left.
 EXTRAS = ("fwjax_pallas_tv32", "fwjax_pallas_tv64", "fwjax_pallas_xla_bwd")
-# The split state scan (CHUNKED with state_segments P), fwd+bwd at the long shapes with few
-# B·H, against plain CHUNKED (P = 1) above: which P pays, per shape (the rule AUTO needs).
+# The split state scan (state_segments P: CHUNKED, and the phased PALLAS chain kernels),
+# fwd+bwd at the long shapes with few B·H, against P = 1 (plain CHUNKED here, the phased
+# schedule among PHASED's jobs): which P pays, per shape (the rule AUTO needs).
 SPLITS = (
     "fwjax_chunked_split4",
     "fwjax_chunked_split16",
     "fwjax_gated_chunked",
     "fwjax_gated_chunked_split16",
+    "fwjax_pallas_phased_split4",
+    "fwjax_pallas_phased_split16",
+    "fwjax_gated_pallas_phased_split16",
 )
+SMOKE_SPLITS = ("fwjax_chunked_split2", "fwjax_gated_chunked_split2", "fwjax_pallas_phased_split2")
 SPLIT_SHAPES = ((2, 8192, 8, 64), (1, 32768, 16, 128))
 # PALLAS with PallasSchedule.PHASED (chain kernels + kernels parallel over chunks), both rules,
 # with the two-matmul and the one-matmul (PallasChain.AFFINE) chain, every shape and mode,
@@ -202,9 +207,10 @@ def _jax_op(impl: str, smoke: bool):
             )
 
         return gated
-    pallas, segments = None, None
+    pallas = None
+    segments = int(impl.rsplit("_split", 1)[1]) if "_split" in impl else None
     if impl.startswith("fwjax_chunked_split"):
-        kind, segments = Impl.CHUNKED, int(impl.removeprefix("fwjax_chunked_split"))
+        kind = Impl.CHUNKED
     elif impl.startswith("fwjax_pallas"):
         kind = Impl.PALLAS
         if impl.endswith("_xla_bwd"):
@@ -609,7 +615,7 @@ def main():
     jobs += [
         Job(impl, *shape, "fwdbwd", 3 if smoke else args.repeats, smoke)
         for shape in (SMOKE_SHAPES if smoke else SPLIT_SHAPES)
-        for impl in (("fwjax_chunked_split2", "fwjax_gated_chunked_split2") if smoke else SPLITS)
+        for impl in (SMOKE_SPLITS if smoke else SPLITS)
     ]
     if args.only:
         wanted = [w for w in args.only.split(",") if w]

@@ -152,8 +152,8 @@ class FastWeightConfig:
       impl: how the op is computed; ``chunk_size``: the chunk length of the chunkwise forms
         (CHUNKED, PALLAS); ``pallas``: the :class:`~fwjax.ops.pallas.PallasOptions` of PALLAS
         (a mapping of its fields is accepted), None for the defaults; ``state_segments``: the
-        (gated) delta rule's CHUNKED chunk scans as that many parallel segments
-        (:func:`fwjax.ops.delta_rule`), None for one sequential scan.
+        (gated) delta rule's CHUNKED (and phased PALLAS) chunk scans as that many parallel
+        segments (:func:`fwjax.ops.delta_rule`), None for one sequential scan.
       diagnostics: also record memory diagnostics (:mod:`fwjax.diagnostics`: state norm,
         retrieval error and cosine, β statistics, effective rank; one extra O(T·K·V) scan) as
         ``nnx.Intermediate`` values named ``memory`` when the call runs under

@@ -203,9 +203,9 @@ def fast_weight_attention(
       segment_ids: packed rows, integer ``[B, T]`` document ids (:mod:`fwjax.ops.segments`):
         the memory and ``z`` are emptied at each document start (the first document continues
         ``state``); None: one sequence per row.
-      state_segments: the CHUNKED form of the DELTA and GATED_DELTA rules runs its chunk scans
-        as this many parallel segments (see :func:`delta_rule`); other rules and forms ignore
-        it.
+      state_segments: the CHUNKED form of the DELTA and GATED_DELTA rules (and their PALLAS
+        form under ``PallasSchedule.PHASED``) runs its chunk scans as this many parallel
+        segments (see :func:`delta_rule`); other rules and forms ignore it.
 
     Returns:
       ``(y, state)``: ``y [B, T, H, V]`` in the inputs' promoted dtype and the new

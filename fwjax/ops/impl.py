@@ -111,9 +111,9 @@ class FormOptions:
         backward pass.
       pallas: the :class:`fwjax.ops.pallas.PallasOptions` of PALLAS; None: the defaults.
       out_dtype: the inputs' promoted dtype (PALLAS's default matmul operand dtype).
-      state_segments: the CHUNKED form of the delta and gated delta rules runs its chunk
-        scans as this many parallel segments (:mod:`fwjax.ops.state_split`); None: one
-        sequential scan.
+      state_segments: the CHUNKED form of the delta and gated delta rules, and their PALLAS
+        form under ``PallasSchedule.PHASED``, run their chunk scans as this many parallel
+        segments (:mod:`fwjax.ops.state_split`); None: one sequential scan.
     """
 
     chunk_size: int

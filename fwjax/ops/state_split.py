@@ -89,11 +89,7 @@ def segmented_scan(
     maps = jax.vmap(segment_map)(per_segment)  # M [P, ..., K, K], b [P, ..., K, V]
 
     # 2. The carry entering each segment: c_{p+1} = M_p c_p + b_p, in the scan's direction.
-    def combine(c, mb):
-        m, b = mb
-        return m @ c + b, c
-
-    _, incoming = jax.lax.scan(combine, init, maps, reverse=reverse)
+    incoming = incoming_carries(*maps, init, reverse=reverse)
 
     # 3. Every segment's scan from its true incoming carry.
     finals, ys = jax.vmap(lambda c, x: jax.lax.scan(step, c, x, reverse=reverse))(
@@ -101,6 +97,26 @@ def segmented_scan(
     )
     ys = jax.tree.map(lambda y: y.reshape(n, *y.shape[2:]), ys)
     return finals[0 if reverse else -1], ys
+
+
+def incoming_carries(m: jax.Array, b: jax.Array, init: jax.Array, *, reverse: bool = False):
+    """Step 2 of the split state scan: the carry entering each of the ``P`` segments from
+    their maps ``end = M_p start + b_p``, ``c_0 = init``, ``c_{p+1} = M_p c_p + b_p`` (from the
+    last segment to the first when ``reverse``), matrix products at full precision.
+
+    Args:
+      m: ``[P, ..., K, K]``; b: ``[P, ..., K, V]``; init: ``[..., K, V]``.
+
+    Returns:
+      ``[P, ..., K, V]``: ``c_p`` for every segment.
+    """
+
+    def combine(c, mb):
+        m_p, b_p = mb
+        return jnp.matmul(m_p, c, precision=jax.lax.Precision.HIGHEST) + b_p, c
+
+    _, incoming = jax.lax.scan(combine, init, (m, b), reverse=reverse)
+    return incoming
 
 
 def emit_carry(chain: Callable) -> Callable:

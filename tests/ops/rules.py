@@ -32,7 +32,7 @@ class Rule:
     has_beta: bool
     has_alpha: bool = False
     beta_offset: float = 0.0  # 1.0: β ∈ (1, 2), transitions with a negative eigenvalue
-    state_segments: int | None = None  # the delta rule's split state scan (CHUNKED)
+    state_segments: int | None = None  # the split state scan (CHUNKED, PALLAS phased)
     pallas: PallasOptions | None = None  # PALLAS's options when the caller passes none
 
     @property
@@ -123,10 +123,12 @@ GATED_NEG = Rule("gated_neg", has_beta=True, has_alpha=True, beta_offset=1.0)
 DELTA_SPLIT = Rule("delta_split", has_beta=True, state_segments=2)
 GATED_SPLIT = Rule("gated_split", has_beta=True, has_alpha=True, state_segments=2)
 SPLIT_RULES = (DELTA_SPLIT, GATED_SPLIT)
-# PALLAS with the phased schedule (chain kernels + kernels parallel over chunks).
+# PALLAS with the phased schedule (chain kernels + kernels parallel over chunks), its chains
+# split into 2 segments (T 37: 3 chunks padded to 4; T 1: one chunk, no split). The unsplit
+# phased chains run in tests/ops/test_pallas.py's option tests.
 _PHASED = PallasOptions(schedule=PallasSchedule.PHASED)
-DELTA_PHASED = Rule("delta_phased", has_beta=True, pallas=_PHASED)
-GATED_PHASED = Rule("gated_phased", has_beta=True, has_alpha=True, pallas=_PHASED)
+DELTA_PHASED = Rule("delta_phased", has_beta=True, state_segments=2, pallas=_PHASED)
+GATED_PHASED = Rule("gated_phased", has_beta=True, has_alpha=True, state_segments=2, pallas=_PHASED)
 PHASED_RULES = (DELTA_PHASED, GATED_PHASED)
 
 

@@ -6,6 +6,7 @@ value tiling (partial sums over tiles), the float32 precision option and float16
 (e.g. ``JAX_PLATFORMS=cuda pytest -m gpu tests/ops/test_pallas.py``).
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -21,6 +22,7 @@ from fwjax.ops.pallas import (
     PallasOptions,
     PallasPrecision,
     PallasSchedule,
+    kernel_config,
     resolve_backend,
     resolve_interpret,
     triton_tiling,
@@ -58,11 +60,12 @@ def _chunked(rule, case, dtype):
     return jax.jit(lambda x: _grads(rule, x, Impl.CHUNKED, case.chunk))(make_inputs(case, dtype))
 
 
-def _compare(rule, case, dtype, options, tol_dtype=None):
-    """PALLAS with ``options`` against CHUNKED: outputs, final state and every gradient."""
+def _compare(rule, case, dtype, options, tol_dtype=None, reference=None):
+    """PALLAS with ``options`` against CHUNKED (of ``reference``, default ``rule``): outputs,
+    final state and every gradient."""
     inputs = make_inputs(case, dtype)
     got = jax.jit(lambda x: _grads(rule, x, Impl.PALLAS, case.chunk, options))(inputs)
-    want = _chunked(rule, case, dtype)
+    want = _chunked(reference or rule, case, dtype)
     assert_close(got[0], want[0], tol_dtype, err_msg="output")
     assert_close(got[1], want[1], tol_dtype, err_msg="final state")
     for name in rule.diff_args:
@@ -90,34 +93,51 @@ def test_value_tiles_sum_their_partial_gradients(rule):
 
 PHASED = PallasSchedule.PHASED
 AFFINE = PallasChain.AFFINE
+TPU = PallasBackend.MOSAIC_TPU
 
 
 @pytest.mark.parametrize(
-    ("rule", "options"),
+    ("rule", "options", "segments"),
     [
-        (DELTA, PallasOptions(schedule=PHASED, value_block=16)),
-        (GATED, PallasOptions(schedule=PHASED, value_block=16)),
-        (DELTA, PallasOptions(schedule=PHASED, backend=PallasBackend.MOSAIC_TPU)),
-        (GATED, PallasOptions(schedule=PHASED, backward=PallasBackward.XLA)),
-        (DELTA, PallasOptions(schedule=PHASED, chain=AFFINE, value_block=16)),
-        (GATED, PallasOptions(schedule=PHASED, chain=AFFINE, backend=PallasBackend.MOSAIC_TPU)),
+        (DELTA, PallasOptions(schedule=PHASED, value_block=16), 2),
+        (GATED, PallasOptions(schedule=PHASED, value_block=16), None),
+        (DELTA, PallasOptions(schedule=PHASED, backend=TPU), None),
+        (GATED, PallasOptions(schedule=PHASED, backward=PallasBackward.XLA), None),
+        (DELTA, PallasOptions(schedule=PHASED, chain=AFFINE, value_block=16), None),
+        (GATED, PallasOptions(schedule=PHASED, chain=AFFINE, backend=TPU), 2),
     ],
     ids=[
-        "delta-value_tiles",
+        "delta-value_tiles-split",
         "gated-value_tiles",
         "delta-tpu_kernels",
         "gated-xla_backward",
         "delta-affine_chain-value_tiles",
-        "gated-affine_chain-tpu_kernels",
+        "gated-affine_chain-tpu_kernels-split",
     ],
 )
-def test_phased_schedule_options(rule, options):
+def test_phased_schedule_options(rule, options, segments):
     """The phased kernels with several value tiles in the chain kernels (V = 40 pads to 64 = 4
     tiles of 16; the parallel kernels take the whole V), on the TPU kernel family, with the XLA
-    backward fed the states the chain kernel saved (in the matmul dtype), and with the affine
-    chain ``S ← M S + B`` (``PallasChain.AFFINE``)."""
+    backward fed the states the chain kernel saved (in the matmul dtype), with the affine
+    chain ``S ← M S + B`` (``PallasChain.AFFINE``), and with the split state scan
+    (``state_segments``, 2 segments: the widened carry ``[E | Φ]`` in value tiles, and as one
+    whole block on the TPU kernels; the parity suite's phased rules split 3 chunks into 2)."""
     case = Case(b=1, t=24, h=2, k=8, v=40, chunk=16) if options.value_block else SMALL
-    _compare(rule, case, jnp.float32, options)
+    split = dataclasses.replace(rule, state_segments=segments)
+    _compare(split, case, jnp.float32, options, reference=rule)
+
+
+def test_split_state_scan_sizes():
+    """``P`` of the phased kernels' split state scan, and ``N`` padded to a multiple of it."""
+    config = functools.partial(kernel_config, out_dtype=jnp.float32, state_dtype=jnp.float32)
+    phased = PallasOptions(schedule=PHASED)
+    shape = (8192, 64, 64, 64, 2)  # T, K, V, chunk, B·H: 128 chunks
+    assert config(phased, *shape, state_segments=3).tiling[4:] == (129, 3)  # 3 × 43
+    assert config(phased, *shape, state_segments=8).tiling[4:] == (128, 8)
+    assert config(phased, *shape).tiling[4:] == (128, 1)
+    assert config(PallasOptions(), *shape, state_segments=8).tiling[4:] == (128, 1)  # FUSED
+    # 9 chunks asked for 8 segments: 5 segments of 2 (one no-op chunk), not 16 chunks.
+    assert config(phased, 9 * 16, 64, 64, 16, 2, state_segments=8).tiling[4:] == (10, 5)
 
 
 # The custom-call targets of Pallas kernels per platform (no export compatibility guarantee).
@@ -153,24 +173,27 @@ def test_kernels_lower_for_gpu_and_tpu_on_this_machine(monkeypatch, platform, ba
     gate = jnp.full((1, 40, 2), 0.9, jnp.bfloat16)
     kw = {"impl": Impl.PALLAS, "chunk_size": 16}
     ops = {
-        "delta_rule": lambda p, *a: delta_rule(*a, gate, None, 0.25, pallas=p, **kw),
-        "gated_delta_rule": lambda p, *a: gated_delta_rule(
-            *a, gate, gate, None, 0.25, pallas=p, **kw
+        "delta_rule": lambda p, n, *a: delta_rule(
+            *a, gate, None, 0.25, pallas=p, state_segments=n, **kw
         ),
-        "sum_rule": lambda p, *a: sum_rule(*a, None, 0.25, pallas=p, **kw),
+        "gated_delta_rule": lambda p, n, *a: gated_delta_rule(
+            *a, gate, gate, None, 0.25, pallas=p, state_segments=n, **kw
+        ),
+        "sum_rule": lambda p, n, *a: sum_rule(*a, None, 0.25, pallas=p, **kw),
     }
-    variants = [(PallasSchedule.FUSED, PallasChain.UPDATE), (PHASED, PallasChain.UPDATE)]
-    variants.append((PHASED, AFFINE))
+    variants = [(PallasSchedule.FUSED, PallasChain.UPDATE, 1), (PHASED, PallasChain.UPDATE, 1)]
+    variants += [(PHASED, AFFINE, 1), (PHASED, PallasChain.UPDATE, 2)]  # 2: the split scan
     for name, op in ops.items():
-        for schedule, chain in variants:
+        for schedule, chain, segments in variants:
             options = PallasOptions(backend=backend, schedule=schedule, chain=chain)
-            text = _lowered_text(functools.partial(op, options), (x, x, x), platform)
+            text = _lowered_text(functools.partial(op, options, segments), (x, x, x), platform)
             suffixes = ("fwd", "bwd")
             if schedule is PHASED and name != "sum_rule":
                 suffixes = ("wy", "chain_fwd", "out", "chain_bwd", "grads")
                 suffixes += ("affine", "affine_bwd") if chain is AFFINE else ()
+                suffixes += ("chain_fwd_maps", "chain_bwd_maps") if segments > 1 else ()
             for suffix in suffixes:
-                assert f"{name}_{suffix}" in text, (platform, schedule, chain, name, suffix)
+                assert f"{name}_{suffix}" in text, (platform, options, segments, name, suffix)
 
 
 def test_state_precision_keeps_bfloat16_states_float32_accurate():

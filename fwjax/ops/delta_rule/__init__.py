@@ -61,10 +61,11 @@ def delta_rule(
         the memory is emptied before each document's first step, so every document computes
         what it would alone (:mod:`fwjax.ops.segments`). The first document continues
         ``initial_state``; the final state is the last document's. None: one sequence per row.
-      state_segments: CHUNKED only: run the forward and backward chunk scans as ``P``
-        parallel segments (each segment's affine map from a zero start, the ``P`` maps
-        combined in sequence, each segment rerun from its true incoming state;
-        :mod:`fwjax.ops.state_split`). Same result up to rounding, ``P`` times the
+      state_segments: CHUNKED, and PALLAS under ``PallasSchedule.PHASED``: run the forward
+        and backward chunk scans as ``P`` parallel segments (each segment's affine map from a
+        zero start, the ``P`` maps combined in sequence, each segment rerun from its true
+        incoming state; :mod:`fwjax.ops.state_split`, and the chain kernels of
+        :mod:`fwjax.ops.pallas.phased`). Same result up to rounding, ``P`` times the
         parallelism of the state chain for about three times its matmuls: for long sequences with
         few ``B·H``. None: one sequential scan (the default on every backend until measured).
         Packed rows (``segment_ids``) ignore it.

@@ -68,9 +68,9 @@ def gated_delta_rule(
         the memory is emptied before each document's first step, so every document computes
         what it would alone (:mod:`fwjax.ops.segments`). The first document continues
         ``initial_state``; the final state is the last document's. None: one sequence per row.
-      state_segments: CHUNKED only: the forward and backward chunk scans as ``P`` parallel
-        segments (see :func:`fwjax.ops.delta_rule`); None: one sequential scan. Packed rows
-        ignore it.
+      state_segments: CHUNKED, and PALLAS under ``PallasSchedule.PHASED``: the forward and
+        backward chunk scans as ``P`` parallel segments (see :func:`fwjax.ops.delta_rule`);
+        None: one sequential scan. Packed rows ignore it.
 
     Returns:
       ``(out, state)``: ``out [B, T, H, V]`` in the inputs' promoted dtype and ``S_T``

@@ -24,6 +24,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from fwjax.ops.state_split import resolve_segments
 from fwjax.validation import check_positive_ints
 
 
@@ -70,8 +71,10 @@ class PallasSchedule(enum.Enum):
         entering each chunk in the matmul dtype; a kernel with one program per ``(batch, head,
         chunk)``, all in parallel, then computes the outputs. The backward mirrors it: a reverse
         kernel carries only ``G``, saving it per chunk, and a parallel kernel forms each chunk's
-        cotangents over the whole value dimension (no partial sums). Rules without these kernels
-        (the sum rule, packed rows) run ``FUSED``.
+        cotangents over the whole value dimension (no partial sums). With the op's
+        ``state_segments`` the chain kernels run as parallel segments (the split state scan,
+        :mod:`fwjax.ops.pallas.phased`). Rules without these kernels (the sum rule, packed
+        rows) run ``FUSED``.
     """
 
     FUSED = "fused"
@@ -179,7 +182,8 @@ class Tiling(NamedTuple):
     """Padded sizes and the value tile of one kernel call.
 
     ``chunk``: chunk length ``C``; ``key``/``value``: padded ``K``/``V``; ``value_block``: ``tv``
-    (divides ``value``); ``chunks``: ``N``, the number of chunks of the padded sequence.
+    (divides ``value``); ``chunks``: ``N``, the number of chunks of the padded sequence (a
+    multiple of ``segments``); ``segments``: ``P`` of the split state scan (1: none).
     """
 
     chunk: int
@@ -187,6 +191,7 @@ class Tiling(NamedTuple):
     value: int
     value_block: int
     chunks: int
+    segments: int = 1
 
 
 def triton_tiling(t, k, v, chunk_size, programs, options: PallasOptions) -> Tiling:
@@ -238,21 +243,30 @@ class KernelConfig(NamedTuple):
     chain: PallasChain
 
 
-def kernel_config(options, t, k, v, chunk_size, programs, out_dtype, state_dtype) -> KernelConfig:
+def kernel_config(
+    options, t, k, v, chunk_size, programs, out_dtype, state_dtype, state_segments=None
+) -> KernelConfig:
     """Resolves ``options`` for sequence length ``t``, key/value sizes, ``B·H`` programs.
 
     The matmul operands take the inputs' dtype ``out_dtype`` (``PallasPrecision.INPUT``) or
     ``state_dtype`` (``PallasPrecision.STATE``); products accumulate, and the state lives, in
-    the state dtype.
+    the state dtype. ``state_segments``: the split state scan's ``P`` requested for a rule
+    with the phased kernels (None: none); under ``PallasSchedule.PHASED`` it sets
+    ``Tiling.segments`` (:func:`fwjax.ops.state_split.resolve_segments`) and pads ``N`` to a
+    multiple of it with no-op chunks.
     """
     options = options or DEFAULT_OPTIONS
     backend = resolve_backend(options)
     tiling_fn = tpu_tiling if backend is PallasBackend.MOSAIC_TPU else triton_tiling
+    tiling = tiling_fn(t, k, v, chunk_size, programs, options)
+    if state_segments and options.schedule is PallasSchedule.PHASED:
+        p = resolve_segments(state_segments, tiling.chunks)
+        tiling = tiling._replace(chunks=-(-tiling.chunks // p) * p, segments=p)
     return KernelConfig(
         backend,
         resolve_interpret(options),
         options.backward,
-        tiling_fn(t, k, v, chunk_size, programs, options),
+        tiling,
         jnp.dtype(out_dtype if options.precision is PallasPrecision.INPUT else state_dtype),
         options.num_warps,
         options.num_stages,

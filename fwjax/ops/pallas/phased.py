@@ -20,8 +20,10 @@ Backward, with ``Ō`` and ``G = ∂L/∂S``::
         Q̄, K̄, W̄, Ū, P̄ [, Γ̄_C] of chunk n from S_n, gs[n], Ō      (no partial sums over tiles)
 
 then phase 1's VJP in XLA (phase 1 recomputed by the XLA form of the rule, whose VJP is
-autodiff). The saved states and cotangents are stored in the matmul dtype (the
-operands they feed are rounded to it anyway; flash-linear-attention stores them in bfloat16 too);
+autodiff). With ``state_segments = P > 1`` each chain kernel runs as ``P`` segments of the
+chunks in parallel (the split state scan, :func:`_chain`). The saved states and cotangents
+are stored in the matmul dtype (the operands they feed are rounded to it anyway;
+flash-linear-attention stores them in bfloat16 too);
 the chains themselves carry the state dtype. The per-chunk math is
 :mod:`fwjax.ops.pallas.chunk_math` (``wy_chunk``, ``chain_forward``, ``chunk_output``,
 ``chain_backward``, ``chunk_gradients``).
@@ -32,9 +34,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fwjax.ops.pallas import PallasChain, flat, run_chunk_map, run_chunk_scan, unflat
+from fwjax.ops.pallas import PallasBackend, PallasChain, flat, run_chunk_map, run_chunk_scan, unflat
 from fwjax.ops.pallas import chunk_math as cm
 from fwjax.ops.pallas.scan_spec import ChunkMap, ChunkScan, Kind, Operand
+from fwjax.ops.state_split import incoming_carries
 
 
 def _operands(rule, cfg, terms, sd) -> tuple[dict, dict, tuple[str, ...]]:
@@ -48,23 +51,84 @@ def _operands(rule, cfg, terms, sd) -> tuple[dict, dict, tuple[str, ...]]:
 def _run_chain(name, chain_in, step, carry, emitted, cfg, reverse=False):
     """A sequential chain kernel: ``chain_in`` maps each operand's name to ``(kind, array)``;
     ``step(values, carry) -> (carry, {emitted: value})`` with the carry in ``carry``'s dtype and
-    the per-chunk ``emitted`` value saved in the matmul dtype. Returns ``(final carry,
-    emitted [B, H, N, K, V])``."""
+    the per-chunk ``emitted`` value saved in the matmul dtype (not at all when ``emitted`` is
+    None). Returns ``(final carry, emitted [B, H, N, K, V])``."""
+    saved = () if emitted is None else (Operand(emitted, Kind.STATES, cfg.matmul_dtype),)
     spec = ChunkScan(
         name,
         inputs=(
             *(Operand(n, kind) for n, (kind, _) in chain_in.items()),
             Operand("carry0", Kind.STATE),
         ),
-        outputs=(
-            Operand("carry", Kind.STATE, carry.dtype),
-            Operand(emitted, Kind.STATES, cfg.matmul_dtype),
-        ),
+        outputs=(Operand("carry", Kind.STATE, carry.dtype), *saved),
         step=step,
         reverse=reverse,
         state_dtype=carry.dtype,
     )
     return run_chunk_scan(spec, *(x for _, x in chain_in.values()), carry, cfg=cfg)
+
+
+# Operand kinds whose last axis is the state's value axis (the chain is linear in them).
+_VALUE_KINDS = (Kind.SEQ_VALUE, Kind.STATES)
+
+
+def _split(x, p):
+    """``P`` consecutive segments of the chunks as ``P`` heads (a reshape, no copy):
+    ``[B, H, N·C, .]`` → ``[B, H·P, N·C/P, .]``, ``[B, H, N, ., .]`` → ``[B, H·P, N/P, ., .]``."""
+    return x.reshape(x.shape[0], x.shape[1] * p, x.shape[2] // p, *x.shape[3:])
+
+
+def _widened(cfg, k):
+    """``cfg`` for a carry of ``V + K`` columns (rounded up to whole value tiles); its width."""
+    t = cfg.tiling
+    if cfg.backend is PallasBackend.MOSAIC_TPU and t.value_block == t.value:
+        width, block = t.value + k, t.value + k  # one whole block (Mosaic: whole or 128·m)
+    else:
+        width, block = -(-(t.value + k) // t.value_block) * t.value_block, t.value_block
+    return cfg._replace(tiling=t._replace(value=width, value_block=block)), width
+
+
+def _chain(name, chain_in, step, carry, emitted, cfg, reverse=False):
+    """:func:`_run_chain`, split into ``P = cfg.tiling.segments`` segments of chunks whose
+    chains run in parallel when ``P > 1`` (the split state scan):
+
+    1. every segment's affine map ``end = Φ start + E`` in one pass: the chain is linear in
+       each column of its carry, so carrying ``[0 | I]`` (``V + K`` columns) with zero columns
+       appended to the operands on the value axis ends at ``[E | Φ]`` (``Φ`` the product of the
+       segment's chunk maps ``Γ_C I − Kᵀ W``, or their transposes in reverse);
+    2. the true carry entering each segment, ``P`` small steps in XLA;
+    3. every segment's chain again from its true start, saving the per-chunk values.
+
+    Costs ``(2V + K)/V`` times the chain's work for ``P×`` its parallelism.
+    """
+    p = cfg.tiling.segments
+    if p == 1:
+        return _run_chain(name, chain_in, step, carry, emitted, cfg, reverse)
+    b, h, k, v = carry.shape
+    split = {n: (kind, _split(x, p)) for n, (kind, x) in chain_in.items()}
+
+    # 1. [E | Φ] of every segment from the carry [0 | I] (zero columns beyond V + K).
+    wide_cfg, width = _widened(cfg, k)
+    pad = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - v)])
+    wide = {n: (kind, pad(x) if kind in _VALUE_KINDS else x) for n, (kind, x) in split.items()}
+    eye = jnp.eye(k, width - v, dtype=carry.dtype)
+    start = jnp.concatenate(
+        [jnp.zeros((b, h * p, k, v), carry.dtype), jnp.broadcast_to(eye, (b, h * p, *eye.shape))],
+        axis=-1,
+    )
+    ends, *_ = _run_chain(f"{name}_maps", wide, step, start, None, wide_cfg, reverse)
+    ends = ends.reshape(b, h, p, k, width)
+
+    # 2. The carry entering each segment (P steps in XLA).
+    maps = (jnp.moveaxis(ends[..., v : v + k], 2, 0), jnp.moveaxis(ends[..., :v], 2, 0))
+    starts = jnp.moveaxis(incoming_carries(*maps, carry, reverse=reverse), 0, 2)
+
+    # 3. Each segment from its true start.
+    final, saved = _run_chain(
+        name, split, step, starts.reshape(b, h * p, k, v), emitted, cfg, reverse
+    )
+    final = final.reshape(b, h, p, k, v)[:, :, 0 if reverse else p - 1]
+    return final, saved.reshape(b, h, -1, *saved.shape[3:])
 
 
 def _chain_maps(x, decay, md, sd):
@@ -141,7 +205,7 @@ def forward(rule, cfg, xs, s0):
             d = x["decay"] if decay else None
             return cm.chain_forward(x["k"], x["w"], x["u"], s, md, sd, d), {"states": s}
 
-    s, states = _run_chain(f"{rule.name}_chain_fwd", chain_in, chain_step, s0, "states", cfg)
+    s, states = _chain(f"{rule.name}_chain_fwd", chain_in, chain_step, s0, "states", cfg)
 
     out_in = ("q", "w", "u", "p")
     output = ChunkMap(
@@ -194,7 +258,7 @@ def backward(rule, cfg, xs, states, d_o, d_s):
             return g_new, {"gs": g}  # gs[n]: ∂L/∂S after chunk n
 
     name = f"{rule.name}_chain_bwd"
-    d_s0, gs = _run_chain(name, chain_in, chain_step, d_s, "gs", cfg, reverse=True)
+    d_s0, gs = _chain(name, chain_in, chain_step, d_s, "gs", cfg, reverse=True)
 
     names = ("q", "k", "w", "u", "p", *decay)
 

@@ -187,7 +187,15 @@ def pallas_form(rule: KernelRule) -> Callable:
         value_dim = v.shape[-1]
         sd = initial_state.dtype
         cfg = kernel_config(
-            options.pallas, t, key_dim, value_dim, options.chunk_size, b * h, options.out_dtype, sd
+            options.pallas,
+            t,
+            key_dim,
+            value_dim,
+            options.chunk_size,
+            b * h,
+            options.out_dtype,
+            sd,
+            state_segments=options.state_segments if rule.phased else None,
         )
         kp, vp = cfg.tiling.key, cfg.tiling.value
         widths = (kp, kp, vp, *(None for _ in gates))
