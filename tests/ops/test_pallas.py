@@ -296,3 +296,17 @@ def test_gated_chunk_decay_keeps_float32_with_bfloat16_inputs(packed, schedule):
         pallas=PallasOptions(schedule=schedule),
     )
     np.testing.assert_allclose(state, np.full(s0.shape, 0.9999**t), rtol=1e-4)
+
+
+def test_gated_chunk_decay_travels_as_one_float32_value_per_chunk():
+    """The kernels read ``Γ_C`` as ``[B, H, N, 1, 1]`` in the state dtype (``CHUNK_SCALAR``),
+    not a ``[C, K]`` tile per chunk, whatever the matmul dtype."""
+    from fwjax.ops.gated_delta_rule.pallas import KERNEL
+
+    b, h, n, c, d = 2, 3, 4, 16, 8
+    x = jnp.ones((b, h, n, c, d), jnp.float32) / d
+    gate = jnp.full((b, h, n, c), 0.5, jnp.float32)
+    terms = KERNEL.phase1(x, x, x, gate, jnp.log(gate))
+    decay = KERNEL.cast_operands(terms, jnp.bfloat16, jnp.float32)[-1]
+    assert decay.shape == (b, h, n, 1, 1) and decay.dtype == jnp.float32
+    np.testing.assert_allclose(decay, 0.5**c, rtol=1e-5)

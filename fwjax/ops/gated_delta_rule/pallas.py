@@ -36,9 +36,9 @@ from fwjax.ops.pallas.rule_kernel import (
 
 def _phase1(q, k, v, beta, log_alpha):
     """Kernel layout ``[B, H, N, C, .]``: ``(Q', K', W, U, P, decay)``, the chunk decay ``Γ_C``
-    repeated over each chunk's ``[C, K]`` (a layout every backend tiles)."""
+    one value per chunk ``[B, H, N, 1, 1]`` (``Kind.CHUNK_SCALAR``)."""
     *terms, chunk_decay = gated_terms(q, k, v, beta, log_alpha)
-    return (*terms, jnp.broadcast_to(chunk_decay[..., None, None], k.shape))
+    return (*terms, chunk_decay[..., None, None])
 
 
 KERNEL = KernelRule(

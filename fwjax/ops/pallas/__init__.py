@@ -24,6 +24,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from fwjax.ops.pallas.scan_spec import PER_CHUNK_KINDS
 from fwjax.ops.state_split import resolve_segments
 from fwjax.validation import check_positive_ints
 
@@ -329,6 +330,19 @@ def flat(x: jax.Array) -> jax.Array:
 def unflat(x: jax.Array, c: int) -> jax.Array:
     """``[..., B, H, N·C, D] -> [..., B, H, N, C, D]``."""
     return x.reshape(*x.shape[:-2], x.shape[-2] // c, c, x.shape[-1])
+
+
+def flat_operand(x: jax.Array, kind) -> jax.Array:
+    """:func:`flat` for an operand laid out per step; per-chunk kinds
+    (:data:`fwjax.ops.pallas.scan_spec.PER_CHUNK_KINDS`) pass as they are."""
+    from fwjax.ops.pallas.scan_spec import PER_CHUNK_KINDS
+
+    return x if kind in PER_CHUNK_KINDS else flat(x)
+
+
+def unflat_operand(x: jax.Array, kind, c: int) -> jax.Array:
+    """The inverse of :func:`flat_operand`."""
+    return x if kind in PER_CHUNK_KINDS else unflat(x, c)
 
 
 __all__ = [

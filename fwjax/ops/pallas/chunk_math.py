@@ -60,16 +60,15 @@ def _iota(shape, axis):
 
 
 def _row_decay(decay, sd):
-    """``Γ_C`` per state row, ``[K, 1]``, from the chunk decay's ``[C, K]`` tile (its column
-    maximum: a reduction every backend lowers, where a row slice is not)."""
-    return jnp.max(decay.astype(sd), axis=0)[:, None]
+    """``Γ_C`` as a ``[1, 1]`` factor of the state (the chunk's ``CHUNK_SCALAR`` block)."""
+    return decay.astype(sd)
 
 
-def _decay_cotangent(s, g, rows, sd):
-    """``∂L/∂Γ_C = Σ_v S ⊙ G`` per state row, spread evenly over the tile's ``rows`` (the
-    forward reads their maximum of identical entries; phase 1's VJP sums the tile)."""
-    per_row = jnp.sum(s.astype(sd) * g.astype(sd), axis=1)
-    return jnp.broadcast_to(per_row[None, :] / rows, (rows, per_row.shape[0]))
+def _decay_cotangent(s, g, sd):
+    """``∂L/∂Γ_C = Σ S ⊙ G`` over the state (tile) as ``[1, 1]``: one reduction per axis
+    (what every backend lowers)."""
+    per_row = jnp.sum(s.astype(sd) * g.astype(sd), axis=1, keepdims=True)
+    return jnp.sum(per_row, axis=0, keepdims=True)
 
 
 def delta_forward(q, k, w, u, p, s, md, sd, decay=None):
@@ -84,9 +83,7 @@ def delta_forward(q, k, w, u, p, s, md, sd, decay=None):
 
 def gated_delta_forward(q, k, w, u, p, decay, s, md, sd):
     """One gated-delta-rule chunk: ``(O [C, tv], S_new [K, tv])`` in ``sd``, with ``Q' S``,
-    ``S ← Γ_C S + K'ᵀ Ũ``. ``decay [C, K]`` holds the chunk's total decay of each state row
-    (``Γ_C`` everywhere for the scalar gate), repeated over the chunk's rows; its column maximum
-    is taken (a reduction every backend lowers, where a row slice is not)."""
+    ``S ← Γ_C S + K'ᵀ Ũ``. ``decay [1, 1]``: the chunk's total decay ``Γ_C``."""
     return delta_forward(q, k, w, u, p, s, md, sd, decay)
 
 
@@ -95,13 +92,12 @@ def gated_delta_backward(q, k, w, u, p, decay, s, do, g, md, sd):
 
     Returns ``(g_new, dq, dk, dw, du, dp, d_decay)``: the delta rule's cotangents with the
     decayed ``Q', K'`` (:func:`delta_backward`, whose ``g_new`` carries ``G`` undecayed) and
-    ``g_new = Γ_C G + Q'ᵀ Ō − Wᵀ Ũ̄``. ``d_decay [C, K]``: ``Σ_v S ⊙ G`` per state row, spread
-    evenly over the chunk's rows (the forward reads the rows' maximum of identical entries;
-    phase 1's VJP sums the tile), a partial sum over value tiles.
+    ``g_new = Γ_C G + Q'ᵀ Ō − Wᵀ Ũ̄``. ``d_decay [1, 1]``: ``Σ S ⊙ G`` over the state tile, a
+    partial sum over value tiles.
     """
     g_new, dq, dk, dw, du, dp = delta_backward(q, k, w, u, p, s, do, g, md, sd)
     g_new = g_new + (_row_decay(decay, sd) - 1.0) * g  # Γ_C G instead of G
-    return g_new, dq, dk, dw, du, dp, _decay_cotangent(s, g, q.shape[0], sd)
+    return g_new, dq, dk, dw, du, dp, _decay_cotangent(s, g, sd)
 
 
 def delta_backward(q, k, w, u, p, s, do, g, md, sd):
@@ -134,7 +130,7 @@ def delta_gradients(q, k, w, u, p, s, do, g, md, sd):
 
 def chain_forward(k, w, u, s, md, sd, decay=None):
     """The state chain of one chunk, ``S ← Γ_C S + Kᵀ (U − W S)`` (``Γ_C = 1`` without
-    ``decay [C, K]``): two matmuls."""
+    ``decay [1, 1]``): two matmuls."""
     u_tilde = u.astype(sd) - _dot(w, s, _NN, md, sd)  # Ũ = U − W S
     if decay is not None:
         s = _row_decay(decay, sd) * s
@@ -145,7 +141,7 @@ def chain_map(k, w, md, sd, decay=None):
     """The linear part of one chunk's state chain, ``M = Γ_C I − Kᵀ W`` ``[K, K]``."""
     m = -_dot(k, w, _TN, md, sd)
     eye = _iota(m.shape, 0) == _iota(m.shape, 1)
-    gamma = 1.0 if decay is None else _row_decay(decay, sd)  # [K, 1]: Γ_C on row i
+    gamma = 1.0 if decay is None else _row_decay(decay, sd)  # [1, 1]: Γ_C
     return m + jnp.where(eye, gamma, 0.0)
 
 
@@ -186,12 +182,12 @@ def chain_backward(q, k, w, p, do, g, md, sd, decay=None):
 
 def chunk_gradients(q, k, w, u, p, s, do, g, md, sd, decay=None):
     """One chunk's operand cotangents (:func:`delta_gradients`), exact over the whole value
-    dimension; with ``decay`` also ``d_decay [C, K]``, ``Σ_v S ⊙ G`` per state row spread
-    evenly over the chunk's rows (as in :func:`gated_delta_backward`)."""
+    dimension; with ``decay`` also ``d_decay [1, 1]``, ``Σ S ⊙ G`` (as in
+    :func:`gated_delta_backward`)."""
     grads = delta_gradients(q, k, w, u, p, s, do, g, md, sd)
     if decay is None:
         return grads
-    return *grads, _decay_cotangent(s, g, q.shape[0], sd)
+    return *grads, _decay_cotangent(s, g, sd)
 
 
 def sum_forward(q, k, v, s, md, sd):
@@ -245,7 +241,7 @@ def wy_chunk(q, k, v, beta_col, beta_row, sd, g_col=None, g_row=None):
         W = T diag(βΓ) K,   U = T diag(β) V,   P = Q Kᵀ ⊙ D
 
     Returns ``(W, U, P)``, or for the gated rule ``(Q', K', W, U, P, decay)`` with
-    ``Q' = diag(Γ) Q``, ``K' = diag(Γ_C / Γ) K`` and the chunk decay ``Γ_C`` tiled ``[C, K]``.
+    ``Q' = diag(Γ) Q``, ``K' = diag(Γ_C / Γ) K`` and the chunk decay ``Γ_C`` ``[1, 1]``.
     """
     c = k.shape[0]
     rows, cols = _iota((c, c), 0), _iota((c, c), 1)
@@ -266,8 +262,8 @@ def wy_chunk(q, k, v, beta_col, beta_row, sd, g_col=None, g_row=None):
     p = jnp.where(rows >= cols, scores, 0.0)
     if g_col is None:
         return w, u, p
-    g_last = jnp.sum(jnp.where(cols == c - 1, g_row, 0.0), axis=1, keepdims=True)  # [1, 1]
+    last = _iota((1, c), 1) == c - 1
+    g_last = jnp.sum(jnp.where(last, g_row, 0.0), axis=1, keepdims=True)  # [1, 1]
     q_decayed = jnp.exp(g_col) * q.astype(sd)
     k_decayed = jnp.exp(g_last - g_col) * k.astype(sd)
-    chunk_decay = jnp.broadcast_to(jnp.exp(g_last), k.shape).astype(sd)
-    return q_decayed, k_decayed, w, u, p, chunk_decay
+    return q_decayed, k_decayed, w, u, p, jnp.exp(g_last).astype(sd)

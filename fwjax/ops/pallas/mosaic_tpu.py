@@ -46,6 +46,12 @@ def _block_spec(kind: Kind, d: Dims, reverse: bool) -> pl.BlockSpec:
         )
     if kind is Kind.MAPS:
         return pl.BlockSpec((None, None, None, d.k, d.k), lambda b, h, j, n: (b, h, chunk(n), 0, 0))
+    if kind is Kind.CHUNK_SCALAR:
+        return pl.BlockSpec((None, None, None, 1, 1), lambda b, h, j, n: (b, h, chunk(n), 0, 0))
+    if kind is Kind.PARTIAL_SCALAR:
+        return pl.BlockSpec(
+            (None, None, None, None, 1, 1), lambda b, h, j, n: (j, b, h, chunk(n), 0, 0)
+        )
     if kind is Kind.PARTIAL_KEY:
         return pl.BlockSpec((None, None, None, d.c, d.k), lambda b, h, j, n: (j, b, h, chunk(n), 0))
     if kind is Kind.PARTIAL_CHUNK:

@@ -34,7 +34,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fwjax.ops.pallas import PallasBackend, PallasChain, flat, run_chunk_map, run_chunk_scan, unflat
+from fwjax.ops.pallas import (
+    PallasBackend,
+    PallasChain,
+    flat,
+    run_chunk_map,
+    run_chunk_scan,
+    unflat,
+    unflat_operand,
+)
 from fwjax.ops.pallas import chunk_math as cm
 from fwjax.ops.pallas.scan_spec import ChunkMap, ChunkScan, Kind, Operand
 from fwjax.ops.state_split import incoming_carries
@@ -169,7 +177,8 @@ def phase1(rule, cfg, xs, sd) -> tuple:
 
     spec = ChunkMap(f"{rule.name}_wy", inputs, outputs, terms)
     flat_inputs = (flat(q), flat(k), flat(v), *columns, *rows)
-    return tuple(unflat(x, c) for x in run_chunk_map(spec, *flat_inputs, cfg=cfg))
+    results = run_chunk_map(spec, *flat_inputs, cfg=cfg)
+    return tuple(unflat_operand(x, op.kind, c) for x, op in zip(results, outputs, strict=True))
 
 
 def forward(rule, cfg, xs, s0):
@@ -281,4 +290,5 @@ def backward(rule, cfg, xs, states, d_o, d_s):
         fn=gradients,
     )
     grads = run_chunk_map(grads_map, *(ops[n] for n in names), states, gs, do, cfg=cfg)
-    return phase1_vjp(tuple(unflat(g, c) for g in grads)), d_s0
+    grads = (unflat_operand(g, kinds[n], c) for g, n in zip(grads, names, strict=True))
+    return phase1_vjp(tuple(grads)), d_s0

@@ -34,12 +34,14 @@ from fwjax.ops.pallas import (
     PallasBackward,
     PallasSchedule,
     flat,
+    flat_operand,
     from_kernel_layout,
     kernel_config,
     phased,
     run_chunk_scan,
     to_kernel_layout,
     unflat,
+    unflat_operand,
 )
 from fwjax.ops.pallas import chunk_math as cm
 from fwjax.ops.pallas.scan_spec import ChunkScan, Kind, Operand
@@ -50,6 +52,7 @@ _COTANGENT_KIND = {
     Kind.SEQ_KEY: Kind.PARTIAL_KEY,
     Kind.SEQ_CHUNK: Kind.PARTIAL_CHUNK,
     Kind.SEQ_VALUE: Kind.SEQ_VALUE,
+    Kind.CHUNK_SCALAR: Kind.PARTIAL_SCALAR,
 }
 
 
@@ -83,11 +86,14 @@ class KernelRule:
     phased: bool = False
 
     def cast_operands(self, operands, md, sd) -> list:
-        """The phase-1 operands, flattened to ``[B·H, N·C, .]``, in the matmul dtype ``md``
-        (those of ``exact_operands`` in the state dtype ``sd``)."""
-        names = [name for name, _ in self.operands]
+        """The phase-1 operands, flattened to ``[B, H, N·C, .]`` (per-chunk kinds stay
+        ``[B, H, N, ., .]``), in the matmul dtype ``md`` (those of ``exact_operands`` in the
+        state dtype ``sd``)."""
         dtype = lambda name: sd if name in self.exact_operands else md
-        return [flat(x).astype(dtype(n)) for n, x in zip(names, operands, strict=True)]
+        return [
+            flat_operand(x, kind).astype(dtype(n))
+            for (n, kind), x in zip(self.operands, operands, strict=True)
+        ]
 
 
 def _forward_spec(rule: KernelRule, cfg: KernelConfig, sd, save_states: bool) -> ChunkScan:
@@ -167,7 +173,7 @@ def _kernel_op_bwd(rule, cfg, residuals, cotangents):
     flat_operands = rule.cast_operands(operands, md, sd)
     *grads, d_s0 = run_chunk_scan(spec, *flat_operands, states, flat(d_o).astype(md), d_s, cfg=cfg)
     grads = [
-        unflat(g.sum(axis=0) if _COTANGENT_KIND[kind] is not kind else g, c)
+        unflat_operand(g.sum(axis=0) if _COTANGENT_KIND[kind] is not kind else g, kind, c)
         for g, (_, kind) in zip(grads, rule.operands, strict=True)
     ]
     return phase1_vjp(tuple(grads)), d_s0
@@ -217,7 +223,7 @@ DELTA_OPERANDS = (
     ("u", Kind.SEQ_VALUE),
     ("p", Kind.SEQ_CHUNK),
 )
-DECAY_OPERANDS = (*DELTA_OPERANDS, ("decay", Kind.SEQ_KEY))
+DECAY_OPERANDS = (*DELTA_OPERANDS, ("decay", Kind.CHUNK_SCALAR))
 DECAYS = frozenset({"decay"})  # kept in the state dtype (KernelRule.exact_operands)
 
 
@@ -236,7 +242,7 @@ def packed_kernel_rule(name: str, arrange: Callable) -> KernelRule:
     def phase1(*xs):
         q_e, k_e, w, u, p, total = packed_terms(*arrange(xs))
         w = jnp.zeros_like(k_e) if w is None else w
-        return q_e, k_e, w, u, p, jnp.broadcast_to(total[..., None, None], k_e.shape)
+        return q_e, k_e, w, u, p, total[..., None, None]
 
     return KernelRule(
         name=f"{name}_packed",

@@ -34,8 +34,11 @@ class Kind(enum.Enum):
       STATES: ``[B, H, N, K, V]``; a step sees ``[K, tv]`` of its chunk.
       MAPS: ``[B, H, N, K, K]``, a ``[K, K]`` matrix per chunk (the chain's linear map); a
         step sees its chunk's whole matrix (inputs only).
+      CHUNK_SCALAR: ``[B, H, N, 1, 1]``, one value per chunk (the gated rule's chunk decay
+        ``Γ_C``, kept in the state dtype); a chunk sees ``[1, 1]``.
       PARTIAL_KEY: output ``[nv, B, H, T', K]``, one partial sum per value tile.
       PARTIAL_CHUNK: output ``[nv, B, H, T', C]``.
+      PARTIAL_SCALAR: output ``[nv, B, H, N, 1, 1]``.
     """
 
     SEQ_KEY = "seq_key"
@@ -46,8 +49,10 @@ class Kind(enum.Enum):
     STATE = "state"
     STATES = "states"
     MAPS = "maps"
+    CHUNK_SCALAR = "chunk_scalar"
     PARTIAL_KEY = "partial_key"
     PARTIAL_CHUNK = "partial_chunk"
+    PARTIAL_SCALAR = "partial_scalar"
 
 
 SEQ_KINDS = (
@@ -58,6 +63,8 @@ SEQ_KINDS = (
     Kind.PARTIAL_KEY,
     Kind.PARTIAL_CHUNK,
 )
+# Kinds laid out per chunk ``[B, H, N, ., .]`` rather than per step ``[B, H, N·C, .]``.
+PER_CHUNK_KINDS = (Kind.CHUNK_ROW, Kind.STATES, Kind.MAPS, Kind.CHUNK_SCALAR)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,8 +124,10 @@ class Dims:
             Kind.STATE: (b, h, self.k, self.v),
             Kind.STATES: (b, h, self.n, self.k, self.v),
             Kind.MAPS: (b, h, self.n, self.k, self.k),
+            Kind.CHUNK_SCALAR: (b, h, self.n, 1, 1),
             Kind.PARTIAL_KEY: (self.nv, b, h, t, self.k),
             Kind.PARTIAL_CHUNK: (self.nv, b, h, t, self.c),
+            Kind.PARTIAL_SCALAR: (self.nv, b, h, self.n, 1, 1),
         }[kind]
 
 
@@ -126,7 +135,7 @@ def dims_of(spec: ChunkScan, args, c: int, tv: int) -> Dims:
     """Reads the sizes from the arguments (validated against each operand's kind)."""
     shapes = {op.kind: a.shape for op, a in zip(spec.inputs, args, strict=True)}
     b, h, k, v = shapes[Kind.STATE]
-    per_chunk = (s[2] * c for kind, s in shapes.items() if kind in (Kind.STATES, Kind.MAPS))
+    per_chunk = (s[2] * c for kind, s in shapes.items() if kind in PER_CHUNK_KINDS)
     t = next((s[2] for kind, s in shapes.items() if kind in SEQ_KINDS), None)
     t = next(per_chunk) if t is None else t  # a chain over per-chunk terms only
     if t % c:
@@ -175,6 +184,7 @@ MAP_KINDS = (
     Kind.CHUNK_ROW,
     Kind.STATES,
     Kind.MAPS,
+    Kind.CHUNK_SCALAR,
 )
 
 
@@ -212,6 +222,8 @@ def map_block_spec(kind: Kind, d: Dims):
         return pl.BlockSpec((None, None, None, d.k, d.v), lambda b, h, n: (b, h, n, 0, 0))
     if kind is Kind.MAPS:
         return pl.BlockSpec((None, None, None, d.k, d.k), lambda b, h, n: (b, h, n, 0, 0))
+    if kind is Kind.CHUNK_SCALAR:
+        return pl.BlockSpec((None, None, None, 1, 1), lambda b, h, n: (b, h, n, 0, 0))
     raise ValueError(f"operand kind {kind!r} is not a ChunkMap kind")
 
 

@@ -51,6 +51,10 @@ def _block_spec(kind: Kind, d: Dims) -> pl.BlockSpec:
         return pl.BlockSpec((None, None, d.n, d.k, d.tv), lambda b, h, j: (b, h, 0, 0, j))
     if kind is Kind.MAPS:
         return pl.BlockSpec((None, None, d.n, d.k, d.k), lambda b, h, j: (b, h, 0, 0, 0))
+    if kind is Kind.CHUNK_SCALAR:
+        return pl.BlockSpec((None, None, d.n, 1, 1), lambda b, h, j: (b, h, 0, 0, 0))
+    if kind is Kind.PARTIAL_SCALAR:
+        return pl.BlockSpec((None, None, None, d.n, 1, 1), lambda b, h, j: (j, b, h, 0, 0, 0))
     if kind is Kind.PARTIAL_KEY:
         return pl.BlockSpec((None, None, None, t, d.k), lambda b, h, j: (j, b, h, 0, 0))
     if kind is Kind.PARTIAL_CHUNK:
@@ -71,13 +75,13 @@ def _kernel(*refs, spec: ChunkScan, d: Dims):
         rows = pl.ds(pl.multiple_of(n * d.c, d.c), d.c)
         values = {}
         for op in spec.inputs:
-            if op.kind in (Kind.STATES, Kind.MAPS):
+            if op.kind in (Kind.STATES, Kind.MAPS, Kind.CHUNK_SCALAR):
                 values[op.name] = ins[op.name][n, :, :]
             elif op.kind is not Kind.STATE:
                 values[op.name] = ins[op.name][rows, :]
         carry, results = spec.step(values, carry)
         for op in spec.outputs:
-            if op.kind is Kind.STATES:
+            if op.kind in (Kind.STATES, Kind.PARTIAL_SCALAR):
                 outs[op.name][n, :, :] = results[op.name].astype(op.dtype)
             elif op.kind is not Kind.STATE:
                 outs[op.name][rows, :] = results[op.name].astype(op.dtype)
