@@ -165,8 +165,10 @@ def phase1(rule, cfg, xs, sd) -> tuple:
         *(Operand(n, Kind.SEQ_SCALAR) for n in names[0]),
         *(Operand(n, Kind.CHUNK_ROW) for n in names[1]),
     )
-    kinds = dict(rule.operands)
-    outputs = tuple(Operand(n, kinds[n], sd) for n, _ in rule.operands)
+    # Written in the dtype the kernels read them in (the matmul dtype; the decay in sd), so
+    # no separate cast pass follows.
+    dtype = lambda name: sd if name in rule.exact_operands else cfg.matmul_dtype
+    outputs = tuple(Operand(n, kind, dtype(n)) for n, kind in rule.operands)
 
     def terms(x):
         gated = {"g_col": x["g_col"], "g_row": x["g_row"]} if gate else {}
