@@ -181,9 +181,9 @@ def _jax_op(impl: str, smoke: bool):
     from fwjax.ops.pallas import PallasBackward, PallasChain, PallasOptions, PallasSchedule
 
     chunk = 16 if smoke else 64
+    segments = int(impl.rsplit("_split", 1)[1]) if "_split" in impl else None
     if impl.startswith("fwjax_gated"):
         kind = Impl.PALLAS if impl.startswith("fwjax_gated_pallas") else Impl.CHUNKED
-        segments = int(impl.rsplit("_split", 1)[1]) if "_split" in impl else None
         phased = None
         if "_phased" in impl:
             chain = PallasChain.AFFINE if impl.endswith("_affine") else PallasChain.UPDATE
@@ -208,7 +208,6 @@ def _jax_op(impl: str, smoke: bool):
 
         return gated
     pallas = None
-    segments = int(impl.rsplit("_split", 1)[1]) if "_split" in impl else None
     if impl.startswith("fwjax_chunked_split"):
         kind = Impl.CHUNKED
     elif impl.startswith("fwjax_pallas"):

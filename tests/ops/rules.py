@@ -123,11 +123,11 @@ GATED_NEG = Rule("gated_neg", has_beta=True, has_alpha=True, beta_offset=1.0)
 DELTA_SPLIT = Rule("delta_split", has_beta=True, state_segments=2)
 GATED_SPLIT = Rule("gated_split", has_beta=True, has_alpha=True, state_segments=2)
 SPLIT_RULES = (DELTA_SPLIT, GATED_SPLIT)
-# PALLAS with the phased schedule (chain kernels + kernels parallel over chunks), its chains
-# split into 2 segments (T 37: 3 chunks padded to 4; T 1: one chunk, no split). The unsplit
-# phased chains run in tests/ops/test_pallas.py's option tests.
+# PALLAS with the phased schedule (chain kernels + kernels parallel over chunks); the gated
+# rule's chains split into 2 segments (T 37: 3 chunks padded to 4; T 1: one chunk, no split).
+# The unsplit gated and the split delta chains run in tests/ops/test_pallas.py.
 _PHASED = PallasOptions(schedule=PallasSchedule.PHASED)
-DELTA_PHASED = Rule("delta_phased", has_beta=True, state_segments=2, pallas=_PHASED)
+DELTA_PHASED = Rule("delta_phased", has_beta=True, pallas=_PHASED)
 GATED_PHASED = Rule("gated_phased", has_beta=True, has_alpha=True, state_segments=2, pallas=_PHASED)
 PHASED_RULES = (DELTA_PHASED, GATED_PHASED)
 

@@ -99,7 +99,7 @@ TPU = PallasBackend.MOSAIC_TPU
 @pytest.mark.parametrize(
     ("rule", "options", "segments"),
     [
-        (DELTA, PallasOptions(schedule=PHASED, value_block=16), 2),
+        (DELTA, PallasOptions(schedule=PHASED, value_block=16), 3),
         (GATED, PallasOptions(schedule=PHASED, value_block=16), None),
         (DELTA, PallasOptions(schedule=PHASED, backend=TPU), None),
         (GATED, PallasOptions(schedule=PHASED, backward=PallasBackward.XLA), None),
@@ -120,9 +120,12 @@ def test_phased_schedule_options(rule, options, segments):
     tiles of 16; the parallel kernels take the whole V), on the TPU kernel family, with the XLA
     backward fed the states the chain kernel saved (in the matmul dtype), with the affine
     chain ``S ← M S + B`` (``PallasChain.AFFINE``), and with the split state scan
-    (``state_segments``, 2 segments: the widened carry ``[E | Φ]`` in value tiles, and as one
-    whole block on the TPU kernels; the parity suite's phased rules split 3 chunks into 2)."""
-    case = Case(b=1, t=24, h=2, k=8, v=40, chunk=16) if options.value_block else SMALL
+    (``state_segments``: 3 chunks in 3 segments with the widened carry ``[E | Φ]`` in value
+    tiles; 3 chunks in 2 segments, padded to 4, on the TPU kernels (one whole block); the
+    parity suite's gated phased rule splits too)."""
+    case = SMALL
+    if options.value_block:
+        case = Case(b=1, t=40 if segments else 24, h=2, k=8, v=40, chunk=16)
     split = dataclasses.replace(rule, state_segments=segments)
     _compare(split, case, jnp.float32, options, reference=rule)
 
@@ -136,6 +139,9 @@ def test_split_state_scan_sizes():
     assert config(phased, *shape, state_segments=8).tiling[4:] == (128, 8)
     assert config(phased, *shape).tiling[4:] == (128, 1)
     assert config(PallasOptions(), *shape, state_segments=8).tiling[4:] == (128, 1)  # FUSED
+    # B·H 16: the chain's 16·4 programs need value tiles of 16; split in 8 they need none.
+    assert config(phased, 8192, 64, 64, 64, 16).tiling.value_block == 16
+    assert config(phased, 8192, 64, 64, 64, 16, state_segments=8).tiling.value_block == 64
     # 9 chunks asked for 8 segments: 5 segments of 2 (one no-op chunk), not 16 chunks.
     assert config(phased, 9 * 16, 64, 64, 16, 2, state_segments=8).tiling[4:] == (10, 5)
 
@@ -181,8 +187,9 @@ def test_kernels_lower_for_gpu_and_tpu_on_this_machine(monkeypatch, platform, ba
         ),
         "sum_rule": lambda p, n, *a: sum_rule(*a, None, 0.25, pallas=p, **kw),
     }
-    # The affine chain also runs split in 2 segments (the split's widened chain kernels).
-    variants = [(PallasSchedule.FUSED, PallasChain.UPDATE, 1), (PHASED, PallasChain.UPDATE, 1)]
+    # The phased chains split in 2 segments: the widened chain kernels, and the plain ones
+    # (each segment rerun from its true start).
+    variants = [(PallasSchedule.FUSED, PallasChain.UPDATE, 1), (PHASED, PallasChain.UPDATE, 2)]
     variants.append((PHASED, AFFINE, 2))
     for name, op in ops.items():
         # The sum rule has only the FUSED kernels (PHASED runs them too).

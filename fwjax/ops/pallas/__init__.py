@@ -262,6 +262,8 @@ def kernel_config(
     tiling = tiling_fn(t, k, v, chunk_size, programs, options)
     if state_segments and options.schedule is PallasSchedule.PHASED:
         p = resolve_segments(state_segments, tiling.chunks)
+        # The chains run P× the programs: the value tile need not shrink as far for them.
+        tiling = tiling_fn(t, k, v, chunk_size, programs * p, options)
         tiling = tiling._replace(chunks=-(-tiling.chunks // p) * p, segments=p)
     return KernelConfig(
         backend,
@@ -335,8 +337,6 @@ def unflat(x: jax.Array, c: int) -> jax.Array:
 def flat_operand(x: jax.Array, kind) -> jax.Array:
     """:func:`flat` for an operand laid out per step; per-chunk kinds
     (:data:`fwjax.ops.pallas.scan_spec.PER_CHUNK_KINDS`) pass as they are."""
-    from fwjax.ops.pallas.scan_spec import PER_CHUNK_KINDS
-
     return x if kind in PER_CHUNK_KINDS else flat(x)
 
 

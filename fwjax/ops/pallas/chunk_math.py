@@ -59,8 +59,9 @@ def _iota(shape, axis):
     return jax.lax.broadcasted_iota(jnp.int32, shape, axis)
 
 
-def _row_decay(decay, sd):
-    """``Γ_C`` as a ``[1, 1]`` factor of the state (the chunk's ``CHUNK_SCALAR`` block)."""
+def _chunk_decay(decay, sd):
+    """``Γ_C`` as a ``[1, 1]`` factor of the state (the chunk's ``CHUNK_SCALAR`` block) in
+    the state dtype."""
     return decay.astype(sd)
 
 
@@ -77,7 +78,7 @@ def delta_forward(q, k, w, u, p, s, md, sd, decay=None):
     u_tilde = u.astype(sd) - _dot(w, s, _NN, md, sd)  # Ũ = U − W S
     o = _dot(q, s, _NN, md, sd) + _dot(p, u_tilde, _NN, md, sd)  # O = Q S + P Ũ
     if decay is not None:
-        s = _row_decay(decay, sd) * s  # Γ_C S
+        s = _chunk_decay(decay, sd) * s  # Γ_C S
     return o, s + _dot(k, u_tilde, _TN, md, sd)  # S ← S + Kᵀ Ũ
 
 
@@ -96,7 +97,7 @@ def gated_delta_backward(q, k, w, u, p, decay, s, do, g, md, sd):
     partial sum over value tiles.
     """
     g_new, dq, dk, dw, du, dp = delta_backward(q, k, w, u, p, s, do, g, md, sd)
-    g_new = g_new + (_row_decay(decay, sd) - 1.0) * g  # Γ_C G instead of G
+    g_new = g_new + (_chunk_decay(decay, sd) - 1.0) * g  # Γ_C G instead of G
     return g_new, dq, dk, dw, du, dp, _decay_cotangent(s, g, sd)
 
 
@@ -133,7 +134,7 @@ def chain_forward(k, w, u, s, md, sd, decay=None):
     ``decay [1, 1]``): two matmuls."""
     u_tilde = u.astype(sd) - _dot(w, s, _NN, md, sd)  # Ũ = U − W S
     if decay is not None:
-        s = _row_decay(decay, sd) * s
+        s = _chunk_decay(decay, sd) * s
     return s + _dot(k, u_tilde, _TN, md, sd)
 
 
@@ -141,7 +142,7 @@ def chain_map(k, w, md, sd, decay=None):
     """The linear part of one chunk's state chain, ``M = Γ_C I − Kᵀ W`` ``[K, K]``."""
     m = -_dot(k, w, _TN, md, sd)
     eye = _iota(m.shape, 0) == _iota(m.shape, 1)
-    gamma = 1.0 if decay is None else _row_decay(decay, sd)  # [1, 1]: Γ_C
+    gamma = 1.0 if decay is None else _chunk_decay(decay, sd)  # [1, 1]: Γ_C
     return m + jnp.where(eye, gamma, 0.0)
 
 
@@ -176,7 +177,7 @@ def chunk_output(q, w, u, p, s, md, sd):
 def chain_backward(q, k, w, p, do, g, md, sd, decay=None):
     """The cotangent chain of one chunk, ``G ← Γ_C G + Qᵀ Ō − Wᵀ (Pᵀ Ō + K G)``."""
     du = _dot(p, do, _TN, md, sd) + _dot(k, g, _NN, md, sd)  # Ũ̄
-    decayed = g if decay is None else _row_decay(decay, sd) * g
+    decayed = g if decay is None else _chunk_decay(decay, sd) * g
     return decayed + _dot(q, do, _TN, md, sd) - _dot(w, du, _TN, md, sd)
 
 

@@ -59,8 +59,9 @@ def _operands(rule, cfg, terms, sd) -> tuple[dict, dict, tuple[str, ...]]:
 def _run_chain(name, chain_in, step, carry, emitted, cfg, reverse=False):
     """A sequential chain kernel: ``chain_in`` maps each operand's name to ``(kind, array)``;
     ``step(values, carry) -> (carry, {emitted: value})`` with the carry in ``carry``'s dtype and
-    the per-chunk ``emitted`` value saved in the matmul dtype (not at all when ``emitted`` is
-    None). Returns ``(final carry, emitted [B, H, N, K, V])``."""
+    the per-chunk ``emitted`` value saved in the matmul dtype. Returns ``(final carry,
+    emitted [B, H, N, K, V])``, or ``(final carry,)`` when ``emitted`` is None (nothing
+    saved)."""
     saved = () if emitted is None else (Operand(emitted, Kind.STATES, cfg.matmul_dtype),)
     spec = ChunkScan(
         name,
@@ -76,7 +77,10 @@ def _run_chain(name, chain_in, step, carry, emitted, cfg, reverse=False):
     return run_chunk_scan(spec, *(x for _, x in chain_in.values()), carry, cfg=cfg)
 
 
-# Operand kinds whose last axis is the state's value axis (the chain is linear in them).
+# Operand kinds whose last axis is the state's value axis: the chains take them as additive
+# terms column by column, independent of the carry (U, Ō, B, H), so zero columns of them leave
+# the carry's matching columns evolving by the chain's linear part alone. An operand on the
+# value axis that multiplied the carry would break the split's widened pass.
 _VALUE_KINDS = (Kind.SEQ_VALUE, Kind.STATES)
 
 
@@ -167,8 +171,9 @@ def phase1(rule, cfg, xs, sd) -> tuple:
     )
     # Written in the dtype the kernels read them in (the matmul dtype; the decay in sd), so
     # no separate cast pass follows.
-    dtype = lambda name: sd if name in rule.exact_operands else cfg.matmul_dtype
-    outputs = tuple(Operand(n, kind, dtype(n)) for n, kind in rule.operands)
+    outputs = tuple(
+        Operand(n, kind, rule.operand_dtype(n, cfg.matmul_dtype, sd)) for n, kind in rule.operands
+    )
 
     def terms(x):
         gated = {"g_col": x["g_col"], "g_row": x["g_row"]} if gate else {}

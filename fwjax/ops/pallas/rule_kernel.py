@@ -89,11 +89,15 @@ class KernelRule:
         """The phase-1 operands, flattened to ``[B, H, N·C, .]`` (per-chunk kinds stay
         ``[B, H, N, ., .]``), in the matmul dtype ``md`` (those of ``exact_operands`` in the
         state dtype ``sd``)."""
-        dtype = lambda name: sd if name in self.exact_operands else md
         return [
-            flat_operand(x, kind).astype(dtype(n))
+            flat_operand(x, kind).astype(self.operand_dtype(n, md, sd))
             for (n, kind), x in zip(self.operands, operands, strict=True)
         ]
+
+    def operand_dtype(self, name, md, sd):
+        """The dtype the kernels read operand ``name`` in: ``sd`` for ``exact_operands``,
+        else ``md``."""
+        return sd if name in self.exact_operands else md
 
 
 def _forward_spec(rule: KernelRule, cfg: KernelConfig, sd, save_states: bool) -> ChunkScan:

@@ -160,8 +160,8 @@ class ChunkMap:
     Each program sees its chunk's blocks over the whole value dimension (``tv = V``: operands
     that contract over ``V`` are complete in one program, no partial sums) and writes its
     chunk's outputs. Input and output kinds: ``SEQ_KEY``, ``SEQ_VALUE``, ``SEQ_CHUNK``,
-    ``SEQ_SCALAR``, ``CHUNK_ROW``, ``STATES`` (the ``[K, V]`` state of the program's chunk) and
-    ``MAPS``.
+    ``SEQ_SCALAR``, ``CHUNK_ROW``, ``STATES`` (the ``[K, V]`` state of the program's chunk),
+    ``MAPS`` and ``CHUNK_SCALAR``.
 
     Attributes:
       name: kernel name (shows in profiles).

@@ -27,6 +27,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from fwjax.ops.pallas.scan_spec import (
+    PER_CHUNK_KINDS,
     ChunkMap,
     ChunkScan,
     Dims,
@@ -75,7 +76,7 @@ def _kernel(*refs, spec: ChunkScan, d: Dims):
         rows = pl.ds(pl.multiple_of(n * d.c, d.c), d.c)
         values = {}
         for op in spec.inputs:
-            if op.kind in (Kind.STATES, Kind.MAPS, Kind.CHUNK_SCALAR):
+            if op.kind in PER_CHUNK_KINDS:
                 values[op.name] = ins[op.name][n, :, :]
             elif op.kind is not Kind.STATE:
                 values[op.name] = ins[op.name][rows, :]
