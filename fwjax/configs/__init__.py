@@ -8,7 +8,8 @@ Families (see ``experiments/README.md`` for the results each one gives):
 
 - ``retrieval_delta``: the paper's synthetic update task (the quickstart's main job).
 - ``retrieval_paper``: the paper's synthetic retrieval protocol (``experiments.synthetic``).
-- ``recall_mqar_delta``: an MQAR point of ``experiments.recall`` (the recall task).
+- ``recall_mqar_delta``: a point of ``experiments.recall_zoology`` (MQAR under Zoology's
+  protocol, the delta rule; the recall task).
 - ``lm_tiny``: a small byte-level LM on generated text (no download).
 - ``shakespeare_char_{variant}``: char-level Tiny Shakespeare at nanoGPT's baby-model budget;
   ``shakespeare_char_long_*`` and ``shakespeare_char_long_rotary_*`` at context 256.

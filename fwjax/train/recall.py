@@ -12,9 +12,10 @@ resume, the non-finite guard) as :class:`fwjax.train.tasks.RecallTrainTask`;
 
 Usage::
 
-    task = MQARTask(num_pairs=16, num_distractors=16)
-    cfg = ModelConfig(vocab_size=task.vocab_size, d_model=64, num_layers=2, num_heads=2,
-                      d_ff=128, layer_kinds=(AttentionKind.SOFTMAX,) * 2, positional=True)
+    task = ZoologyMQARTask(vocab_size=1024, length=64, num_pairs=16)
+    cfg = ModelConfig(vocab_size=task.vocab_size, d_model=64, num_heads=2, d_ff=0,
+                      layer_kinds=(AttentionKind.BASE_CONV, AttentionKind.SOFTMAX),
+                      positional=Positional.NONE, max_len=task.length)
     result = run_recall(recall_train_config(task, cfg, {"steps": 500}))
     result.accuracy, result.hop_accuracy
 """
@@ -51,8 +52,9 @@ def recall_train_config(
     """The training config of ``model_config`` on ``task`` under a protocol config file.
 
     The protocol is ``base`` (a shipped config name or a TOML path; the default,
-    ``fwjax/configs/recall_mqar_delta.toml``, is the recall sweep's: AdamW 3e-3 with warmup and
-    cosine decay, clipping at 1, 900 steps of 16 sequences, 256 evaluation sequences): its
+    ``fwjax/configs/recall_mqar_delta.toml``, is the recall experiments' recipe: AdamW 3e-3 with
+    100 warmup steps, cosine decay to 0.1×, weight decay 0.1, clipping at 1, 2000 steps of 64
+    sequences, 512 evaluation sequences): its
     ``[recall]`` task and model are replaced by ``task`` and ``model_config``, then ``fields``
     are set as :func:`~fwjax.train.config_io.with_overrides` sets them, e.g.
     ``{"steps": 2000, "seed": 1, "optimizer.learning_rate": 1e-3}``.

@@ -1,19 +1,17 @@
-"""The recall sweep runner (experiments.recall) and its training loop (fwjax.train.recall):
-one tiny point end to end, outputs written, resumption skips finished points."""
+"""The recall tasks' training loop (fwjax.train.recall): its config from the protocol file,
+the answer metrics, and the deprecated wrapper."""
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import recall
+from experiments import recall_zoology
 from fwjax.cli import load_train_config
-from fwjax.data.recall import MQARTask, MultiHopTask
+from fwjax.data.recall import MQARTask, MultiHopTask, ZoologyMQARTask
 from fwjax.nn import ModelConfig
 from fwjax.train.recall import (
     RecallProtocol,
@@ -22,48 +20,8 @@ from fwjax.train.recall import (
     train_recall,
 )
 
-TINY = recall.Scale(
-    d_model=8,
-    num_layers=1,
-    multihop_layers=1,
-    num_heads=1,
-    d_ff=8,
-    steps=2,
-    batch_size=2,
-    eval_sequences=2,
-)
 
-
-@pytest.mark.slow  # ~15 s of compiling; the generators and metrics keep default-suite tests
-def test_a_tiny_point_end_to_end_and_resume(tmp_path):
-    points = [recall.Point("multihop", "delta", 1)]
-    out_dir, results = tmp_path / "points", tmp_path
-    records = recall.run_sweep(points, TINY, out_dir=out_dir, results_dir=results, log=_quiet)
-    (record,) = records
-    assert record["length"] == points[0].make_task(TINY).length
-    assert 0.0 <= record["accuracy"] <= 1.0 and record["steps"] == 2
-    assert record["hop1_accuracy"] != "" or record["hop2_accuracy"] != ""
-    stored = json.loads(recall.point_path(out_dir, points[0]).read_text())
-    assert stored["accuracy"] == record["accuracy"]
-    with (results / "recall.csv").open() as f:
-        rows = list(csv.DictReader(f))
-    assert [r["variant"] for r in rows] == ["delta"]
-    assert "| T | size | delta |" in (results / "recall.md").read_text()
-    assert (results / "recall.png").stat().st_size > 0
-    # Resume: the finished point is skipped (its file is untouched).
-    mtime = recall.point_path(out_dir, points[0]).stat().st_mtime_ns
-    lines = []
-    recall.run_sweep(points, TINY, out_dir=out_dir, results_dir=results, log=_collect(lines))
-    assert "1 of 1 points done, 0 to run" in lines[0]
-    assert recall.point_path(out_dir, points[0]).stat().st_mtime_ns == mtime
-
-
-def test_sweep_covers_every_variant_and_point_validation():
-    points = recall.sweep(recall.TASKS, quick=False)
-    assert {p.variant for p in points} == set(recall.VARIANTS)
-    assert len({p.name for p in points}) == len(points)
-    with pytest.raises(ValueError, match="variant='nope'"):
-        recall.Point("mqar", "nope", 4)
+def test_recall_train_config_validates_the_task_and_its_fields():
     task = MQARTask(num_pairs=4)
     cfg = ModelConfig(vocab_size=task.vocab_size, d_model=8, num_layers=1, num_heads=1, d_ff=8)
     with pytest.raises(ValueError, match="eval_batch_size=3 must divide"):
@@ -73,14 +31,17 @@ def test_sweep_covers_every_variant_and_point_validation():
         recall_train_config(task, cfg, {"recall.embedding_std": 0.0})
     with pytest.raises(ValueError, match="vocab_size=8 must be >="):
         recall_train_config(task, dataclasses.replace(cfg, vocab_size=8))
+    with pytest.raises(TypeError, match="is not one of"):
+        recall_train_config("mqar", cfg)
 
 
-def test_the_config_file_is_the_sweeps_point():
-    point = recall.Point("mqar", "delta", 16)
-    task = point.make_task(recall.FULL)
-    model = point.model_config(recall.FULL, task.vocab_size)
-    config = recall_train_config(task, model, recall.FULL.fields(0, "delta"))
-    assert load_train_config("recall_mqar_delta") == config
+def test_the_config_file_is_the_zoology_runners_point():
+    """``fwjax train --config recall_mqar_delta`` trains exactly the runner's point (T 64,
+    16 pairs, d_model 64, the delta rule, lr 3e-3, 2000 steps, seed 0)."""
+    task = ZoologyMQARTask(vocab_size=recall_zoology.VOCAB, length=64, num_pairs=16)
+    model = recall_zoology.model_config("delta", 64, 64)
+    fields = recall_zoology.training_fields(2000, 3e-3, 0)
+    assert load_train_config("recall_mqar_delta") == recall_train_config(task, model, fields)
 
 
 # ~8 s; a deprecated wrapper of run_recall, which the default suite covers directly.
@@ -113,11 +74,3 @@ def test_answer_metrics_count_only_masked_positions_per_hop():
     assert float(m["count"]) == 3 and float(m["correct"]) == 2
     np.testing.assert_array_equal(m["hop_correct"], [1, 1])
     np.testing.assert_array_equal(m["hop_count"], [1, 2])
-
-
-def _quiet(*args, **kwargs):
-    pass
-
-
-def _collect(lines):
-    return lambda msg, **kwargs: lines.append(msg)
