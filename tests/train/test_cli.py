@@ -47,7 +47,8 @@ TINY_CHAR_LM = [
 
 def _env(**extra) -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-    env.pop("XLA_FLAGS", None)  # one device, like a user's laptop
+    # One device, like a user's laptop; compiled without LLVM optimisations (tests/conftest.py).
+    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
     env.pop("FWJAX_DEBUG", None)
     return {**env, **extra}
 

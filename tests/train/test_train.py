@@ -197,7 +197,8 @@ def _cli(workdir, steps, every):
 
 def _env():
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-    env.pop("XLA_FLAGS", None)  # one device, like a user's laptop
+    # One device, like a user's laptop; compiled without LLVM optimisations (tests/conftest.py).
+    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
     return env
 
 
@@ -312,7 +313,8 @@ def test_two_processes_train_in_lockstep(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(
         "import os, sys, json\n"
-        "os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'\n"
+        "os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2 "
+        "--xla_backend_optimization_level=0'\n"
         "import numpy as np\n"
         "from fwjax.cli import load_train_config\n"
         "from fwjax.data import text\n"
