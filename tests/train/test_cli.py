@@ -16,6 +16,7 @@ import pytest
 
 from fwjax.cli import main
 from fwjax.train.metrics import read_metrics
+from tests.xla_flags import FAST_COMPILE
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -47,8 +48,7 @@ TINY_CHAR_LM = [
 
 def _env(**extra) -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-    # One device, like a user's laptop; compiled without LLVM optimisations (tests/conftest.py).
-    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
+    env["XLA_FLAGS"] = FAST_COMPILE  # one device, like a user's laptop
     env.pop("FWJAX_DEBUG", None)
     return {**env, **extra}
 

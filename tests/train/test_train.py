@@ -20,6 +20,7 @@ from fwjax.cli import CONFIG_DIRS, load_train_config, main
 from fwjax.train import NonFiniteLossError, Run, TrainConfig, train
 from fwjax.train.config_io import structure, unstructure
 from fwjax.train.metrics import read_metrics
+from tests.xla_flags import FAST_COMPILE
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -197,8 +198,7 @@ def _cli(workdir, steps, every):
 
 def _env():
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-    # One device, like a user's laptop; compiled without LLVM optimisations (tests/conftest.py).
-    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
+    env["XLA_FLAGS"] = FAST_COMPILE  # one device, like a user's laptop
     return env
 
 
@@ -313,8 +313,7 @@ def test_two_processes_train_in_lockstep(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(
         "import os, sys, json\n"
-        "os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2 "
-        "--xla_backend_optimization_level=0'\n"
+        f"os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2 {FAST_COMPILE}'\n"
         "import numpy as np\n"
         "from fwjax.cli import load_train_config\n"
         "from fwjax.data import text\n"
