@@ -12,6 +12,7 @@ again, so a resumed run saves its retrained state there.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import shutil
@@ -80,6 +81,53 @@ def _captured_stderr():
                     sys.stderr.flush()
 
 
+class _FailedReadNoise(logging.Filter):
+    """Silences the after-effects of failed reads of checkpoints that were set aside.
+
+    When one array of a checkpoint cannot be read, Orbax re-raises the first failure; what is
+    left behind reports itself later, at times that depend on thread scheduling and garbage
+    collection, possibly after the restore has returned:
+
+    - asyncio logs each other read task's exception ("Task exception was never retrieved", with a
+      traceback) when the task is collected; as a filter on the ``asyncio`` logger, this demotes
+      such records to DEBUG on this module's logger when they name a set-aside checkpoint;
+    - TensorStore's callbacks on Orbax's closed event loop raise "Event loop is closed" into
+      :func:`sys.unraisablehook`; as that hook (installed on the first failed read), this
+      drops them once a read has failed and passes everything else to the previous hook.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.paths: set[str] = set()
+        self.previous_hook = None
+
+    def watch(self, checkpoint: Path) -> None:
+        """Silences the noise of failed reads of ``checkpoint`` (a step folder)."""
+        self.paths.update({str(checkpoint), str(checkpoint.resolve())})
+        logging.getLogger("asyncio").addFilter(self)  # no-op if already there
+        if sys.unraisablehook != self.unraisablehook:  # not yet, or replaced since
+            self.previous_hook, sys.unraisablehook = sys.unraisablehook, self.unraisablehook
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.getMessage().startswith("Task exception was never retrieved"):
+            return True
+        error = record.exc_info[1] if record.exc_info else None
+        if not any(f"{path}/" in str(error) for path in self.paths):
+            return True
+        log.debug("discarded the exception of a failed checkpoint read task: %s", error)
+        return False
+
+    def unraisablehook(self, unraisable) -> None:
+        error = unraisable.exc_value
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            log.debug("discarded a TensorStore callback on the closed event loop of a failed read")
+            return
+        self.previous_hook(unraisable)
+
+
+_failed_read_noise = _FailedReadNoise()
+
+
 def _first_line(error: BaseException, limit: int = 200) -> str:
     text = str(error).strip().splitlines()
     text = text[0] if text else ""
@@ -126,6 +174,7 @@ class Checkpointer:
     def _set_aside(self, step: int, error: BaseException) -> None:
         """Moves the unreadable checkpoint ``step`` into :attr:`corrupt_dir`, warning once."""
         source = self.directory / str(step)
+        _failed_read_noise.watch(source)
         target = self.corrupt_dir / str(step)
         suffix = 1
         while target.exists():
@@ -181,6 +230,7 @@ class Checkpointer:
         finally:
             if set_aside:
                 self.manager.reload()
+                gc.collect()  # the failed reads' tasks, while their noise is known to be noise
 
     def latest_step(self) -> int | None:
         """The newest saved step, or None."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -241,6 +242,53 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert "checkpoint step 8 could not be restored" in warning and "corrupt" in warning
     assert (tmp_path / "corrupt" / "8").is_dir() and not latest.exists()
+
+
+def test_only_the_noise_of_a_set_aside_checkpoints_failed_reads_is_silenced(
+    tmp_path, caplog, monkeypatch
+):
+    """After a failed read, asyncio logs the other read tasks' exceptions when they are collected
+    and TensorStore raises "Event loop is closed" into the unraisable hook, whenever threads and
+    garbage collection get to it; both are silenced for the set-aside checkpoint only."""
+    import asyncio
+    import types
+
+    from fwjax.train.checkpoint import _FailedReadNoise
+
+    passed_on = []
+    monkeypatch.setattr(sys, "unraisablehook", passed_on.append)
+    noise = _FailedReadNoise()
+    noise.watch(tmp_path / "checkpoints" / "4")
+    assert sys.unraisablehook == noise.unraisablehook
+
+    async def read(path):
+        raise ValueError(f'OUT_OF_RANGE: Error reading local file "{path}/state/d/0"')
+
+    def unretrieved_task_failure(path):
+        loop = asyncio.new_event_loop()
+        task = loop.create_task(read(path))
+        loop.run_until_complete(asyncio.sleep(0))
+        loop.close()
+        del task
+        gc.collect()  # asyncio logs "Task exception was never retrieved" here
+
+    try:
+        with caplog.at_level(logging.ERROR, logger="asyncio"):
+            unretrieved_task_failure(tmp_path / "checkpoints" / "4")
+            assert not caplog.records
+            unretrieved_task_failure(tmp_path / "checkpoints" / "2")  # not set aside: logged
+            (record,) = caplog.records
+            assert record.getMessage().startswith("Task exception was never retrieved")
+            logging.getLogger("asyncio").error("Task exception was never retrieved")
+            assert len(caplog.records) == 2
+    finally:
+        logging.getLogger("asyncio").removeFilter(noise)
+
+    closed = types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed"))
+    other = types.SimpleNamespace(exc_value=RuntimeError("another error"))
+    sys.unraisablehook(closed)
+    sys.unraisablehook(other)
+    assert passed_on == [other]
 
 
 # --- non-finite losses -----------------------------------------------------------------------
