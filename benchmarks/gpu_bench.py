@@ -74,6 +74,7 @@ PHASED = (
     "fwjax_gated_pallas_phased",
     "fwjax_pallas_phased_affine",
     "fwjax_gated_pallas_phased_affine",
+    "fwjax_pallas_phased_mgpu",  # the forward chain on Mosaic GPU (PallasBackend.MOSAIC_GPU)
 )
 
 
@@ -178,7 +179,13 @@ def _jax_op(impl: str, smoke: bool):
     import jax.numpy as jnp
 
     from fwjax.ops import Impl, delta_rule, gated_delta_rule
-    from fwjax.ops.pallas import PallasBackward, PallasChain, PallasOptions, PallasSchedule
+    from fwjax.ops.pallas import (
+        PallasBackend,
+        PallasBackward,
+        PallasChain,
+        PallasOptions,
+        PallasSchedule,
+    )
 
     chunk = 16 if smoke else 64
     segments = int(impl.rsplit("_split", 1)[1]) if "_split" in impl else None
@@ -216,7 +223,8 @@ def _jax_op(impl: str, smoke: bool):
             pallas = PallasOptions(backward=PallasBackward.XLA)
         elif "_phased" in impl:
             chain = PallasChain.AFFINE if impl.endswith("_affine") else PallasChain.UPDATE
-            pallas = PallasOptions(schedule=PallasSchedule.PHASED, chain=chain)
+            backend = PallasBackend.MOSAIC_GPU if "_mgpu" in impl else PallasBackend.AUTO
+            pallas = PallasOptions(schedule=PallasSchedule.PHASED, chain=chain, backend=backend)
         elif "_tv" in impl:
             pallas = PallasOptions(value_block=int(impl.rsplit("_tv", 1)[1]))
     else:
@@ -320,7 +328,7 @@ def worker_parity_jax(smoke: bool, out_dir: str):
     import numpy as np
 
     from fwjax.ops import Impl, delta_rule, sum_rule
-    from fwjax.ops.pallas import PallasBackward, PallasOptions, PallasSchedule
+    from fwjax.ops.pallas import PallasBackend, PallasBackward, PallasOptions, PallasSchedule
 
     b, t, h, d = (1, 40, 2, 16) if smoke else (2, 512, 4, 64)
     chunk = 16 if smoke else 64
@@ -370,8 +378,13 @@ def worker_parity_jax(smoke: bool, out_dir: str):
         variants.append(
             ("pallas_phased", Impl.PALLAS, PallasOptions(schedule=PallasSchedule.PHASED))
         )
+        if rule == "delta":  # Mosaic GPU's chain: the delta rule, bfloat16 only
+            mgpu = PallasOptions(schedule=PallasSchedule.PHASED, backend=PallasBackend.MOSAIC_GPU)
+            variants.append(("pallas_phased_mgpu", Impl.PALLAS, mgpu))
         for label, impl, pallas in variants:
             for dtype in (jnp.float32, jnp.bfloat16):
+                if label.endswith("_mgpu") and dtype == jnp.float32:
+                    continue
                 rec = {
                     "stage": "parity",
                     "rule": rule,

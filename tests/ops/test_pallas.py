@@ -320,3 +320,117 @@ def test_gated_chunk_decay_travels_as_one_float32_value_per_chunk():
     assert decay.shape == (b, h, n, 1, 1) and decay.dtype == jnp.float32
     # exp of a float32 sum of 16 logs: 2e-6 relative; a bfloat16 decay would be off by ~4e-3.
     np.testing.assert_allclose(decay, 0.5**c, rtol=1e-5)
+
+
+# --- PallasBackend.MOSAIC_GPU: the delta rule's forward chain in Mosaic GPU's interpreter ---
+
+MOSAIC_GPU = PallasOptions(backend=PallasBackend.MOSAIC_GPU, schedule=PHASED)
+
+
+def _xla_chain(kt, w, u, s0):
+    """The forward chain of :func:`~fwjax.ops.pallas.chunk_math.chain_forward` in XLA, over
+    ``[B, H, N, ., .]`` chunks; returns ``(final, states)``."""
+    from fwjax.ops.pallas import chunk_math as cm
+
+    md, c = kt.dtype, kt.shape[-1]
+    chunks = lambda x: jnp.moveaxis(x.reshape(*x.shape[:2], -1, c, x.shape[-1]), 2, 0)
+
+    def step(s, x):
+        kt_n, w_n, u_n = x
+        k_n = jnp.swapaxes(kt_n, -1, -2)
+        chain = jax.vmap(jax.vmap(lambda k, w, u, s: cm.chain_forward(k, w, u, s, md, s.dtype)))
+        return chain(k_n, w_n, u_n, s), s.astype(md)
+
+    final, states = jax.lax.scan(step, s0, (jnp.moveaxis(kt, 2, 0), chunks(w), chunks(u)))
+    return final, jnp.moveaxis(states, 0, 2)
+
+
+@pytest.mark.parametrize("save_states", [True, False])
+def test_mosaic_gpu_chain_kernel_equals_the_chain_in_xla(save_states):
+    """3 chunks of 64, K 64, V 128 in two value tiles of 64 (two CTAs per head), bfloat16
+    operands and a float32 state, against the XLA chain. Both form exact bfloat16 products
+    summed in float32, in different orders: an ``X = U − W S`` element on a bfloat16 rounding
+    boundary may round the other way and move its column of the state by one rounding; the
+    rest agrees to float32 rounding."""
+    from fwjax.ops.pallas.mosaic_gpu import delta_chain_forward
+
+    b, h, n, c, k, v = 1, 2, 3, 64, 64, 128
+    rng = np.random.default_rng(0)
+    normal = lambda *shape, scale=1.0: jnp.asarray(rng.normal(size=shape) * scale, jnp.float32)
+    kt = normal(b, h, n, k, c, scale=k**-0.5).astype(jnp.bfloat16)
+    w = normal(b, h, n * c, k, scale=k**-0.5).astype(jnp.bfloat16)
+    u = normal(b, h, n * c, v).astype(jnp.bfloat16)
+    s0 = normal(b, h, k, v)
+    got = delta_chain_forward(kt, w, u, s0, value_block=64, save_states=save_states, interpret=True)
+    final, states = _xla_chain(kt, w, u, s0)
+    assert len(got) == (2 if save_states else 1)
+    pairs = [(got[0], final)]
+    if save_states:
+        assert got[1].dtype == jnp.bfloat16 and got[1].shape == (b, h, n, k, v)
+        pairs.append((got[1], states))
+    for actual, expected in pairs:
+        assert_close(actual, expected, jnp.bfloat16)
+        actual, expected = np.asarray(actual, np.float32), np.asarray(expected, np.float32)
+        same = np.abs(actual - expected) <= 1e-6 * np.abs(expected).max()
+        assert same.mean() > 0.98, same.mean()
+
+
+def test_mosaic_gpu_phased_delta_rule_matches_chunked():
+    """The whole op with the Mosaic GPU chain (its other kernels Triton's), split into 2
+    segments (T 150: 3 chunks of 64, padded to 4; the widened pass without saved states, then
+    the rerun that saves them for the backward): outputs, final state and every gradient
+    against CHUNKED at the bfloat16 tolerance. K 32 and V 48 pad to 64."""
+    case = Case(b=1, t=150, h=2, k=32, v=48, chunk=64)
+    split = dataclasses.replace(DELTA, state_segments=2)
+    _compare(split, case, jnp.bfloat16, MOSAIC_GPU, tol_dtype=jnp.bfloat16, reference=DELTA)
+
+
+def test_mosaic_gpu_kernel_lowers_for_cuda_on_this_machine(monkeypatch):
+    """The Mosaic GPU chain (both passes of the split) lowers beside the Triton kernels
+    (``jax.export`` for CUDA: Pallas → Mosaic GPU; no PTX compiler or device)."""
+    import fwjax.ops.pallas as pallas_module
+    from fwjax.ops import delta_rule
+
+    monkeypatch.setattr(pallas_module, "resolve_interpret", lambda options, platform=None: False)
+    x = jnp.ones((1, 130, 2, 16), jnp.bfloat16)
+    beta = jnp.full((1, 130, 2), 0.9, jnp.bfloat16)
+
+    def op(q, k, v):
+        kw = {"impl": Impl.PALLAS, "pallas": MOSAIC_GPU, "state_segments": 2}
+        return delta_rule(q, k, v, beta, None, 0.25, **kw)
+
+    monkeypatch.setitem(TARGETS, "cuda", (*TARGETS["cuda"], "mosaic_gpu_v2"))
+    text = _lowered_text(op, (x, x, x), "cuda")
+    assert "stablehlo.custom_call @mosaic_gpu_v2" in text
+    for name in ("wy", "chain_fwd", "chain_fwd_maps", "out", "chain_bwd", "grads"):
+        assert f"delta_rule_{name}" in text, name
+
+
+@pytest.mark.parametrize(
+    ("options", "dtype", "message"),
+    [
+        (PallasOptions(backend=PallasBackend.MOSAIC_GPU), jnp.bfloat16, "schedule='fused'"),
+        (dataclasses.replace(MOSAIC_GPU, chain=AFFINE), jnp.bfloat16, "chain='affine'"),
+        (MOSAIC_GPU, jnp.float32, "got float32"),
+        (
+            dataclasses.replace(MOSAIC_GPU, precision=PallasPrecision.STATE),
+            jnp.bfloat16,
+            "got float32",
+        ),
+    ],
+    ids=["fused", "affine", "float32_inputs", "state_precision"],
+)
+def test_mosaic_gpu_refuses_what_it_has_no_kernel_for(options, dtype, message):
+    x = jnp.ones((1, 8, 1, 4), dtype)
+    beta = jnp.full((1, 8, 1), 0.5, dtype)
+    from fwjax.ops import delta_rule, gated_delta_rule, sum_rule
+
+    with pytest.raises(ValueError, match=message):
+        delta_rule(x, x, x, beta, impl=Impl.PALLAS, pallas=options)
+    if options is MOSAIC_GPU:
+        return
+    x, beta = x.astype(jnp.bfloat16), beta.astype(jnp.bfloat16)
+    with pytest.raises(ValueError, match="no kernel for the decay of 'gated_delta_rule'"):
+        gated_delta_rule(x, x, x, beta, beta, impl=Impl.PALLAS, pallas=MOSAIC_GPU)
+    with pytest.raises(ValueError, match="no kernels for 'sum_rule'"):
+        sum_rule(x, x, x, impl=Impl.PALLAS, pallas=MOSAIC_GPU)

@@ -10,7 +10,9 @@ has its own file:
 
 - :mod:`fwjax.ops.pallas.triton_gpu` — GPU through Pallas' Triton lowering (see its docstring
   for why Triton and not Mosaic GPU);
-- :mod:`fwjax.ops.pallas.mosaic_tpu` — TPU through Mosaic TPU.
+- :mod:`fwjax.ops.pallas.mosaic_tpu` — TPU through Mosaic TPU;
+- :mod:`fwjax.ops.pallas.mosaic_gpu` — the phased delta rule's forward state chain through
+  Mosaic GPU (``PallasBackend.MOSAIC_GPU``; the call's other kernels are Triton's).
 
 On a CPU backend there is no Pallas compiler: kernels run in interpret mode, automatically.
 """
@@ -36,11 +38,17 @@ class PallasBackend(enum.Enum):
       AUTO: ``MOSAIC_TPU`` on TPU, ``TRITON`` everywhere else (on CPU in interpret mode).
       TRITON: the GPU kernels lowered through Triton (:mod:`fwjax.ops.pallas.triton_gpu`).
       MOSAIC_TPU: the TPU kernels (:mod:`fwjax.ops.pallas.mosaic_tpu`).
+      MOSAIC_GPU: the delta rule under ``PallasSchedule.PHASED`` with ``PallasChain.UPDATE``
+        only: its forward state chain as a Mosaic GPU kernel for Hopper warpgroups
+        (:mod:`fwjax.ops.pallas.mosaic_gpu`; bfloat16/float16 inputs, sizes padded to
+        multiples of 64), every other kernel of the call the Triton one. Other rules and
+        options raise ValueError. Compiled behaviour and speed are not yet measured.
     """
 
     AUTO = "auto"
     TRITON = "triton"
     MOSAIC_TPU = "mosaic_tpu"
+    MOSAIC_GPU = "mosaic_gpu"
 
 
 class PallasBackward(enum.Enum):
@@ -218,6 +226,20 @@ def tpu_tiling(t, k, v, chunk_size, programs, options: PallasOptions) -> Tiling:
     return Tiling(c, k, v, tv, -(-t // c))
 
 
+def mosaic_gpu_tiling(t, k, v, chunk_size, programs, options: PallasOptions) -> Tiling:
+    """:func:`triton_tiling` (the call's other kernels are Triton's) with the sizes of
+    Hopper's warpgroup MMA: chunk, key and value rounded up to powers of two >= 64, and a value
+    tile of at least 64 (zero keys, values and β = 0 are exact no-ops)."""
+    from fwjax.ops.pallas.mosaic_gpu import MMA_TILE
+
+    c = next_power_of_2(max(MMA_TILE, min(chunk_size, t)))
+    kp, vp = next_power_of_2(max(MMA_TILE, k)), next_power_of_2(max(MMA_TILE, v))
+    tv = _value_block(vp, programs, options, minimum=MMA_TILE)
+    if tv & (tv - 1) or tv < MMA_TILE:
+        raise ValueError(f"value_block={tv} must be a power of two >= 64 for Mosaic GPU")
+    return Tiling(c, kp, vp, tv, -(-t // c))
+
+
 def _value_block(v, programs, options, minimum):
     if options.value_block is not None:
         tv = options.value_block
@@ -258,19 +280,26 @@ def kernel_config(
     """
     options = options or DEFAULT_OPTIONS
     backend = resolve_backend(options)
-    tiling_fn = tpu_tiling if backend is PallasBackend.MOSAIC_TPU else triton_tiling
+    tiling_fn = {
+        PallasBackend.MOSAIC_TPU: tpu_tiling,
+        PallasBackend.MOSAIC_GPU: mosaic_gpu_tiling,
+    }.get(backend, triton_tiling)
     tiling = tiling_fn(t, k, v, chunk_size, programs, options)
     if state_segments and options.schedule is PallasSchedule.PHASED:
         p = resolve_segments(state_segments, tiling.chunks)
         # The chains run P× the programs: the value tile need not shrink as far for them.
         tiling = tiling_fn(t, k, v, chunk_size, programs * p, options)
         tiling = tiling._replace(chunks=-(-tiling.chunks // p) * p, segments=p)
+    input_precision = options.precision is PallasPrecision.INPUT
+    matmul_dtype = jnp.dtype(out_dtype if input_precision else state_dtype)
+    if backend is PallasBackend.MOSAIC_GPU:
+        _check_mosaic_gpu(options, tiling, matmul_dtype, state_dtype)
     return KernelConfig(
         backend,
         resolve_interpret(options),
         options.backward,
         tiling,
-        jnp.dtype(out_dtype if options.precision is PallasPrecision.INPUT else state_dtype),
+        matmul_dtype,
         options.num_warps,
         options.num_stages,
         options.schedule,
@@ -278,8 +307,21 @@ def kernel_config(
     )
 
 
+def _check_mosaic_gpu(options, tiling, matmul_dtype, state_dtype) -> None:
+    """Raises ValueError for options that ``PallasBackend.MOSAIC_GPU`` has no kernel for."""
+    from fwjax.ops.pallas.mosaic_gpu import check_supported
+
+    if options.schedule is not PallasSchedule.PHASED or options.chain is not PallasChain.UPDATE:
+        raise ValueError(
+            f"PallasBackend.MOSAIC_GPU runs only PallasSchedule.PHASED with PallasChain.UPDATE, "
+            f"got schedule={options.schedule.value!r}, chain={options.chain.value!r}"
+        )
+    check_supported(matmul_dtype, state_dtype, tiling.chunk, tiling.key, tiling.value_block)
+
+
 def run_chunk_scan(spec, *args, cfg: KernelConfig):
-    """Runs a :class:`fwjax.ops.pallas.scan_spec.ChunkScan` on ``cfg``'s backend."""
+    """Runs a :class:`fwjax.ops.pallas.scan_spec.ChunkScan` on ``cfg``'s backend (Triton for
+    ``MOSAIC_GPU``, whose one kernel :mod:`fwjax.ops.pallas.phased` calls directly)."""
     tiles = {"c": cfg.tiling.chunk, "tv": cfg.tiling.value_block, "interpret": cfg.interpret}
     if cfg.backend is PallasBackend.MOSAIC_TPU:
         from fwjax.ops.pallas import mosaic_tpu
@@ -293,7 +335,8 @@ def run_chunk_scan(spec, *args, cfg: KernelConfig):
 
 
 def run_chunk_map(spec, *args, cfg: KernelConfig):
-    """Runs a :class:`fwjax.ops.pallas.scan_spec.ChunkMap` on ``cfg``'s backend."""
+    """Runs a :class:`fwjax.ops.pallas.scan_spec.ChunkMap` on ``cfg``'s backend (Triton for
+    ``MOSAIC_GPU``, whose one kernel :mod:`fwjax.ops.pallas.phased` calls directly)."""
     t = cfg.tiling
     sizes = {"c": t.chunk, "k": t.key, "v": t.value, "interpret": cfg.interpret}
     if cfg.backend is PallasBackend.MOSAIC_TPU:
@@ -354,6 +397,7 @@ __all__ = [
     "PallasPrecision",
     "PallasSchedule",
     "Tiling",
+    "mosaic_gpu_tiling",
     "resolve_backend",
     "resolve_interpret",
 ]

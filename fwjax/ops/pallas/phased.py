@@ -56,12 +56,15 @@ def _operands(rule, cfg, terms, sd) -> tuple[dict, dict, tuple[str, ...]]:
     return values, dict(rule.operands), decay
 
 
-def _run_chain(name, chain_in, step, carry, emitted, cfg, reverse=False):
+def _run_chain(name, chain_in, step, carry, emitted, cfg, reverse=False, native=None):
     """A sequential chain kernel: ``chain_in`` maps each operand's name to ``(kind, array)``;
     ``step(values, carry) -> (carry, {emitted: value})`` with the carry in ``carry``'s dtype and
     the per-chunk ``emitted`` value saved in the matmul dtype. Returns ``(final carry,
     emitted [B, H, N, K, V])``, or ``(final carry,)`` when ``emitted`` is None (nothing
-    saved)."""
+    saved). ``native(name, chain_in, carry, save, cfg)``, if given, is a backend's own kernel
+    of the same chain, run instead of the generic one."""
+    if native is not None:
+        return native(name, chain_in, carry, emitted is not None, cfg)
     saved = () if emitted is None else (Operand(emitted, Kind.STATES, cfg.matmul_dtype),)
     spec = ChunkScan(
         name,
@@ -100,7 +103,7 @@ def _widened(cfg, k):
     return cfg._replace(tiling=t._replace(value=width, value_block=block)), width
 
 
-def _chain(name, chain_in, step, carry, emitted, cfg, reverse=False):
+def _chain(name, chain_in, step, carry, emitted, cfg, reverse=False, native=None):
     """:func:`_run_chain`, split into ``P = cfg.tiling.segments`` segments of chunks whose
     chains run in parallel when ``P > 1`` (the split state scan):
 
@@ -115,7 +118,7 @@ def _chain(name, chain_in, step, carry, emitted, cfg, reverse=False):
     """
     p = cfg.tiling.segments
     if p == 1:
-        return _run_chain(name, chain_in, step, carry, emitted, cfg, reverse)
+        return _run_chain(name, chain_in, step, carry, emitted, cfg, reverse, native)
     b, h, k, v = carry.shape
     split = {n: (kind, _split(x, p)) for n, (kind, x) in chain_in.items()}
 
@@ -128,7 +131,7 @@ def _chain(name, chain_in, step, carry, emitted, cfg, reverse=False):
         [jnp.zeros((b, h * p, k, v), carry.dtype), jnp.broadcast_to(eye, (b, h * p, *eye.shape))],
         axis=-1,
     )
-    ends, *_ = _run_chain(f"{name}_maps", wide, step, start, None, wide_cfg, reverse)
+    ends, *_ = _run_chain(f"{name}_maps", wide, step, start, None, wide_cfg, reverse, native)
     ends = ends.reshape(b, h, p, k, width)
 
     # 2. The carry entering each segment (P steps in XLA).
@@ -137,10 +140,30 @@ def _chain(name, chain_in, step, carry, emitted, cfg, reverse=False):
 
     # 3. Each segment from its true start.
     final, saved = _run_chain(
-        name, split, step, starts.reshape(b, h * p, k, v), emitted, cfg, reverse
+        name, split, step, starts.reshape(b, h * p, k, v), emitted, cfg, reverse, native
     )
     final = final.reshape(b, h, p, k, v)[:, :, 0 if reverse else p - 1]
     return final, saved.reshape(b, h, -1, *saved.shape[3:])
+
+
+def _mosaic_gpu_chain(name, chain_in, carry, save, cfg):
+    """The forward chain ``S ← S + Kᵀ (U − W S)`` as the Mosaic GPU kernel
+    (:func:`fwjax.ops.pallas.mosaic_gpu.delta_chain_forward`), which takes each chunk's ``Kᵀ``
+    (transposed here, in XLA)."""
+    from fwjax.ops.pallas import mosaic_gpu
+
+    k, w, u = (chain_in[n][1] for n in "kwu")
+    kt = jnp.swapaxes(unflat(k, cfg.tiling.chunk), -1, -2)  # [B, H, N, K, C]
+    return mosaic_gpu.delta_chain_forward(
+        kt,
+        w,
+        u,
+        carry,
+        value_block=cfg.tiling.value_block,
+        save_states=save,
+        interpret=cfg.interpret,
+        name=name,
+    )
 
 
 def _chain_maps(x, decay, md, sd):
@@ -221,7 +244,16 @@ def forward(rule, cfg, xs, s0):
             d = x["decay"] if decay else None
             return cm.chain_forward(x["k"], x["w"], x["u"], s, md, sd, d), {"states": s}
 
-    s, states = _chain(f"{rule.name}_chain_fwd", chain_in, chain_step, s0, "states", cfg)
+    native = None
+    if cfg.backend is PallasBackend.MOSAIC_GPU:
+        if decay:
+            raise ValueError(
+                f"PallasBackend.MOSAIC_GPU has no kernel for the decay of {rule.name!r} "
+                "(only the delta rule's chain)"
+            )
+        native = _mosaic_gpu_chain
+    name = f"{rule.name}_chain_fwd"
+    s, states = _chain(name, chain_in, chain_step, s0, "states", cfg, native=native)
 
     out_in = ("q", "w", "u", "p")
     output = ChunkMap(

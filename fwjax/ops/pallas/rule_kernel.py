@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from fwjax.ops.common import packed_chunks_bwd, packed_terms, scaled_inputs
 from fwjax.ops.pallas import (
     KernelConfig,
+    PallasBackend,
     PallasBackward,
     PallasSchedule,
     flat,
@@ -207,6 +208,11 @@ def pallas_form(rule: KernelRule) -> Callable:
             sd,
             state_segments=options.state_segments if rule.phased else None,
         )
+        if cfg.backend is PallasBackend.MOSAIC_GPU and not rule.phased:
+            raise ValueError(
+                f"PallasBackend.MOSAIC_GPU has no kernels for {rule.name!r} (only the delta "
+                "rule's phased chain)"
+            )
         kp, vp = cfg.tiling.key, cfg.tiling.value
         widths = (kp, kp, vp, *(None for _ in gates))
         xs = scaled_inputs(q, k, v, gates, initial_state, scale)

@@ -7,13 +7,14 @@ keeping its ``[K, tv]`` fp32 carry in registers; each step loads ``[C, ·]`` row
 ``pl.ds`` (the pattern of JAX's own Triton attention kernel). Chunk maps (:func:`chunk_map`),
 grid ``(B, H, N)``: one program per chunk with its whole blocks.
 
-Why Triton and not Mosaic GPU, although JAX 0.11 deprecates the Triton lowering: this kernel is
-a sequential loop of small (``64 × 64``) matmuls per program; Triton schedules such code
-(register-resident accumulators, ``mma`` layouts, pipelined loads) by itself, while a Mosaic GPU
-kernel needs explicit warpgroup programming (TMA copies, barriers, ``wgmma`` with shared-memory
-operands and layouts), which cannot be written reliably without a Hopper GPU to iterate on. The
-kernel body is backend-neutral (:mod:`fwjax.ops.pallas.chunk_math`), so a Mosaic GPU file can
-replace this one without touching the ops. Triton constraints honoured here
+Why Triton, although JAX 0.11 deprecates the Triton lowering: these kernels are sequential
+loops of small (``64 × 64``) matmuls per program, generated for every rule from backend-neutral
+bodies (:mod:`fwjax.ops.pallas.chunk_math`); Triton schedules such code (register-resident
+accumulators, ``mma`` layouts, pipelined loads) by itself, while Mosaic GPU needs each kernel
+written for warpgroups (TMA copies, barriers, ``wgmma`` with shared-memory operands and
+layouts), and its lowering in JAX 0.10 has no ``dot_general``. The first such kernel, the
+delta rule's forward chain, is :mod:`fwjax.ops.pallas.mosaic_gpu` (``PallasBackend.MOSAIC_GPU``).
+Triton constraints honoured here
 (:func:`fwjax.ops.pallas.triton_tiling`): every load/store is a power of two in size, and every
 ``dot`` operand dimension is >= 16.
 """
