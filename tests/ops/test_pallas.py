@@ -375,10 +375,51 @@ def test_mosaic_gpu_chain_kernel_equals_the_chain_in_xla(save_states):
         assert same.mean() > 0.98, same.mean()
 
 
+def _xla_cotangent_chain(pt, k, qt, wt, do, g0):
+    """The cotangent chain of :func:`~fwjax.ops.pallas.chunk_math.chain_backward` in XLA,
+    from the last chunk; returns ``(∂L/∂S⁰, gs)``."""
+    from fwjax.ops.pallas import chunk_math as cm
+
+    md, c = k.dtype, pt.shape[-1]
+    chunks = lambda x: jnp.moveaxis(x.reshape(*x.shape[:2], -1, c, x.shape[-1]), 2, 0)
+    per_chunk = lambda x: jnp.moveaxis(jnp.swapaxes(x, -1, -2), 2, 0)  # Xᵀ back to X
+
+    def step(g, x):
+        chain = jax.vmap(jax.vmap(lambda *a: cm.chain_backward(*a, md, g.dtype)))
+        return chain(*x, g), g.astype(md)
+
+    xs = (per_chunk(qt), chunks(k), per_chunk(wt), per_chunk(pt), chunks(do))
+    d_s0, gs = jax.lax.scan(step, g0, xs, reverse=True)
+    return d_s0, jnp.moveaxis(gs, 0, 2)
+
+
+def test_mosaic_gpu_cotangent_chain_kernel_equals_the_chain_in_xla():
+    """The reverse chain ``G ← G + Qᵀ Ō − Wᵀ (Pᵀ Ō + K G)``, sizes and check as above."""
+    from fwjax.ops.pallas.mosaic_gpu import delta_chain_backward
+
+    b, h, n, c, k, v = 1, 2, 3, 64, 64, 128
+    rng = np.random.default_rng(1)
+    normal = lambda *shape, scale=1.0: jnp.asarray(rng.normal(size=shape) * scale, jnp.float32)
+    bf16 = lambda x: x.astype(jnp.bfloat16)
+    pt = bf16(jnp.triu(normal(b, h, n, c, c, scale=c**-0.5)))  # Pᵀ: P is lower triangular
+    keys = bf16(normal(b, h, n * c, k, scale=k**-0.5))
+    qt = bf16(normal(b, h, n, k, c, scale=k**-0.5))
+    wt = bf16(normal(b, h, n, k, c, scale=k**-0.5))
+    do, g0 = bf16(normal(b, h, n * c, v)), normal(b, h, k, v)
+    got = delta_chain_backward(pt, keys, qt, wt, do, g0, value_block=64, save=True, interpret=True)
+    want = _xla_cotangent_chain(pt, keys, qt, wt, do, g0)
+    assert got[1].dtype == jnp.bfloat16 and got[1].shape == (b, h, n, k, v)
+    for actual, expected in zip(got, want, strict=True):
+        assert_close(actual, expected, jnp.bfloat16)
+        actual, expected = np.asarray(actual, np.float32), np.asarray(expected, np.float32)
+        same = np.abs(actual - expected) <= 1e-6 * np.abs(expected).max()
+        assert same.mean() > 0.98, same.mean()
+
+
 def test_mosaic_gpu_phased_delta_rule_matches_chunked():
-    """The whole op with the Mosaic GPU chain (its other kernels Triton's), split into 2
-    segments (T 150: 3 chunks of 64, padded to 4; the widened pass without saved states, then
-    the rerun that saves them for the backward): outputs, final state and every gradient
+    """The whole op with the Mosaic GPU chains, forward and backward (its other kernels
+    Triton's), split into 2 segments (T 150: 3 chunks of 64, padded to 4; the widened passes
+    without saved carries, then the reruns that save them): outputs, final state and every gradient
     against CHUNKED at the bfloat16 tolerance. K 32 and V 48 pad to 64."""
     case = Case(b=1, t=150, h=2, k=32, v=48, chunk=64)
     split = dataclasses.replace(DELTA, state_segments=2)
@@ -386,7 +427,7 @@ def test_mosaic_gpu_phased_delta_rule_matches_chunked():
 
 
 def test_mosaic_gpu_kernel_lowers_for_cuda_on_this_machine(monkeypatch):
-    """The Mosaic GPU chain (both passes of the split) lowers beside the Triton kernels
+    """The Mosaic GPU chains (both passes of each split) lower beside the Triton kernels
     (``jax.export`` for CUDA: Pallas → Mosaic GPU; no PTX compiler or device)."""
     import fwjax.ops.pallas as pallas_module
     from fwjax.ops import delta_rule
@@ -402,7 +443,8 @@ def test_mosaic_gpu_kernel_lowers_for_cuda_on_this_machine(monkeypatch):
     monkeypatch.setitem(TARGETS, "cuda", (*TARGETS["cuda"], "mosaic_gpu_v2"))
     text = _lowered_text(op, (x, x, x), "cuda")
     assert "stablehlo.custom_call @mosaic_gpu_v2" in text
-    for name in ("wy", "chain_fwd", "chain_fwd_maps", "out", "chain_bwd", "grads"):
+    names = ("wy", "chain_fwd", "chain_fwd_maps", "out", "chain_bwd", "chain_bwd_maps", "grads")
+    for name in names:
         assert f"delta_rule_{name}" in text, name
 
 

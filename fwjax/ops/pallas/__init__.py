@@ -11,8 +11,8 @@ has its own file:
 - :mod:`fwjax.ops.pallas.triton_gpu` — GPU through Pallas' Triton lowering (see its docstring
   for why Triton and not Mosaic GPU);
 - :mod:`fwjax.ops.pallas.mosaic_tpu` — TPU through Mosaic TPU;
-- :mod:`fwjax.ops.pallas.mosaic_gpu` — the phased delta rule's forward state chain through
-  Mosaic GPU (``PallasBackend.MOSAIC_GPU``; the call's other kernels are Triton's).
+- :mod:`fwjax.ops.pallas.mosaic_gpu` — the phased delta rule's state and cotangent chains
+  through Mosaic GPU (``PallasBackend.MOSAIC_GPU``; the call's other kernels are Triton's).
 
 On a CPU backend there is no Pallas compiler: kernels run in interpret mode, automatically.
 """
@@ -39,10 +39,11 @@ class PallasBackend(enum.Enum):
       TRITON: the GPU kernels lowered through Triton (:mod:`fwjax.ops.pallas.triton_gpu`).
       MOSAIC_TPU: the TPU kernels (:mod:`fwjax.ops.pallas.mosaic_tpu`).
       MOSAIC_GPU: the delta rule under ``PallasSchedule.PHASED`` with ``PallasChain.UPDATE``
-        only: its forward state chain as a Mosaic GPU kernel for Hopper warpgroups
-        (:mod:`fwjax.ops.pallas.mosaic_gpu`; bfloat16/float16 inputs, sizes padded to
-        multiples of 64), every other kernel of the call the Triton one. Other rules and
-        options raise ValueError. Compiled behaviour and speed are not yet measured.
+        only: its two sequential kernels (the state chain and the cotangent chain) as Mosaic
+        GPU kernels for Hopper warpgroups (:mod:`fwjax.ops.pallas.mosaic_gpu`; bfloat16/float16
+        inputs, sizes padded to multiples of 64), the kernels parallel over chunks the Triton
+        ones. Other rules and options raise ValueError. Compiled behaviour and speed are not
+        yet measured.
     """
 
     AUTO = "auto"

@@ -1,18 +1,27 @@
-"""GPU backend: the delta rule's forward state chain as a Mosaic GPU kernel (Hopper warpgroups).
+"""GPU backend: the delta rule's state chains as Mosaic GPU kernels (Hopper warpgroups).
 
-``PallasBackend.MOSAIC_GPU`` runs the sequential kernel of the phased forward
-(:mod:`fwjax.ops.pallas.phased`) here, written for Mosaic GPU: one CTA per
-``(batch, head, value tile)`` walks the chunks with the state tile ``S [K, tv]`` in registers
+``PallasBackend.MOSAIC_GPU`` runs the two sequential kernels of the phased schedule
+(:mod:`fwjax.ops.pallas.phased`) here, written for Mosaic GPU (:func:`_chain_kernel`): one CTA
+per ``(batch, head, value tile)`` walks the chunks with its carry tile ``[K, tv]`` in registers
 (float32), chunk operands arriving by TMA into shared memory through
-:func:`jax.experimental.pallas.mosaic_gpu.emit_pipeline` (two chunks in flight)::
+:func:`jax.experimental.pallas.mosaic_gpu.emit_pipeline` (two chunks in flight), the carry
+entering each chunk leaving by TMA in the matmul dtype. Forward
+(:func:`delta_chain_forward`)::
 
-    states[n] = S                     (bfloat16, shared memory → HBM by TMA)
-    X = U_n − W_n S                   warpgroup MMA: W_n [C, K] @ S [K, tv], both in shared memory
-    S ← S + K_nᵀ X                    warpgroup MMA: K_nᵀ [K, C] @ X [C, tv]
+    states[n] = S
+    X = U_n − W_n S                   MMA: W_n [C, K] @ S [K, tv], both in shared memory
+    S ← S + K_nᵀ X                    MMA: K_nᵀ [K, C] @ X [C, tv]
 
-The other kernels of the call (phase 1, the outputs, the backward) are the Triton ones
-(:mod:`fwjax.ops.pallas.triton_gpu`), whose lowering JAX 0.11 deprecates; this file is the
-first of their Mosaic GPU replacements.
+Backward, from the last chunk (:func:`delta_chain_backward`)::
+
+    gs[n] = G
+    Ũ̄ = P_nᵀ Ō_n + K_n G             two MMAs
+    G ← G + Q_nᵀ Ō_n − W_nᵀ Ũ̄        two MMAs
+
+The call's other kernels (phase 1, the outputs, the gradients: all parallel over chunks) are the
+Triton ones (:mod:`fwjax.ops.pallas.triton_gpu`), whose lowering JAX 0.11 deprecates; these
+are the first of their Mosaic GPU replacements. With ``state_segments`` the chains split as in
+:func:`fwjax.ops.pallas.phased._chain` (the widened pass is the same kernel without saves).
 
 Constraints of the warpgroup MMA, checked by :func:`check_supported`: bfloat16 or float16
 operands (``PallasPrecision.INPUT`` with such inputs), a float32 state, and ``C``, ``K`` and
@@ -21,18 +30,22 @@ operands (``PallasPrecision.INPUT`` with such inputs), a float32 state, and ``C`
 Written so that the same kernel body runs in Pallas' Mosaic GPU interpret mode (the CPU tests)
 and lowers for CUDA:
 
-- ``K_nᵀ`` arrives pre-transposed, ``[B, H, N, K, C]`` (the interpreter has no transposed
-  operand views, :func:`~jax.experimental.pallas.mosaic_gpu.transpose_ref`);
+- transposed operands (``K_nᵀ``; ``P_nᵀ``, ``Q_nᵀ``, ``W_nᵀ``) arrive pre-transposed,
+  ``[B, H, N, ·, C]``, by an XLA transpose (the interpreter has no transposed operand views,
+  :func:`~jax.experimental.pallas.mosaic_gpu.transpose_ref`);
 - each product goes into a fresh, zeroed accumulator and the state adds it in registers (the
   interpreter has no pre-initialised accumulators, ``pl.run_state``);
 - the shared-memory tiling and swizzle that the MMA needs are applied only when compiling (the
   interpreter does not model them; the kernel's values are the same).
 
 Compiled behaviour and speed are unverified here: the tests run the interpreter and lower the
-kernel for CUDA (``jax.export``) without a GPU.
+kernels for CUDA (``jax.export``) without a GPU.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -76,6 +89,132 @@ def _mma_transforms(columns: int, dtype, interpret: bool) -> tuple:
     return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
+class Operand(NamedTuple):
+    """One chunk-wise operand of a chain kernel: ``array [B, H, ...]`` in HBM, of which each
+    step reads the block ``block`` at ``index(chunk, value_tile)``, laid out for the MMA as a
+    ``[rows, columns]`` operand (``columns`` its last dimension) when compiling."""
+
+    array: jax.Array
+    block: tuple
+    index: Callable
+
+
+def _chain_kernel(step, operands, carry0, scratch, *, tv, save, reverse, interpret, name):
+    """A sequential chain over the chunks, one CTA per ``(batch, head, value tile)``.
+
+    The carry ``C [K, tv]`` (float32) stays in registers. At chunk ``n`` (descending when
+    ``reverse``) the kernel writes ``C`` in the matmul dtype to shared memory (the step's MMA
+    operand, and with ``save`` the source of its TMA copy to ``saved[n]``), then
+    ``C ← step(blocks, C, c_smem, *scratch_refs)`` with the chunk's operand blocks in shared
+    memory (TMA, two chunks in flight).
+
+    Args:
+      step: the chain's step (see above); returns the new carry.
+      operands: :class:`Operand` tuples.
+      carry0: the carry entering the first step, ``[B, H, K, V]`` float32.
+      scratch: shapes ``[rows, columns]`` and dtypes of the step's shared-memory scratch.
+      tv: the value tile (divides ``V``).
+      save: also return the carry entering each chunk ``[B, H, N, K, V]``.
+      reverse: walk the chunks from last to first.
+      interpret: Mosaic GPU's interpret mode.
+      name: the kernel's name.
+
+    Returns:
+      ``(final carry,)``, or ``(final carry, saved)`` with ``save``.
+    """
+    b, h, dk, dv = carry0.shape
+    n = _num_chunks(operands)
+    md = operands[0].array.dtype
+    f32 = jnp.float32
+    chunk_of = (lambda i: n - 1 - i) if reverse else (lambda i: i)
+
+    def kernel(*refs):
+        gmem, (final_gmem, *saved), (c_smem, carry_smem, barrier, *scratch_refs) = (
+            refs[: len(operands) + 1],
+            refs[len(operands) + 1 : len(operands) + 2 + save],
+            refs[len(operands) + 2 + save :],
+        )
+        *ops_gmem, carry0_gmem = gmem
+        bi, hi, j = (jax.lax.axis_index(axis) for axis in ("b", "h", "j"))
+        cols = pl.ds(j * tv, tv)
+        plgpu.copy_gmem_to_smem(carry0_gmem.at[bi, hi, :, cols], carry_smem, barrier)
+        plgpu.barrier_wait(barrier)
+
+        def body(indices, *blocks_and_carry):
+            *blocks, carry = blocks_and_carry
+            (i,) = indices
+            # The carry entering this chunk, in the matmul dtype (the previous chunk's copy of
+            # it has finished reading the buffer).
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            c_smem[...] = carry.astype(md)
+            plgpu.commit_smem()
+            if save:
+                plgpu.copy_smem_to_gmem(c_smem, saved[0].at[bi, hi, chunk_of(i), :, cols])
+            return step(blocks, carry, c_smem, *scratch_refs)
+
+        specs = [
+            plgpu.BlockSpec(
+                op.block,
+                lambda i, op=op: op.index(chunk_of(i), j),
+                transforms=_mma_transforms(op.block[-1], md, interpret),
+            )
+            for op in operands
+        ]
+        chain = plgpu.emit_pipeline(
+            body, grid=(n,), in_specs=specs, init_carry=carry_smem[...], max_concurrent_steps=2
+        )
+        carry = chain(*(ref.at[bi, hi] for ref in ops_gmem))
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        carry_smem[...] = carry
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(carry_smem, final_gmem.at[bi, hi, :, cols])
+        plgpu.wait_smem_to_gmem(0)
+
+    out_type = [jax.ShapeDtypeStruct((b, h, dk, dv), f32)]
+    if save:
+        out_type.append(jax.ShapeDtypeStruct((b, h, n, dk, dv), md))
+    scratch_types = [
+        plgpu.SMEM((dk, tv), md, transforms=_mma_transforms(tv, md, interpret)),  # the carry
+        # The float32 carry entering and leaving (tiled when compiled, so that its loads and
+        # stores take the MMA accumulator's register layout).
+        plgpu.SMEM((dk, tv), f32, transforms=_mma_transforms(tv, f32, interpret)),
+        plgpu.Barrier(),
+        *(
+            plgpu.SMEM(shape, md, transforms=_mma_transforms(shape[-1], md, interpret))
+            for shape in scratch
+        ),
+    ]
+    return plgpu.kernel(
+        kernel,
+        out_type=tuple(out_type),
+        grid=(b, h, dv // tv),
+        grid_names=("b", "h", "j"),
+        kernel_name=name,
+        scratch_types=scratch_types,
+        interpret=_interpret_params() if interpret else None,
+    )(*(op.array for op in operands), carry0)
+
+
+def _num_chunks(operands) -> int:
+    """``N``: the chunk count of the first per-chunk operand ``[B, H, N, ., .]``, or of the
+    first sequence operand ``[B, H, N·C, .]`` (its block has ``C`` rows)."""
+    op = operands[0]
+    if op.array.ndim == 5:
+        return op.array.shape[2]
+    return op.array.shape[2] // op.block[0]
+
+
+def _product(a, b, rows: int, columns: int):
+    """``a @ b`` (shared-memory operands; ``[rows, columns]``) by one warpgroup MMA into a
+    fresh float32 accumulator; returns it as a value."""
+
+    def mma(acc):
+        plgpu.wgmma(acc, a, b)
+        return acc[...]
+
+    return pl.run_scoped(mma, plgpu.ACC((rows, columns), jnp.float32))
+
+
 def delta_chain_forward(
     kt, w, u, s0, *, value_block: int, save_states: bool, interpret: bool, name="delta_chain_fwd"
 ):
@@ -95,82 +234,75 @@ def delta_chain_forward(
       ``(S_final [B, H, K, V] float32, states [B, H, N, K, V])`` with the states in the matmul
       dtype, or ``(S_final,)`` without ``save_states``.
     """
-    b, h, n, dk, c = kt.shape
-    dv, md, tv = u.shape[-1], kt.dtype, value_block
-    check_supported(md, s0.dtype, c, dk, tv)
-    if dv % tv:
-        raise ValueError(f"value_block={tv} must divide V={dv}")
-    rows_c = _mma_transforms(c, md, interpret)  # Kᵀ [K, C]
-    rows_k = _mma_transforms(dk, md, interpret)  # W [C, K]
-    rows_v = _mma_transforms(tv, md, interpret)  # U, X [C, tv]; S [K, tv]
-    f32 = jnp.float32
+    _, _, _, dk, c = kt.shape
+    tv = value_block
+    _check_call(kt.dtype, s0, c, dk, tv)
 
-    def kernel(kt_gmem, w_gmem, u_gmem, s0_gmem, *refs):
-        *outs, s_smem, x_smem, carry_smem, barrier = refs
-        final_gmem, states_gmem = outs if save_states else (outs[0], None)
-        bi, hi, j = (jax.lax.axis_index(axis) for axis in ("b", "h", "j"))
-        cols = pl.ds(j * tv, tv)
-        plgpu.copy_gmem_to_smem(s0_gmem.at[bi, hi, :, cols], carry_smem, barrier)
-        plgpu.barrier_wait(barrier)
-
-        def step(indices, kt_ref, w_ref, u_ref, s):
-            (i,) = indices
-            # The state entering chunk i, in the matmul dtype: W S's operand, and the source
-            # of its copy into ``states`` (the previous chunk's copy has finished reading it).
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-            s_smem[...] = s.astype(md)
-            plgpu.commit_smem()
-            if save_states:
-                plgpu.copy_smem_to_gmem(s_smem, states_gmem.at[bi, hi, i, :, cols])
-
-            def w_s(acc):  # W S  [C, tv]
-                plgpu.wgmma(acc, w_ref, s_smem)
-                return acc[...]
-
-            x = u_ref[...].astype(f32) - pl.run_scoped(w_s, plgpu.ACC((c, tv), f32))
-            x_smem[...] = x.astype(md)
-            plgpu.commit_smem()
-
-            def kt_x(acc):  # Kᵀ X  [K, tv]
-                plgpu.wgmma(acc, kt_ref, x_smem)
-                return acc[...]
-
-            return s + pl.run_scoped(kt_x, plgpu.ACC((dk, tv), f32))
-
-        chain = plgpu.emit_pipeline(
-            step,
-            grid=(n,),
-            in_specs=[
-                plgpu.BlockSpec((None, dk, c), lambda i: (i, 0, 0), transforms=rows_c),
-                plgpu.BlockSpec((c, dk), lambda i: (i, 0), transforms=rows_k),
-                plgpu.BlockSpec((c, tv), lambda i: (i, j), transforms=rows_v),
-            ],
-            init_carry=carry_smem[...],
-            max_concurrent_steps=2,
-        )
-        s = chain(kt_gmem.at[bi, hi], w_gmem.at[bi, hi], u_gmem.at[bi, hi])
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-        carry_smem[...] = s
+    def step(blocks, s, s_smem, x_smem):
+        kt_ref, w_ref, u_ref = blocks
+        x = u_ref[...].astype(jnp.float32) - _product(w_ref, s_smem, c, tv)  # U − W S
+        x_smem[...] = x.astype(x_smem.dtype)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(carry_smem, final_gmem.at[bi, hi, :, cols])
-        plgpu.wait_smem_to_gmem(0)
+        return s + _product(kt_ref, x_smem, dk, tv)  # S + Kᵀ X
 
-    out_type = [jax.ShapeDtypeStruct((b, h, dk, dv), f32)]
-    if save_states:
-        out_type.append(jax.ShapeDtypeStruct((b, h, n, dk, dv), md))
-    return plgpu.kernel(
-        kernel,
-        out_type=tuple(out_type),
-        grid=(b, h, dv // tv),
-        grid_names=("b", "h", "j"),
-        kernel_name=name,
-        scratch_types=[
-            plgpu.SMEM((dk, tv), md, transforms=rows_v),  # S in the matmul dtype
-            plgpu.SMEM((c, tv), md, transforms=rows_v),  # X
-            # The float32 state entering and leaving (tiled when compiled, so that its loads
-            # and stores take the MMA accumulator's register layout).
-            plgpu.SMEM((dk, tv), f32, transforms=_mma_transforms(tv, f32, interpret)),
-            plgpu.Barrier(),
-        ],
-        interpret=_interpret_params() if interpret else None,
-    )(kt, w, u, s0)
+    operands = (
+        Operand(kt, (None, dk, c), lambda n, j: (n, 0, 0)),
+        Operand(w, (c, dk), lambda n, j: (n, 0)),
+        Operand(u, (c, tv), lambda n, j: (n, j)),
+    )
+    return _chain_kernel(
+        step, operands, s0, [(c, tv)], tv=tv, save=save_states, reverse=False,
+        interpret=interpret, name=name,
+    )  # fmt: skip
+
+
+def delta_chain_backward(
+    pt, k, qt, wt, do, g0, *, value_block: int, save: bool, interpret: bool, name="delta_chain_bwd"
+):
+    """The phased delta rule's cotangent chain, ``G ← G + Qᵀ Ō − Wᵀ (Pᵀ Ō + K G)`` from the
+    last chunk to the first.
+
+    Args:
+      pt: ``Pᵀ`` of every chunk (``P = (Q Kᵀ) ⊙ M``), ``[B, H, N, C, C]``, matmul dtype.
+      k: ``K``, ``[B, H, N·C, K]``, in the matmul dtype.
+      qt: ``Qᵀ`` of every chunk, ``[B, H, N, K, C]``, in the matmul dtype.
+      wt: ``Wᵀ`` of every chunk, ``[B, H, N, K, C]``, in the matmul dtype.
+      do: the output cotangent ``Ō``, ``[B, H, N·C, V]``, in the matmul dtype.
+      g0: the cotangent of the final state ``[B, H, K, V]``, float32.
+      value_block: ``tv`` (divides ``V``).
+      save: also return ``gs[n]``, the cotangent of the state after chunk ``n``.
+      interpret: run in Mosaic GPU's interpret mode (CPU).
+      name: the kernel's name (in profiles).
+
+    Returns:
+      ``(∂L/∂S⁰ [B, H, K, V] float32, gs [B, H, N, K, V])`` with ``gs`` in the matmul dtype, or
+      ``(∂L/∂S⁰,)`` without ``save``.
+    """
+    _, _, _, dk, c = qt.shape
+    tv = value_block
+    _check_call(k.dtype, g0, c, dk, tv)
+
+    def step(blocks, g, g_smem, du_smem):
+        pt_ref, k_ref, qt_ref, wt_ref, do_ref = blocks
+        du = _product(pt_ref, do_ref, c, tv) + _product(k_ref, g_smem, c, tv)  # Pᵀ Ō + K G
+        du_smem[...] = du.astype(du_smem.dtype)
+        plgpu.commit_smem()
+        return g + _product(qt_ref, do_ref, dk, tv) - _product(wt_ref, du_smem, dk, tv)
+
+    operands = (
+        Operand(pt, (None, c, c), lambda n, j: (n, 0, 0)),
+        Operand(k, (c, dk), lambda n, j: (n, 0)),
+        Operand(qt, (None, dk, c), lambda n, j: (n, 0, 0)),
+        Operand(wt, (None, dk, c), lambda n, j: (n, 0, 0)),
+        Operand(do, (c, tv), lambda n, j: (n, j)),
+    )
+    return _chain_kernel(
+        step, operands, g0, [(c, tv)], tv=tv, save=save, reverse=True,
+        interpret=interpret, name=name,
+    )  # fmt: skip
+
+
+def _check_call(md, carry0, c, dk, tv) -> None:
+    check_supported(md, carry0.dtype, c, dk, tv)
+    if carry0.shape[-1] % tv:
+        raise ValueError(f"value_block={tv} must divide V={carry0.shape[-1]}")

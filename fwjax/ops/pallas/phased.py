@@ -166,6 +166,29 @@ def _mosaic_gpu_chain(name, chain_in, carry, save, cfg):
     )
 
 
+def _mosaic_gpu_cotangent_chain(name, chain_in, carry, save, cfg):
+    """The cotangent chain ``G ← G + Qᵀ Ō − Wᵀ (Pᵀ Ō + K G)`` as the Mosaic GPU kernel
+    (:func:`fwjax.ops.pallas.mosaic_gpu.delta_chain_backward`), which takes each chunk's
+    ``Pᵀ``, ``Qᵀ`` and ``Wᵀ`` (transposed here, in XLA)."""
+    from fwjax.ops.pallas import mosaic_gpu
+
+    c = cfg.tiling.chunk
+    per_chunk_t = lambda x: jnp.swapaxes(unflat(x, c), -1, -2)  # [B, H, N, ·, C]
+    q, k, w, p, do = (chain_in[n][1] for n in ("q", "k", "w", "p", "do"))
+    return mosaic_gpu.delta_chain_backward(
+        per_chunk_t(p),
+        k,
+        per_chunk_t(q),
+        per_chunk_t(w),
+        do,
+        carry,
+        value_block=cfg.tiling.value_block,
+        save=save,
+        interpret=cfg.interpret,
+        name=name,
+    )
+
+
 def _chain_maps(x, decay, md, sd):
     """``(M, B)`` of the affine chain from one chunk's operands ``x`` (by name)."""
     d = x["decay"] if decay else None
@@ -305,8 +328,9 @@ def backward(rule, cfg, xs, states, d_o, d_s):
             g_new = cm.chain_backward(x["q"], x["k"], x["w"], x["p"], x["do"], g, md, sd, d)
             return g_new, {"gs": g}  # gs[n]: ∂L/∂S after chunk n
 
+    native = _mosaic_gpu_cotangent_chain if cfg.backend is PallasBackend.MOSAIC_GPU else None
     name = f"{rule.name}_chain_bwd"
-    d_s0, gs = _chain(name, chain_in, chain_step, d_s, "gs", cfg, reverse=True)
+    d_s0, gs = _chain(name, chain_in, chain_step, d_s, "gs", cfg, reverse=True, native=native)
 
     names = ("q", "k", "w", "u", "p", *decay)
 
