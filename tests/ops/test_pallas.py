@@ -416,11 +416,37 @@ def test_mosaic_gpu_cotangent_chain_kernel_equals_the_chain_in_xla():
         assert same.mean() > 0.98, same.mean()
 
 
+def test_mosaic_gpu_output_kernel_equals_the_chunk_output_in_xla():
+    """``O = Q S + P (U − W S)`` for 3 chunks in two value tiles, one CTA each, against
+    :func:`~fwjax.ops.pallas.chunk_math.chunk_output` rounded to bfloat16 like the kernel's."""
+    from fwjax.ops.pallas import chunk_math as cm
+    from fwjax.ops.pallas.mosaic_gpu import delta_chunk_output
+
+    b, h, n, c, k, v = 1, 2, 3, 64, 64, 128
+    rng = np.random.default_rng(2)
+    normal = lambda *shape, scale=1.0: jnp.asarray(rng.normal(size=shape) * scale, jnp.float32)
+    bf16 = lambda x: x.astype(jnp.bfloat16)
+    q = bf16(normal(b, h, n * c, k, scale=k**-0.5))
+    w = bf16(normal(b, h, n * c, k, scale=k**-0.5))
+    u = bf16(normal(b, h, n * c, v))
+    p = bf16(jnp.tril(normal(b, h, n * c, c, scale=c**-0.5)))  # per chunk: [C, C] blocks
+    states = bf16(normal(b, h, n, k, v))
+    got = delta_chunk_output(q, w, u, p, states, value_block=64, interpret=True)
+    per_chunk = lambda x: x.reshape(b, h, n, c, x.shape[-1])
+    output = lambda *a: cm.chunk_output(*a, jnp.bfloat16, jnp.float32)
+    want = jax.vmap(jax.vmap(jax.vmap(output)))(*map(per_chunk, (q, w, u, p)), states)
+    assert got.dtype == jnp.bfloat16 and got.shape == u.shape
+    actual, expected = np.asarray(got, np.float32), np.asarray(bf16(want), np.float32)
+    assert_close(actual, expected.reshape(actual.shape), jnp.bfloat16)
+    assert (actual == expected.reshape(actual.shape)).mean() > 0.98
+
+
 def test_mosaic_gpu_phased_delta_rule_matches_chunked():
-    """The whole op with the Mosaic GPU chains, forward and backward (its other kernels
-    Triton's), split into 2 segments (T 150: 3 chunks of 64, padded to 4; the widened passes
-    without saved carries, then the reruns that save them): outputs, final state and every gradient
-    against CHUNKED at the bfloat16 tolerance. K 32 and V 48 pad to 64."""
+    """The whole op with the Mosaic GPU kernels (the chains, forward and backward, and the
+    outputs; phase 1 and the gradients Triton's), split into 2 segments (T 150: 3 chunks of
+    64, padded to 4; the widened passes without saved carries, then the reruns that save
+    them): outputs, final state and every gradient against CHUNKED at the bfloat16
+    tolerance. K 32 and V 48 pad to 64."""
     case = Case(b=1, t=150, h=2, k=32, v=48, chunk=64)
     split = dataclasses.replace(DELTA, state_segments=2)
     _compare(split, case, jnp.bfloat16, MOSAIC_GPU, tol_dtype=jnp.bfloat16, reference=DELTA)

@@ -12,7 +12,8 @@ has its own file:
   for why Triton and not Mosaic GPU);
 - :mod:`fwjax.ops.pallas.mosaic_tpu` — TPU through Mosaic TPU;
 - :mod:`fwjax.ops.pallas.mosaic_gpu` — the phased delta rule's state and cotangent chains
-  through Mosaic GPU (``PallasBackend.MOSAIC_GPU``; the call's other kernels are Triton's).
+  and its outputs through Mosaic GPU (``PallasBackend.MOSAIC_GPU``; phase 1 and the
+  gradients are Triton's).
 
 On a CPU backend there is no Pallas compiler: kernels run in interpret mode, automatically.
 """
@@ -39,11 +40,11 @@ class PallasBackend(enum.Enum):
       TRITON: the GPU kernels lowered through Triton (:mod:`fwjax.ops.pallas.triton_gpu`).
       MOSAIC_TPU: the TPU kernels (:mod:`fwjax.ops.pallas.mosaic_tpu`).
       MOSAIC_GPU: the delta rule under ``PallasSchedule.PHASED`` with ``PallasChain.UPDATE``
-        only: its two sequential kernels (the state chain and the cotangent chain) as Mosaic
-        GPU kernels for Hopper warpgroups (:mod:`fwjax.ops.pallas.mosaic_gpu`; bfloat16/float16
-        inputs, sizes padded to multiples of 64), the kernels parallel over chunks the Triton
-        ones. Other rules and options raise ValueError. Compiled behaviour and speed are not
-        yet measured.
+        only: its two sequential kernels (the state chain and the cotangent chain) and its
+        output kernel as Mosaic GPU kernels for Hopper warpgroups
+        (:mod:`fwjax.ops.pallas.mosaic_gpu`; bfloat16/float16 inputs, sizes padded to
+        multiples of 64), phase 1 and the gradient kernel the Triton ones. Other rules and
+        options raise ValueError. Compiled behaviour and speed are not yet measured.
     """
 
     AUTO = "auto"
@@ -322,7 +323,7 @@ def _check_mosaic_gpu(options, tiling, matmul_dtype, state_dtype) -> None:
 
 def run_chunk_scan(spec, *args, cfg: KernelConfig):
     """Runs a :class:`fwjax.ops.pallas.scan_spec.ChunkScan` on ``cfg``'s backend (Triton for
-    ``MOSAIC_GPU``, whose one kernel :mod:`fwjax.ops.pallas.phased` calls directly)."""
+    ``MOSAIC_GPU``, whose own kernels :mod:`fwjax.ops.pallas.phased` calls directly)."""
     tiles = {"c": cfg.tiling.chunk, "tv": cfg.tiling.value_block, "interpret": cfg.interpret}
     if cfg.backend is PallasBackend.MOSAIC_TPU:
         from fwjax.ops.pallas import mosaic_tpu
@@ -337,7 +338,7 @@ def run_chunk_scan(spec, *args, cfg: KernelConfig):
 
 def run_chunk_map(spec, *args, cfg: KernelConfig):
     """Runs a :class:`fwjax.ops.pallas.scan_spec.ChunkMap` on ``cfg``'s backend (Triton for
-    ``MOSAIC_GPU``, whose one kernel :mod:`fwjax.ops.pallas.phased` calls directly)."""
+    ``MOSAIC_GPU``, whose own kernels :mod:`fwjax.ops.pallas.phased` calls directly)."""
     t = cfg.tiling
     sizes = {"c": t.chunk, "k": t.key, "v": t.value, "interpret": cfg.interpret}
     if cfg.backend is PallasBackend.MOSAIC_TPU:

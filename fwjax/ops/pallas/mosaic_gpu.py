@@ -1,7 +1,8 @@
-"""GPU backend: the delta rule's state chains as Mosaic GPU kernels (Hopper warpgroups).
+"""GPU backend: the delta rule's phased kernels as Mosaic GPU kernels (Hopper warpgroups).
 
-``PallasBackend.MOSAIC_GPU`` runs the two sequential kernels of the phased schedule
-(:mod:`fwjax.ops.pallas.phased`) here, written for Mosaic GPU (:func:`_chain_kernel`): one CTA
+``PallasBackend.MOSAIC_GPU`` runs three kernels of the phased schedule
+(:mod:`fwjax.ops.pallas.phased`) here, written for Mosaic GPU. The two sequential ones
+(:func:`_chain_kernel`): one CTA
 per ``(batch, head, value tile)`` walks the chunks with its carry tile ``[K, tv]`` in registers
 (float32), chunk operands arriving by TMA into shared memory through
 :func:`jax.experimental.pallas.mosaic_gpu.emit_pipeline` (two chunks in flight), the carry
@@ -18,9 +19,14 @@ Backward, from the last chunk (:func:`delta_chain_backward`)::
     Ũ̄ = P_nᵀ Ō_n + K_n G             two MMAs
     G ← G + Q_nᵀ Ō_n − W_nᵀ Ũ̄        two MMAs
 
-The call's other kernels (phase 1, the outputs, the gradients: all parallel over chunks) are the
-Triton ones (:mod:`fwjax.ops.pallas.triton_gpu`), whose lowering JAX 0.11 deprecates; these
-are the first of their Mosaic GPU replacements. With ``state_segments`` the chains split as in
+Then every chunk's output at once, one CTA per ``(batch, head, chunk, value tile)``
+(:func:`delta_chunk_output`)::
+
+    O_n = Q_n S_n + P_n (U_n − W_n S_n)        three MMAs
+
+The call's other kernels (phase 1's WY terms and the gradients, both parallel over chunks) are
+the Triton ones (:mod:`fwjax.ops.pallas.triton_gpu`), whose lowering JAX 0.11 deprecates;
+these are the first of their Mosaic GPU replacements. With ``state_segments`` the chains split as in
 :func:`fwjax.ops.pallas.phased._chain` (the widened pass is the same kernel without saves).
 
 Constraints of the warpgroup MMA, checked by :func:`check_supported`: bfloat16 or float16
@@ -300,6 +306,69 @@ def delta_chain_backward(
         step, operands, g0, [(c, tv)], tv=tv, save=save, reverse=True,
         interpret=interpret, name=name,
     )  # fmt: skip
+
+
+def delta_chunk_output(q, w, u, p, states, *, value_block: int, interpret: bool, name="delta_out"):
+    """Every chunk's output from the state entering it, ``O = Q S + P (U − W S)``, one CTA per
+    ``(batch, head, chunk, value tile)``, all in parallel.
+
+    Args:
+      q, w: ``Q`` and ``W``, ``[B, H, N·C, K]``, in the matmul dtype.
+      u: ``U``, ``[B, H, N·C, V]``, in the matmul dtype.
+      p: ``P = (Q Kᵀ) ⊙ M``, ``[B, H, N·C, C]``, in the matmul dtype.
+      states: the state entering each chunk, ``[B, H, N, K, V]``, in the matmul dtype.
+      value_block: ``tv`` (divides ``V``).
+      interpret: run in Mosaic GPU's interpret mode (CPU).
+      name: the kernel's name (in profiles).
+
+    Returns:
+      ``O [B, H, N·C, V]`` in the matmul dtype.
+    """
+    b, h, n, dk, dv = states.shape
+    c, md, tv = p.shape[-1], q.dtype, value_block
+    check_supported(md, jnp.float32, c, dk, tv)
+    if dv % tv:
+        raise ValueError(f"value_block={tv} must divide V={dv}")
+    blocks = ((c, dk), (c, dk), (c, tv), (c, c), (dk, tv))  # Q, W, U, P, S
+
+    def kernel(q_gmem, w_gmem, u_gmem, p_gmem, s_gmem, o_gmem, *scratch):
+        q_smem, w_smem, u_smem, p_smem, s_smem, x_smem, o_smem, barrier = scratch
+        bi, hi, ni, j = (jax.lax.axis_index(axis) for axis in ("b", "h", "n", "j"))
+        rows, cols = pl.ds(ni * c, c), pl.ds(j * tv, tv)
+        sources = (
+            q_gmem.at[bi, hi, rows],
+            w_gmem.at[bi, hi, rows],
+            u_gmem.at[bi, hi, rows, cols],
+            p_gmem.at[bi, hi, rows],
+            s_gmem.at[bi, hi, ni, :, cols],
+        )
+        for source, target in zip(sources, (q_smem, w_smem, u_smem, p_smem, s_smem), strict=True):
+            plgpu.copy_gmem_to_smem(source, target, barrier)
+        plgpu.barrier_wait(barrier)
+        x = u_smem[...].astype(jnp.float32) - _product(w_smem, s_smem, c, tv)  # U − W S
+        x_smem[...] = x.astype(md)
+        plgpu.commit_smem()
+        o = _product(q_smem, s_smem, c, tv) + _product(p_smem, x_smem, c, tv)  # Q S + P X
+        o_smem[...] = o.astype(md)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[bi, hi, rows, cols])
+        plgpu.wait_smem_to_gmem(0)
+
+    smem = lambda shape: plgpu.SMEM(shape, md, transforms=_mma_transforms(shape[-1], md, interpret))
+    return plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct(u.shape, md),
+        grid=(b, h, n, dv // tv),
+        grid_names=("b", "h", "n", "j"),
+        kernel_name=name,
+        scratch_types=[
+            *(smem(shape) for shape in blocks),
+            smem((c, tv)),  # X
+            smem((c, tv)),  # O
+            plgpu.Barrier(num_arrivals=len(blocks)),
+        ],
+        interpret=_interpret_params() if interpret else None,
+    )(q, w, u, p, states)
 
 
 def _check_call(md, carry0, c, dk, tv) -> None:

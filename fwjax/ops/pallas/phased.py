@@ -279,6 +279,17 @@ def forward(rule, cfg, xs, s0):
     s, states = _chain(name, chain_in, chain_step, s0, "states", cfg, native=native)
 
     out_in = ("q", "w", "u", "p")
+    if cfg.backend is PallasBackend.MOSAIC_GPU:
+        from fwjax.ops.pallas import mosaic_gpu
+
+        o = mosaic_gpu.delta_chunk_output(
+            *(ops[n] for n in out_in),
+            states,
+            value_block=cfg.tiling.value_block,
+            interpret=cfg.interpret,
+            name=f"{rule.name}_out",
+        )
+        return unflat(o, cfg.tiling.chunk), s, states
     output = ChunkMap(
         f"{rule.name}_out",
         inputs=(*(Operand(n, kinds[n]) for n in out_in), Operand("states", Kind.STATES)),
