@@ -325,6 +325,8 @@ def test_gated_chunk_decay_travels_as_one_float32_value_per_chunk():
 # --- PallasBackend.MOSAIC_GPU: the delta rule's forward chain in Mosaic GPU's interpreter ---
 
 MOSAIC_GPU = PallasOptions(backend=PallasBackend.MOSAIC_GPU, schedule=PHASED)
+# The kernel tests' sizes: B 2, 3 chunks of 64, K 128 (K ≠ C), V 128 in two value tiles of 64.
+MGPU_DIMS = (2, 1, 3, 64, 128, 128)
 
 
 def _xla_chain(kt, w, u, s0):
@@ -347,14 +349,14 @@ def _xla_chain(kt, w, u, s0):
 
 @pytest.mark.parametrize("save_states", [True, False])
 def test_mosaic_gpu_chain_kernel_equals_the_chain_in_xla(save_states):
-    """3 chunks of 64, K 64, V 128 in two value tiles of 64 (two CTAs per head), bfloat16
-    operands and a float32 state, against the XLA chain. Both form exact bfloat16 products
+    """``MGPU_DIMS`` (two CTAs per head), bfloat16 operands and a float32 state, against the
+    XLA chain. Both form exact bfloat16 products
     summed in float32, in different orders: an ``X = U − W S`` element on a bfloat16 rounding
     boundary may round the other way and move its column of the state by one rounding; the
     rest agrees to float32 rounding."""
     from fwjax.ops.pallas.mosaic_gpu import delta_chain_forward
 
-    b, h, n, c, k, v = 1, 2, 3, 64, 64, 128
+    b, h, n, c, k, v = MGPU_DIMS
     rng = np.random.default_rng(0)
     normal = lambda *shape, scale=1.0: jnp.asarray(rng.normal(size=shape) * scale, jnp.float32)
     kt = normal(b, h, n, k, c, scale=k**-0.5).astype(jnp.bfloat16)
@@ -397,7 +399,7 @@ def test_mosaic_gpu_cotangent_chain_kernel_equals_the_chain_in_xla():
     """The reverse chain ``G ← G + Qᵀ Ō − Wᵀ (Pᵀ Ō + K G)``, sizes and check as above."""
     from fwjax.ops.pallas.mosaic_gpu import delta_chain_backward
 
-    b, h, n, c, k, v = 1, 2, 3, 64, 64, 128
+    b, h, n, c, k, v = MGPU_DIMS
     rng = np.random.default_rng(1)
     normal = lambda *shape, scale=1.0: jnp.asarray(rng.normal(size=shape) * scale, jnp.float32)
     bf16 = lambda x: x.astype(jnp.bfloat16)
@@ -417,12 +419,12 @@ def test_mosaic_gpu_cotangent_chain_kernel_equals_the_chain_in_xla():
 
 
 def test_mosaic_gpu_output_kernel_equals_the_chunk_output_in_xla():
-    """``O = Q S + P (U − W S)`` for 3 chunks in two value tiles, one CTA each, against
+    """``O = Q S + P (U − W S)`` at ``MGPU_DIMS``, one CTA per chunk and value tile, against
     :func:`~fwjax.ops.pallas.chunk_math.chunk_output` rounded to bfloat16 like the kernel's."""
     from fwjax.ops.pallas import chunk_math as cm
     from fwjax.ops.pallas.mosaic_gpu import delta_chunk_output
 
-    b, h, n, c, k, v = 1, 2, 3, 64, 64, 128
+    b, h, n, c, k, v = MGPU_DIMS
     rng = np.random.default_rng(2)
     normal = lambda *shape, scale=1.0: jnp.asarray(rng.normal(size=shape) * scale, jnp.float32)
     bf16 = lambda x: x.astype(jnp.bfloat16)
@@ -452,52 +454,71 @@ def test_mosaic_gpu_phased_delta_rule_matches_chunked():
     _compare(split, case, jnp.bfloat16, MOSAIC_GPU, tol_dtype=jnp.bfloat16, reference=DELTA)
 
 
-def test_mosaic_gpu_kernel_lowers_for_cuda_on_this_machine(monkeypatch):
-    """The Mosaic GPU chains (both passes of each split) lower beside the Triton kernels
-    (``jax.export`` for CUDA: Pallas → Mosaic GPU; no PTX compiler or device)."""
+@pytest.mark.parametrize(
+    ("b", "h", "d", "segments"),
+    [(1, 2, 16, 2), (8, 16, 128, None)],
+    ids=["padded-split", "B8H16D128"],
+)
+def test_mosaic_gpu_kernel_lowers_for_cuda_on_this_machine(monkeypatch, b, h, d, segments):
+    """The Mosaic GPU kernels lower beside the Triton kernels (``jax.export`` for CUDA:
+    Pallas → Mosaic GPU, which checks each kernel's shared memory against Hopper's; no PTX
+    compiler or device): D 16 padded to 64 with both passes of each split chain, and
+    K = V = 128 at B·H = 128 (its default value tile)."""
     import fwjax.ops.pallas as pallas_module
     from fwjax.ops import delta_rule
 
     monkeypatch.setattr(pallas_module, "resolve_interpret", lambda options, platform=None: False)
-    x = jnp.ones((1, 130, 2, 16), jnp.bfloat16)
-    beta = jnp.full((1, 130, 2), 0.9, jnp.bfloat16)
+    x = jnp.ones((b, 130, h, d), jnp.bfloat16)
+    beta = jnp.full((b, 130, h), 0.9, jnp.bfloat16)
 
     def op(q, k, v):
-        kw = {"impl": Impl.PALLAS, "pallas": MOSAIC_GPU, "state_segments": 2}
+        kw = {"impl": Impl.PALLAS, "pallas": MOSAIC_GPU, "state_segments": segments}
         return delta_rule(q, k, v, beta, None, 0.25, **kw)
 
     monkeypatch.setitem(TARGETS, "cuda", (*TARGETS["cuda"], "mosaic_gpu_v2"))
     text = _lowered_text(op, (x, x, x), "cuda")
     assert "stablehlo.custom_call @mosaic_gpu_v2" in text
-    names = ("wy", "chain_fwd", "chain_fwd_maps", "out", "chain_bwd", "chain_bwd_maps", "grads")
+    names = ["wy", "chain_fwd", "out", "chain_bwd", "grads"]
+    names += ["chain_fwd_maps", "chain_bwd_maps"] if segments else []
     for name in names:
         assert f"delta_rule_{name}" in text, name
 
 
 @pytest.mark.parametrize(
-    ("options", "dtype", "message"),
+    ("options", "dtype", "d", "chunk", "message"),
     [
-        (PallasOptions(backend=PallasBackend.MOSAIC_GPU), jnp.bfloat16, "schedule='fused'"),
-        (dataclasses.replace(MOSAIC_GPU, chain=AFFINE), jnp.bfloat16, "chain='affine'"),
-        (MOSAIC_GPU, jnp.float32, "got float32"),
+        (PallasOptions(backend=PallasBackend.MOSAIC_GPU), jnp.bfloat16, 4, 64, "schedule='fused'"),
+        (dataclasses.replace(MOSAIC_GPU, chain=AFFINE), jnp.bfloat16, 4, 64, "chain='affine'"),
+        (MOSAIC_GPU, jnp.float32, 4, 64, "got float32"),
         (
             dataclasses.replace(MOSAIC_GPU, precision=PallasPrecision.STATE),
             jnp.bfloat16,
+            4,
+            64,
             "got float32",
         ),
+        (MOSAIC_GPU, jnp.bfloat16, 128, 128, "chunk=128, key=128, value_block=64 needs 327680"),
+        (MOSAIC_GPU, jnp.bfloat16, 256, 64, "key=256, value_block=64 needs 270336"),
     ],
-    ids=["fused", "affine", "float32_inputs", "state_precision"],
+    ids=["fused", "affine", "float32_inputs", "state_precision", "chunk128", "key256"],
 )
-def test_mosaic_gpu_refuses_what_it_has_no_kernel_for(options, dtype, message):
-    x = jnp.ones((1, 8, 1, 4), dtype)
-    beta = jnp.full((1, 8, 1), 0.5, dtype)
-    from fwjax.ops import delta_rule, gated_delta_rule, sum_rule
+def test_mosaic_gpu_refuses_what_it_has_no_kernel_for(options, dtype, d, chunk, message):
+    """Options without Mosaic GPU kernels, and sizes whose kernels would not fit Hopper's
+    shared memory (the cotangent chain holds two chunks of five operands in flight), raise
+    ValueError naming the values."""
+    from fwjax.ops import delta_rule
 
+    x = jnp.ones((1, 200, 1, d), dtype)
+    beta = jnp.full((1, 200, 1), 0.5, dtype)
     with pytest.raises(ValueError, match=message):
-        delta_rule(x, x, x, beta, impl=Impl.PALLAS, pallas=options)
-    if options is MOSAIC_GPU:
-        return
-    x, beta = x.astype(jnp.bfloat16), beta.astype(jnp.bfloat16)
+        delta_rule(x, x, x, beta, impl=Impl.PALLAS, chunk_size=chunk, pallas=options)
+
+
+def test_mosaic_gpu_refuses_the_rules_it_has_no_kernels_for():
+    from fwjax.ops import gated_delta_rule, sum_rule
+
+    x = jnp.ones((1, 8, 1, 4), jnp.bfloat16)
+    beta = jnp.full((1, 8, 1), 0.5, jnp.bfloat16)
     with pytest.raises(ValueError, match="no kernel for the decay of 'gated_delta_rule'"):
         gated_delta_rule(x, x, x, beta, beta, impl=Impl.PALLAS, pallas=MOSAIC_GPU)
     with pytest.raises(ValueError, match="no kernels for 'sum_rule'"):

@@ -231,14 +231,26 @@ def tpu_tiling(t, k, v, chunk_size, programs, options: PallasOptions) -> Tiling:
 def mosaic_gpu_tiling(t, k, v, chunk_size, programs, options: PallasOptions) -> Tiling:
     """:func:`triton_tiling` (the call's other kernels are Triton's) with the sizes of
     Hopper's warpgroup MMA: chunk, key and value rounded up to powers of two >= 64, and a value
-    tile of at least 64 (zero keys, values and β = 0 are exact no-ops)."""
-    from fwjax.ops.pallas.mosaic_gpu import MMA_TILE
+    tile of at least 64 (zero keys, values and β = 0 are exact no-ops). Unless given, the value
+    tile also halves (down to 64) until the carry ``[K, tv]`` fits the registers and the
+    kernels fit shared memory (:func:`fwjax.ops.pallas.mosaic_gpu.smem_bytes`)."""
+    from fwjax.ops.pallas import mosaic_gpu
 
-    c = next_power_of_2(max(MMA_TILE, min(chunk_size, t)))
-    kp, vp = next_power_of_2(max(MMA_TILE, k)), next_power_of_2(max(MMA_TILE, v))
-    tv = _value_block(vp, programs, options, minimum=MMA_TILE)
-    if tv & (tv - 1) or tv < MMA_TILE:
+    c = next_power_of_2(max(mosaic_gpu.MMA_TILE, min(chunk_size, t)))
+    kp = next_power_of_2(max(mosaic_gpu.MMA_TILE, k))
+    vp = next_power_of_2(max(mosaic_gpu.MMA_TILE, v))
+    tv = _value_block(vp, programs, options, minimum=mosaic_gpu.MMA_TILE)
+    if tv & (tv - 1) or tv < mosaic_gpu.MMA_TILE:
         raise ValueError(f"value_block={tv} must be a power of two >= 64 for Mosaic GPU")
+    while (
+        options.value_block is None
+        and tv > mosaic_gpu.MMA_TILE
+        and (
+            kp * tv > mosaic_gpu.CARRY_ELEMENTS
+            or mosaic_gpu.smem_bytes(c, kp, tv) > mosaic_gpu.SMEM_LIMIT
+        )
+    ):
+        tv //= 2
     return Tiling(c, kp, vp, tv, -(-t // c))
 
 

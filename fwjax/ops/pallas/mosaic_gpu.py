@@ -29,9 +29,12 @@ the Triton ones (:mod:`fwjax.ops.pallas.triton_gpu`), whose lowering JAX 0.11 de
 these are the first of their Mosaic GPU replacements. With ``state_segments`` the chains split as in
 :func:`fwjax.ops.pallas.phased._chain` (the widened pass is the same kernel without saves).
 
-Constraints of the warpgroup MMA, checked by :func:`check_supported`: bfloat16 or float16
-operands (``PallasPrecision.INPUT`` with such inputs), a float32 state, and ``C``, ``K`` and
-``tv`` multiples of 64 (:func:`fwjax.ops.pallas.mosaic_gpu_tiling` pads to them).
+Constraints, checked by :func:`check_supported`: bfloat16 or float16 operands
+(``PallasPrecision.INPUT`` with such inputs), a float32 state, ``C``, ``K`` and ``tv``
+multiples of 64 (the warpgroup MMA's rows; :func:`fwjax.ops.pallas.mosaic_gpu_tiling` pads to
+them), and kernels that fit Hopper's shared memory (:func:`smem_bytes`: with two chunks in
+flight that means ``C = 64`` and ``K <= 128``). The tiling's default value tile keeps the
+carry within 64 float32 registers per thread (``tv = 64`` at ``K = 128``).
 
 Written so that the same kernel body runs in Pallas' Mosaic GPU interpret mode (the CPU tests)
 and lowers for CUDA:
@@ -60,6 +63,22 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 MMA_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 MMA_TILE = 64  # rows of one warpgroup MMA; C, K and tv are multiples of it
+# Shared memory per CTA on Hopper (the limit Mosaic GPU checks when it compiles), less a margin
+# for the pipeline's barriers.
+SMEM_LIMIT = 227 * 1024 - 1024
+# The float32 elements of one [K, tv] carry (or accumulator) per warpgroup beyond which the
+# registers spill: 64 per thread.
+CARRY_ELEMENTS = 64 * 128
+
+
+def smem_bytes(chunk: int, key: int, value_block: int, itemsize: int = 2) -> int:
+    """Shared memory of the largest kernel here, the cotangent chain: two chunks in flight of
+    ``Pᵀ [C, C]``, ``K [C, K]``, ``Qᵀ``, ``Wᵀ [K, C]``, ``Ō [C, tv]``, plus the carry
+    ``[K, tv]`` and ``Ũ̄ [C, tv]`` (the float32 carry's buffer lives outside the pipeline's
+    scope). The state chain and the output kernel need less."""
+    c, k, tv = chunk, key, value_block
+    in_flight = 2 * (c * c + 3 * c * k + c * tv)
+    return itemsize * (in_flight + k * tv + c * tv)
 
 
 def check_supported(matmul_dtype, state_dtype, chunk: int, key: int, value_block: int) -> None:
@@ -76,6 +95,13 @@ def check_supported(matmul_dtype, state_dtype, chunk: int, key: int, value_block
     for name, size in (("chunk", chunk), ("key", key), ("value_block", value_block)):
         if size % MMA_TILE:
             raise ValueError(f"PallasBackend.MOSAIC_GPU needs {name}={size} a multiple of 64")
+    needed = smem_bytes(chunk, key, value_block, jnp.dtype(matmul_dtype).itemsize)
+    if needed > SMEM_LIMIT:
+        raise ValueError(
+            f"PallasBackend.MOSAIC_GPU with {chunk=}, {key=}, {value_block=} needs {needed} "
+            f"bytes of shared memory per CTA, over {SMEM_LIMIT}: use chunk_size=64, a smaller "
+            "value_block, or K <= 128"
+        )
 
 
 def _interpret_params():
@@ -134,8 +160,13 @@ def _chain_kernel(step, operands, carry0, scratch, *, tv, save, reverse, interpr
     f32 = jnp.float32
     chunk_of = (lambda i: n - 1 - i) if reverse else (lambda i: i)
 
+    # The float32 carry entering and leaving passes through shared memory (tiled when compiled,
+    # so that its loads and stores take the MMA accumulator's register layout), in scopes of
+    # their own: the buffer does not sit beside the pipeline's.
+    carry_smem_type = plgpu.SMEM((dk, tv), f32, transforms=_mma_transforms(tv, f32, interpret))
+
     def kernel(*refs):
-        gmem, (final_gmem, *saved), (c_smem, carry_smem, barrier, *scratch_refs) = (
+        gmem, (final_gmem, *saved), (c_smem, *scratch_refs) = (
             refs[: len(operands) + 1],
             refs[len(operands) + 1 : len(operands) + 2 + save],
             refs[len(operands) + 2 + save :],
@@ -143,8 +174,17 @@ def _chain_kernel(step, operands, carry0, scratch, *, tv, save, reverse, interpr
         *ops_gmem, carry0_gmem = gmem
         bi, hi, j = (jax.lax.axis_index(axis) for axis in ("b", "h", "j"))
         cols = pl.ds(j * tv, tv)
-        plgpu.copy_gmem_to_smem(carry0_gmem.at[bi, hi, :, cols], carry_smem, barrier)
-        plgpu.barrier_wait(barrier)
+
+        def load_carry(carry_smem, barrier):
+            plgpu.copy_gmem_to_smem(carry0_gmem.at[bi, hi, :, cols], carry_smem, barrier)
+            plgpu.barrier_wait(barrier)
+            return carry_smem[...]
+
+        def store_carry(carry_smem):
+            carry_smem[...] = carry
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(carry_smem, final_gmem.at[bi, hi, :, cols])
+            plgpu.wait_smem_to_gmem(0)
 
         def body(indices, *blocks_and_carry):
             *blocks, carry = blocks_and_carry
@@ -166,25 +206,19 @@ def _chain_kernel(step, operands, carry0, scratch, *, tv, save, reverse, interpr
             )
             for op in operands
         ]
+        carry0 = pl.run_scoped(load_carry, carry_smem_type, plgpu.Barrier())
         chain = plgpu.emit_pipeline(
-            body, grid=(n,), in_specs=specs, init_carry=carry_smem[...], max_concurrent_steps=2
+            body, grid=(n,), in_specs=specs, init_carry=carry0, max_concurrent_steps=2
         )
         carry = chain(*(ref.at[bi, hi] for ref in ops_gmem))
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-        carry_smem[...] = carry
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(carry_smem, final_gmem.at[bi, hi, :, cols])
-        plgpu.wait_smem_to_gmem(0)
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last saved carry's copy
+        pl.run_scoped(store_carry, carry_smem_type)
 
     out_type = [jax.ShapeDtypeStruct((b, h, dk, dv), f32)]
     if save:
         out_type.append(jax.ShapeDtypeStruct((b, h, n, dk, dv), md))
     scratch_types = [
         plgpu.SMEM((dk, tv), md, transforms=_mma_transforms(tv, md, interpret)),  # the carry
-        # The float32 carry entering and leaving (tiled when compiled, so that its loads and
-        # stores take the MMA accumulator's register layout).
-        plgpu.SMEM((dk, tv), f32, transforms=_mma_transforms(tv, f32, interpret)),
-        plgpu.Barrier(),
         *(
             plgpu.SMEM(shape, md, transforms=_mma_transforms(shape[-1], md, interpret))
             for shape in scratch
@@ -210,13 +244,15 @@ def _num_chunks(operands) -> int:
     return op.array.shape[2] // op.block[0]
 
 
-def _product(a, b, rows: int, columns: int):
-    """``a @ b`` (shared-memory operands; ``[rows, columns]``) by one warpgroup MMA into a
-    fresh float32 accumulator; returns it as a value."""
+def _product(*pairs, rows: int, columns: int):
+    """``Σ a @ b`` over ``pairs`` of shared-memory operands (``[rows, columns]``): warpgroup
+    MMAs issued back to back into one fresh float32 accumulator, awaited once; returns it as a
+    value."""
 
     def mma(acc):
-        plgpu.wgmma(acc, a, b)
-        return acc[...]
+        for a, b in pairs:
+            plgpu.wgmma(acc, a, b)
+        return acc[...]  # waits for the MMAs
 
     return pl.run_scoped(mma, plgpu.ACC((rows, columns), jnp.float32))
 
@@ -246,10 +282,10 @@ def delta_chain_forward(
 
     def step(blocks, s, s_smem, x_smem):
         kt_ref, w_ref, u_ref = blocks
-        x = u_ref[...].astype(jnp.float32) - _product(w_ref, s_smem, c, tv)  # U − W S
+        x = u_ref[...].astype(jnp.float32) - _product((w_ref, s_smem), rows=c, columns=tv)
         x_smem[...] = x.astype(x_smem.dtype)
         plgpu.commit_smem()
-        return s + _product(kt_ref, x_smem, dk, tv)  # S + Kᵀ X
+        return s + _product((kt_ref, x_smem), rows=dk, columns=tv)  # S + Kᵀ (U − W S)
 
     operands = (
         Operand(kt, (None, dk, c), lambda n, j: (n, 0, 0)),
@@ -290,10 +326,11 @@ def delta_chain_backward(
 
     def step(blocks, g, g_smem, du_smem):
         pt_ref, k_ref, qt_ref, wt_ref, do_ref = blocks
-        du = _product(pt_ref, do_ref, c, tv) + _product(k_ref, g_smem, c, tv)  # Pᵀ Ō + K G
+        du = _product((pt_ref, do_ref), (k_ref, g_smem), rows=c, columns=tv)  # Pᵀ Ō + K G
         du_smem[...] = du.astype(du_smem.dtype)
         plgpu.commit_smem()
-        return g + _product(qt_ref, do_ref, dk, tv) - _product(wt_ref, du_smem, dk, tv)
+        q_do = _product((qt_ref, do_ref), rows=dk, columns=tv)
+        return g + q_do - _product((wt_ref, du_smem), rows=dk, columns=tv)
 
     operands = (
         Operand(pt, (None, c, c), lambda n, j: (n, 0, 0)),
@@ -345,10 +382,10 @@ def delta_chunk_output(q, w, u, p, states, *, value_block: int, interpret: bool,
         for source, target in zip(sources, (q_smem, w_smem, u_smem, p_smem, s_smem), strict=True):
             plgpu.copy_gmem_to_smem(source, target, barrier)
         plgpu.barrier_wait(barrier)
-        x = u_smem[...].astype(jnp.float32) - _product(w_smem, s_smem, c, tv)  # U − W S
+        x = u_smem[...].astype(jnp.float32) - _product((w_smem, s_smem), rows=c, columns=tv)
         x_smem[...] = x.astype(md)
         plgpu.commit_smem()
-        o = _product(q_smem, s_smem, c, tv) + _product(p_smem, x_smem, c, tv)  # Q S + P X
+        o = _product((q_smem, s_smem), (p_smem, x_smem), rows=c, columns=tv)  # Q S + P X
         o_smem[...] = o.astype(md)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[bi, hi, rows, cols])

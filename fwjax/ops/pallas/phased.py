@@ -31,6 +31,9 @@ the chains themselves carry the state dtype. The per-chunk math is
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -56,15 +59,25 @@ def _operands(rule, cfg, terms, sd) -> tuple[dict, dict, tuple[str, ...]]:
     return values, dict(rule.operands), decay
 
 
+class NativeChain(NamedTuple):
+    """A backend's own kernel of a chain: ``run(name, chain_in, carry, save, cfg)`` returns
+    what :func:`_run_chain` returns; it walks the chunks from the last when ``reverse``."""
+
+    run: Callable
+    reverse: bool
+
+
 def _run_chain(name, chain_in, step, carry, emitted, cfg, reverse=False, native=None):
     """A sequential chain kernel: ``chain_in`` maps each operand's name to ``(kind, array)``;
     ``step(values, carry) -> (carry, {emitted: value})`` with the carry in ``carry``'s dtype and
     the per-chunk ``emitted`` value saved in the matmul dtype. Returns ``(final carry,
     emitted [B, H, N, K, V])``, or ``(final carry,)`` when ``emitted`` is None (nothing
-    saved). ``native(name, chain_in, carry, save, cfg)``, if given, is a backend's own kernel
-    of the same chain, run instead of the generic one."""
+    saved). ``native``, if given, is a backend's own kernel of the same chain
+    (:class:`NativeChain`), run instead of the generic one."""
     if native is not None:
-        return native(name, chain_in, carry, emitted is not None, cfg)
+        if native.reverse != reverse:
+            raise ValueError(f"{native.run.__name__} walks the chunks with {native.reverse=}")
+        return native.run(name, chain_in, carry, emitted is not None, cfg)
     saved = () if emitted is None else (Operand(emitted, Kind.STATES, cfg.matmul_dtype),)
     spec = ChunkScan(
         name,
@@ -274,7 +287,7 @@ def forward(rule, cfg, xs, s0):
                 f"PallasBackend.MOSAIC_GPU has no kernel for the decay of {rule.name!r} "
                 "(only the delta rule's chain)"
             )
-        native = _mosaic_gpu_chain
+        native = NativeChain(_mosaic_gpu_chain, reverse=False)
     name = f"{rule.name}_chain_fwd"
     s, states = _chain(name, chain_in, chain_step, s0, "states", cfg, native=native)
 
@@ -339,7 +352,13 @@ def backward(rule, cfg, xs, states, d_o, d_s):
             g_new = cm.chain_backward(x["q"], x["k"], x["w"], x["p"], x["do"], g, md, sd, d)
             return g_new, {"gs": g}  # gs[n]: ∂L/∂S after chunk n
 
-    native = _mosaic_gpu_cotangent_chain if cfg.backend is PallasBackend.MOSAIC_GPU else None
+    native = None
+    if cfg.backend is PallasBackend.MOSAIC_GPU:
+        if decay:
+            raise ValueError(
+                f"PallasBackend.MOSAIC_GPU has no kernel for the decay of {rule.name!r}"
+            )
+        native = NativeChain(_mosaic_gpu_cotangent_chain, reverse=True)
     name = f"{rule.name}_chain_bwd"
     d_s0, gs = _chain(name, chain_in, chain_step, d_s, "gs", cfg, reverse=True, native=native)
 
