@@ -363,7 +363,7 @@ def test_mosaic_gpu_chain_kernel_equals_the_chain_in_xla(save_states):
     w = normal(b, h, n * c, k, scale=k**-0.5).astype(jnp.bfloat16)
     u = normal(b, h, n * c, v).astype(jnp.bfloat16)
     s0 = normal(b, h, k, v)
-    got = delta_chain_forward(kt, w, u, s0, value_block=64, save_states=save_states, interpret=True)
+    got = delta_chain_forward(kt, w, u, s0, value_block=64, save=save_states, interpret=True)
     final, states = _xla_chain(kt, w, u, s0)
     assert len(got) == (2 if save_states else 1)
     pairs = [(got[0], final)]

@@ -258,7 +258,7 @@ def _product(*pairs, rows: int, columns: int):
 
 
 def delta_chain_forward(
-    kt, w, u, s0, *, value_block: int, save_states: bool, interpret: bool, name="delta_chain_fwd"
+    kt, w, u, s0, *, value_block: int, save: bool, interpret: bool, name="delta_chain_fwd"
 ):
     """The phased delta rule's forward chain, ``S ← S + Kᵀ (U − W S)`` chunk by chunk.
 
@@ -268,13 +268,13 @@ def delta_chain_forward(
       u: ``U = T (β ⊙ V)``, ``[B, H, N·C, V]``, in the matmul dtype.
       s0: the initial state ``[B, H, K, V]``, float32.
       value_block: ``tv``, the state columns per CTA (divides ``V``).
-      save_states: also return the state entering each chunk.
+      save: also return the state entering each chunk.
       interpret: run in Mosaic GPU's interpret mode (CPU).
       name: the kernel's name (in profiles).
 
     Returns:
       ``(S_final [B, H, K, V] float32, states [B, H, N, K, V])`` with the states in the matmul
-      dtype, or ``(S_final,)`` without ``save_states``.
+      dtype, or ``(S_final,)`` without ``save``.
     """
     _, _, _, dk, c = kt.shape
     tv = value_block
@@ -293,7 +293,7 @@ def delta_chain_forward(
         Operand(u, (c, tv), lambda n, j: (n, j)),
     )
     return _chain_kernel(
-        step, operands, s0, [(c, tv)], tv=tv, save=save_states, reverse=False,
+        step, operands, s0, [(c, tv)], tv=tv, save=save, reverse=False,
         interpret=interpret, name=name,
     )  # fmt: skip
 

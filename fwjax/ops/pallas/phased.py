@@ -167,16 +167,12 @@ def _mosaic_gpu_chain(name, chain_in, carry, save, cfg):
 
     k, w, u = (chain_in[n][1] for n in "kwu")
     kt = jnp.swapaxes(unflat(k, cfg.tiling.chunk), -1, -2)  # [B, H, N, K, C]
-    return mosaic_gpu.delta_chain_forward(
-        kt,
-        w,
-        u,
-        carry,
-        value_block=cfg.tiling.value_block,
-        save_states=save,
-        interpret=cfg.interpret,
-        name=name,
-    )
+    return mosaic_gpu.delta_chain_forward(kt, w, u, carry, save=save, **_mosaic_gpu_args(cfg, name))
+
+
+def _mosaic_gpu_args(cfg, name) -> dict:
+    """The static arguments every Mosaic GPU kernel takes."""
+    return {"value_block": cfg.tiling.value_block, "interpret": cfg.interpret, "name": name}
 
 
 def _mosaic_gpu_cotangent_chain(name, chain_in, carry, save, cfg):
@@ -188,18 +184,9 @@ def _mosaic_gpu_cotangent_chain(name, chain_in, carry, save, cfg):
     c = cfg.tiling.chunk
     per_chunk_t = lambda x: jnp.swapaxes(unflat(x, c), -1, -2)  # [B, H, N, ·, C]
     q, k, w, p, do = (chain_in[n][1] for n in ("q", "k", "w", "p", "do"))
-    return mosaic_gpu.delta_chain_backward(
-        per_chunk_t(p),
-        k,
-        per_chunk_t(q),
-        per_chunk_t(w),
-        do,
-        carry,
-        value_block=cfg.tiling.value_block,
-        save=save,
-        interpret=cfg.interpret,
-        name=name,
-    )
+    pt, qt, wt = per_chunk_t(p), per_chunk_t(q), per_chunk_t(w)
+    args = _mosaic_gpu_args(cfg, name)
+    return mosaic_gpu.delta_chain_backward(pt, k, qt, wt, do, carry, save=save, **args)
 
 
 def _chain_maps(x, decay, md, sd):
@@ -295,13 +282,8 @@ def forward(rule, cfg, xs, s0):
     if cfg.backend is PallasBackend.MOSAIC_GPU:
         from fwjax.ops.pallas import mosaic_gpu
 
-        o = mosaic_gpu.delta_chunk_output(
-            *(ops[n] for n in out_in),
-            states,
-            value_block=cfg.tiling.value_block,
-            interpret=cfg.interpret,
-            name=f"{rule.name}_out",
-        )
+        args = _mosaic_gpu_args(cfg, f"{rule.name}_out")
+        o = mosaic_gpu.delta_chunk_output(*(ops[n] for n in out_in), states, **args)
         return unflat(o, cfg.tiling.chunk), s, states
     output = ChunkMap(
         f"{rule.name}_out",
