@@ -523,3 +523,11 @@ def test_mosaic_gpu_refuses_the_rules_it_has_no_kernels_for():
         gated_delta_rule(x, x, x, beta, beta, impl=Impl.PALLAS, pallas=MOSAIC_GPU)
     with pytest.raises(ValueError, match="no kernels for 'sum_rule'"):
         sum_rule(x, x, x, impl=Impl.PALLAS, pallas=MOSAIC_GPU)
+
+
+def test_mosaic_gpu_names_the_jax_it_needs(monkeypatch):
+    from fwjax.ops.pallas.mosaic_gpu import check_supported
+
+    monkeypatch.setattr(jax, "__version__", "0.9.2")
+    with pytest.raises(ValueError, match=r"needs jax >= 0\.10, found 0\.9\.2"):
+        check_supported(jnp.bfloat16, jnp.float32, 64, 64, 64)

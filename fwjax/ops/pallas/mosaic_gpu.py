@@ -81,8 +81,19 @@ def smem_bytes(chunk: int, key: int, value_block: int, itemsize: int = 2) -> int
     return itemsize * (in_flight + k * tv + c * tv)
 
 
+# The JAX whose Mosaic GPU API (``plgpu.kernel`` with ``out_type``/``scratch_types``/
+# ``kernel_name``, the interpreter) these kernels are written and tested against.
+MIN_JAX = (0, 10)
+
+
 def check_supported(matmul_dtype, state_dtype, chunk: int, key: int, value_block: int) -> None:
-    """Raises ValueError unless the kernel supports these dtypes and sizes."""
+    """Raises ValueError unless the kernel supports this JAX, these dtypes and sizes."""
+    version = tuple(int(part) for part in jax.__version__.split(".")[:2])
+    if version < MIN_JAX:
+        raise ValueError(
+            f"PallasBackend.MOSAIC_GPU needs jax >= {'.'.join(map(str, MIN_JAX))}, "
+            f"found {jax.__version__}"
+        )
     if jnp.dtype(matmul_dtype) not in MMA_DTYPES:
         raise ValueError(
             f"PallasBackend.MOSAIC_GPU needs bfloat16 or float16 matmul operands, got "
