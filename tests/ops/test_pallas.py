@@ -454,6 +454,17 @@ def test_mosaic_gpu_phased_delta_rule_matches_chunked():
     _compare(split, case, jnp.bfloat16, MOSAIC_GPU, tol_dtype=jnp.bfloat16, reference=DELTA)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("segments", [None, 4])
+@pytest.mark.parametrize("case", GPU_CASES, ids=str)
+def test_compiled_mosaic_gpu(case, segments):
+    """The Mosaic GPU kernels compiled (Hopper), with and without the split, against CHUNKED."""
+    if jax.default_backend() != "gpu":
+        pytest.skip("needs a GPU default backend (JAX_PLATFORMS=cuda)")
+    split = dataclasses.replace(DELTA, state_segments=segments)
+    _compare(split, case, jnp.bfloat16, MOSAIC_GPU, tol_dtype=jnp.bfloat16, reference=DELTA)
+
+
 @pytest.mark.parametrize(
     ("b", "h", "d", "segments"),
     [(1, 2, 16, 2), (8, 16, 128, None)],
