@@ -74,7 +74,9 @@ PHASED = (
     "fwjax_gated_pallas_phased",
     "fwjax_pallas_phased_affine",
     "fwjax_gated_pallas_phased_affine",
-    "fwjax_pallas_phased_mgpu",  # the forward chain on Mosaic GPU (PallasBackend.MOSAIC_GPU)
+    # the chains and outputs on Mosaic GPU (PallasBackend.MOSAIC_GPU)
+    "fwjax_pallas_phased_mgpu",
+    "fwjax_gated_pallas_phased_mgpu",
 )
 
 
@@ -194,7 +196,8 @@ def _jax_op(impl: str, smoke: bool):
         phased = None
         if "_phased" in impl:
             chain = PallasChain.AFFINE if impl.endswith("_affine") else PallasChain.UPDATE
-            phased = PallasOptions(schedule=PallasSchedule.PHASED, chain=chain)
+            backend = PallasBackend.MOSAIC_GPU if "_mgpu" in impl else PallasBackend.AUTO
+            phased = PallasOptions(schedule=PallasSchedule.PHASED, chain=chain, backend=backend)
 
         def gated(q, k, v, beta, log_alpha):
             alpha = jnp.exp(log_alpha)

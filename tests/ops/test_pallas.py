@@ -443,56 +443,65 @@ def test_mosaic_gpu_output_kernel_equals_the_chunk_output_in_xla():
     assert (actual == expected.reshape(actual.shape)).mean() > 0.98
 
 
-def test_mosaic_gpu_phased_delta_rule_matches_chunked():
+@pytest.mark.parametrize("rule", [DELTA, GATED], **RULE_IDS)
+def test_mosaic_gpu_phased_rules_match_chunked(rule):
     """The whole op with the Mosaic GPU kernels (the chains, forward and backward, and the
     outputs; phase 1 and the gradients Triton's), split into 2 segments (T 150: 3 chunks of
     64, padded to 4; the widened passes without saved carries, then the reruns that save
     them): outputs, final state and every gradient against CHUNKED at the bfloat16
-    tolerance. K 32 and V 48 pad to 64."""
+    tolerance. K 32 and V 48 pad to 64. The gated rule's chains read each chunk's decay
+    ``Γ_C`` in float32."""
     case = Case(b=1, t=150, h=2, k=32, v=48, chunk=64)
-    split = dataclasses.replace(DELTA, state_segments=2)
-    _compare(split, case, jnp.bfloat16, MOSAIC_GPU, tol_dtype=jnp.bfloat16, reference=DELTA)
+    split = dataclasses.replace(rule, state_segments=2)
+    _compare(split, case, jnp.bfloat16, MOSAIC_GPU, tol_dtype=jnp.bfloat16, reference=rule)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("segments", [None, 4])
 @pytest.mark.parametrize("case", GPU_CASES, ids=str)
-def test_compiled_mosaic_gpu(case, segments):
+@pytest.mark.parametrize("rule", [DELTA, GATED], **RULE_IDS)
+def test_compiled_mosaic_gpu(rule, case, segments):
     """The Mosaic GPU kernels compiled (Hopper), with and without the split, against CHUNKED."""
     if jax.default_backend() != "gpu":
         pytest.skip("needs a GPU default backend (JAX_PLATFORMS=cuda)")
-    split = dataclasses.replace(DELTA, state_segments=segments)
-    _compare(split, case, jnp.bfloat16, MOSAIC_GPU, tol_dtype=jnp.bfloat16, reference=DELTA)
+    split = dataclasses.replace(rule, state_segments=segments)
+    _compare(split, case, jnp.bfloat16, MOSAIC_GPU, tol_dtype=jnp.bfloat16, reference=rule)
 
 
 @pytest.mark.parametrize(
-    ("b", "h", "d", "segments"),
-    [(1, 2, 16, 2), (8, 16, 128, None)],
-    ids=["padded-split", "B8H16D128"],
+    ("name", "b", "h", "d", "segments"),
+    [
+        ("delta_rule", 1, 2, 16, 2),
+        ("gated_delta_rule", 1, 2, 16, 2),
+        ("delta_rule", 8, 16, 128, None),
+    ],
+    ids=["delta-padded-split", "gated-padded-split", "delta-B8H16D128"],
 )
-def test_mosaic_gpu_kernel_lowers_for_cuda_on_this_machine(monkeypatch, b, h, d, segments):
+def test_mosaic_gpu_kernel_lowers_for_cuda_on_this_machine(monkeypatch, name, b, h, d, segments):
     """The Mosaic GPU kernels lower beside the Triton kernels (``jax.export`` for CUDA:
     Pallas → Mosaic GPU, which checks each kernel's shared memory against Hopper's; no PTX
-    compiler or device): D 16 padded to 64 with both passes of each split chain, and
-    K = V = 128 at B·H = 128 (its default value tile)."""
+    compiler or device): D 16 padded to 64 with both passes of each split chain (the gated
+    rule's chains with their decay rows), and K = V = 128 at B·H = 128 (its default value
+    tile)."""
     import fwjax.ops.pallas as pallas_module
-    from fwjax.ops import delta_rule
+    from fwjax import ops
 
     monkeypatch.setattr(pallas_module, "resolve_interpret", lambda options, platform=None: False)
     x = jnp.ones((b, 130, h, d), jnp.bfloat16)
-    beta = jnp.full((b, 130, h), 0.9, jnp.bfloat16)
+    gate = jnp.full((b, 130, h), 0.9, jnp.bfloat16)
+    gates = (gate, gate) if name == "gated_delta_rule" else (gate,)
 
     def op(q, k, v):
         kw = {"impl": Impl.PALLAS, "pallas": MOSAIC_GPU, "state_segments": segments}
-        return delta_rule(q, k, v, beta, None, 0.25, **kw)
+        return getattr(ops, name)(q, k, v, *gates, None, 0.25, **kw)
 
     monkeypatch.setitem(TARGETS, "cuda", (*TARGETS["cuda"], "mosaic_gpu_v2"))
     text = _lowered_text(op, (x, x, x), "cuda")
     assert "stablehlo.custom_call @mosaic_gpu_v2" in text
-    names = ["wy", "chain_fwd", "out", "chain_bwd", "grads"]
-    names += ["chain_fwd_maps", "chain_bwd_maps"] if segments else []
-    for name in names:
-        assert f"delta_rule_{name}" in text, name
+    kernels = ["wy", "chain_fwd", "out", "chain_bwd", "grads"]
+    kernels += ["chain_fwd_maps", "chain_bwd_maps"] if segments else []
+    for kernel in kernels:
+        assert f"{name}_{kernel}" in text, kernel
 
 
 @pytest.mark.parametrize(
@@ -526,12 +535,9 @@ def test_mosaic_gpu_refuses_what_it_has_no_kernel_for(options, dtype, d, chunk, 
 
 
 def test_mosaic_gpu_refuses_the_rules_it_has_no_kernels_for():
-    from fwjax.ops import gated_delta_rule, sum_rule
+    from fwjax.ops import sum_rule
 
     x = jnp.ones((1, 8, 1, 4), jnp.bfloat16)
-    beta = jnp.full((1, 8, 1), 0.5, jnp.bfloat16)
-    with pytest.raises(ValueError, match="no kernel for the decay of 'gated_delta_rule'"):
-        gated_delta_rule(x, x, x, beta, beta, impl=Impl.PALLAS, pallas=MOSAIC_GPU)
     with pytest.raises(ValueError, match="no kernels for 'sum_rule'"):
         sum_rule(x, x, x, impl=Impl.PALLAS, pallas=MOSAIC_GPU)
 

@@ -11,8 +11,8 @@ has its own file:
 - :mod:`fwjax.ops.pallas.triton_gpu` — GPU through Pallas' Triton lowering (see its docstring
   for why Triton and not Mosaic GPU);
 - :mod:`fwjax.ops.pallas.mosaic_tpu` — TPU through Mosaic TPU;
-- :mod:`fwjax.ops.pallas.mosaic_gpu` — the phased delta rule's state and cotangent chains
-  and its outputs through Mosaic GPU (``PallasBackend.MOSAIC_GPU``; phase 1 and the
+- :mod:`fwjax.ops.pallas.mosaic_gpu` — the phased (gated) delta rule's state and cotangent
+  chains and its outputs through Mosaic GPU (``PallasBackend.MOSAIC_GPU``; phase 1 and the
   gradients are Triton's).
 
 On a CPU backend there is no Pallas compiler: kernels run in interpret mode, automatically.
@@ -39,9 +39,9 @@ class PallasBackend(enum.Enum):
       AUTO: ``MOSAIC_TPU`` on TPU, ``TRITON`` everywhere else (on CPU in interpret mode).
       TRITON: the GPU kernels lowered through Triton (:mod:`fwjax.ops.pallas.triton_gpu`).
       MOSAIC_TPU: the TPU kernels (:mod:`fwjax.ops.pallas.mosaic_tpu`).
-      MOSAIC_GPU: the delta rule under ``PallasSchedule.PHASED`` with ``PallasChain.UPDATE``
-        only: its two sequential kernels (the state chain and the cotangent chain) and its
-        output kernel as Mosaic GPU kernels for Hopper warpgroups
+      MOSAIC_GPU: the delta and gated delta rules under ``PallasSchedule.PHASED`` with
+        ``PallasChain.UPDATE`` only: their two sequential kernels (the state chain and the
+        cotangent chain) and the output kernel as Mosaic GPU kernels for Hopper warpgroups
         (:mod:`fwjax.ops.pallas.mosaic_gpu`; bfloat16/float16 inputs, sizes padded to
         multiples of 64), phase 1 and the gradient kernel the Triton ones. Other rules and
         options raise ValueError. Compiled behaviour and speed are not yet measured.

@@ -1,4 +1,4 @@
-"""GPU backend: the delta rule's phased kernels as Mosaic GPU kernels (Hopper warpgroups).
+"""GPU backend: the (gated) delta rule's phased kernels as Mosaic GPU kernels (Hopper warpgroups).
 
 ``PallasBackend.MOSAIC_GPU`` runs three kernels of the phased schedule
 (:mod:`fwjax.ops.pallas.phased`) here, written for Mosaic GPU. The two sequential ones
@@ -11,13 +11,16 @@ entering each chunk leaving by TMA in the matmul dtype. Forward
 
     states[n] = S
     X = U_n − W_n S                   MMA: W_n [C, K] @ S [K, tv], both in shared memory
-    S ← S + K_nᵀ X                    MMA: K_nᵀ [K, C] @ X [C, tv]
+    S ← Γ_n S + K_nᵀ X                MMA: K_nᵀ [K, C] @ X [C, tv]
 
 Backward, from the last chunk (:func:`delta_chain_backward`)::
 
     gs[n] = G
     Ũ̄ = P_nᵀ Ō_n + K_n G             two MMAs
-    G ← G + Q_nᵀ Ō_n − W_nᵀ Ũ̄        two MMAs
+    G ← Γ_n G + Q_nᵀ Ō_n − W_nᵀ Ũ̄    two MMAs
+
+``Γ_n`` is the gated rule's chunk decay (1 for the delta rule), read in float32 from a row of
+its own (:func:`decay_rows`).
 
 Then every chunk's output at once, one CTA per ``(batch, head, chunk, value tile)``
 (:func:`delta_chunk_output`)::
@@ -140,6 +143,24 @@ class Operand(NamedTuple):
     array: jax.Array
     block: tuple
     index: Callable
+    mma: bool = True  # an MMA operand (tiled and swizzled when compiling)
+
+
+# Γ_C of every chunk as a row ``[B, H, N, 1, DECAY_ROW]`` (float32, the value repeated): a
+# TMA copy moves a multiple of 128 bytes.
+DECAY_ROW = 32
+
+
+def decay_rows(decay: jax.Array) -> jax.Array:
+    """The gated rule's chunk decays ``Γ_C [B, H, N, 1, 1]`` as the chains read them."""
+    return jnp.broadcast_to(decay.astype(jnp.float32), (*decay.shape[:-1], DECAY_ROW))
+
+
+def _decay_operand(decay) -> tuple:
+    """The chains' operand for ``decay`` (``[B, H, N, 1, DECAY_ROW]``), or none."""
+    if decay is None:
+        return ()
+    return (Operand(decay, (None, 1, DECAY_ROW), lambda n, j: (n, 0, 0), mma=False),)
 
 
 def _chain_kernel(step, operands, carry0, scratch, *, tv, save, reverse, interpret, name):
@@ -213,7 +234,7 @@ def _chain_kernel(step, operands, carry0, scratch, *, tv, save, reverse, interpr
             plgpu.BlockSpec(
                 op.block,
                 lambda i, op=op: op.index(chunk_of(i), j),
-                transforms=_mma_transforms(op.block[-1], md, interpret),
+                transforms=_mma_transforms(op.block[-1], md, interpret) if op.mma else (),
             )
             for op in operands
         ]
@@ -269,15 +290,26 @@ def _product(*pairs, rows: int, columns: int):
 
 
 def delta_chain_forward(
-    kt, w, u, s0, *, value_block: int, save: bool, interpret: bool, name="delta_chain_fwd"
+    kt,
+    w,
+    u,
+    s0,
+    decay=None,
+    *,
+    value_block: int,
+    save: bool,
+    interpret: bool,
+    name="delta_chain_fwd",
 ):
-    """The phased delta rule's forward chain, ``S ← S + Kᵀ (U − W S)`` chunk by chunk.
+    """The phased (gated) delta rule's forward chain, ``S ← Γ_C S + Kᵀ (U − W S)`` chunk by
+    chunk (``Γ_C = 1`` without ``decay``).
 
     Args:
       kt: ``Kᵀ`` of every chunk, ``[B, H, N, K, C]``, in the matmul dtype.
       w: ``W = T (β ⊙ K)``, ``[B, H, N·C, K]``, in the matmul dtype.
       u: ``U = T (β ⊙ V)``, ``[B, H, N·C, V]``, in the matmul dtype.
       s0: the initial state ``[B, H, K, V]``, float32.
+      decay: the gated rule's chunk decays (:func:`decay_rows`), or None.
       value_block: ``tv``, the state columns per CTA (divides ``V``).
       save: also return the state entering each chunk.
       interpret: run in Mosaic GPU's interpret mode (CPU).
@@ -292,16 +324,19 @@ def delta_chain_forward(
     _check_call(kt.dtype, s0, c, dk, tv)
 
     def step(blocks, s, s_smem, x_smem):
-        kt_ref, w_ref, u_ref = blocks
+        kt_ref, w_ref, u_ref, *decay_ref = blocks
         x = u_ref[...].astype(jnp.float32) - _product((w_ref, s_smem), rows=c, columns=tv)
         x_smem[...] = x.astype(x_smem.dtype)
         plgpu.commit_smem()
-        return s + _product((kt_ref, x_smem), rows=dk, columns=tv)  # S + Kᵀ (U − W S)
+        if decay_ref:
+            s = decay_ref[0][0, 0] * s  # Γ_C S
+        return s + _product((kt_ref, x_smem), rows=dk, columns=tv)  # + Kᵀ (U − W S)
 
     operands = (
         Operand(kt, (None, dk, c), lambda n, j: (n, 0, 0)),
         Operand(w, (c, dk), lambda n, j: (n, 0)),
         Operand(u, (c, tv), lambda n, j: (n, j)),
+        *_decay_operand(decay),
     )
     return _chain_kernel(
         step, operands, s0, [(c, tv)], tv=tv, save=save, reverse=False,
@@ -310,10 +345,21 @@ def delta_chain_forward(
 
 
 def delta_chain_backward(
-    pt, k, qt, wt, do, g0, *, value_block: int, save: bool, interpret: bool, name="delta_chain_bwd"
+    pt,
+    k,
+    qt,
+    wt,
+    do,
+    g0,
+    decay=None,
+    *,
+    value_block: int,
+    save: bool,
+    interpret: bool,
+    name="delta_chain_bwd",
 ):
-    """The phased delta rule's cotangent chain, ``G ← G + Qᵀ Ō − Wᵀ (Pᵀ Ō + K G)`` from the
-    last chunk to the first.
+    """The phased (gated) delta rule's cotangent chain,
+    ``G ← Γ_C G + Qᵀ Ō − Wᵀ (Pᵀ Ō + K G)``, from the last chunk to the first.
 
     Args:
       pt: ``Pᵀ`` of every chunk (``P = (Q Kᵀ) ⊙ M``), ``[B, H, N, C, C]``, matmul dtype.
@@ -322,6 +368,7 @@ def delta_chain_backward(
       wt: ``Wᵀ`` of every chunk, ``[B, H, N, K, C]``, in the matmul dtype.
       do: the output cotangent ``Ō``, ``[B, H, N·C, V]``, in the matmul dtype.
       g0: the cotangent of the final state ``[B, H, K, V]``, float32.
+      decay: the gated rule's chunk decays (:func:`decay_rows`), or None.
       value_block: ``tv`` (divides ``V``).
       save: also return ``gs[n]``, the cotangent of the state after chunk ``n``.
       interpret: run in Mosaic GPU's interpret mode (CPU).
@@ -336,11 +383,13 @@ def delta_chain_backward(
     _check_call(k.dtype, g0, c, dk, tv)
 
     def step(blocks, g, g_smem, du_smem):
-        pt_ref, k_ref, qt_ref, wt_ref, do_ref = blocks
+        pt_ref, k_ref, qt_ref, wt_ref, do_ref, *decay_ref = blocks
         du = _product((pt_ref, do_ref), (k_ref, g_smem), rows=c, columns=tv)  # Pᵀ Ō + K G
         du_smem[...] = du.astype(du_smem.dtype)
         plgpu.commit_smem()
         q_do = _product((qt_ref, do_ref), rows=dk, columns=tv)
+        if decay_ref:
+            g = decay_ref[0][0, 0] * g  # Γ_C G
         return g + q_do - _product((wt_ref, du_smem), rows=dk, columns=tv)
 
     operands = (
@@ -349,6 +398,7 @@ def delta_chain_backward(
         Operand(qt, (None, dk, c), lambda n, j: (n, 0, 0)),
         Operand(wt, (None, dk, c), lambda n, j: (n, 0, 0)),
         Operand(do, (c, tv), lambda n, j: (n, j)),
+        *_decay_operand(decay),
     )
     return _chain_kernel(
         step, operands, g0, [(c, tv)], tv=tv, save=save, reverse=True,

@@ -160,14 +160,23 @@ def _chain(name, chain_in, step, carry, emitted, cfg, reverse=False, native=None
 
 
 def _mosaic_gpu_chain(name, chain_in, carry, save, cfg):
-    """The forward chain ``S ← S + Kᵀ (U − W S)`` as the Mosaic GPU kernel
+    """The forward chain ``S ← Γ_C S + Kᵀ (U − W S)`` as the Mosaic GPU kernel
     (:func:`fwjax.ops.pallas.mosaic_gpu.delta_chain_forward`), which takes each chunk's ``Kᵀ``
     (transposed here, in XLA)."""
     from fwjax.ops.pallas import mosaic_gpu
 
     k, w, u = (chain_in[n][1] for n in "kwu")
     kt = jnp.swapaxes(unflat(k, cfg.tiling.chunk), -1, -2)  # [B, H, N, K, C]
-    return mosaic_gpu.delta_chain_forward(kt, w, u, carry, save=save, **_mosaic_gpu_args(cfg, name))
+    decay = _mosaic_gpu_decay(chain_in)
+    args = _mosaic_gpu_args(cfg, name)
+    return mosaic_gpu.delta_chain_forward(kt, w, u, carry, decay, save=save, **args)
+
+
+def _mosaic_gpu_decay(chain_in):
+    """The gated rule's chunk decays as the Mosaic GPU chains read them, or None."""
+    from fwjax.ops.pallas import mosaic_gpu
+
+    return mosaic_gpu.decay_rows(chain_in["decay"][1]) if "decay" in chain_in else None
 
 
 def _mosaic_gpu_args(cfg, name) -> dict:
@@ -176,7 +185,7 @@ def _mosaic_gpu_args(cfg, name) -> dict:
 
 
 def _mosaic_gpu_cotangent_chain(name, chain_in, carry, save, cfg):
-    """The cotangent chain ``G ← G + Qᵀ Ō − Wᵀ (Pᵀ Ō + K G)`` as the Mosaic GPU kernel
+    """The cotangent chain ``G ← Γ_C G + Qᵀ Ō − Wᵀ (Pᵀ Ō + K G)`` as the Mosaic GPU kernel
     (:func:`fwjax.ops.pallas.mosaic_gpu.delta_chain_backward`), which takes each chunk's
     ``Pᵀ``, ``Qᵀ`` and ``Wᵀ`` (transposed here, in XLA)."""
     from fwjax.ops.pallas import mosaic_gpu
@@ -186,7 +195,8 @@ def _mosaic_gpu_cotangent_chain(name, chain_in, carry, save, cfg):
     q, k, w, p, do = (chain_in[n][1] for n in ("q", "k", "w", "p", "do"))
     pt, qt, wt = per_chunk_t(p), per_chunk_t(q), per_chunk_t(w)
     args = _mosaic_gpu_args(cfg, name)
-    return mosaic_gpu.delta_chain_backward(pt, k, qt, wt, do, carry, save=save, **args)
+    decay = _mosaic_gpu_decay(chain_in)
+    return mosaic_gpu.delta_chain_backward(pt, k, qt, wt, do, carry, decay, save=save, **args)
 
 
 def _chain_maps(x, decay, md, sd):
@@ -269,11 +279,6 @@ def forward(rule, cfg, xs, s0):
 
     native = None
     if cfg.backend is PallasBackend.MOSAIC_GPU:
-        if decay:
-            raise ValueError(
-                f"PallasBackend.MOSAIC_GPU has no kernel for the decay of {rule.name!r} "
-                "(only the delta rule's chain)"
-            )
         native = NativeChain(_mosaic_gpu_chain, reverse=False)
     name = f"{rule.name}_chain_fwd"
     s, states = _chain(name, chain_in, chain_step, s0, "states", cfg, native=native)
@@ -336,10 +341,6 @@ def backward(rule, cfg, xs, states, d_o, d_s):
 
     native = None
     if cfg.backend is PallasBackend.MOSAIC_GPU:
-        if decay:
-            raise ValueError(
-                f"PallasBackend.MOSAIC_GPU has no kernel for the decay of {rule.name!r}"
-            )
         native = NativeChain(_mosaic_gpu_cotangent_chain, reverse=True)
     name = f"{rule.name}_chain_bwd"
     d_s0, gs = _chain(name, chain_in, chain_step, d_s, "gs", cfg, reverse=True, native=native)

@@ -210,8 +210,8 @@ def pallas_form(rule: KernelRule) -> Callable:
         )
         if cfg.backend is PallasBackend.MOSAIC_GPU and not rule.phased:
             raise ValueError(
-                f"PallasBackend.MOSAIC_GPU has no kernels for {rule.name!r} (only the delta "
-                "rule's phased chain)"
+                f"PallasBackend.MOSAIC_GPU has no kernels for {rule.name!r} (only the phased "
+                "kernels of the delta and gated delta rules)"
             )
         kp, vp = cfg.tiling.key, cfg.tiling.value
         widths = (kp, kp, vp, *(None for _ in gates))
