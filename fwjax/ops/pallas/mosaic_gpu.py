@@ -1,12 +1,11 @@
 """GPU backend: the (gated) delta rule's phased kernels as Mosaic GPU kernels (Hopper warpgroups).
 
 ``PallasBackend.MOSAIC_GPU`` runs three kernels of the phased schedule
-(:mod:`fwjax.ops.pallas.phased`) here, written for Mosaic GPU. The two sequential ones
-(:func:`_chain_kernel`): one CTA
-per ``(batch, head, value tile)`` walks the chunks with its carry tile ``[K, tv]`` in registers
-(float32), chunk operands arriving by TMA into shared memory through
-:func:`jax.experimental.pallas.mosaic_gpu.emit_pipeline` (two chunks in flight), the carry
-entering each chunk leaving by TMA in the matmul dtype. Forward
+(:mod:`fwjax.ops.pallas.phased`) here, written for Mosaic GPU. In the two sequential ones
+(:func:`_chain_kernel`) one CTA per ``(batch, head, value tile)`` walks the chunks with its
+carry tile ``[K, tv]`` in registers (float32), chunk operands arriving by TMA into shared
+memory through :func:`jax.experimental.pallas.mosaic_gpu.emit_pipeline` (two chunks in
+flight), the carry entering each chunk leaving by TMA in the matmul dtype. Forward
 (:func:`delta_chain_forward`)::
 
     states[n] = S
@@ -29,8 +28,9 @@ Then every chunk's output at once, one CTA per ``(batch, head, chunk, value tile
 
 The call's other kernels (phase 1's WY terms and the gradients, both parallel over chunks) are
 the Triton ones (:mod:`fwjax.ops.pallas.triton_gpu`), whose lowering JAX 0.11 deprecates;
-these are the first of their Mosaic GPU replacements. With ``state_segments`` the chains split as in
-:func:`fwjax.ops.pallas.phased._chain` (the widened pass is the same kernel without saves).
+these are the first of their Mosaic GPU replacements. With ``state_segments`` the chains split
+as in :func:`fwjax.ops.pallas.phased._chain` (the widened pass is the same kernel without
+saves).
 
 Constraints, checked by :func:`check_supported`: bfloat16 or float16 operands
 (``PallasPrecision.INPUT`` with such inputs), a float32 state, ``C``, ``K`` and ``tv``
@@ -174,7 +174,8 @@ def _chain_kernel(step, operands, carry0, scratch, *, tv, save, reverse, interpr
 
     Args:
       step: the chain's step (see above); returns the new carry.
-      operands: :class:`Operand` tuples.
+      operands: :class:`Operand` tuples, the first one per chunk (``[B, H, N, ·, ·]``) and in
+        the matmul dtype.
       carry0: the carry entering the first step, ``[B, H, K, V]`` float32.
       scratch: shapes ``[rows, columns]`` and dtypes of the step's shared-memory scratch.
       tv: the value tile (divides ``V``).
@@ -187,7 +188,7 @@ def _chain_kernel(step, operands, carry0, scratch, *, tv, save, reverse, interpr
       ``(final carry,)``, or ``(final carry, saved)`` with ``save``.
     """
     b, h, dk, dv = carry0.shape
-    n = _num_chunks(operands)
+    n = operands[0].array.shape[2]  # the first operand is per chunk, [B, H, N, ·, ·]
     md = operands[0].array.dtype
     f32 = jnp.float32
     chunk_of = (lambda i: n - 1 - i) if reverse else (lambda i: i)
@@ -212,12 +213,6 @@ def _chain_kernel(step, operands, carry0, scratch, *, tv, save, reverse, interpr
             plgpu.barrier_wait(barrier)
             return carry_smem[...]
 
-        def store_carry(carry_smem):
-            carry_smem[...] = carry
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(carry_smem, final_gmem.at[bi, hi, :, cols])
-            plgpu.wait_smem_to_gmem(0)
-
         def body(indices, *blocks_and_carry):
             *blocks, carry = blocks_and_carry
             (i,) = indices
@@ -238,12 +233,19 @@ def _chain_kernel(step, operands, carry0, scratch, *, tv, save, reverse, interpr
             )
             for op in operands
         ]
-        carry0 = pl.run_scoped(load_carry, carry_smem_type, plgpu.Barrier())
+        start = pl.run_scoped(load_carry, carry_smem_type, plgpu.Barrier())
         chain = plgpu.emit_pipeline(
-            body, grid=(n,), in_specs=specs, init_carry=carry0, max_concurrent_steps=2
+            body, grid=(n,), in_specs=specs, init_carry=start, max_concurrent_steps=2
         )
-        carry = chain(*(ref.at[bi, hi] for ref in ops_gmem))
+        final = chain(*(ref.at[bi, hi] for ref in ops_gmem))
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last saved carry's copy
+
+        def store_carry(carry_smem):
+            carry_smem[...] = final
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(carry_smem, final_gmem.at[bi, hi, :, cols])
+            plgpu.wait_smem_to_gmem(0)
+
         pl.run_scoped(store_carry, carry_smem_type)
 
     out_type = [jax.ShapeDtypeStruct((b, h, dk, dv), f32)]
@@ -265,15 +267,6 @@ def _chain_kernel(step, operands, carry0, scratch, *, tv, save, reverse, interpr
         scratch_types=scratch_types,
         interpret=_interpret_params() if interpret else None,
     )(*(op.array for op in operands), carry0)
-
-
-def _num_chunks(operands) -> int:
-    """``N``: the chunk count of the first per-chunk operand ``[B, H, N, ., .]``, or of the
-    first sequence operand ``[B, H, N·C, .]`` (its block has ``C`` rows)."""
-    op = operands[0]
-    if op.array.ndim == 5:
-        return op.array.shape[2]
-    return op.array.shape[2] // op.block[0]
 
 
 def _product(*pairs, rows: int, columns: int):
@@ -321,7 +314,7 @@ def delta_chain_forward(
     """
     _, _, _, dk, c = kt.shape
     tv = value_block
-    _check_call(kt.dtype, s0, c, dk, tv)
+    _check_call(kt.dtype, s0.dtype, s0.shape[-1], c, dk, tv)
 
     def step(blocks, s, s_smem, x_smem):
         kt_ref, w_ref, u_ref, *decay_ref = blocks
@@ -380,7 +373,7 @@ def delta_chain_backward(
     """
     _, _, _, dk, c = qt.shape
     tv = value_block
-    _check_call(k.dtype, g0, c, dk, tv)
+    _check_call(k.dtype, g0.dtype, g0.shape[-1], c, dk, tv)
 
     def step(blocks, g, g_smem, du_smem):
         pt_ref, k_ref, qt_ref, wt_ref, do_ref, *decay_ref = blocks
@@ -424,9 +417,7 @@ def delta_chunk_output(q, w, u, p, states, *, value_block: int, interpret: bool,
     """
     b, h, n, dk, dv = states.shape
     c, md, tv = p.shape[-1], q.dtype, value_block
-    check_supported(md, jnp.float32, c, dk, tv)
-    if dv % tv:
-        raise ValueError(f"value_block={tv} must divide V={dv}")
+    _check_call(md, jnp.float32, dv, c, dk, tv)
     blocks = ((c, dk), (c, dk), (c, tv), (c, c), (dk, tv))  # Q, W, U, P, S
 
     def kernel(q_gmem, w_gmem, u_gmem, p_gmem, s_gmem, o_gmem, *scratch):
@@ -469,7 +460,8 @@ def delta_chunk_output(q, w, u, p, states, *, value_block: int, interpret: bool,
     )(q, w, u, p, states)
 
 
-def _check_call(md, carry0, c, dk, tv) -> None:
-    check_supported(md, carry0.dtype, c, dk, tv)
-    if carry0.shape[-1] % tv:
-        raise ValueError(f"value_block={tv} must divide V={carry0.shape[-1]}")
+def _check_call(md, state_dtype, v, c, dk, tv) -> None:
+    """:func:`check_supported`, and ``tv`` dividing ``V``."""
+    check_supported(md, state_dtype, c, dk, tv)
+    if v % tv:
+        raise ValueError(f"value_block={tv} must divide V={v}")
