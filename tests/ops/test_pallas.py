@@ -8,6 +8,7 @@ value tiling (partial sums over tiles), the float32 precision option and float16
 
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -329,21 +330,19 @@ MOSAIC_GPU = PallasOptions(backend=PallasBackend.MOSAIC_GPU, schedule=PHASED)
 MGPU_DIMS = (2, 1, 3, 64, 128, 128)
 
 
-def _xla_chain(kt, w, u, s0):
+def _xla_chain(k, w, u, s0, c):
     """The forward chain of :func:`~fwjax.ops.pallas.chunk_math.chain_forward` in XLA, over
-    ``[B, H, N, ., .]`` chunks; returns ``(final, states)``."""
+    chunks of ``c`` rows; returns ``(final, states)``."""
     from fwjax.ops.pallas import chunk_math as cm
 
-    md, c = kt.dtype, kt.shape[-1]
+    md = k.dtype
     chunks = lambda x: jnp.moveaxis(x.reshape(*x.shape[:2], -1, c, x.shape[-1]), 2, 0)
 
     def step(s, x):
-        kt_n, w_n, u_n = x
-        k_n = jnp.swapaxes(kt_n, -1, -2)
         chain = jax.vmap(jax.vmap(lambda k, w, u, s: cm.chain_forward(k, w, u, s, md, s.dtype)))
-        return chain(k_n, w_n, u_n, s), s.astype(md)
+        return chain(*x, s), s.astype(md)
 
-    final, states = jax.lax.scan(step, s0, (jnp.moveaxis(kt, 2, 0), chunks(w), chunks(u)))
+    final, states = jax.lax.scan(step, s0, (chunks(k), chunks(w), chunks(u)))
     return final, jnp.moveaxis(states, 0, 2)
 
 
@@ -359,12 +358,13 @@ def test_mosaic_gpu_chain_kernel_equals_the_chain_in_xla(save_states):
     b, h, n, c, k, v = MGPU_DIMS
     rng = np.random.default_rng(0)
     normal = lambda *shape, scale=1.0: jnp.asarray(rng.normal(size=shape) * scale, jnp.float32)
-    kt = normal(b, h, n, k, c, scale=k**-0.5).astype(jnp.bfloat16)
+    keys = normal(b, h, n * c, k, scale=k**-0.5).astype(jnp.bfloat16)
     w = normal(b, h, n * c, k, scale=k**-0.5).astype(jnp.bfloat16)
     u = normal(b, h, n * c, v).astype(jnp.bfloat16)
     s0 = normal(b, h, k, v)
-    got = delta_chain_forward(kt, w, u, s0, value_block=64, save=save_states, interpret=True)
-    final, states = _xla_chain(kt, w, u, s0)
+    kw = {"chunk": c, "value_block": 64, "save": save_states, "interpret": True}
+    got = delta_chain_forward(keys, w, u, s0, **kw)
+    final, states = _xla_chain(keys, w, u, s0, c)
     assert len(got) == (2 if save_states else 1)
     pairs = [(got[0], final)]
     if save_states:
@@ -377,20 +377,19 @@ def test_mosaic_gpu_chain_kernel_equals_the_chain_in_xla(save_states):
         assert same.mean() > 0.98, same.mean()
 
 
-def _xla_cotangent_chain(pt, k, qt, wt, do, g0):
+def _xla_cotangent_chain(p, k, q, w, do, g0):
     """The cotangent chain of :func:`~fwjax.ops.pallas.chunk_math.chain_backward` in XLA,
     from the last chunk; returns ``(∂L/∂S⁰, gs)``."""
     from fwjax.ops.pallas import chunk_math as cm
 
-    md, c = k.dtype, pt.shape[-1]
+    md, c = k.dtype, p.shape[-1]
     chunks = lambda x: jnp.moveaxis(x.reshape(*x.shape[:2], -1, c, x.shape[-1]), 2, 0)
-    per_chunk = lambda x: jnp.moveaxis(jnp.swapaxes(x, -1, -2), 2, 0)  # Xᵀ back to X
 
     def step(g, x):
         chain = jax.vmap(jax.vmap(lambda *a: cm.chain_backward(*a, md, g.dtype)))
         return chain(*x, g), g.astype(md)
 
-    xs = (per_chunk(qt), chunks(k), per_chunk(wt), per_chunk(pt), chunks(do))
+    xs = (chunks(q), chunks(k), chunks(w), chunks(p), chunks(do))
     d_s0, gs = jax.lax.scan(step, g0, xs, reverse=True)
     return d_s0, jnp.moveaxis(gs, 0, 2)
 
@@ -403,13 +402,12 @@ def test_mosaic_gpu_cotangent_chain_kernel_equals_the_chain_in_xla():
     rng = np.random.default_rng(1)
     normal = lambda *shape, scale=1.0: jnp.asarray(rng.normal(size=shape) * scale, jnp.float32)
     bf16 = lambda x: x.astype(jnp.bfloat16)
-    pt = bf16(jnp.triu(normal(b, h, n, c, c, scale=c**-0.5)))  # Pᵀ: P is lower triangular
-    keys = bf16(normal(b, h, n * c, k, scale=k**-0.5))
-    qt = bf16(normal(b, h, n, k, c, scale=k**-0.5))
-    wt = bf16(normal(b, h, n, k, c, scale=k**-0.5))
+    tril = jnp.tril(jnp.ones((c, c), bool))
+    p = bf16(jnp.where(jnp.tile(tril, (n, 1)), normal(b, h, n * c, c, scale=c**-0.5), 0))
+    keys, q, w = (bf16(normal(b, h, n * c, k, scale=k**-0.5)) for _ in range(3))
     do, g0 = bf16(normal(b, h, n * c, v)), normal(b, h, k, v)
-    got = delta_chain_backward(pt, keys, qt, wt, do, g0, value_block=64, save=True, interpret=True)
-    want = _xla_cotangent_chain(pt, keys, qt, wt, do, g0)
+    got = delta_chain_backward(p, keys, q, w, do, g0, value_block=64, save=True, interpret=True)
+    want = _xla_cotangent_chain(p, keys, q, w, do, g0)
     assert got[1].dtype == jnp.bfloat16 and got[1].shape == (b, h, n, k, v)
     for actual, expected in zip(got, want, strict=True):
         assert_close(actual, expected, jnp.bfloat16)
@@ -441,6 +439,40 @@ def test_mosaic_gpu_output_kernel_equals_the_chunk_output_in_xla():
     actual, expected = np.asarray(got, np.float32), np.asarray(bf16(want), np.float32)
     assert_close(actual, expected.reshape(actual.shape), jnp.bfloat16)
     assert (actual == expected.reshape(actual.shape)).mean() > 0.98
+
+
+def test_mosaic_gpu_gradient_kernel_equals_the_chunk_gradients_in_xla():
+    """``Q̄, K̄, W̄, Ū, P̄`` and the row sums of ``S ⊙ G`` (the gated rule's ``Γ̄_C``) at
+    ``MGPU_DIMS`` (K ≠ C, the whole V 128 per CTA), one CTA per chunk, against
+    :func:`~fwjax.ops.pallas.chunk_math.chunk_gradients`: the same bfloat16 roundings of
+    ``Ũ`` and ``Ũ̄`` and float32 sums, so every element agrees to float32 rounding. (Through
+    the whole op, ``Γ̄_C`` is a small part of ``∂L/∂α``, below the bfloat16 tolerance.)"""
+    from fwjax.ops.pallas import chunk_math as cm
+    from fwjax.ops.pallas.mosaic_gpu import delta_chunk_gradients
+
+    b, h, n, c, k, v = MGPU_DIMS
+    rng = np.random.default_rng(3)
+    normal = lambda *shape, scale=1.0: jnp.asarray(rng.normal(size=shape) * scale, jnp.float32)
+    bf16 = lambda x: x.astype(jnp.bfloat16)
+    q, keys, w = (bf16(normal(b, h, n * c, k, scale=k**-0.5)) for _ in range(3))
+    u, do = bf16(normal(b, h, n * c, v)), bf16(normal(b, h, n * c, v))
+    p = bf16(normal(b, h, n * c, c, scale=c**-0.5))
+    states, gs = bf16(normal(b, h, n, k, v)), bf16(normal(b, h, n, k, v))
+    got = delta_chunk_gradients(keys, w, u, p, states, gs, do, decay=True, interpret=True)
+    assert [g.shape for g in got] == [(b, h, n * c, k)] * 3 + [u.shape, p.shape, (b, h, n, k)]
+    assert all(g.dtype == jnp.float32 for g in got)
+
+    per_chunk = lambda x: x.reshape(b, h, n, c, x.shape[-1])
+    grads = lambda *a: cm.chunk_gradients(*a, jnp.bfloat16, jnp.float32, decay=jnp.ones((1, 1)))
+    args = (*map(per_chunk, (q, keys, w, u, p)), states, per_chunk(do), gs)
+    want = jax.vmap(jax.vmap(jax.vmap(grads)))(*args)
+    causal = np.tile(np.tril(np.ones((c, c), bool)), (n, 1))
+    got = (*got[:4], np.where(causal, got[4], 0), np.sum(got[5], axis=-1))  # P̄ ⊙ M, Σ rows
+    for name, actual, expected in zip(["dq", "dk", "dw", "du", "dp", "dΓ"], got, want, strict=True):
+        expected = np.asarray(expected)
+        actual = np.asarray(actual).reshape(expected.shape)
+        atol = 1e-5 * np.abs(expected).max()
+        np.testing.assert_allclose(actual, expected, atol=atol, err_msg=name)
 
 
 @pytest.mark.parametrize("rule", [DELTA, GATED], **RULE_IDS)
@@ -497,11 +529,14 @@ def test_mosaic_gpu_kernel_lowers_for_cuda_on_this_machine(monkeypatch, name, b,
 
     monkeypatch.setitem(TARGETS, "cuda", (*TARGETS["cuda"], "mosaic_gpu_v2"))
     text = _lowered_text(op, (x, x, x), "cuda")
-    assert "stablehlo.custom_call @mosaic_gpu_v2" in text
-    kernels = ["wy", "chain_fwd", "out", "chain_bwd", "grads"]
+    # Each kernel's custom call (its line names its target and, in the module, the kernel).
+    calls = [line for line in text.splitlines() if "stablehlo.custom_call @" in line]
+    kernels = ["chain_fwd", "out", "chain_bwd", "grads"]
     kernels += ["chain_fwd_maps", "chain_bwd_maps"] if segments else []
-    for kernel in kernels:
-        assert f"{name}_{kernel}" in text, kernel
+    for kernel in ["wy", *kernels]:
+        target = "__gpu$xla.gpu.triton" if kernel == "wy" else "mosaic_gpu_v2"
+        named = [call for call in calls if re.search(rf'{name}_{kernel}(\\00|")', call)]
+        assert named and all(f"@{target}(" in call for call in named), kernel
 
 
 @pytest.mark.parametrize(

@@ -12,8 +12,8 @@ has its own file:
   for why Triton and not Mosaic GPU);
 - :mod:`fwjax.ops.pallas.mosaic_tpu` — TPU through Mosaic TPU;
 - :mod:`fwjax.ops.pallas.mosaic_gpu` — the phased (gated) delta rule's state and cotangent
-  chains and its outputs through Mosaic GPU (``PallasBackend.MOSAIC_GPU``; phase 1 and the
-  gradients are Triton's).
+  chains, outputs and gradients through Mosaic GPU (``PallasBackend.MOSAIC_GPU``; phase 1 is
+  Triton's).
 
 On a CPU backend there is no Pallas compiler: kernels run in interpret mode, automatically.
 """
@@ -41,10 +41,11 @@ class PallasBackend(enum.Enum):
       MOSAIC_TPU: the TPU kernels (:mod:`fwjax.ops.pallas.mosaic_tpu`).
       MOSAIC_GPU: the delta and gated delta rules under ``PallasSchedule.PHASED`` with
         ``PallasChain.UPDATE`` only: their two sequential kernels (the state chain and the
-        cotangent chain) and the output kernel as Mosaic GPU kernels for Hopper warpgroups
-        (:mod:`fwjax.ops.pallas.mosaic_gpu`; bfloat16/float16 inputs, sizes padded to
-        multiples of 64), phase 1 and the gradient kernel the Triton ones. Other rules and
-        options raise ValueError. Compiled behaviour and speed are not yet measured.
+        cotangent chain), the output kernel and the gradient kernel as Mosaic GPU kernels for
+        Hopper warpgroups (:mod:`fwjax.ops.pallas.mosaic_gpu`; bfloat16/float16 inputs, sizes
+        padded to multiples of 64), phase 1 (and the gradients beyond ``C·max(K, V) = 8192``)
+        the Triton ones. Other rules and options raise ValueError. Compiled behaviour and speed
+        are not yet measured.
     """
 
     AUTO = "auto"

@@ -1,6 +1,6 @@
 """GPU backend: the (gated) delta rule's phased kernels as Mosaic GPU kernels (Hopper warpgroups).
 
-``PallasBackend.MOSAIC_GPU`` runs three kernels of the phased schedule
+``PallasBackend.MOSAIC_GPU`` runs four kernels of the phased schedule
 (:mod:`fwjax.ops.pallas.phased`) here, written for Mosaic GPU. In the two sequential ones
 (:func:`_chain_kernel`) one CTA per ``(batch, head, value tile)`` walks the chunks with its
 carry tile ``[K, tv]`` in registers (float32), chunk operands arriving by TMA into shared
@@ -26,9 +26,12 @@ Then every chunk's output at once, one CTA per ``(batch, head, chunk, value tile
 
     O_n = Q_n S_n + P_n (U_n − W_n S_n)        three MMAs
 
-The call's other kernels (phase 1's WY terms and the gradients, both parallel over chunks) are
-the Triton ones (:mod:`fwjax.ops.pallas.triton_gpu`), whose lowering JAX 0.11 deprecates;
-these are the first of their Mosaic GPU replacements. With ``state_segments`` the chains split
+and, in the backward, every chunk's operand cotangents, one CTA per ``(batch, head, chunk)``
+over the whole value dimension (:func:`delta_chunk_gradients`, six products; where
+``C·max(K, V)`` outgrows one warpgroup's registers, :func:`gradients_supported`, the Triton
+kernel runs instead). The call's remaining kernel, phase 1's WY terms (a triangular inverse by
+forward substitution), is the Triton one (:mod:`fwjax.ops.pallas.triton_gpu`), whose lowering
+JAX 0.11 deprecates. With ``state_segments`` the chains split
 as in :func:`fwjax.ops.pallas.phased._chain` (the widened pass is the same kernel without
 saves).
 
@@ -42,9 +45,10 @@ carry within 64 float32 registers per thread (``tv = 64`` at ``K = 128``).
 Written so that the same kernel body runs in Pallas' Mosaic GPU interpret mode (the CPU tests)
 and lowers for CUDA:
 
-- transposed operands (``K_nᵀ``; ``P_nᵀ``, ``Q_nᵀ``, ``W_nᵀ``) arrive pre-transposed,
-  ``[B, H, N, ·, C]``, by an XLA transpose (the interpreter has no transposed operand views,
-  :func:`~jax.experimental.pallas.mosaic_gpu.transpose_ref`);
+- a transposed MMA operand (``K_nᵀ``, ``Sᵀ``, ...) is a transposed view of its buffer
+  (:func:`~jax.experimental.pallas.mosaic_gpu.transpose_ref`) when compiling; the interpreter
+  has no such views, so there it is copied, transposed, into scratch (:func:`_product`): the
+  one place where the interpreted kernel differs from the compiled one;
 - each product goes into a fresh, zeroed accumulator and the state adds it in registers (the
   interpreter has no pre-initialised accumulators, ``pl.run_state``);
 - the shared-memory tiling and swizzle that the MMA needs are applied only when compiling (the
@@ -56,6 +60,7 @@ kernels for CUDA (``jax.export``) without a GPU.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -75,10 +80,11 @@ CARRY_ELEMENTS = 64 * 128
 
 
 def smem_bytes(chunk: int, key: int, value_block: int, itemsize: int = 2) -> int:
-    """Shared memory of the largest kernel here, the cotangent chain: two chunks in flight of
-    ``Pᵀ [C, C]``, ``K [C, K]``, ``Qᵀ``, ``Wᵀ [K, C]``, ``Ō [C, tv]``, plus the carry
+    """Shared memory of the largest chain, the cotangent chain: two chunks in flight of
+    ``P [C, C]``, ``K``, ``Q``, ``W [C, K]``, ``Ō [C, tv]``, plus the carry
     ``[K, tv]`` and ``Ũ̄ [C, tv]`` (the float32 carry's buffer lives outside the pipeline's
-    scope). The state chain and the output kernel need less."""
+    scope). The state chain and the output kernel need less; the gradient kernel has its own
+    bound (:func:`gradients_smem_bytes`)."""
     c, k, tv = chunk, key, value_block
     in_flight = 2 * (c * c + 3 * c * k + c * tv)
     return itemsize * (in_flight + k * tv + c * tv)
@@ -174,8 +180,8 @@ def _chain_kernel(step, operands, carry0, scratch, *, tv, save, reverse, interpr
 
     Args:
       step: the chain's step (see above); returns the new carry.
-      operands: :class:`Operand` tuples, the first one per chunk (``[B, H, N, ·, ·]``) and in
-        the matmul dtype.
+      operands: :class:`Operand` tuples, the first one ``[B, H, N·C, ·]`` in blocks of ``C``
+        rows and in the matmul dtype.
       carry0: the carry entering the first step, ``[B, H, K, V]`` float32.
       scratch: shapes ``[rows, columns]`` and dtypes of the step's shared-memory scratch.
       tv: the value tile (divides ``V``).
@@ -188,7 +194,7 @@ def _chain_kernel(step, operands, carry0, scratch, *, tv, save, reverse, interpr
       ``(final carry,)``, or ``(final carry, saved)`` with ``save``.
     """
     b, h, dk, dv = carry0.shape
-    n = operands[0].array.shape[2]  # the first operand is per chunk, [B, H, N, ·, ·]
+    n = operands[0].array.shape[2] // operands[0].block[0]  # [B, H, N·C, ·] in chunks [C, ·]
     md = operands[0].array.dtype
     f32 = jnp.float32
     chunk_of = (lambda i: n - 1 - i) if reverse else (lambda i: i)
@@ -269,26 +275,61 @@ def _chain_kernel(step, operands, carry0, scratch, *, tv, save, reverse, interpr
     )(*(op.array for op in operands), carry0)
 
 
-def _product(*pairs, rows: int, columns: int):
-    """``Σ a @ b`` over ``pairs`` of shared-memory operands (``[rows, columns]``): warpgroup
-    MMAs issued back to back into one fresh float32 accumulator, awaited once; returns it as a
-    value."""
+class Transposed(NamedTuple):
+    """A shared-memory MMA operand ``[r, c]`` taken as its transpose ``[c, r]``."""
 
-    def mma(acc):
-        for a, b in pairs:
-            plgpu.wgmma(acc, a, b)
-        return acc[...]  # waits for the MMAs
+    ref: object
 
-    return pl.run_scoped(mma, plgpu.ACC((rows, columns), jnp.float32))
+
+def _product(*pairs, rows: int, columns: int, interpret: bool):
+    """``Σ a @ b`` over ``pairs`` of shared-memory operands (``[rows, columns]``, either
+    operand possibly :class:`Transposed`): warpgroup MMAs issued back to back into one fresh
+    float32 accumulator, awaited once; returns it as a value.
+
+    Compiled, a transposed operand is a transposed view of its buffer
+    (:func:`~jax.experimental.pallas.mosaic_gpu.transpose_ref`: the MMA reads it in the other
+    order, for 16-bit operands at no cost). The interpreter has no such views; there the
+    operand is copied, transposed, into a scratch buffer first (same values)."""
+    transposed = [x.ref for pair in pairs for x in pair if isinstance(x, Transposed)]
+
+    def mma(copies):
+        copies = list(copies)
+
+        def operand(x):
+            if not isinstance(x, Transposed):
+                return x
+            return copies.pop(0) if interpret else plgpu.transpose_ref(x.ref, (1, 0))
+
+        operands = [(operand(a), operand(b)) for a, b in pairs]
+
+        def run(acc):
+            for a, b in operands:
+                plgpu.wgmma(acc, a, b)
+            return acc[...]  # waits for the MMAs
+
+        return pl.run_scoped(run, plgpu.ACC((rows, columns), jnp.float32))
+
+    if not (interpret and transposed):
+        return mma(())
+
+    def copy_transposed(*copies):
+        for ref, copy in zip(transposed, copies, strict=True):
+            copy[...] = ref[...].T
+        plgpu.commit_smem()
+        return mma(copies)
+
+    scratch = [plgpu.SMEM(ref.shape[::-1], ref.dtype) for ref in transposed]
+    return pl.run_scoped(copy_transposed, *scratch)
 
 
 def delta_chain_forward(
-    kt,
+    k,
     w,
     u,
     s0,
     decay=None,
     *,
+    chunk: int,
     value_block: int,
     save: bool,
     interpret: bool,
@@ -298,11 +339,12 @@ def delta_chain_forward(
     chunk (``Γ_C = 1`` without ``decay``).
 
     Args:
-      kt: ``Kᵀ`` of every chunk, ``[B, H, N, K, C]``, in the matmul dtype.
+      k: ``K``, ``[B, H, N·C, K]``, in the matmul dtype.
       w: ``W = T (β ⊙ K)``, ``[B, H, N·C, K]``, in the matmul dtype.
       u: ``U = T (β ⊙ V)``, ``[B, H, N·C, V]``, in the matmul dtype.
       s0: the initial state ``[B, H, K, V]``, float32.
       decay: the gated rule's chunk decays (:func:`decay_rows`), or None.
+      chunk: ``C``, the rows of a chunk.
       value_block: ``tv``, the state columns per CTA (divides ``V``).
       save: also return the state entering each chunk.
       interpret: run in Mosaic GPU's interpret mode (CPU).
@@ -312,21 +354,23 @@ def delta_chain_forward(
       ``(S_final [B, H, K, V] float32, states [B, H, N, K, V])`` with the states in the matmul
       dtype, or ``(S_final,)`` without ``save``.
     """
-    _, _, _, dk, c = kt.shape
-    tv = value_block
-    _check_call(kt.dtype, s0.dtype, s0.shape[-1], c, dk, tv)
+    dk, tv = k.shape[-1], value_block
+    c = chunk
+    _check_call(k.dtype, s0.dtype, s0.shape[-1], c, dk, tv)
+    product = functools.partial(_product, interpret=interpret)
 
     def step(blocks, s, s_smem, x_smem):
-        kt_ref, w_ref, u_ref, *decay_ref = blocks
-        x = u_ref[...].astype(jnp.float32) - _product((w_ref, s_smem), rows=c, columns=tv)
+        k_ref, w_ref, u_ref, *decay_ref = blocks
+        x = u_ref[...].astype(jnp.float32) - product((w_ref, s_smem), rows=c, columns=tv)
         x_smem[...] = x.astype(x_smem.dtype)
         plgpu.commit_smem()
         if decay_ref:
             s = decay_ref[0][0, 0] * s  # Γ_C S
-        return s + _product((kt_ref, x_smem), rows=dk, columns=tv)  # + Kᵀ (U − W S)
+        kt = Transposed(k_ref)
+        return s + product((kt, x_smem), rows=dk, columns=tv)  # + Kᵀ (U − W S)
 
     operands = (
-        Operand(kt, (None, dk, c), lambda n, j: (n, 0, 0)),
+        Operand(k, (c, dk), lambda n, j: (n, 0)),
         Operand(w, (c, dk), lambda n, j: (n, 0)),
         Operand(u, (c, tv), lambda n, j: (n, j)),
         *_decay_operand(decay),
@@ -338,10 +382,10 @@ def delta_chain_forward(
 
 
 def delta_chain_backward(
-    pt,
+    p,
     k,
-    qt,
-    wt,
+    q,
+    w,
     do,
     g0,
     decay=None,
@@ -355,10 +399,8 @@ def delta_chain_backward(
     ``G ← Γ_C G + Qᵀ Ō − Wᵀ (Pᵀ Ō + K G)``, from the last chunk to the first.
 
     Args:
-      pt: ``Pᵀ`` of every chunk (``P = (Q Kᵀ) ⊙ M``), ``[B, H, N, C, C]``, matmul dtype.
-      k: ``K``, ``[B, H, N·C, K]``, in the matmul dtype.
-      qt: ``Qᵀ`` of every chunk, ``[B, H, N, K, C]``, in the matmul dtype.
-      wt: ``Wᵀ`` of every chunk, ``[B, H, N, K, C]``, in the matmul dtype.
+      p: ``P = (Q Kᵀ) ⊙ M`` of every chunk, ``[B, H, N·C, C]``, in the matmul dtype.
+      k, q, w: ``K``, ``Q`` and ``W``, ``[B, H, N·C, K]``, in the matmul dtype.
       do: the output cotangent ``Ō``, ``[B, H, N·C, V]``, in the matmul dtype.
       g0: the cotangent of the final state ``[B, H, K, V]``, float32.
       decay: the gated rule's chunk decays (:func:`decay_rows`), or None.
@@ -371,25 +413,26 @@ def delta_chain_backward(
       ``(∂L/∂S⁰ [B, H, K, V] float32, gs [B, H, N, K, V])`` with ``gs`` in the matmul dtype, or
       ``(∂L/∂S⁰,)`` without ``save``.
     """
-    _, _, _, dk, c = qt.shape
-    tv = value_block
+    c, dk, tv = p.shape[-1], k.shape[-1], value_block
     _check_call(k.dtype, g0.dtype, g0.shape[-1], c, dk, tv)
+    product = functools.partial(_product, interpret=interpret)
+    t = Transposed
 
     def step(blocks, g, g_smem, du_smem):
-        pt_ref, k_ref, qt_ref, wt_ref, do_ref, *decay_ref = blocks
-        du = _product((pt_ref, do_ref), (k_ref, g_smem), rows=c, columns=tv)  # Pᵀ Ō + K G
+        p_ref, k_ref, q_ref, w_ref, do_ref, *decay_ref = blocks
+        du = product((t(p_ref), do_ref), (k_ref, g_smem), rows=c, columns=tv)  # Pᵀ Ō + K G
         du_smem[...] = du.astype(du_smem.dtype)
         plgpu.commit_smem()
-        q_do = _product((qt_ref, do_ref), rows=dk, columns=tv)
+        q_do = product((t(q_ref), do_ref), rows=dk, columns=tv)  # Qᵀ Ō
         if decay_ref:
             g = decay_ref[0][0, 0] * g  # Γ_C G
-        return g + q_do - _product((wt_ref, du_smem), rows=dk, columns=tv)
+        return g + q_do - product((t(w_ref), du_smem), rows=dk, columns=tv)  # − Wᵀ Ũ̄
 
     operands = (
-        Operand(pt, (None, c, c), lambda n, j: (n, 0, 0)),
+        Operand(p, (c, c), lambda n, j: (n, 0)),
         Operand(k, (c, dk), lambda n, j: (n, 0)),
-        Operand(qt, (None, dk, c), lambda n, j: (n, 0, 0)),
-        Operand(wt, (None, dk, c), lambda n, j: (n, 0, 0)),
+        Operand(q, (c, dk), lambda n, j: (n, 0)),
+        Operand(w, (c, dk), lambda n, j: (n, 0)),
         Operand(do, (c, tv), lambda n, j: (n, j)),
         *_decay_operand(decay),
     )
@@ -434,10 +477,11 @@ def delta_chunk_output(q, w, u, p, states, *, value_block: int, interpret: bool,
         for source, target in zip(sources, (q_smem, w_smem, u_smem, p_smem, s_smem), strict=True):
             plgpu.copy_gmem_to_smem(source, target, barrier)
         plgpu.barrier_wait(barrier)
-        x = u_smem[...].astype(jnp.float32) - _product((w_smem, s_smem), rows=c, columns=tv)
+        product = functools.partial(_product, rows=c, columns=tv, interpret=interpret)
+        x = u_smem[...].astype(jnp.float32) - product((w_smem, s_smem))
         x_smem[...] = x.astype(md)
         plgpu.commit_smem()
-        o = _product((q_smem, s_smem), (p_smem, x_smem), rows=c, columns=tv)  # Q S + P X
+        o = product((q_smem, s_smem), (p_smem, x_smem))
         o_smem[...] = o.astype(md)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[bi, hi, rows, cols])
@@ -465,3 +509,129 @@ def _check_call(md, state_dtype, v, c, dk, tv) -> None:
     check_supported(md, state_dtype, c, dk, tv)
     if v % tv:
         raise ValueError(f"value_block={tv} must divide V={v}")
+
+
+def gradients_smem_bytes(chunk: int, key: int, value: int, itemsize: int = 2) -> int:
+    """Shared memory of :func:`delta_chunk_gradients`: one chunk's ``K, W [C, K]``,
+    ``U, Ō [C, V]``, ``P [C, C]``, ``S, G [K, V]``, one float32 output block at a time and
+    the decay's row sums ``[K]``."""
+    c, k, v = chunk, key, value
+    inputs = 2 * c * k + 2 * c * v + c * c + 2 * k * v
+    return itemsize * inputs + 4 * (c * max(c, k, v) + k)
+
+
+def gradients_supported(chunk: int, key: int, value: int, itemsize: int = 2) -> bool:
+    """Whether :func:`delta_chunk_gradients` takes these sizes: its float32 products
+    ``[C, max(K, V)]`` within the registers of one warpgroup, and its blocks within Hopper's
+    shared memory (at ``C = 64``: ``K, V <= 128``)."""
+    fits_registers = chunk * max(key, value) <= CARRY_ELEMENTS
+    return fits_registers and gradients_smem_bytes(chunk, key, value, itemsize) <= SMEM_LIMIT
+
+
+def delta_chunk_gradients(k, w, u, p, states, gs, do, *, decay: bool, interpret: bool,
+                          name="delta_grads"):  # fmt: skip
+    """Every chunk's operand cotangents at once (the phased backward's gradient kernel,
+    :func:`fwjax.ops.pallas.chunk_math.chunk_gradients`), one CTA per
+    ``(batch, head, chunk)`` over the whole value dimension (no partial sums)::
+
+        Ũ = U − W S              P̄ = Ō Ũᵀ (the causal mask is the caller's)
+        Q̄ = Ō Sᵀ                 Ũ̄ = Pᵀ Ō + K G
+        K̄ = Ũ Gᵀ                 W̄ = −Ũ̄ Sᵀ
+
+    with ``S`` the state entering the chunk and ``G`` the cotangent of the state after it;
+    ``Ũ`` and ``Ũ̄`` enter the later products in the matmul dtype (as in the XLA form). The
+    gated rule also needs ``Γ̄_C = Σ S ⊙ G``: returned as the row sums of ``S ⊙ G``. (``Q``
+    enters no cotangent.)
+
+    Args:
+      k, w: ``K`` and ``W``, ``[B, H, N·C, K]``, in the matmul dtype.
+      u: ``U``, ``[B, H, N·C, V]``, in the matmul dtype.
+      p: ``P = (Q Kᵀ) ⊙ M``, ``[B, H, N·C, C]``, in the matmul dtype.
+      states: the state entering each chunk, ``[B, H, N, K, V]``, in the matmul dtype.
+      gs: the cotangent of the state after each chunk, ``[B, H, N, K, V]``, matmul dtype.
+      do: the output cotangent ``Ō``, ``[B, H, N·C, V]``, in the matmul dtype.
+      decay: also return the row sums of ``S ⊙ G`` (the gated rule).
+      interpret: run in Mosaic GPU's interpret mode (CPU).
+      name: the kernel's name (in profiles).
+
+    Returns:
+      ``(Q̄, K̄, W̄ [B, H, N·C, K], Ũ̄ [B, H, N·C, V], P̄ [B, H, N·C, C])`` in float32 (``P̄``
+      unmasked), and with ``decay`` the row sums ``[B, H, N, K]`` (float32) whose sum over
+      ``K`` is each chunk's ``Γ̄_C``.
+    """
+    b, h, n, dk, dv = states.shape
+    c, md, f32 = p.shape[-1], k.dtype, jnp.float32
+    check_supported(md, f32, c, dk, MMA_TILE)
+    if dv % MMA_TILE or not gradients_supported(c, dk, dv, md.itemsize):
+        raise ValueError(
+            f"delta_chunk_gradients takes C·max(K, V) <= {CARRY_ELEMENTS} and V a multiple "
+            f"of {MMA_TILE}, got chunk={c}, key={dk}, value={dv}"
+        )
+    inputs = ((c, dk), (c, dk), (c, dv), (c, c), (dk, dv), (dk, dv), (c, dv))
+
+    def kernel(*refs):
+        gmem, outs, scratch = refs[:7], refs[7 : 12 + decay], refs[12 + decay :]
+        *smem, barrier = scratch
+        k_s, w_s, u_s, p_s, s_s, g_s, do_s = smem
+        bi, hi, ni = (jax.lax.axis_index(axis) for axis in ("b", "h", "n"))
+        rows = pl.ds(ni * c, c)
+        for i, (ref, target) in enumerate(zip(gmem, smem, strict=True)):
+            block = ni if i in (4, 5) else rows  # states and gs: [B, H, N, K, V]
+            plgpu.copy_gmem_to_smem(ref.at[bi, hi, block], target, barrier)
+        plgpu.barrier_wait(barrier)
+        product = functools.partial(_product, interpret=interpret)
+        t = Transposed
+
+        def emit(out, value, columns):
+            """Writes the float32 block ``value`` ``[C, columns]`` to ``out`` by TMA."""
+
+            def store(block):
+                block[...] = value
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(block, out.at[bi, hi, rows])
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the block is free again
+
+            tiles = _mma_transforms(columns, f32, interpret)
+            pl.run_scoped(store, plgpu.SMEM((c, columns), f32, transforms=tiles))
+
+        dq_out, dk_out, dw_out, du_out, dp_out, *decay_out = outs
+        # Ũ = U − W S, in U's buffer from here on.
+        u_tilde = u_s[...].astype(f32) - product((w_s, s_s), rows=c, columns=dv)
+        u_s[...] = u_tilde.astype(md)
+        plgpu.commit_smem()
+        emit(dp_out, product((do_s, t(u_s)), rows=c, columns=c), c)  # P̄ = Ō Ũᵀ
+        emit(dq_out, product((do_s, t(s_s)), rows=c, columns=dk), dk)  # Q̄ = Ō Sᵀ
+        du = product((t(p_s), do_s), (k_s, g_s), rows=c, columns=dv)  # Ũ̄ = Pᵀ Ō + K G
+        emit(du_out, du, dv)
+        do_s[...] = du.astype(md)  # Ō is spent: its buffer holds Ũ̄ from here on
+        plgpu.commit_smem()
+        emit(dk_out, product((u_s, t(g_s)), rows=c, columns=dk), dk)  # K̄ = Ũ Gᵀ
+        emit(dw_out, -product((do_s, t(s_s)), rows=c, columns=dk), dk)  # W̄ = −Ũ̄ Sᵀ
+        if decay:
+
+            def store_row_sums(sums):
+                sums[...] = jnp.sum(s_s[...].astype(f32) * g_s[...].astype(f32), axis=1)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(sums, decay_out[0].at[bi, hi, ni])
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+            pl.run_scoped(store_row_sums, plgpu.SMEM((dk,), f32))
+        plgpu.wait_smem_to_gmem(0)
+
+    seq = lambda width: jax.ShapeDtypeStruct((b, h, n * c, width), f32)
+    out_type = [seq(dk), seq(dk), seq(dk), seq(dv), seq(c)]
+    if decay:
+        out_type.append(jax.ShapeDtypeStruct((b, h, n, dk), f32))
+    smem = lambda shape: plgpu.SMEM(shape, md, transforms=_mma_transforms(shape[-1], md, interpret))
+    return plgpu.kernel(
+        kernel,
+        out_type=tuple(out_type),
+        grid=(b, h, n),
+        grid_names=("b", "h", "n"),
+        kernel_name=name,
+        scratch_types=[
+            *(smem(shape) for shape in inputs),
+            plgpu.Barrier(num_arrivals=len(inputs)),
+        ],
+        interpret=_interpret_params() if interpret else None,
+    )(k, w, u, p, states, gs, do)

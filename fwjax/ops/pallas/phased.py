@@ -161,15 +161,14 @@ def _chain(name, chain_in, step, carry, emitted, cfg, reverse=False, native=None
 
 def _mosaic_gpu_chain(name, chain_in, carry, save, cfg):
     """The forward chain ``S ← Γ_C S + Kᵀ (U − W S)`` as the Mosaic GPU kernel
-    (:func:`fwjax.ops.pallas.mosaic_gpu.delta_chain_forward`), which takes each chunk's ``Kᵀ``
-    (transposed here, in XLA)."""
+    (:func:`fwjax.ops.pallas.mosaic_gpu.delta_chain_forward`)."""
     from fwjax.ops.pallas import mosaic_gpu
 
     k, w, u = (chain_in[n][1] for n in "kwu")
-    kt = jnp.swapaxes(unflat(k, cfg.tiling.chunk), -1, -2)  # [B, H, N, K, C]
     decay = _mosaic_gpu_decay(chain_in)
     args = _mosaic_gpu_args(cfg, name)
-    return mosaic_gpu.delta_chain_forward(kt, w, u, carry, decay, save=save, **args)
+    chunk = cfg.tiling.chunk
+    return mosaic_gpu.delta_chain_forward(k, w, u, carry, decay, chunk=chunk, save=save, **args)
 
 
 def _mosaic_gpu_decay(chain_in):
@@ -186,17 +185,42 @@ def _mosaic_gpu_args(cfg, name) -> dict:
 
 def _mosaic_gpu_cotangent_chain(name, chain_in, carry, save, cfg):
     """The cotangent chain ``G ← Γ_C G + Qᵀ Ō − Wᵀ (Pᵀ Ō + K G)`` as the Mosaic GPU kernel
-    (:func:`fwjax.ops.pallas.mosaic_gpu.delta_chain_backward`), which takes each chunk's
-    ``Pᵀ``, ``Qᵀ`` and ``Wᵀ`` (transposed here, in XLA)."""
+    (:func:`fwjax.ops.pallas.mosaic_gpu.delta_chain_backward`)."""
+    from fwjax.ops.pallas import mosaic_gpu
+
+    q, k, w, p, do = (chain_in[n][1] for n in ("q", "k", "w", "p", "do"))
+    args = _mosaic_gpu_args(cfg, name)
+    decay = _mosaic_gpu_decay(chain_in)
+    return mosaic_gpu.delta_chain_backward(p, k, q, w, do, carry, decay, save=save, **args)
+
+
+def _mosaic_gpu_gradients_fit(cfg) -> bool:
+    """Whether the gradients run as the Mosaic GPU kernel (else as the Triton one): with
+    ``PallasBackend.MOSAIC_GPU`` where the whole value dimension fits one CTA."""
+    if cfg.backend is not PallasBackend.MOSAIC_GPU:
+        return False
+    from fwjax.ops.pallas import mosaic_gpu
+
+    t = cfg.tiling
+    return mosaic_gpu.gradients_supported(t.chunk, t.key, t.value, cfg.matmul_dtype.itemsize)
+
+
+def _mosaic_gpu_gradients(rule, cfg, ops, states, gs, do, decay: bool) -> tuple:
+    """The operands' cotangents ``(Q̄, K̄, W̄, Ū, P̄[, Γ̄_C])`` (flattened, float32) by the Mosaic
+    GPU kernel (:func:`fwjax.ops.pallas.mosaic_gpu.delta_chunk_gradients`); ``P̄`` takes the
+    causal mask here and ``Γ̄_C`` the sum of the kernel's row sums."""
     from fwjax.ops.pallas import mosaic_gpu
 
     c = cfg.tiling.chunk
-    per_chunk_t = lambda x: jnp.swapaxes(unflat(x, c), -1, -2)  # [B, H, N, ·, C]
-    q, k, w, p, do = (chain_in[n][1] for n in ("q", "k", "w", "p", "do"))
-    pt, qt, wt = per_chunk_t(p), per_chunk_t(q), per_chunk_t(w)
-    args = _mosaic_gpu_args(cfg, name)
-    decay = _mosaic_gpu_decay(chain_in)
-    return mosaic_gpu.delta_chain_backward(pt, k, qt, wt, do, carry, decay, save=save, **args)
+    args = (*(ops[n] for n in ("k", "w", "u", "p")), states, gs, do)
+    grads = mosaic_gpu.delta_chunk_gradients(
+        *args, decay=decay, interpret=cfg.interpret, name=f"{rule.name}_grads"
+    )
+    dq, dk, dw, du, dp, *row_sums = grads
+    causal = jnp.tile(jnp.tril(jnp.ones((c, c), bool)), (dp.shape[2] // c, 1))
+    dp = jnp.where(causal, dp, 0.0)  # P = (Q Kᵀ) ⊙ M
+    d_decay = [r.sum(-1)[..., None, None] for r in row_sums]  # Σ S ⊙ G: [B, H, N, 1, 1]
+    return dq, dk, dw, du, dp, *d_decay
 
 
 def _chain_maps(x, decay, md, sd):
@@ -346,6 +370,10 @@ def backward(rule, cfg, xs, states, d_o, d_s):
     d_s0, gs = _chain(name, chain_in, chain_step, d_s, "gs", cfg, reverse=True, native=native)
 
     names = ("q", "k", "w", "u", "p", *decay)
+    if _mosaic_gpu_gradients_fit(cfg):
+        grads = _mosaic_gpu_gradients(rule, cfg, ops, states, gs, do, bool(decay))
+        grads = (unflat_operand(g, kinds[n], c) for g, n in zip(grads, names, strict=True))
+        return phase1_vjp(tuple(grads)), d_s0
 
     def gradients(x):
         d = x["decay"] if decay else None
