@@ -165,6 +165,18 @@ def _lowered_text(f, args, platform) -> str:
     return export(*args).mlir_module()
 
 
+def _custom_calls(text) -> list[str]:
+    """The custom calls of lowered StableHLO, one line each (target, then the kernel's
+    module, which holds the kernel's name)."""
+    return [line for line in text.splitlines() if "stablehlo.custom_call @" in line]
+
+
+def _assert_lowered_through(calls, kernel, target):
+    """``kernel`` (its full name) lowers to at least one custom call, all to ``target``."""
+    named = [call for call in calls if re.search(rf'{kernel}(\\00|")', call)]
+    assert named and all(f"@{target}(" in call for call in named), kernel
+
+
 @pytest.mark.parametrize(
     ("platform", "backend"), [("cuda", PallasBackend.TRITON), ("tpu", PallasBackend.MOSAIC_TPU)]
 )
@@ -420,7 +432,7 @@ def test_mosaic_gpu_output_kernel_equals_the_chunk_output_in_xla():
     """``O = Q S + P (U − W S)`` at ``MGPU_DIMS``, one CTA per chunk and value tile, against
     :func:`~fwjax.ops.pallas.chunk_math.chunk_output` rounded to bfloat16 like the kernel's."""
     from fwjax.ops.pallas import chunk_math as cm
-    from fwjax.ops.pallas.mosaic_gpu import delta_chunk_output
+    from fwjax.ops.pallas.mosaic_gpu_chunks import delta_chunk_output
 
     b, h, n, c, k, v = MGPU_DIMS
     rng = np.random.default_rng(2)
@@ -448,7 +460,7 @@ def test_mosaic_gpu_gradient_kernel_equals_the_chunk_gradients_in_xla():
     ``Ũ`` and ``Ũ̄`` and float32 sums, so every element agrees to float32 rounding. (Through
     the whole op, ``Γ̄_C`` is a small part of ``∂L/∂α``, below the bfloat16 tolerance.)"""
     from fwjax.ops.pallas import chunk_math as cm
-    from fwjax.ops.pallas.mosaic_gpu import delta_chunk_gradients
+    from fwjax.ops.pallas.mosaic_gpu_chunks import delta_chunk_gradients
 
     b, h, n, c, k, v = MGPU_DIMS
     rng = np.random.default_rng(3)
@@ -475,10 +487,51 @@ def test_mosaic_gpu_gradient_kernel_equals_the_chunk_gradients_in_xla():
         np.testing.assert_allclose(actual, expected, atol=atol, err_msg=name)
 
 
+@pytest.mark.parametrize("gated", [False, True], ids=["delta", "gated"])
+def test_mosaic_gpu_wy_kernel_equals_the_wy_terms_in_xla(gated):
+    """Phase 1 at ``MGPU_DIMS`` (unit keys, β ∈ (0, 1), the gated rule's α ∈ (0.9, 1)) against
+    :func:`~fwjax.ops.pallas.chunk_math.wy_chunk` in float32: the kernel's triangular inverse
+    and its split-operand products keep ``W`` and ``U`` within one bfloat16 rounding of the
+    float32 values (> 99 % of elements equal after it), ``P``, ``Q'`` and ``K'`` equal."""
+    from fwjax.ops.pallas import chunk_math as cm
+    from fwjax.ops.pallas.mosaic_gpu_chunks import delta_wy
+
+    b, h, n, c, k, v = MGPU_DIMS
+    rng = np.random.default_rng(4)
+    bf16 = lambda x: jnp.asarray(x, jnp.bfloat16)
+    keys = rng.normal(size=(b, h, n * c, k))
+    keys = bf16(keys / np.linalg.norm(keys, axis=-1, keepdims=True))
+    q = bf16(rng.normal(size=(b, h, n * c, k)) * k**-0.5)
+    values = bf16(rng.normal(size=(b, h, n * c, v)))
+    beta = jnp.asarray(rng.uniform(0, 1, (b, h, n * c)), jnp.float32)
+    g = None
+    if gated:
+        log_alpha = np.log(rng.uniform(0.9, 1.0, (b, h, n, c)))
+        g = jnp.asarray(np.cumsum(log_alpha, axis=-1).reshape(b, h, n * c), jnp.float32)
+    got = delta_wy(q, keys, values, beta, g, chunk=c, interpret=True)
+
+    per_chunk = lambda x: x.reshape(b, h, n, c, -1)
+    column, row = (lambda x: x.reshape(b, h, n, c, 1)), (lambda x: x.reshape(b, h, n, 1, c))
+    gates = {"g_col": column(g), "g_row": row(g)} if gated else {}
+    terms = lambda *a, **kw: cm.wy_chunk(*a, jnp.float32, **kw)
+    args = (per_chunk(q), per_chunk(keys), per_chunk(values), column(beta), row(beta))
+    want = jax.vmap(jax.vmap(jax.vmap(terms)))(*args, **gates)
+    names = ("q'", "k'", "w", "u", "p") if gated else ("w", "u", "p")
+    assert len(got) == len(names)
+    for name, actual, expected in zip(names, got, want, strict=False):
+        assert actual.dtype == jnp.bfloat16 and actual.shape == (b, h, n * c, expected.shape[-1])
+        actual = np.asarray(actual, np.float32).reshape(expected.shape)
+        rounded = np.asarray(bf16(expected), np.float32)
+        # One bfloat16 rounding step, or float32 rounding of the largest terms (elements near 0).
+        step = np.abs(rounded) * 2.0**-7 + 1e-5 * np.abs(expected).max()
+        assert (np.abs(actual - rounded) <= step).all(), name
+        assert (actual == rounded).mean() > (0.99 if name in "wu" else 1 - 1e-9), name
+
+
 @pytest.mark.parametrize("rule", [DELTA, GATED], **RULE_IDS)
 def test_mosaic_gpu_phased_rules_match_chunked(rule):
-    """The whole op with the Mosaic GPU kernels (the chains, forward and backward, and the
-    outputs; phase 1 and the gradients Triton's), split into 2 segments (T 150: 3 chunks of
+    """The whole op with the Mosaic GPU kernels (phase 1, the chains forward and backward,
+    the outputs and the gradients), split into 2 segments (T 150: 3 chunks of
     64, padded to 4; the widened passes without saved carries, then the reruns that save
     them): outputs, final state and every gradient against CHUNKED at the bfloat16
     tolerance. K 32 and V 48 pad to 64. The gated rule's chains read each chunk's decay
@@ -510,9 +563,9 @@ def test_compiled_mosaic_gpu(rule, case, segments):
     ids=["delta-padded-split", "gated-padded-split", "delta-B8H16D128"],
 )
 def test_mosaic_gpu_kernel_lowers_for_cuda_on_this_machine(monkeypatch, name, b, h, d, segments):
-    """The Mosaic GPU kernels lower beside the Triton kernels (``jax.export`` for CUDA:
-    Pallas → Mosaic GPU, which checks each kernel's shared memory against Hopper's; no PTX
-    compiler or device): D 16 padded to 64 with both passes of each split chain (the gated
+    """Every kernel of the op lowers through Mosaic GPU, none through Triton (``jax.export``
+    for CUDA: Pallas → Mosaic GPU, which checks each kernel's shared memory against Hopper's;
+    no PTX compiler or device): D 16 padded to 64 with both passes of each split chain (the gated
     rule's chains with their decay rows), and K = V = 128 at B·H = 128 (its default value
     tile)."""
     import fwjax.ops.pallas as pallas_module
@@ -529,14 +582,32 @@ def test_mosaic_gpu_kernel_lowers_for_cuda_on_this_machine(monkeypatch, name, b,
 
     monkeypatch.setitem(TARGETS, "cuda", (*TARGETS["cuda"], "mosaic_gpu_v2"))
     text = _lowered_text(op, (x, x, x), "cuda")
-    # Each kernel's custom call (its line names its target and, in the module, the kernel).
-    calls = [line for line in text.splitlines() if "stablehlo.custom_call @" in line]
-    kernels = ["chain_fwd", "out", "chain_bwd", "grads"]
+    calls = _custom_calls(text)
+    assert not [call for call in calls if "triton" in call]  # all Mosaic GPU's
+    kernels = ["wy", "chain_fwd", "out", "chain_bwd", "grads"]
     kernels += ["chain_fwd_maps", "chain_bwd_maps"] if segments else []
-    for kernel in ["wy", *kernels]:
-        target = "__gpu$xla.gpu.triton" if kernel == "wy" else "mosaic_gpu_v2"
-        named = [call for call in calls if re.search(rf'{name}_{kernel}(\\00|")', call)]
-        assert named and all(f"@{target}(" in call for call in named), kernel
+    for kernel in kernels:
+        _assert_lowered_through(calls, f"{name}_{kernel}", "mosaic_gpu_v2")
+
+
+def test_mosaic_gpu_wide_values_take_the_triton_kernels_parallel_over_chunks(monkeypatch):
+    """V 256 (``C·V`` over one warpgroup's registers): phase 1 and the gradients lower through
+    Triton, the chains and the outputs (value tiles of 64) through Mosaic GPU."""
+    import fwjax.ops.pallas as pallas_module
+    from fwjax import ops
+
+    monkeypatch.setattr(pallas_module, "resolve_interpret", lambda options, platform=None: False)
+    qk, v = jnp.ones((1, 130, 2, 64), jnp.bfloat16), jnp.ones((1, 130, 2, 256), jnp.bfloat16)
+    beta = jnp.full((1, 130, 2), 0.9, jnp.bfloat16)
+
+    def op(q, k, v):
+        return ops.delta_rule(q, k, v, beta, None, 0.25, impl=Impl.PALLAS, pallas=MOSAIC_GPU)
+
+    monkeypatch.setitem(TARGETS, "cuda", (*TARGETS["cuda"], "mosaic_gpu_v2"))
+    calls = _custom_calls(_lowered_text(op, (qk, qk, v), "cuda"))
+    for kernel in ("wy", "chain_fwd", "out", "chain_bwd", "grads"):
+        target = "__gpu$xla.gpu.triton" if kernel in ("wy", "grads") else "mosaic_gpu_v2"
+        _assert_lowered_through(calls, f"delta_rule_{kernel}", target)
 
 
 @pytest.mark.parametrize(

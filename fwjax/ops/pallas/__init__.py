@@ -11,9 +11,8 @@ has its own file:
 - :mod:`fwjax.ops.pallas.triton_gpu` — GPU through Pallas' Triton lowering (see its docstring
   for why Triton and not Mosaic GPU);
 - :mod:`fwjax.ops.pallas.mosaic_tpu` — TPU through Mosaic TPU;
-- :mod:`fwjax.ops.pallas.mosaic_gpu` — the phased (gated) delta rule's state and cotangent
-  chains, outputs and gradients through Mosaic GPU (``PallasBackend.MOSAIC_GPU``; phase 1 is
-  Triton's).
+- :mod:`fwjax.ops.pallas.mosaic_gpu` — the phased (gated) delta rule's kernels through Mosaic
+  GPU (``PallasBackend.MOSAIC_GPU``).
 
 On a CPU backend there is no Pallas compiler: kernels run in interpret mode, automatically.
 """
@@ -40,12 +39,12 @@ class PallasBackend(enum.Enum):
       TRITON: the GPU kernels lowered through Triton (:mod:`fwjax.ops.pallas.triton_gpu`).
       MOSAIC_TPU: the TPU kernels (:mod:`fwjax.ops.pallas.mosaic_tpu`).
       MOSAIC_GPU: the delta and gated delta rules under ``PallasSchedule.PHASED`` with
-        ``PallasChain.UPDATE`` only: their two sequential kernels (the state chain and the
-        cotangent chain), the output kernel and the gradient kernel as Mosaic GPU kernels for
-        Hopper warpgroups (:mod:`fwjax.ops.pallas.mosaic_gpu`; bfloat16/float16 inputs, sizes
-        padded to multiples of 64), phase 1 (and the gradients beyond ``C·max(K, V) = 8192``)
-        the Triton ones. Other rules and options raise ValueError. Compiled behaviour and speed
-        are not yet measured.
+        ``PallasChain.UPDATE`` only, as Mosaic GPU kernels for Hopper warpgroups
+        (:mod:`fwjax.ops.pallas.mosaic_gpu`; bfloat16/float16 inputs, sizes padded to
+        multiples of 64): phase 1, the state and cotangent chains, the outputs and the
+        gradients (phase 1 and the gradients as the Triton kernels beyond
+        ``C·max(K, V) = 8192``). Other rules and options raise ValueError. Compiled behaviour
+        and speed are not yet measured.
     """
 
     AUTO = "auto"
@@ -230,7 +229,7 @@ def tpu_tiling(t, k, v, chunk_size, programs, options: PallasOptions) -> Tiling:
 
 
 def mosaic_gpu_tiling(t, k, v, chunk_size, programs, options: PallasOptions) -> Tiling:
-    """:func:`triton_tiling` (the call's other kernels are Triton's) with the sizes of
+    """:func:`triton_tiling` (its Triton kernels may run beside) with the sizes of
     Hopper's warpgroup MMA: chunk, key and value rounded up to powers of two >= 64, and a value
     tile of at least 64 (zero keys, values and β = 0 are exact no-ops). Unless given, the value
     tile also halves (down to 64) until the carry ``[K, tv]`` fits the registers and the

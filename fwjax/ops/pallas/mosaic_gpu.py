@@ -1,11 +1,14 @@
 """GPU backend: the (gated) delta rule's phased kernels as Mosaic GPU kernels (Hopper warpgroups).
 
-``PallasBackend.MOSAIC_GPU`` runs four kernels of the phased schedule
-(:mod:`fwjax.ops.pallas.phased`) here, written for Mosaic GPU. In the two sequential ones
-(:func:`_chain_kernel`) one CTA per ``(batch, head, value tile)`` walks the chunks with its
-carry tile ``[K, tv]`` in registers (float32), chunk operands arriving by TMA into shared
-memory through :func:`jax.experimental.pallas.mosaic_gpu.emit_pipeline` (two chunks in
-flight), the carry entering each chunk leaving by TMA in the matmul dtype. Forward
+``PallasBackend.MOSAIC_GPU`` runs the phased schedule (:mod:`fwjax.ops.pallas.phased`) as five
+Mosaic GPU kernels: the two sequential chains here, and the three kernels parallel over chunks
+(phase 1's WY terms, the outputs and the gradients) in :mod:`fwjax.ops.pallas.mosaic_gpu_chunks`,
+which shares the MMA helper :func:`mma_sum` and the size checks here.
+
+In each chain (:func:`_chain_kernel`) one CTA per ``(batch, head, value tile)`` walks the
+chunks with its carry tile ``[K, tv]`` in registers (float32), chunk operands arriving by TMA
+into shared memory through :func:`jax.experimental.pallas.mosaic_gpu.emit_pipeline` (two
+chunks in flight), the carry entering each chunk leaving by TMA in the matmul dtype. Forward
 (:func:`delta_chain_forward`)::
 
     states[n] = S
@@ -19,21 +22,8 @@ Backward, from the last chunk (:func:`delta_chain_backward`)::
     G ← Γ_n G + Q_nᵀ Ō_n − W_nᵀ Ũ̄    two MMAs
 
 ``Γ_n`` is the gated rule's chunk decay (1 for the delta rule), read in float32 from a row of
-its own (:func:`decay_rows`).
-
-Then every chunk's output at once, one CTA per ``(batch, head, chunk, value tile)``
-(:func:`delta_chunk_output`)::
-
-    O_n = Q_n S_n + P_n (U_n − W_n S_n)        three MMAs
-
-and, in the backward, every chunk's operand cotangents, one CTA per ``(batch, head, chunk)``
-over the whole value dimension (:func:`delta_chunk_gradients`, six products; where
-``C·max(K, V)`` outgrows one warpgroup's registers, :func:`gradients_supported`, the Triton
-kernel runs instead). The call's remaining kernel, phase 1's WY terms (a triangular inverse by
-forward substitution), is the Triton one (:mod:`fwjax.ops.pallas.triton_gpu`), whose lowering
-JAX 0.11 deprecates. With ``state_segments`` the chains split
-as in :func:`fwjax.ops.pallas.phased._chain` (the widened pass is the same kernel without
-saves).
+its own (:func:`decay_rows`). With ``state_segments`` the chains split as in
+:func:`fwjax.ops.pallas.phased._chain` (the widened pass is the same kernel without saves).
 
 Constraints, checked by :func:`check_supported`: bfloat16 or float16 operands
 (``PallasPrecision.INPUT`` with such inputs), a float32 state, ``C``, ``K`` and ``tv``
@@ -42,13 +32,15 @@ them), and kernels that fit Hopper's shared memory (:func:`smem_bytes`: with two
 flight that means ``C = 64`` and ``K <= 128``). The tiling's default value tile keeps the
 carry within 64 float32 registers per thread (``tv = 64`` at ``K = 128``).
 
-Written so that the same kernel body runs in Pallas' Mosaic GPU interpret mode (the CPU tests)
-and lowers for CUDA:
+Written so that the same kernel bodies run in Pallas' Mosaic GPU interpret mode (the CPU tests)
+and lower for CUDA; they differ only where the interpreter lacks a feature:
 
 - a transposed MMA operand (``K_nᵀ``, ``Sᵀ``, ...) is a transposed view of its buffer
   (:func:`~jax.experimental.pallas.mosaic_gpu.transpose_ref`) when compiling; the interpreter
-  has no such views, so there it is copied, transposed, into scratch (:func:`_product`): the
-  one place where the interpreted kernel differs from the compiled one;
+  has no such views, so there it is copied, transposed, into scratch (:func:`mma_sum`);
+- register layouts that Mosaic GPU cannot infer (the masks' iotas, vectors broadcast along
+  rows or columns, in :mod:`fwjax.ops.pallas.mosaic_gpu_chunks`) are named only when
+  compiling;
 - each product goes into a fresh, zeroed accumulator and the state adds it in registers (the
   interpreter has no pre-initialised accumulators, ``pl.run_state``);
 - the shared-memory tiling and swizzle that the MMA needs are applied only when compiling (the
@@ -84,7 +76,7 @@ def smem_bytes(chunk: int, key: int, value_block: int, itemsize: int = 2) -> int
     ``P [C, C]``, ``K``, ``Q``, ``W [C, K]``, ``Ō [C, tv]``, plus the carry
     ``[K, tv]`` and ``Ũ̄ [C, tv]`` (the float32 carry's buffer lives outside the pipeline's
     scope). The state chain and the output kernel need less; the gradient kernel has its own
-    bound (:func:`gradients_smem_bytes`)."""
+    bound (:func:`~fwjax.ops.pallas.mosaic_gpu_chunks.gradients_smem_bytes`)."""
     c, k, tv = chunk, key, value_block
     in_flight = 2 * (c * c + 3 * c * k + c * tv)
     return itemsize * (in_flight + k * tv + c * tv)
@@ -124,14 +116,14 @@ def check_supported(matmul_dtype, state_dtype, chunk: int, key: int, value_block
         )
 
 
-def _interpret_params():
+def interpret_params():
     # JAX 0.10 exports Mosaic GPU's interpreter parameters only from its private module.
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
     return InterpretGPUParams()
 
 
-def _mma_transforms(columns: int, dtype, interpret: bool) -> tuple:
+def mma_transforms(columns: int, dtype, interpret: bool) -> tuple:
     """Shared-memory tiling and swizzle of a ``[rows, columns]`` MMA operand (none when
     interpreting)."""
     if interpret:
@@ -202,7 +194,7 @@ def _chain_kernel(step, operands, carry0, scratch, *, tv, save, reverse, interpr
     # The float32 carry entering and leaving passes through shared memory (tiled when compiled,
     # so that its loads and stores take the MMA accumulator's register layout), in scopes of
     # their own: the buffer does not sit beside the pipeline's.
-    carry_smem_type = plgpu.SMEM((dk, tv), f32, transforms=_mma_transforms(tv, f32, interpret))
+    carry_smem_type = plgpu.SMEM((dk, tv), f32, transforms=mma_transforms(tv, f32, interpret))
 
     def kernel(*refs):
         gmem, (final_gmem, *saved), (c_smem, *scratch_refs) = (
@@ -235,7 +227,7 @@ def _chain_kernel(step, operands, carry0, scratch, *, tv, save, reverse, interpr
             plgpu.BlockSpec(
                 op.block,
                 lambda i, op=op: op.index(chunk_of(i), j),
-                transforms=_mma_transforms(op.block[-1], md, interpret) if op.mma else (),
+                transforms=mma_transforms(op.block[-1], md, interpret) if op.mma else (),
             )
             for op in operands
         ]
@@ -258,9 +250,9 @@ def _chain_kernel(step, operands, carry0, scratch, *, tv, save, reverse, interpr
     if save:
         out_type.append(jax.ShapeDtypeStruct((b, h, n, dk, dv), md))
     scratch_types = [
-        plgpu.SMEM((dk, tv), md, transforms=_mma_transforms(tv, md, interpret)),  # the carry
+        plgpu.SMEM((dk, tv), md, transforms=mma_transforms(tv, md, interpret)),  # the carry
         *(
-            plgpu.SMEM(shape, md, transforms=_mma_transforms(shape[-1], md, interpret))
+            plgpu.SMEM(shape, md, transforms=mma_transforms(shape[-1], md, interpret))
             for shape in scratch
         ),
     ]
@@ -271,7 +263,7 @@ def _chain_kernel(step, operands, carry0, scratch, *, tv, save, reverse, interpr
         grid_names=("b", "h", "j"),
         kernel_name=name,
         scratch_types=scratch_types,
-        interpret=_interpret_params() if interpret else None,
+        interpret=interpret_params() if interpret else None,
     )(*(op.array for op in operands), carry0)
 
 
@@ -281,7 +273,7 @@ class Transposed(NamedTuple):
     ref: object
 
 
-def _product(*pairs, rows: int, columns: int, interpret: bool):
+def mma_sum(*pairs, rows: int, columns: int, interpret: bool):
     """``Σ a @ b`` over ``pairs`` of shared-memory operands (``[rows, columns]``, either
     operand possibly :class:`Transposed`): warpgroup MMAs issued back to back into one fresh
     float32 accumulator, awaited once; returns it as a value.
@@ -356,8 +348,8 @@ def delta_chain_forward(
     """
     dk, tv = k.shape[-1], value_block
     c = chunk
-    _check_call(k.dtype, s0.dtype, s0.shape[-1], c, dk, tv)
-    product = functools.partial(_product, interpret=interpret)
+    check_call(k.dtype, s0.dtype, s0.shape[-1], c, dk, tv)
+    product = functools.partial(mma_sum, interpret=interpret)
 
     def step(blocks, s, s_smem, x_smem):
         k_ref, w_ref, u_ref, *decay_ref = blocks
@@ -414,8 +406,8 @@ def delta_chain_backward(
       ``(∂L/∂S⁰,)`` without ``save``.
     """
     c, dk, tv = p.shape[-1], k.shape[-1], value_block
-    _check_call(k.dtype, g0.dtype, g0.shape[-1], c, dk, tv)
-    product = functools.partial(_product, interpret=interpret)
+    check_call(k.dtype, g0.dtype, g0.shape[-1], c, dk, tv)
+    product = functools.partial(mma_sum, interpret=interpret)
     t = Transposed
 
     def step(blocks, g, g_smem, du_smem):
@@ -442,196 +434,8 @@ def delta_chain_backward(
     )  # fmt: skip
 
 
-def delta_chunk_output(q, w, u, p, states, *, value_block: int, interpret: bool, name="delta_out"):
-    """Every chunk's output from the state entering it, ``O = Q S + P (U − W S)``, one CTA per
-    ``(batch, head, chunk, value tile)``, all in parallel.
-
-    Args:
-      q, w: ``Q`` and ``W``, ``[B, H, N·C, K]``, in the matmul dtype.
-      u: ``U``, ``[B, H, N·C, V]``, in the matmul dtype.
-      p: ``P = (Q Kᵀ) ⊙ M``, ``[B, H, N·C, C]``, in the matmul dtype.
-      states: the state entering each chunk, ``[B, H, N, K, V]``, in the matmul dtype.
-      value_block: ``tv`` (divides ``V``).
-      interpret: run in Mosaic GPU's interpret mode (CPU).
-      name: the kernel's name (in profiles).
-
-    Returns:
-      ``O [B, H, N·C, V]`` in the matmul dtype.
-    """
-    b, h, n, dk, dv = states.shape
-    c, md, tv = p.shape[-1], q.dtype, value_block
-    _check_call(md, jnp.float32, dv, c, dk, tv)
-    blocks = ((c, dk), (c, dk), (c, tv), (c, c), (dk, tv))  # Q, W, U, P, S
-
-    def kernel(q_gmem, w_gmem, u_gmem, p_gmem, s_gmem, o_gmem, *scratch):
-        q_smem, w_smem, u_smem, p_smem, s_smem, x_smem, o_smem, barrier = scratch
-        bi, hi, ni, j = (jax.lax.axis_index(axis) for axis in ("b", "h", "n", "j"))
-        rows, cols = pl.ds(ni * c, c), pl.ds(j * tv, tv)
-        sources = (
-            q_gmem.at[bi, hi, rows],
-            w_gmem.at[bi, hi, rows],
-            u_gmem.at[bi, hi, rows, cols],
-            p_gmem.at[bi, hi, rows],
-            s_gmem.at[bi, hi, ni, :, cols],
-        )
-        for source, target in zip(sources, (q_smem, w_smem, u_smem, p_smem, s_smem), strict=True):
-            plgpu.copy_gmem_to_smem(source, target, barrier)
-        plgpu.barrier_wait(barrier)
-        product = functools.partial(_product, rows=c, columns=tv, interpret=interpret)
-        x = u_smem[...].astype(jnp.float32) - product((w_smem, s_smem))
-        x_smem[...] = x.astype(md)
-        plgpu.commit_smem()
-        o = product((q_smem, s_smem), (p_smem, x_smem))
-        o_smem[...] = o.astype(md)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[bi, hi, rows, cols])
-        plgpu.wait_smem_to_gmem(0)
-
-    smem = lambda shape: plgpu.SMEM(shape, md, transforms=_mma_transforms(shape[-1], md, interpret))
-    return plgpu.kernel(
-        kernel,
-        out_type=jax.ShapeDtypeStruct(u.shape, md),
-        grid=(b, h, n, dv // tv),
-        grid_names=("b", "h", "n", "j"),
-        kernel_name=name,
-        scratch_types=[
-            *(smem(shape) for shape in blocks),
-            smem((c, tv)),  # X
-            smem((c, tv)),  # O
-            plgpu.Barrier(num_arrivals=len(blocks)),
-        ],
-        interpret=_interpret_params() if interpret else None,
-    )(q, w, u, p, states)
-
-
-def _check_call(md, state_dtype, v, c, dk, tv) -> None:
+def check_call(md, state_dtype, v, c, dk, tv) -> None:
     """:func:`check_supported`, and ``tv`` dividing ``V``."""
     check_supported(md, state_dtype, c, dk, tv)
     if v % tv:
         raise ValueError(f"value_block={tv} must divide V={v}")
-
-
-def gradients_smem_bytes(chunk: int, key: int, value: int, itemsize: int = 2) -> int:
-    """Shared memory of :func:`delta_chunk_gradients`: one chunk's ``K, W [C, K]``,
-    ``U, Ō [C, V]``, ``P [C, C]``, ``S, G [K, V]``, one float32 output block at a time and
-    the decay's row sums ``[K]``."""
-    c, k, v = chunk, key, value
-    inputs = 2 * c * k + 2 * c * v + c * c + 2 * k * v
-    return itemsize * inputs + 4 * (c * max(c, k, v) + k)
-
-
-def gradients_supported(chunk: int, key: int, value: int, itemsize: int = 2) -> bool:
-    """Whether :func:`delta_chunk_gradients` takes these sizes: its float32 products
-    ``[C, max(K, V)]`` within the registers of one warpgroup, and its blocks within Hopper's
-    shared memory (at ``C = 64``: ``K, V <= 128``)."""
-    fits_registers = chunk * max(key, value) <= CARRY_ELEMENTS
-    return fits_registers and gradients_smem_bytes(chunk, key, value, itemsize) <= SMEM_LIMIT
-
-
-def delta_chunk_gradients(k, w, u, p, states, gs, do, *, decay: bool, interpret: bool,
-                          name="delta_grads"):  # fmt: skip
-    """Every chunk's operand cotangents at once (the phased backward's gradient kernel,
-    :func:`fwjax.ops.pallas.chunk_math.chunk_gradients`), one CTA per
-    ``(batch, head, chunk)`` over the whole value dimension (no partial sums)::
-
-        Ũ = U − W S              P̄ = Ō Ũᵀ (the causal mask is the caller's)
-        Q̄ = Ō Sᵀ                 Ũ̄ = Pᵀ Ō + K G
-        K̄ = Ũ Gᵀ                 W̄ = −Ũ̄ Sᵀ
-
-    with ``S`` the state entering the chunk and ``G`` the cotangent of the state after it;
-    ``Ũ`` and ``Ũ̄`` enter the later products in the matmul dtype (as in the XLA form). The
-    gated rule also needs ``Γ̄_C = Σ S ⊙ G``: returned as the row sums of ``S ⊙ G``. (``Q``
-    enters no cotangent.)
-
-    Args:
-      k, w: ``K`` and ``W``, ``[B, H, N·C, K]``, in the matmul dtype.
-      u: ``U``, ``[B, H, N·C, V]``, in the matmul dtype.
-      p: ``P = (Q Kᵀ) ⊙ M``, ``[B, H, N·C, C]``, in the matmul dtype.
-      states: the state entering each chunk, ``[B, H, N, K, V]``, in the matmul dtype.
-      gs: the cotangent of the state after each chunk, ``[B, H, N, K, V]``, matmul dtype.
-      do: the output cotangent ``Ō``, ``[B, H, N·C, V]``, in the matmul dtype.
-      decay: also return the row sums of ``S ⊙ G`` (the gated rule).
-      interpret: run in Mosaic GPU's interpret mode (CPU).
-      name: the kernel's name (in profiles).
-
-    Returns:
-      ``(Q̄, K̄, W̄ [B, H, N·C, K], Ũ̄ [B, H, N·C, V], P̄ [B, H, N·C, C])`` in float32 (``P̄``
-      unmasked), and with ``decay`` the row sums ``[B, H, N, K]`` (float32) whose sum over
-      ``K`` is each chunk's ``Γ̄_C``.
-    """
-    b, h, n, dk, dv = states.shape
-    c, md, f32 = p.shape[-1], k.dtype, jnp.float32
-    check_supported(md, f32, c, dk, MMA_TILE)
-    if dv % MMA_TILE or not gradients_supported(c, dk, dv, md.itemsize):
-        raise ValueError(
-            f"delta_chunk_gradients takes C·max(K, V) <= {CARRY_ELEMENTS} and V a multiple "
-            f"of {MMA_TILE}, got chunk={c}, key={dk}, value={dv}"
-        )
-    inputs = ((c, dk), (c, dk), (c, dv), (c, c), (dk, dv), (dk, dv), (c, dv))
-
-    def kernel(*refs):
-        gmem, outs, scratch = refs[:7], refs[7 : 12 + decay], refs[12 + decay :]
-        *smem, barrier = scratch
-        k_s, w_s, u_s, p_s, s_s, g_s, do_s = smem
-        bi, hi, ni = (jax.lax.axis_index(axis) for axis in ("b", "h", "n"))
-        rows = pl.ds(ni * c, c)
-        for i, (ref, target) in enumerate(zip(gmem, smem, strict=True)):
-            block = ni if i in (4, 5) else rows  # states and gs: [B, H, N, K, V]
-            plgpu.copy_gmem_to_smem(ref.at[bi, hi, block], target, barrier)
-        plgpu.barrier_wait(barrier)
-        product = functools.partial(_product, interpret=interpret)
-        t = Transposed
-
-        def emit(out, value, columns):
-            """Writes the float32 block ``value`` ``[C, columns]`` to ``out`` by TMA."""
-
-            def store(block):
-                block[...] = value
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(block, out.at[bi, hi, rows])
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the block is free again
-
-            tiles = _mma_transforms(columns, f32, interpret)
-            pl.run_scoped(store, plgpu.SMEM((c, columns), f32, transforms=tiles))
-
-        dq_out, dk_out, dw_out, du_out, dp_out, *decay_out = outs
-        # Ũ = U − W S, in U's buffer from here on.
-        u_tilde = u_s[...].astype(f32) - product((w_s, s_s), rows=c, columns=dv)
-        u_s[...] = u_tilde.astype(md)
-        plgpu.commit_smem()
-        emit(dp_out, product((do_s, t(u_s)), rows=c, columns=c), c)  # P̄ = Ō Ũᵀ
-        emit(dq_out, product((do_s, t(s_s)), rows=c, columns=dk), dk)  # Q̄ = Ō Sᵀ
-        du = product((t(p_s), do_s), (k_s, g_s), rows=c, columns=dv)  # Ũ̄ = Pᵀ Ō + K G
-        emit(du_out, du, dv)
-        do_s[...] = du.astype(md)  # Ō is spent: its buffer holds Ũ̄ from here on
-        plgpu.commit_smem()
-        emit(dk_out, product((u_s, t(g_s)), rows=c, columns=dk), dk)  # K̄ = Ũ Gᵀ
-        emit(dw_out, -product((do_s, t(s_s)), rows=c, columns=dk), dk)  # W̄ = −Ũ̄ Sᵀ
-        if decay:
-
-            def store_row_sums(sums):
-                sums[...] = jnp.sum(s_s[...].astype(f32) * g_s[...].astype(f32), axis=1)
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(sums, decay_out[0].at[bi, hi, ni])
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-
-            pl.run_scoped(store_row_sums, plgpu.SMEM((dk,), f32))
-        plgpu.wait_smem_to_gmem(0)
-
-    seq = lambda width: jax.ShapeDtypeStruct((b, h, n * c, width), f32)
-    out_type = [seq(dk), seq(dk), seq(dk), seq(dv), seq(c)]
-    if decay:
-        out_type.append(jax.ShapeDtypeStruct((b, h, n, dk), f32))
-    smem = lambda shape: plgpu.SMEM(shape, md, transforms=_mma_transforms(shape[-1], md, interpret))
-    return plgpu.kernel(
-        kernel,
-        out_type=tuple(out_type),
-        grid=(b, h, n),
-        grid_names=("b", "h", "n"),
-        kernel_name=name,
-        scratch_types=[
-            *(smem(shape) for shape in inputs),
-            plgpu.Barrier(num_arrivals=len(inputs)),
-        ],
-        interpret=_interpret_params() if interpret else None,
-    )(k, w, u, p, states, gs, do)

@@ -194,26 +194,51 @@ def _mosaic_gpu_cotangent_chain(name, chain_in, carry, save, cfg):
     return mosaic_gpu.delta_chain_backward(p, k, q, w, do, carry, decay, save=save, **args)
 
 
-def _mosaic_gpu_gradients_fit(cfg) -> bool:
-    """Whether the gradients run as the Mosaic GPU kernel (else as the Triton one): with
-    ``PallasBackend.MOSAIC_GPU`` where the whole value dimension fits one CTA."""
+def _mosaic_gpu_fits(cfg, supported: str) -> bool:
+    """Whether a kernel parallel over chunks runs as the Mosaic GPU kernel (else as the Triton
+    one): with ``PallasBackend.MOSAIC_GPU`` where ``mosaic_gpu_chunks.<supported>`` takes the
+    sizes (the whole value dimension in one CTA)."""
     if cfg.backend is not PallasBackend.MOSAIC_GPU:
         return False
-    from fwjax.ops.pallas import mosaic_gpu
+    from fwjax.ops.pallas import mosaic_gpu_chunks
 
     t = cfg.tiling
-    return mosaic_gpu.gradients_supported(t.chunk, t.key, t.value, cfg.matmul_dtype.itemsize)
+    return getattr(mosaic_gpu_chunks, supported)(t.chunk, t.key, t.value)
+
+
+def _mosaic_gpu_phase1(rule, cfg, xs) -> tuple:
+    """Phase 1 by the Mosaic GPU kernel (:func:`fwjax.ops.pallas.mosaic_gpu_chunks.delta_wy`):
+    the rule's operands in kernel layout, as :func:`phase1` returns them; the gated rule's chunk
+    decay ``Γ_C = exp(g_C)`` in float32, from the cumulative ``log α`` in XLA."""
+    from fwjax.ops.pallas import mosaic_gpu_chunks
+
+    q, k, v, beta, *gate = xs
+    md, c, f32 = cfg.matmul_dtype, cfg.tiling.chunk, jnp.float32
+    per_step = lambda x: x.astype(f32).reshape(*x.shape[:2], -1)  # [B, H, N, C] → [B, H, N·C]
+    g = jnp.cumsum(gate[0].astype(f32), axis=-1) if gate else None  # log Γ from chunk starts
+    terms = mosaic_gpu_chunks.delta_wy(
+        *(flat(x).astype(md) for x in (q, k, v)),
+        per_step(beta),
+        None if g is None else per_step(g),
+        chunk=c,
+        interpret=cfg.interpret,
+        name=f"{rule.name}_wy",
+    )
+    terms = tuple(unflat(x, c) for x in terms)
+    if g is None:
+        return (q.astype(md), k.astype(md), *terms)  # (Q, K, W, U, P)
+    return (*terms, jnp.exp(g[..., -1:])[..., None])  # (Q', K', W, U, P, Γ_C [B, H, N, 1, 1])
 
 
 def _mosaic_gpu_gradients(rule, cfg, ops, states, gs, do, decay: bool) -> tuple:
     """The operands' cotangents ``(Q̄, K̄, W̄, Ū, P̄[, Γ̄_C])`` (flattened, float32) by the Mosaic
-    GPU kernel (:func:`fwjax.ops.pallas.mosaic_gpu.delta_chunk_gradients`); ``P̄`` takes the
-    causal mask here and ``Γ̄_C`` the sum of the kernel's row sums."""
-    from fwjax.ops.pallas import mosaic_gpu
+    GPU kernel (:func:`fwjax.ops.pallas.mosaic_gpu_chunks.delta_chunk_gradients`); ``P̄``
+    takes the causal mask here and ``Γ̄_C`` the sum of the kernel's row sums."""
+    from fwjax.ops.pallas import mosaic_gpu_chunks
 
     c = cfg.tiling.chunk
     args = (*(ops[n] for n in ("k", "w", "u", "p")), states, gs, do)
-    grads = mosaic_gpu.delta_chunk_gradients(
+    grads = mosaic_gpu_chunks.delta_chunk_gradients(
         *args, decay=decay, interpret=cfg.interpret, name=f"{rule.name}_grads"
     )
     dq, dk, dw, du, dp, *row_sums = grads
@@ -233,7 +258,11 @@ def phase1(rule, cfg, xs, sd) -> tuple:
     """Phase 1 as a kernel parallel over chunks (:func:`~fwjax.ops.pallas.chunk_math.wy_chunk`):
     the rule's operands (``rule.phase1``'s, flattened to ``[B, H, N·C, .]``) from kernel-layout
     inputs ``(q, k, v, β[, log α])``. The gates enter as columns ``[C, 1]`` and rows ``[1, C]``
-    (two views of the same values); the gated rule's cumulative ``log α`` is a cumsum in XLA."""
+    (two views of the same values); the gated rule's cumulative ``log α`` is a cumsum in XLA.
+    With ``PallasBackend.MOSAIC_GPU``, where it fits, the Mosaic GPU kernel instead
+    (:func:`_mosaic_gpu_phase1`)."""
+    if _mosaic_gpu_fits(cfg, "wy_supported"):
+        return _mosaic_gpu_phase1(rule, cfg, xs)
     q, k, v, beta, *gate = (x.astype(sd) for x in xs)
     c = cfg.tiling.chunk
     gates = [beta]
@@ -309,10 +338,10 @@ def forward(rule, cfg, xs, s0):
 
     out_in = ("q", "w", "u", "p")
     if cfg.backend is PallasBackend.MOSAIC_GPU:
-        from fwjax.ops.pallas import mosaic_gpu
+        from fwjax.ops.pallas import mosaic_gpu_chunks
 
         args = _mosaic_gpu_args(cfg, f"{rule.name}_out")
-        o = mosaic_gpu.delta_chunk_output(*(ops[n] for n in out_in), states, **args)
+        o = mosaic_gpu_chunks.delta_chunk_output(*(ops[n] for n in out_in), states, **args)
         return unflat(o, cfg.tiling.chunk), s, states
     output = ChunkMap(
         f"{rule.name}_out",
@@ -370,7 +399,7 @@ def backward(rule, cfg, xs, states, d_o, d_s):
     d_s0, gs = _chain(name, chain_in, chain_step, d_s, "gs", cfg, reverse=True, native=native)
 
     names = ("q", "k", "w", "u", "p", *decay)
-    if _mosaic_gpu_gradients_fit(cfg):
+    if _mosaic_gpu_fits(cfg, "gradients_supported"):
         grads = _mosaic_gpu_gradients(rule, cfg, ops, states, gs, do, bool(decay))
         grads = (unflat_operand(g, kinds[n], c) for g, n in zip(grads, names, strict=True))
         return phase1_vjp(tuple(grads)), d_s0

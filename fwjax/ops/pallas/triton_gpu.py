@@ -12,8 +12,9 @@ loops of small (``64 × 64``) matmuls per program, generated for every rule from
 bodies (:mod:`fwjax.ops.pallas.chunk_math`); Triton schedules such code (register-resident
 accumulators, ``mma`` layouts, pipelined loads) by itself, while Mosaic GPU needs each kernel
 written for warpgroups (TMA copies, barriers, ``wgmma`` with shared-memory operands and
-layouts), and its lowering in JAX 0.10 has no ``dot_general``. The first such kernels, the
-delta rule's two chains, are :mod:`fwjax.ops.pallas.mosaic_gpu` (``PallasBackend.MOSAIC_GPU``).
+layouts), and its lowering in JAX 0.10 has no ``dot_general``. The (gated) delta rule's phased
+kernels are written so in :mod:`fwjax.ops.pallas.mosaic_gpu` (``PallasBackend.MOSAIC_GPU``),
+which falls back to the kernels here only beyond its register budget.
 Triton constraints honoured here
 (:func:`fwjax.ops.pallas.triton_tiling`): every load/store is a power of two in size, and every
 ``dot`` operand dimension is >= 16.
