@@ -196,7 +196,7 @@ def _jax_op(impl: str, smoke: bool):
         phased = None
         if "_phased" in impl:
             chain = PallasChain.AFFINE if impl.endswith("_affine") else PallasChain.UPDATE
-            backend = PallasBackend.MOSAIC_GPU if "_mgpu" in impl else PallasBackend.AUTO
+            backend = PallasBackend.MOSAIC_GPU if "_mgpu" in impl else PallasBackend.TRITON
             phased = PallasOptions(schedule=PallasSchedule.PHASED, chain=chain, backend=backend)
 
         def gated(q, k, v, beta, log_alpha):
@@ -226,7 +226,7 @@ def _jax_op(impl: str, smoke: bool):
             pallas = PallasOptions(backward=PallasBackward.XLA)
         elif "_phased" in impl:
             chain = PallasChain.AFFINE if impl.endswith("_affine") else PallasChain.UPDATE
-            backend = PallasBackend.MOSAIC_GPU if "_mgpu" in impl else PallasBackend.AUTO
+            backend = PallasBackend.MOSAIC_GPU if "_mgpu" in impl else PallasBackend.TRITON
             pallas = PallasOptions(schedule=PallasSchedule.PHASED, chain=chain, backend=backend)
         elif "_tv" in impl:
             pallas = PallasOptions(value_block=int(impl.rsplit("_tv", 1)[1]))

@@ -654,3 +654,34 @@ def test_mosaic_gpu_names_the_jax_it_needs(monkeypatch):
     monkeypatch.setattr(jax, "__version__", "0.9.2")
     with pytest.raises(ValueError, match=r"needs jax >= 0\.10, found 0\.9\.2"):
         check_supported(jnp.bfloat16, jnp.float32, 64, 64, 64)
+
+
+@pytest.mark.parametrize(
+    ("version", "platform", "options", "dtype", "d", "phased", "expected"),
+    [
+        ("0.11.0", "gpu", PallasOptions(schedule=PHASED), jnp.bfloat16, 64, True, "mosaic_gpu"),
+        ("0.12.1", "gpu", PallasOptions(schedule=PHASED), jnp.float16, 128, True, "mosaic_gpu"),
+        ("0.10.2", "gpu", PallasOptions(schedule=PHASED), jnp.bfloat16, 64, True, "triton"),
+        ("0.11.0", "gpu", PallasOptions(), jnp.bfloat16, 64, True, "triton"),  # FUSED
+        ("0.11.0", "gpu", PallasOptions(schedule=PHASED), jnp.float32, 64, True, "triton"),
+        ("0.11.0", "gpu", PallasOptions(schedule=PHASED), jnp.bfloat16, 256, True, "triton"),
+        ("0.11.0", "gpu", PallasOptions(schedule=PHASED), jnp.bfloat16, 64, False, "triton"),
+        ("0.11.0", "tpu", PallasOptions(schedule=PHASED), jnp.bfloat16, 64, True, "mosaic_tpu"),
+        ("0.11.0", "cpu", PallasOptions(schedule=PHASED), jnp.bfloat16, 64, True, "triton"),
+    ],
+    ids=[
+        "jax0.11", "jax0.12-float16-D128", "jax0.10", "fused", "float32", "D256-over-smem",
+        "not-phased", "tpu", "cpu",
+    ],
+)  # fmt: skip
+def test_auto_takes_mosaic_gpu_where_jax_deprecates_triton(
+    monkeypatch, version, platform, options, dtype, d, phased, expected
+):
+    """``PallasBackend.AUTO`` on a GPU: Mosaic GPU from JAX 0.11 (which deprecates the Triton
+    lowering) for every call it has kernels for; Triton, the fallback, for the rest and on
+    older JAX."""
+    monkeypatch.setattr(jax, "__version__", version)
+    monkeypatch.setattr(jax, "default_backend", lambda: platform)
+    sizes = (4096, d, d, 64, 16, dtype, jnp.float32)
+    cfg = kernel_config(options, *sizes, phased=phased)
+    assert cfg.backend is PallasBackend(expected)

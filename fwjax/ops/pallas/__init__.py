@@ -35,7 +35,10 @@ class PallasBackend(enum.Enum):
     """Which Pallas kernel family runs.
 
     Attributes:
-      AUTO: ``MOSAIC_TPU`` on TPU, ``TRITON`` everywhere else (on CPU in interpret mode).
+      AUTO: ``MOSAIC_TPU`` on TPU. On GPU, from the JAX that deprecates Pallas' Triton
+        lowering (:data:`TRITON_DEPRECATED_JAX`), ``MOSAIC_GPU`` for every call it has
+        kernels for (see below), else ``TRITON``, the fallback (and on older JAX the GPU
+        backend). ``TRITON`` on CPU (interpret mode).
       TRITON: the GPU kernels lowered through Triton (:mod:`fwjax.ops.pallas.triton_gpu`).
       MOSAIC_TPU: the TPU kernels (:mod:`fwjax.ops.pallas.mosaic_tpu`).
       MOSAIC_GPU: the delta and gated delta rules under ``PallasSchedule.PHASED`` with
@@ -168,9 +171,21 @@ class PallasOptions:
 
 DEFAULT_OPTIONS = PallasOptions()
 
+# The JAX release that deprecates Pallas' Triton lowering (0.12 warns ``jax-pallas-triton``
+# when lowering): from it, ``PallasBackend.AUTO`` takes Mosaic GPU where it has the kernels.
+TRITON_DEPRECATED_JAX = (0, 11)
+
+
+def jax_version() -> tuple[int, int]:
+    """``(major, minor)`` of the running JAX."""
+    major, minor = jax.__version__.split(".")[:2]
+    return int(major), int(minor)
+
 
 def resolve_backend(options: PallasOptions, platform: str | None = None) -> PallasBackend:
-    """The concrete backend for ``options`` on ``platform`` (default: JAX's default backend)."""
+    """The concrete backend for ``options`` on ``platform`` (default: JAX's default backend),
+    before the call's sizes are known: ``AUTO`` on GPU resolves to ``TRITON`` here and may
+    become ``MOSAIC_GPU`` in :func:`kernel_config`."""
     platform = platform or jax.default_backend()
     if options.backend is PallasBackend.AUTO:
         return PallasBackend.MOSAIC_TPU if platform == "tpu" else PallasBackend.TRITON
@@ -281,7 +296,16 @@ class KernelConfig(NamedTuple):
 
 
 def kernel_config(
-    options, t, k, v, chunk_size, programs, out_dtype, state_dtype, state_segments=None
+    options,
+    t,
+    k,
+    v,
+    chunk_size,
+    programs,
+    out_dtype,
+    state_dtype,
+    state_segments=None,
+    phased: bool = False,
 ) -> KernelConfig:
     """Resolves ``options`` for sequence length ``t``, key/value sizes, ``B·H`` programs.
 
@@ -290,9 +314,13 @@ def kernel_config(
     the state dtype. ``state_segments``: the split state scan's ``P`` requested for a rule
     with the phased kernels (None: none); under ``PallasSchedule.PHASED`` it sets
     ``Tiling.segments`` (:func:`fwjax.ops.state_split.resolve_segments`) and pads ``N`` to a
-    multiple of it with no-op chunks.
+    multiple of it with no-op chunks. ``phased``: the rule has the phased kernels (the delta
+    and gated delta rules), which ``PallasBackend.MOSAIC_GPU`` runs.
     """
     options = options or DEFAULT_OPTIONS
+    args = (t, k, v, chunk_size, programs, out_dtype, state_dtype, state_segments)
+    if options.backend is PallasBackend.AUTO and _auto_mosaic_gpu(options, phased, args):
+        options = dataclasses.replace(options, backend=PallasBackend.MOSAIC_GPU)
     backend = resolve_backend(options)
     tiling_fn = {
         PallasBackend.MOSAIC_TPU: tpu_tiling,
@@ -319,6 +347,20 @@ def kernel_config(
         options.schedule,
         options.chain,
     )
+
+
+def _auto_mosaic_gpu(options, phased: bool, args) -> bool:
+    """``AUTO``'s choice of Mosaic GPU over Triton: on a GPU, from
+    :data:`TRITON_DEPRECATED_JAX`, for a rule with the phased kernels whose call Mosaic GPU
+    takes (``PallasSchedule.PHASED``, ``PallasChain.UPDATE``, 16-bit matmul operands, sizes
+    within its shared memory)."""
+    if not phased or jax.default_backend() != "gpu" or jax_version() < TRITON_DEPRECATED_JAX:
+        return False
+    try:
+        kernel_config(dataclasses.replace(options, backend=PallasBackend.MOSAIC_GPU), *args)
+    except ValueError:  # no Mosaic GPU kernel for these options, dtypes or sizes
+        return False
+    return True
 
 
 def _check_mosaic_gpu(options, tiling, matmul_dtype, state_dtype) -> None:
@@ -404,6 +446,7 @@ def unflat_operand(x: jax.Array, kind, c: int) -> jax.Array:
 
 __all__ = [
     "DEFAULT_OPTIONS",
+    "TRITON_DEPRECATED_JAX",
     "PallasBackend",
     "PallasBackward",
     "PallasChain",

@@ -89,8 +89,9 @@ MIN_JAX = (0, 10)
 
 def check_supported(matmul_dtype, state_dtype, chunk: int, key: int, value_block: int) -> None:
     """Raises ValueError unless the kernel supports this JAX, these dtypes and sizes."""
-    version = tuple(int(part) for part in jax.__version__.split(".")[:2])
-    if version < MIN_JAX:
+    from fwjax.ops.pallas import jax_version
+
+    if jax_version() < MIN_JAX:
         raise ValueError(
             f"PallasBackend.MOSAIC_GPU needs jax >= {'.'.join(map(str, MIN_JAX))}, "
             f"found {jax.__version__}"

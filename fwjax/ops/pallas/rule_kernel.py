@@ -207,6 +207,7 @@ def pallas_form(rule: KernelRule) -> Callable:
             options.out_dtype,
             sd,
             state_segments=options.state_segments if rule.phased else None,
+            phased=rule.phased,
         )
         if cfg.backend is PallasBackend.MOSAIC_GPU and not rule.phased:
             raise ValueError(
