@@ -559,15 +559,16 @@ def test_compiled_mosaic_gpu(rule, case, segments):
         ("delta_rule", 1, 2, 16, 2),
         ("gated_delta_rule", 1, 2, 16, 2),
         ("delta_rule", 8, 16, 128, None),
+        ("gated_delta_rule", 2, 4, 128, None),
     ],
-    ids=["delta-padded-split", "gated-padded-split", "delta-B8H16D128"],
+    ids=["delta-padded-split", "gated-padded-split", "delta-B8H16D128", "gated-D128"],
 )
 def test_mosaic_gpu_kernel_lowers_for_cuda_on_this_machine(monkeypatch, name, b, h, d, segments):
     """Every kernel of the op lowers through Mosaic GPU, none through Triton (``jax.export``
     for CUDA: Pallas → Mosaic GPU, which checks each kernel's shared memory against Hopper's;
     no PTX compiler or device): D 16 padded to 64 with both passes of each split chain (the gated
-    rule's chains with their decay rows), and K = V = 128 at B·H = 128 (its default value
-    tile)."""
+    rule's chains with their decay rows), K = V = 128 at B·H = 128 (its default value tile),
+    and the gated rule at K = V = 128."""
     import fwjax.ops.pallas as pallas_module
     from fwjax import ops
 

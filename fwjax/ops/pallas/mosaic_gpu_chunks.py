@@ -123,16 +123,17 @@ def delta_wy(q, k, v, beta, g=None, *, chunk: int, interpret: bool, name="delta_
         by_row = lambda x, width: jax.lax.broadcast_in_dim(x, (c, width), [0])
         by_col = lambda x: jax.lax.broadcast_in_dim(x, (c, c), [1])
 
+        if gated:
+            g_row = _vector(g_s[0], 1, interpret)
+            # g_i − g_j at [i, j]
+            g_diff = lambda: by_row(g_row, c) - by_col(_vector(g_s[0], 0, interpret))
+
         # Aᵀ[j, i] = β_i (K Kᵀ)_ij D_ij on i > j (K Kᵀ is symmetric).
         a_t = by_col(_vector(beta_s, 0, interpret)) * product(
             (k_s, Transposed(k_s)), rows=c, columns=c
         )
-        scores = product((q_s, Transposed(k_s)), rows=c, columns=c)  # Q Kᵀ
         if gated:
-            g_row, g_col = _vector(g_s[0], 1, interpret), _vector(g_s[0], 0, interpret)
-            diff = by_row(g_row, c) - by_col(g_col)  # g_i − g_j at [i, j]
-            a_t = a_t * jnp.exp(jnp.where(i_cols > i_rows, -diff, 0.0))  # D_ij at [j, i]
-            scores = scores * jnp.exp(jnp.where(i_rows >= i_cols, diff, 0.0))
+            a_t = a_t * jnp.exp(jnp.where(i_cols > i_rows, -g_diff(), 0.0))  # D_ij at [j, i]
         a_t = jnp.where(i_cols > i_rows, a_t, 0.0)
 
         # T = (I + A)⁻¹, row i = e_i − A[i, :] T (rows above i are final).
@@ -156,25 +157,30 @@ def delta_wy(q, k, v, beta, g=None, *, chunk: int, interpret: bool, name="delta_
             pairs = ((x.at[0], y.at[0]), (x.at[1], y.at[0]), (x.at[0], y.at[1]))
             return product(*pairs, rows=c, columns=columns)
 
-        results = [
-            split_product(t_s, bk_s, dk),  # W
-            split_product(t_s, bv_s, dv),  # U
-            jnp.where(i_rows >= i_cols, scores, 0.0),  # P
-        ]
-        if gated:
-            g_last = g_s[0][c - 1]
-            q_decayed = by_row(gamma, dk) * q_s[...].astype(f32)  # diag(Γ) Q
-            k_decayed = by_row(jnp.exp(g_last - g_row), dk) * k_s[...].astype(f32)
-            results = [q_decayed, k_decayed, *results]
-        for out, value in zip(outs, results, strict=True):
+        def emit(out, value):
+            """Writes ``value`` ``[C, ·]`` to ``out`` in the matmul dtype by TMA (one result
+            in registers at a time)."""
 
-            def store(block, out=out, value=value):
+            def store(block):
                 block[...] = value.astype(md)
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(block, out.at[bi, hi, rows])
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the block is free again
 
             pl.run_scoped(store, smem((c, out.shape[-1])))
+
+        *decayed_out, w_out, u_out, p_out = outs
+        emit(w_out, split_product(t_s, bk_s, dk))  # W
+        emit(u_out, split_product(t_s, bv_s, dv))  # U
+        scores = product((q_s, Transposed(k_s)), rows=c, columns=c)  # Q Kᵀ
+        if gated:
+            scores = scores * jnp.exp(jnp.where(i_rows >= i_cols, g_diff(), 0.0))  # ⊙ D
+        emit(p_out, jnp.where(i_rows >= i_cols, scores, 0.0))  # P
+        if gated:
+            g_last = g_s[0][c - 1]
+            emit(decayed_out[0], by_row(gamma, dk) * q_s[...].astype(f32))  # diag(Γ) Q
+            k_scale = by_row(jnp.exp(g_last - g_row), dk)
+            emit(decayed_out[1], k_scale * k_s[...].astype(f32))  # diag(Γ_C / Γ) K
         plgpu.wait_smem_to_gmem(0)
 
     smem = lambda shape: plgpu.SMEM(shape, md, transforms=mma_transforms(shape[-1], md, interpret))
