@@ -591,6 +591,19 @@ def test_mosaic_gpu_kernel_lowers_for_cuda_on_this_machine(monkeypatch, name, b,
         _assert_lowered_through(calls, f"{name}_{kernel}", "mosaic_gpu_v2")
 
 
+def test_mosaic_gpu_kernels_over_whole_values_take_c_64_and_k_v_up_to_128():
+    """Phase 1 and the gradients hold ``[C, C]`` and ``[C, max(K, V)]`` float32 values in one
+    warpgroup's registers: C 64 with K, V <= 128; C 128 (which the chains' shared memory admits
+    at K 64) and V 256 go to the Triton kernels."""
+    from fwjax.ops.pallas.mosaic_gpu import SMEM_LIMIT, smem_bytes
+    from fwjax.ops.pallas.mosaic_gpu_chunks import gradients_supported, wy_supported
+
+    for supported in (wy_supported, gradients_supported):
+        assert supported(64, 128, 128) and supported(64, 64, 64)
+        assert not supported(64, 64, 256) and not supported(128, 64, 64)
+    assert smem_bytes(128, 64, 64) <= SMEM_LIMIT  # the chains do run C 128 at K 64
+
+
 def test_mosaic_gpu_wide_values_take_the_triton_kernels_parallel_over_chunks(monkeypatch):
     """V 256 (``C·V`` over one warpgroup's registers): phase 1 and the gradients lower through
     Triton, the chains and the outputs (value tiles of 64) through Mosaic GPU."""

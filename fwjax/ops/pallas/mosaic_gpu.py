@@ -414,12 +414,12 @@ def delta_chain_backward(
     def step(blocks, g, g_smem, du_smem):
         p_ref, k_ref, q_ref, w_ref, do_ref, *decay_ref = blocks
         du = product((t(p_ref), do_ref), (k_ref, g_smem), rows=c, columns=tv)  # Pᵀ Ō + K G
-        du_smem[...] = du.astype(du_smem.dtype)
+        du_smem[...] = (-du).astype(du_smem.dtype)  # −Ũ̄ (negation is exact)
         plgpu.commit_smem()
-        q_do = product((t(q_ref), do_ref), rows=dk, columns=tv)  # Qᵀ Ō
         if decay_ref:
             g = decay_ref[0][0, 0] * g  # Γ_C G
-        return g + q_do - product((t(w_ref), du_smem), rows=dk, columns=tv)  # − Wᵀ Ũ̄
+        # + Qᵀ Ō − Wᵀ Ũ̄ in one accumulator (one [K, tv] product in registers beside G).
+        return g + product((t(q_ref), do_ref), (t(w_ref), du_smem), rows=dk, columns=tv)
 
     operands = (
         Operand(p, (c, c), lambda n, j: (n, 0)),

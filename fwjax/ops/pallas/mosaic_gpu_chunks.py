@@ -39,9 +39,10 @@ from fwjax.ops.pallas.mosaic_gpu import (
 
 
 def wy_supported(chunk: int, key: int, value: int) -> bool:
-    """Whether :func:`delta_wy` takes these sizes: ``U [C, V]`` and ``W [C, K]`` in float32
-    within one warpgroup's registers (at ``C = 64``: ``K, V <= 128``)."""
-    return chunk * max(key, value) <= CARRY_ELEMENTS
+    """Whether :func:`delta_wy` takes these sizes: ``C = 64`` (the inverse's ``[C, C]``
+    float32 carry, ``Aᵀ`` and masks in registers) and ``U [C, V]``, ``W [C, K]`` in float32
+    within one warpgroup's registers (``K, V <= 128``)."""
+    return chunk <= MMA_TILE and chunk * max(key, value) <= CARRY_ELEMENTS
 
 
 def _wgmma_layout(x, interpret: bool):
@@ -201,6 +202,9 @@ def delta_wy(q, k, v, beta, g=None, *, chunk: int, interpret: bool, name="delta_
             smem((2, c, dv)),  # diag(β) V
             plgpu.Barrier(num_arrivals=len(inputs)),
         ],
+        # The inverse's column sums reduce across warps through this scratch: 8 KiB holds a
+        # [64, 64] float32 value at once (the default 2 KiB takes four rounds of barriers).
+        compiler_params=plgpu.CompilerParams(reduction_scratch_bytes=4 * c * c),
         interpret=interpret_params() if interpret else None,
     )(q, k, v, beta, *(() if g is None else (g,)))
 
@@ -254,8 +258,10 @@ def delta_chunk_output(q, w, u, p, states, *, value_block: int, interpret: bool,
     return plgpu.kernel(
         kernel,
         out_type=jax.ShapeDtypeStruct(u.shape, md),
-        grid=(b, h, n, dv // tv),
-        grid_names=("b", "h", "n", "j"),
+        # The chunks last: Mosaic GPU launches the last grid axis as CUDA's x, the only one not
+        # capped at 65535 (a 4-D grid flattens to (B·H, ·, ·) and reverses).
+        grid=(b, h, dv // tv, n),
+        grid_names=("b", "h", "j", "n"),
         kernel_name=name,
         scratch_types=[
             *(smem(shape) for shape in blocks),
@@ -277,10 +283,10 @@ def gradients_smem_bytes(chunk: int, key: int, value: int, itemsize: int = 2) ->
 
 
 def gradients_supported(chunk: int, key: int, value: int, itemsize: int = 2) -> bool:
-    """Whether :func:`delta_chunk_gradients` takes these sizes: its float32 products
-    ``[C, max(K, V)]`` within the registers of one warpgroup, and its blocks within Hopper's
-    shared memory (at ``C = 64``: ``K, V <= 128``)."""
-    fits_registers = chunk * max(key, value) <= CARRY_ELEMENTS
+    """Whether :func:`delta_chunk_gradients` takes these sizes: ``C = 64`` and its float32
+    products ``[C, max(K, V)]`` within the registers of one warpgroup (``K, V <= 128``), and
+    its blocks within Hopper's shared memory."""
+    fits_registers = chunk <= MMA_TILE and chunk * max(key, value) <= CARRY_ELEMENTS
     return fits_registers and gradients_smem_bytes(chunk, key, value, itemsize) <= SMEM_LIMIT
 
 
