@@ -45,9 +45,9 @@ class PallasBackend(enum.Enum):
         ``PallasChain.UPDATE`` only, as Mosaic GPU kernels for Hopper warpgroups
         (:mod:`fwjax.ops.pallas.mosaic_gpu`; bfloat16/float16 inputs, sizes padded to
         multiples of 64): phase 1, the state and cotangent chains, the outputs and the
-        gradients (phase 1 and the gradients as the Triton kernels beyond
-        ``C·max(K, V) = 8192``). Other rules and options raise ValueError. Compiled behaviour
-        and speed are not yet measured.
+        gradients (phase 1 and the gradients as the Triton kernels beyond ``C = 64`` with
+        ``K, V <= 128``). Other rules and options raise ValueError. Compiled behaviour and
+        speed are not yet measured.
     """
 
     AUTO = "auto"

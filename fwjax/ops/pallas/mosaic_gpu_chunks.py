@@ -12,8 +12,8 @@ chunk's blocks by TMA into shared memory, multiplies with warpgroup MMAs from th
   and the cotangent of the state after it.
 
 ``delta_wy`` and ``delta_chunk_gradients`` hold the whole value dimension in one CTA, which
-bounds ``C·max(K, V)`` (:func:`wy_supported`, :func:`gradients_supported`); beyond it
-:mod:`fwjax.ops.pallas.phased` runs their Triton versions.
+takes ``C = 64`` with ``K, V <= 128`` (:func:`wy_supported`, :func:`gradients_supported`);
+beyond it :mod:`fwjax.ops.pallas.phased` runs their Triton versions.
 """
 
 from __future__ import annotations
@@ -98,8 +98,8 @@ def delta_wy(q, k, v, beta, g=None, *, chunk: int, interpret: bool, name="delta_
     check_supported(md, f32, c, dk, MMA_TILE)
     if dv % MMA_TILE or not wy_supported(c, dk, dv):
         raise ValueError(
-            f"delta_wy takes C·max(K, V) <= {CARRY_ELEMENTS} and V a multiple of {MMA_TILE}, "
-            f"got chunk={c}, key={dk}, value={dv}"
+            f"delta_wy takes chunk=64 with key, value <= 128 (multiples of 64), got "
+            f"chunk={c}, key={dk}, value={dv}"
         )
     n_in, n_out = (5, 5) if gated else (4, 3)
 
@@ -326,8 +326,8 @@ def delta_chunk_gradients(k, w, u, p, states, gs, do, *, decay: bool, interpret:
     check_supported(md, f32, c, dk, MMA_TILE)
     if dv % MMA_TILE or not gradients_supported(c, dk, dv, md.itemsize):
         raise ValueError(
-            f"delta_chunk_gradients takes C·max(K, V) <= {CARRY_ELEMENTS} and V a multiple "
-            f"of {MMA_TILE}, got chunk={c}, key={dk}, value={dv}"
+            f"delta_chunk_gradients takes chunk=64 with key, value <= 128 (multiples of 64), "
+            f"got chunk={c}, key={dk}, value={dv}"
         )
     inputs = ((c, dk), (c, dk), (c, dv), (c, c), (dk, dv), (dk, dv), (c, dv))
 
