@@ -74,9 +74,11 @@ PHASED = (
     "fwjax_gated_pallas_phased",
     "fwjax_pallas_phased_affine",
     "fwjax_gated_pallas_phased_affine",
-    # the chains and outputs on Mosaic GPU (PallasBackend.MOSAIC_GPU)
+    # every phased kernel on Mosaic GPU (PallasBackend.MOSAIC_GPU), with either chain
     "fwjax_pallas_phased_mgpu",
     "fwjax_gated_pallas_phased_mgpu",
+    "fwjax_pallas_phased_mgpu_affine",
+    "fwjax_gated_pallas_phased_mgpu_affine",
 )
 
 
@@ -378,10 +380,9 @@ def worker_parity_jax(smoke: bool, out_dir: str):
             )  # fmt: skip
         variants = [("chunked", Impl.CHUNKED, None), ("pallas", Impl.PALLAS, None)]
         variants.append(("pallas_xla_bwd", Impl.PALLAS, PallasOptions(backward=PallasBackward.XLA)))
-        variants.append(
-            ("pallas_phased", Impl.PALLAS, PallasOptions(schedule=PallasSchedule.PHASED))
-        )
-        if rule == "delta":  # Mosaic GPU's chain: the delta rule, bfloat16 only
+        triton = PallasOptions(schedule=PallasSchedule.PHASED, backend=PallasBackend.TRITON)
+        variants.append(("pallas_phased", Impl.PALLAS, triton))
+        if rule == "delta":  # Mosaic GPU's kernels: bfloat16 only
             mgpu = PallasOptions(schedule=PallasSchedule.PHASED, backend=PallasBackend.MOSAIC_GPU)
             variants.append(("pallas_phased_mgpu", Impl.PALLAS, mgpu))
         for label, impl, pallas in variants:

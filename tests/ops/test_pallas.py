@@ -528,10 +528,72 @@ def test_mosaic_gpu_wy_kernel_equals_the_wy_terms_in_xla(gated):
         assert (actual == rounded).mean() > (0.99 if name in "wu" else 1 - 1e-9), name
 
 
-@pytest.mark.parametrize("rule", [DELTA, GATED], **RULE_IDS)
-def test_mosaic_gpu_phased_rules_match_chunked(rule):
-    """The whole op with the Mosaic GPU kernels (phase 1, the chains forward and backward,
-    the outputs and the gradients), split into 2 segments (T 150: 3 chunks of
+def test_mosaic_gpu_affine_kernels_equal_their_xla_forms():
+    """``PallasChain.AFFINE`` at ``MGPU_DIMS``: the maps ``M = Γ_C I − Kᵀ W``, ``B = Kᵀ U``
+    and ``H = Qᵀ Ō − Wᵀ Pᵀ Ō`` (gated: Γ_C ∈ (0.5, 1)) equal
+    :func:`~fwjax.ops.pallas.chunk_math.chain_maps` and ``cotangent_inputs`` to float32
+    rounding; the chains ``S ← M S + B`` and ``G ← Mᵀ G + H`` (two value tiles) agree with
+    the XLA chains to float32 rounding in > 99 % of elements (the rest: a carry element on a
+    bfloat16 rounding boundary of the MMA operand)."""
+    from fwjax.ops.pallas import chunk_math as cm
+    from fwjax.ops.pallas.mosaic_gpu import affine_chain, decay_rows
+    from fwjax.ops.pallas.mosaic_gpu_chunks import affine_maps
+
+    b, h, n, c, k, v = MGPU_DIMS
+    rng = np.random.default_rng(5)
+    bf16 = lambda x: jnp.asarray(x, jnp.bfloat16)
+    normal = lambda *shape, scale=1.0: bf16(rng.normal(size=shape) * scale)
+    keys, w, q = (normal(b, h, n * c, k, scale=k**-0.5) for _ in range(3))
+    u, do = normal(b, h, n * c, v), normal(b, h, n * c, v)
+    causal = np.tile(np.tril(np.ones((c, c), bool)), (n, 1))
+    p = bf16(np.where(causal, rng.normal(size=(b, h, n * c, c)) * c**-0.5, 0))
+    decay = jnp.asarray(rng.uniform(0.5, 1.0, (b, h, n, 1, 1)), jnp.float32)
+    maps = functools.partial(affine_maps, keys, w, decay_rows(decay), chunk=c, interpret=True)
+    m, b_fwd = maps(u=u, name="maps")
+    m_bwd, h_bwd = maps(q=q, p=p, do=do, name="maps_bwd")
+
+    md, sd = jnp.bfloat16, jnp.float32
+    per_chunk = lambda x: x.reshape(b, h, n, c, x.shape[-1])
+    each = lambda f, *a: jax.vmap(jax.vmap(jax.vmap(f)))(*map(per_chunk, a[:-1]), a[-1])
+    want_m, want_b = each(lambda *x: cm.chain_maps(*x[:3], md, sd, x[3]), keys, w, u, decay)
+    inputs = each(lambda *x: cm.cotangent_inputs(*x[:4], md, sd), q, w, p, do, decay)
+    for name, actual, expected in [
+        ("M", m, bf16(want_m)), ("B", b_fwd, want_b), ("M (bwd)", m_bwd, bf16(want_m)),
+        ("H", h_bwd, inputs),
+    ]:  # fmt: skip
+        expected = np.asarray(expected, np.float32)
+        actual, atol = np.asarray(actual, np.float32), 1e-6 * np.abs(expected).max()
+        np.testing.assert_allclose(actual, expected, atol=atol, err_msg=name)
+
+    s0 = jnp.asarray(rng.normal(size=(b, h, k, v)), jnp.float32)
+    for transpose, terms in ((False, b_fwd), (True, h_bwd)):
+        got = affine_chain(
+            m, terms, s0, transpose=transpose, value_block=64, save=True, interpret=True,
+            name="chain",
+        )  # fmt: skip
+        step = cm.chain_affine_backward if transpose else cm.chain_affine
+
+        def scan_step(s, x, step=step):
+            chain = jax.vmap(jax.vmap(lambda m_, t_, s_: step(m_, t_, s_, md, sd)))
+            return chain(*x, s), s.astype(md)
+
+        xs = (jnp.moveaxis(m, 2, 0), jnp.moveaxis(terms, 2, 0))
+        final, saved = jax.lax.scan(scan_step, s0, xs, reverse=transpose)
+        for actual, expected in ((got[0], final), (got[1], jnp.moveaxis(saved, 0, 2))):
+            actual, expected = np.asarray(actual, np.float32), np.asarray(expected, np.float32)
+            assert_close(actual, expected, jnp.bfloat16)
+            same = np.abs(actual - expected) <= 1e-6 * np.abs(expected).max()
+            assert same.mean() > 0.99, (transpose, same.mean())
+
+
+@pytest.mark.parametrize(
+    ("rule", "chain"),
+    [(DELTA, PallasChain.UPDATE), (GATED, PallasChain.UPDATE), (GATED, AFFINE)],
+    ids=["delta", "gated", "gated-affine"],
+)
+def test_mosaic_gpu_phased_rules_match_chunked(rule, chain):
+    """The whole op with the Mosaic GPU kernels (phase 1, the chains forward and backward, in
+    either form, the outputs and the gradients), split into 2 segments (T 150: 3 chunks of
     64, padded to 4; the widened passes without saved carries, then the reruns that save
     them): outputs, final state and every gradient against CHUNKED at the bfloat16
     tolerance. K 32 and V 48 pad to 64. The gated rule's chains read each chunk's decay
@@ -539,37 +601,48 @@ def test_mosaic_gpu_phased_rules_match_chunked(rule):
     cover B > 1.)"""
     case = Case(b=1, t=150, h=1, k=32, v=48, chunk=64)
     split = dataclasses.replace(rule, state_segments=2)
-    _compare(split, case, jnp.bfloat16, MOSAIC_GPU, tol_dtype=jnp.bfloat16, reference=rule)
+    options = dataclasses.replace(MOSAIC_GPU, chain=chain)
+    _compare(split, case, jnp.bfloat16, options, tol_dtype=jnp.bfloat16, reference=rule)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("segments", [None, 4])
+@pytest.mark.parametrize(
+    ("segments", "chain"), [(None, PallasChain.UPDATE), (4, PallasChain.UPDATE), (None, AFFINE)]
+)
 @pytest.mark.parametrize("case", GPU_CASES, ids=str)
 @pytest.mark.parametrize("rule", [DELTA, GATED], **RULE_IDS)
-def test_compiled_mosaic_gpu(rule, case, segments):
-    """The Mosaic GPU kernels compiled (Hopper), with and without the split, against CHUNKED."""
+def test_compiled_mosaic_gpu(rule, case, segments, chain):
+    """The Mosaic GPU kernels compiled (Hopper), with and without the split, and the affine
+    chains, against CHUNKED."""
     if jax.default_backend() != "gpu":
         pytest.skip("needs a GPU default backend (JAX_PLATFORMS=cuda)")
     split = dataclasses.replace(rule, state_segments=segments)
-    _compare(split, case, jnp.bfloat16, MOSAIC_GPU, tol_dtype=jnp.bfloat16, reference=rule)
+    options = dataclasses.replace(MOSAIC_GPU, chain=chain)
+    _compare(split, case, jnp.bfloat16, options, tol_dtype=jnp.bfloat16, reference=rule)
 
 
 @pytest.mark.parametrize(
-    ("name", "b", "h", "d", "segments"),
+    ("name", "b", "h", "d", "segments", "chain"),
     [
-        ("delta_rule", 1, 2, 16, 2),
-        ("gated_delta_rule", 1, 2, 16, 2),
-        ("delta_rule", 8, 16, 128, None),
-        ("gated_delta_rule", 2, 4, 128, None),
+        ("delta_rule", 1, 2, 16, 2, PallasChain.UPDATE),
+        ("gated_delta_rule", 1, 2, 16, 2, PallasChain.UPDATE),
+        ("delta_rule", 8, 16, 128, None, PallasChain.UPDATE),
+        ("gated_delta_rule", 2, 4, 128, None, PallasChain.UPDATE),
+        ("gated_delta_rule", 1, 2, 128, 2, AFFINE),
     ],
-    ids=["delta-padded-split", "gated-padded-split", "delta-B8H16D128", "gated-D128"],
-)
-def test_mosaic_gpu_kernel_lowers_for_cuda_on_this_machine(monkeypatch, name, b, h, d, segments):
+    ids=[
+        "delta-padded-split", "gated-padded-split", "delta-B8H16D128", "gated-D128",
+        "gated-affine-D128-split",
+    ],
+)  # fmt: skip
+def test_mosaic_gpu_kernel_lowers_for_cuda_on_this_machine(
+    monkeypatch, name, b, h, d, segments, chain
+):
     """Every kernel of the op lowers through Mosaic GPU, none through Triton (``jax.export``
     for CUDA: Pallas → Mosaic GPU, which checks each kernel's shared memory against Hopper's;
     no PTX compiler or device): D 16 padded to 64 with both passes of each split chain (the gated
     rule's chains with their decay rows), K = V = 128 at B·H = 128 (its default value tile),
-    and the gated rule at K = V = 128."""
+    the gated rule at K = V = 128, and the affine chains and their maps (split)."""
     import fwjax.ops.pallas as pallas_module
     from fwjax import ops
 
@@ -579,7 +652,8 @@ def test_mosaic_gpu_kernel_lowers_for_cuda_on_this_machine(monkeypatch, name, b,
     gates = (gate, gate) if name == "gated_delta_rule" else (gate,)
 
     def op(q, k, v):
-        kw = {"impl": Impl.PALLAS, "pallas": MOSAIC_GPU, "state_segments": segments}
+        options = dataclasses.replace(MOSAIC_GPU, chain=chain)
+        kw = {"impl": Impl.PALLAS, "pallas": options, "state_segments": segments}
         return getattr(ops, name)(q, k, v, *gates, None, 0.25, **kw)
 
     monkeypatch.setitem(TARGETS, "cuda", (*TARGETS["cuda"], "mosaic_gpu_v2"))
@@ -588,6 +662,7 @@ def test_mosaic_gpu_kernel_lowers_for_cuda_on_this_machine(monkeypatch, name, b,
     assert not [call for call in calls if "triton" in call]  # all Mosaic GPU's
     kernels = ["wy", "chain_fwd", "out", "chain_bwd", "grads"]
     kernels += ["chain_fwd_maps", "chain_bwd_maps"] if segments else []
+    kernels += ["affine", "affine_bwd"] if chain is AFFINE else []
     for kernel in kernels:
         _assert_lowered_through(calls, f"{name}_{kernel}", "mosaic_gpu_v2")
 
@@ -629,7 +704,6 @@ def test_mosaic_gpu_wide_values_take_the_triton_kernels_parallel_over_chunks(mon
     ("options", "dtype", "d", "chunk", "message"),
     [
         (PallasOptions(backend=PallasBackend.MOSAIC_GPU), jnp.bfloat16, 4, 64, "schedule='fused'"),
-        (dataclasses.replace(MOSAIC_GPU, chain=AFFINE), jnp.bfloat16, 4, 64, "chain='affine'"),
         (MOSAIC_GPU, jnp.float32, 4, 64, "got float32"),
         (
             dataclasses.replace(MOSAIC_GPU, precision=PallasPrecision.STATE),
@@ -641,7 +715,7 @@ def test_mosaic_gpu_wide_values_take_the_triton_kernels_parallel_over_chunks(mon
         (MOSAIC_GPU, jnp.bfloat16, 128, 128, "chunk=128, key=128, value_block=64 needs 327680"),
         (MOSAIC_GPU, jnp.bfloat16, 256, 64, "key=256, value_block=64 needs 270336"),
     ],
-    ids=["fused", "affine", "float32_inputs", "state_precision", "chunk128", "key256"],
+    ids=["fused", "float32_inputs", "state_precision", "chunk128", "key256"],
 )
 def test_mosaic_gpu_refuses_what_it_has_no_kernel_for(options, dtype, d, chunk, message):
     """Options without Mosaic GPU kernels, and sizes whose kernels would not fit Hopper's

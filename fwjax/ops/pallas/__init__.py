@@ -42,7 +42,7 @@ class PallasBackend(enum.Enum):
       TRITON: the GPU kernels lowered through Triton (:mod:`fwjax.ops.pallas.triton_gpu`).
       MOSAIC_TPU: the TPU kernels (:mod:`fwjax.ops.pallas.mosaic_tpu`).
       MOSAIC_GPU: the delta and gated delta rules under ``PallasSchedule.PHASED`` with
-        ``PallasChain.UPDATE`` only, as Mosaic GPU kernels for Hopper warpgroups
+        either chain, as Mosaic GPU kernels for Hopper warpgroups
         (:mod:`fwjax.ops.pallas.mosaic_gpu`; bfloat16/float16 inputs, sizes padded to
         multiples of 64): phase 1, the state and cotangent chains, the outputs and the
         gradients (phase 1 and the gradients as the Triton kernels beyond ``C = 64`` with
@@ -352,8 +352,8 @@ def kernel_config(
 def _auto_mosaic_gpu(options, phased: bool, args) -> bool:
     """``AUTO``'s choice of Mosaic GPU over Triton: on a GPU, from
     :data:`TRITON_DEPRECATED_JAX`, for a rule with the phased kernels whose call Mosaic GPU
-    takes (``PallasSchedule.PHASED``, ``PallasChain.UPDATE``, 16-bit matmul operands, sizes
-    within its shared memory)."""
+    takes (``PallasSchedule.PHASED``, 16-bit matmul operands, sizes within its shared
+    memory)."""
     if not phased or jax.default_backend() != "gpu" or jax_version() < TRITON_DEPRECATED_JAX:
         return False
     try:
@@ -365,14 +365,25 @@ def _auto_mosaic_gpu(options, phased: bool, args) -> bool:
 
 def _check_mosaic_gpu(options, tiling, matmul_dtype, state_dtype) -> None:
     """Raises ValueError for options that ``PallasBackend.MOSAIC_GPU`` has no kernel for."""
-    from fwjax.ops.pallas.mosaic_gpu import check_supported
+    from fwjax.ops.pallas import mosaic_gpu
 
-    if options.schedule is not PallasSchedule.PHASED or options.chain is not PallasChain.UPDATE:
+    if options.schedule is not PallasSchedule.PHASED:
         raise ValueError(
-            f"PallasBackend.MOSAIC_GPU runs only PallasSchedule.PHASED with PallasChain.UPDATE, "
-            f"got schedule={options.schedule.value!r}, chain={options.chain.value!r}"
+            f"PallasBackend.MOSAIC_GPU runs only PallasSchedule.PHASED, "
+            f"got schedule={options.schedule.value!r}"
         )
-    check_supported(matmul_dtype, state_dtype, tiling.chunk, tiling.key, tiling.value_block)
+    mosaic_gpu.check_supported(
+        matmul_dtype, state_dtype, tiling.chunk, tiling.key, tiling.value_block
+    )
+    if options.chain is PallasChain.AFFINE:
+        itemsize = jnp.dtype(matmul_dtype).itemsize
+        needed = mosaic_gpu.affine_smem_bytes(tiling.key, tiling.value_block, itemsize)
+        if needed > mosaic_gpu.SMEM_LIMIT:
+            raise ValueError(
+                f"PallasBackend.MOSAIC_GPU's affine chain with key={tiling.key}, "
+                f"value_block={tiling.value_block} needs {needed} bytes of shared memory per "
+                f"CTA, over {mosaic_gpu.SMEM_LIMIT}: use a smaller value_block"
+            )
 
 
 def run_chunk_scan(spec, *args, cfg: KernelConfig):

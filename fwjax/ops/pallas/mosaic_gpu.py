@@ -22,8 +22,10 @@ Backward, from the last chunk (:func:`delta_chain_backward`)::
     G ← Γ_n G + Q_nᵀ Ō_n − W_nᵀ Ũ̄    two MMAs
 
 ``Γ_n`` is the gated rule's chunk decay (1 for the delta rule), read in float32 from a row of
-its own (:func:`decay_rows`). With ``state_segments`` the chains split as in
-:func:`fwjax.ops.pallas.phased._chain` (the widened pass is the same kernel without saves).
+its own (:func:`decay_rows`). ``PallasChain.AFFINE``'s chains, ``S ← M_n S + B_n`` and
+``G ← M_nᵀ G + H_n``, one MMA per chunk, run on the same builder (:func:`affine_chain`).
+With ``state_segments`` the chains split as in :func:`fwjax.ops.pallas.phased._chain` (the
+widened pass is the same kernel without saves).
 
 Constraints, checked by :func:`check_supported`: bfloat16 or float16 operands
 (``PallasPrecision.INPUT`` with such inputs), a float32 state, ``C``, ``K`` and ``tv``
@@ -162,7 +164,7 @@ def _decay_operand(decay) -> tuple:
     return (Operand(decay, (None, 1, DECAY_ROW), lambda n, j: (n, 0, 0), mma=False),)
 
 
-def _chain_kernel(step, operands, carry0, scratch, *, tv, save, reverse, interpret, name):
+def _chain_kernel(step, operands, carry0, scratch, *, chunks, tv, save, reverse, interpret, name):
     """A sequential chain over the chunks, one CTA per ``(batch, head, value tile)``.
 
     The carry ``C [K, tv]`` (float32) stays in registers. At chunk ``n`` (descending when
@@ -173,10 +175,11 @@ def _chain_kernel(step, operands, carry0, scratch, *, tv, save, reverse, interpr
 
     Args:
       step: the chain's step (see above); returns the new carry.
-      operands: :class:`Operand` tuples, the first one ``[B, H, N·C, ·]`` in blocks of ``C``
-        rows and in the matmul dtype.
+      operands: :class:`Operand` tuples, the first one in the matmul dtype; MMA operands are
+        tiled for the MMA in their own dtype when compiling.
       carry0: the carry entering the first step, ``[B, H, K, V]`` float32.
-      scratch: shapes ``[rows, columns]`` and dtypes of the step's shared-memory scratch.
+      scratch: shapes ``[rows, columns]`` of the step's shared-memory scratch (matmul dtype).
+      chunks: ``N``, the chunks walked.
       tv: the value tile (divides ``V``).
       save: also return the carry entering each chunk ``[B, H, N, K, V]``.
       reverse: walk the chunks from last to first.
@@ -187,7 +190,7 @@ def _chain_kernel(step, operands, carry0, scratch, *, tv, save, reverse, interpr
       ``(final carry,)``, or ``(final carry, saved)`` with ``save``.
     """
     b, h, dk, dv = carry0.shape
-    n = operands[0].array.shape[2] // operands[0].block[0]  # [B, H, N·C, ·] in chunks [C, ·]
+    n = chunks
     md = operands[0].array.dtype
     f32 = jnp.float32
     chunk_of = (lambda i: n - 1 - i) if reverse else (lambda i: i)
@@ -228,7 +231,9 @@ def _chain_kernel(step, operands, carry0, scratch, *, tv, save, reverse, interpr
             plgpu.BlockSpec(
                 op.block,
                 lambda i, op=op: op.index(chunk_of(i), j),
-                transforms=mma_transforms(op.block[-1], md, interpret) if op.mma else (),
+                transforms=(
+                    mma_transforms(op.block[-1], op.array.dtype, interpret) if op.mma else ()
+                ),
             )
             for op in operands
         ]
@@ -369,8 +374,8 @@ def delta_chain_forward(
         *_decay_operand(decay),
     )
     return _chain_kernel(
-        step, operands, s0, [(c, tv)], tv=tv, save=save, reverse=False,
-        interpret=interpret, name=name,
+        step, operands, s0, [(c, tv)], chunks=k.shape[2] // c, tv=tv, save=save,
+        reverse=False, interpret=interpret, name=name,
     )  # fmt: skip
 
 
@@ -430,7 +435,62 @@ def delta_chain_backward(
         *_decay_operand(decay),
     )
     return _chain_kernel(
-        step, operands, g0, [(c, tv)], tv=tv, save=save, reverse=True,
+        step, operands, g0, [(c, tv)], chunks=k.shape[2] // c, tv=tv, save=save,
+        reverse=True, interpret=interpret, name=name,
+    )  # fmt: skip
+
+
+def affine_smem_bytes(key: int, value_block: int, itemsize: int = 2) -> int:
+    """Shared memory of :func:`affine_chain`: two chunks in flight of ``M [K, K]`` (matmul
+    dtype) and ``B [K, tv]`` (float32), plus the carry ``[K, tv]``."""
+    k, tv = key, value_block
+    return 2 * (itemsize * k * k + 4 * k * tv) + itemsize * k * tv
+
+
+def affine_chain(
+    m, b, carry0, *, transpose: bool, value_block: int, save: bool, interpret: bool, name
+):
+    """The affine chain of ``PallasChain.AFFINE``, one MMA per chunk: forward
+    ``S ← M_n S + B_n`` from the first chunk, or (``transpose``) the cotangent chain
+    ``G ← M_nᵀ G + H_n`` from the last; ``M = Γ_C I − Kᵀ W`` and ``B = Kᵀ U`` or
+    ``H = Qᵀ Ō − Wᵀ Pᵀ Ō`` come from :func:`fwjax.ops.pallas.mosaic_gpu_chunks.affine_maps`.
+
+    Args:
+      m: ``M`` of every chunk, ``[B, H, N, K, K]``, in the matmul dtype.
+      b: ``B`` (or ``H``) of every chunk, ``[B, H, N, K, V]``, float32.
+      carry0: the carry entering the first step, ``[B, H, K, V]``, float32.
+      transpose: the cotangent chain (``Mᵀ``, from the last chunk).
+      value_block: ``tv`` (divides ``V``).
+      save: also return the carry entering each chunk (the state before chunk ``n``, or the
+        cotangent of the state after it).
+      interpret: run in Mosaic GPU's interpret mode (CPU).
+      name: the kernel's name (in profiles).
+
+    Returns:
+      ``(final carry [B, H, K, V] float32, saved [B, H, N, K, V])`` with ``saved`` in the
+      matmul dtype, or ``(final carry,)`` without ``save``.
+    """
+    _, _, n, dk, _ = m.shape
+    tv, md = value_block, m.dtype
+    check_call(md, carry0.dtype, carry0.shape[-1], MMA_TILE, dk, tv)
+    needed = affine_smem_bytes(dk, tv, md.itemsize)
+    if needed > SMEM_LIMIT:
+        raise ValueError(
+            f"the affine chain with key={dk}, value_block={tv} needs {needed} bytes of shared "
+            f"memory per CTA, over {SMEM_LIMIT}"
+        )
+
+    def step(blocks, carry, c_smem):
+        m_ref, b_ref = blocks
+        m_op = Transposed(m_ref) if transpose else m_ref
+        return mma_sum((m_op, c_smem), rows=dk, columns=tv, interpret=interpret) + b_ref[...]
+
+    operands = (
+        Operand(m, (None, dk, dk), lambda i, j: (i, 0, 0)),
+        Operand(b, (None, dk, tv), lambda i, j: (i, 0, j)),
+    )
+    return _chain_kernel(
+        step, operands, carry0, [], chunks=n, tv=tv, save=save, reverse=transpose,
         interpret=interpret, name=name,
     )  # fmt: skip
 

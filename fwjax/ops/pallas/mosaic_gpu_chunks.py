@@ -9,7 +9,8 @@ chunk's blocks by TMA into shared memory, multiplies with warpgroup MMAs from th
   triangular inverse by forward substitution in registers;
 - :func:`delta_chunk_output`: ``O = Q S + P (U − W S)`` from the state entering the chunk;
 - :func:`delta_chunk_gradients`: the operands' cotangents from the state entering the chunk
-  and the cotangent of the state after it.
+  and the cotangent of the state after it;
+- :func:`affine_maps`: ``PallasChain.AFFINE``'s per-chunk maps ``M``, and ``B`` or ``H``.
 
 ``delta_wy`` and ``delta_chunk_gradients`` hold the whole value dimension in one CTA, which
 takes ``C = 64`` with ``K, V <= 128`` (:func:`wy_supported`, :func:`gradients_supported`);
@@ -397,3 +398,118 @@ def delta_chunk_gradients(k, w, u, p, states, gs, do, *, decay: bool, interpret:
         ],
         interpret=interpret_params() if interpret else None,
     )(k, w, u, p, states, gs, do)
+
+
+def affine_maps(k, w, decay=None, *, chunk: int, u=None, q=None, p=None, do=None,
+                interpret: bool, name):  # fmt: skip
+    """Every chunk's affine map of ``PallasChain.AFFINE``, one CTA per
+    ``(batch, head, value tile of 64, chunk)``::
+
+        M = Γ_C I − Kᵀ W                       (written by each chunk's first value tile)
+        B = Kᵀ U                               forward (``u``), or
+        H = Qᵀ Ō − Wᵀ (Pᵀ Ō)                   backward (``q``, ``p``, ``do``)
+
+    for :func:`fwjax.ops.pallas.mosaic_gpu.affine_chain` (``S ← M S + B``, ``G ← Mᵀ G + H``).
+    ``Pᵀ Ō`` enters its product in the matmul dtype (as in
+    :func:`fwjax.ops.pallas.chunk_math.cotangent_inputs`).
+
+    Args:
+      k, w: ``K`` and ``W``, ``[B, H, N·C, K]``, in the matmul dtype.
+      decay: the gated rule's chunk decays as rows
+        (:func:`fwjax.ops.pallas.mosaic_gpu.decay_rows`), or None (``Γ_C = 1``).
+      chunk: ``C``.
+      u: ``U`` ``[B, H, N·C, V]`` (the forward map), or None.
+      q, p, do: ``Q [B, H, N·C, K]``, ``P [B, H, N·C, C]`` and ``Ō [B, H, N·C, V]`` (the
+        backward map), or None.
+      interpret: run in Mosaic GPU's interpret mode (CPU).
+      name: the kernel's name (in profiles).
+
+    Returns:
+      ``(M [B, H, N, K, K]`` in the matmul dtype, ``B`` or ``H [B, H, N, K, V]`` float32).
+    """
+    backward = u is None
+    b, h, t, dk = k.shape
+    c, n, md, f32, tv = chunk, t // chunk, k.dtype, jnp.float32, MMA_TILE
+    dv = (do if backward else u).shape[-1]
+    check_call(md, f32, dv, c, dk, tv)
+    # (array, block, its place: the chunk's rows, their value tile, or the chunk's row) of
+    # each input, in call order.
+    inputs = [(k, (c, dk), "rows"), (w, (c, dk), "rows")]
+    if backward:
+        inputs += [(q, (c, dk), "rows"), (p, (c, c), "rows"), (do, (c, tv), "tile")]
+    else:
+        inputs.append((u, (c, tv), "tile"))
+    if decay is not None:
+        inputs.append((decay, decay.shape[-2:], "chunk"))
+    n_in = len(inputs)
+
+    def kernel(*refs):
+        gmem, (m_out, x_out) = refs[:n_in], refs[n_in : n_in + 2]
+        *smem, barrier = refs[n_in + 2 :]
+        bi, hi, j, ni = (jax.lax.axis_index(axis) for axis in ("b", "h", "j", "n"))
+        rows, cols = pl.ds(ni * c, c), pl.ds(j * tv, tv)
+        places = {"rows": (rows,), "tile": (rows, cols), "chunk": (ni,)}
+        for ref, (_, _, place), target in zip(gmem, inputs, smem, strict=True):
+            plgpu.copy_gmem_to_smem(ref.at[(bi, hi, *places[place])], target, barrier)
+        plgpu.barrier_wait(barrier)
+        product = functools.partial(mma_sum, interpret=interpret)
+        t_ = Transposed
+        k_s, w_s = smem[0], smem[1]
+
+        def emit(out, value, dtype, columns):
+            def store(block):
+                block[...] = value.astype(dtype)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(block, out)
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the block is free again
+
+            tiles = mma_transforms(columns, dtype, interpret)
+            pl.run_scoped(store, plgpu.SMEM((dk, columns), dtype, transforms=tiles))
+
+        @pl.when(j == 0)
+        def _():
+            i_rows = _wgmma_layout(jax.lax.broadcasted_iota(jnp.int32, (dk, dk), 0), interpret)
+            i_cols = _wgmma_layout(jax.lax.broadcasted_iota(jnp.int32, (dk, dk), 1), interpret)
+            gamma = 1.0 if decay is None else smem[-1][0, 0]  # Γ_C
+            m = jnp.where(i_rows == i_cols, gamma, 0.0) - product(
+                (t_(k_s), w_s), rows=dk, columns=dk
+            )  # Γ_C I − Kᵀ W
+            emit(m_out.at[bi, hi, ni], m, md, dk)
+
+        if backward:
+            q_s, p_s, do_s = smem[2:5]
+
+            def cotangent_terms(neg_pt_do):
+                # −Pᵀ Ō in the matmul dtype, then Qᵀ Ō + Wᵀ (−Pᵀ Ō) in one accumulator.
+                pt_do = product((t_(p_s), do_s), rows=c, columns=tv)
+                neg_pt_do[...] = (-pt_do).astype(md)
+                plgpu.commit_smem()
+                return product((t_(q_s), do_s), (t_(w_s), neg_pt_do), rows=dk, columns=tv)
+
+            scratch_type = plgpu.SMEM((c, tv), md, transforms=mma_transforms(tv, md, interpret))
+            x = pl.run_scoped(cotangent_terms, scratch_type)
+        else:
+            x = product((t_(k_s), smem[2]), rows=dk, columns=tv)  # Kᵀ U
+        emit(x_out.at[bi, hi, ni, :, cols], x, f32, tv)
+        plgpu.wait_smem_to_gmem(0)
+
+    def smem_type(array, block):
+        if array is decay:
+            return plgpu.SMEM(block, f32)
+        return plgpu.SMEM(block, md, transforms=mma_transforms(block[-1], md, interpret))
+
+    return plgpu.kernel(
+        kernel,
+        out_type=(
+            jax.ShapeDtypeStruct((b, h, n, dk, dk), md),
+            jax.ShapeDtypeStruct((b, h, n, dk, dv), f32),
+        ),
+        grid=(b, h, dv // tv, n),  # the chunks last: CUDA's uncapped grid x
+        grid_names=("b", "h", "j", "n"),
+        kernel_name=name,
+        scratch_types=[
+            *(smem_type(array, block) for array, block, _ in inputs),
+            plgpu.Barrier(num_arrivals=len(inputs)),
+        ],
+        interpret=interpret_params() if interpret else None,
+    )(*(array for array, _, _ in inputs))

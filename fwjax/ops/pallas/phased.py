@@ -194,6 +194,30 @@ def _mosaic_gpu_cotangent_chain(name, chain_in, carry, save, cfg):
     return mosaic_gpu.delta_chain_backward(p, k, q, w, do, carry, decay, save=save, **args)
 
 
+def _mosaic_gpu_affine_chain(name, chain_in, carry, save, cfg):
+    """``PallasChain.AFFINE``'s chains as the Mosaic GPU kernel
+    (:func:`fwjax.ops.pallas.mosaic_gpu.affine_chain`): ``S ← M S + B`` given ``B``, or
+    ``G ← Mᵀ G + H`` (from the last chunk) given ``H``."""
+    from fwjax.ops.pallas import mosaic_gpu
+
+    transpose = "h" in chain_in
+    m, b = chain_in["m"][1], chain_in["h" if transpose else "b"][1]
+    args = _mosaic_gpu_args(cfg, name)
+    return mosaic_gpu.affine_chain(m, b, carry, transpose=transpose, save=save, **args)
+
+
+def _mosaic_gpu_affine_maps(rule, cfg, ops, decay, kind: str, **values) -> tuple:
+    """Every chunk's ``(M, B)`` (``values``: ``u``) or ``(M, H)`` (``q``, ``p``, ``do``) by
+    the Mosaic GPU kernel (:func:`fwjax.ops.pallas.mosaic_gpu_chunks.affine_maps`)."""
+    from fwjax.ops.pallas import mosaic_gpu, mosaic_gpu_chunks
+
+    rows = mosaic_gpu.decay_rows(ops["decay"]) if decay else None
+    return mosaic_gpu_chunks.affine_maps(
+        ops["k"], ops["w"], rows, chunk=cfg.tiling.chunk, interpret=cfg.interpret,
+        name=f"{rule.name}_{kind}", **values,
+    )  # fmt: skip
+
+
 def _mosaic_gpu_fits(cfg, supported: str) -> bool:
     """Whether a kernel parallel over chunks runs as the Mosaic GPU kernel (else as the Triton
     one): with ``PallasBackend.MOSAIC_GPU`` where ``mosaic_gpu_chunks.<supported>`` takes the
@@ -317,7 +341,10 @@ def forward(rule, cfg, xs, s0):
             outputs=(Operand("m", Kind.MAPS, md), Operand("b", Kind.STATES, sd)),
             fn=lambda x: dict(zip("mb", _chain_maps(x, decay, md, sd), strict=True)),
         )
-        m, b = run_chunk_map(maps, *(ops[n] for n in maps_in), cfg=cfg)
+        if cfg.backend is PallasBackend.MOSAIC_GPU:
+            m, b = _mosaic_gpu_affine_maps(rule, cfg, ops, decay, "affine", u=ops["u"])
+        else:
+            m, b = run_chunk_map(maps, *(ops[n] for n in maps_in), cfg=cfg)
         chain_in = {"m": (Kind.MAPS, m), "b": (Kind.STATES, b)}
 
         def chain_step(x, s):
@@ -332,7 +359,8 @@ def forward(rule, cfg, xs, s0):
 
     native = None
     if cfg.backend is PallasBackend.MOSAIC_GPU:
-        native = NativeChain(_mosaic_gpu_chain, reverse=False)
+        affine = cfg.chain is PallasChain.AFFINE
+        native = NativeChain(_mosaic_gpu_affine_chain if affine else _mosaic_gpu_chain, False)
     name = f"{rule.name}_chain_fwd"
     s, states = _chain(name, chain_in, chain_step, s0, "states", cfg, native=native)
 
@@ -377,7 +405,11 @@ def backward(rule, cfg, xs, states, d_o, d_s):
             outputs=(Operand("m", Kind.MAPS, md), Operand("h", Kind.STATES, sd)),
             fn=affine_terms,
         )
-        m, h = run_chunk_map(maps, *(ops[n] for n in terms_in), do, cfg=cfg)
+        if cfg.backend is PallasBackend.MOSAIC_GPU:
+            args = {"q": ops["q"], "p": ops["p"], "do": do}
+            m, h = _mosaic_gpu_affine_maps(rule, cfg, ops, decay, "affine_bwd", **args)
+        else:
+            m, h = run_chunk_map(maps, *(ops[n] for n in terms_in), do, cfg=cfg)
         chain_in = {"m": (Kind.MAPS, m), "h": (Kind.STATES, h)}
 
         def chain_step(x, g):
@@ -394,7 +426,9 @@ def backward(rule, cfg, xs, states, d_o, d_s):
 
     native = None
     if cfg.backend is PallasBackend.MOSAIC_GPU:
-        native = NativeChain(_mosaic_gpu_cotangent_chain, reverse=True)
+        affine = cfg.chain is PallasChain.AFFINE
+        run = _mosaic_gpu_affine_chain if affine else _mosaic_gpu_cotangent_chain
+        native = NativeChain(run, reverse=True)
     name = f"{rule.name}_chain_bwd"
     d_s0, gs = _chain(name, chain_in, chain_step, d_s, "gs", cfg, reverse=True, native=native)
 
