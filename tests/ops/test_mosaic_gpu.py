@@ -231,7 +231,7 @@ def test_mosaic_gpu_wy_kernel_equals_the_wy_terms_in_xla(gated):
 
 def test_mosaic_gpu_affine_kernels_equal_their_xla_forms():
     """``PallasChain.AFFINE`` at ``MGPU_DIMS``: the maps ``M = Γ_C I − Kᵀ W``, ``B = Kᵀ U``
-    and ``H = Qᵀ Ō − Wᵀ Pᵀ Ō`` (gated: Γ_C ∈ (0.5, 1)) equal
+    and ``H = Qᵀ Ō − Wᵀ Pᵀ Ō`` (gated: Γ_C ∈ (0.5, 1); the delta rule's ``M``, Γ_C = 1) equal
     :func:`~fwjax.ops.pallas.chunk_math.chain_maps` and ``cotangent_inputs`` to float32
     rounding; the chains ``S ← M S + B`` and ``G ← Mᵀ G + H`` (two value tiles) agree with
     the XLA chains to float32 rounding in > 99 % of elements (the rest: a carry element on a
@@ -252,19 +252,23 @@ def test_mosaic_gpu_affine_kernels_equal_their_xla_forms():
     maps = functools.partial(affine_maps, keys, w, decay_rows(decay), chunk=c, interpret=True)
     m, b_fwd = maps(u=u, name="maps")
     m_bwd, h_bwd = maps(q=q, p=p, do=do, name="maps_bwd")
+    m_delta, _ = affine_maps(keys, w, None, chunk=c, u=u, interpret=True, name="maps_delta")
 
     md, sd = jnp.bfloat16, jnp.float32
     per_chunk = lambda x: x.reshape(b, h, n, c, x.shape[-1])
     each = lambda f, *a: jax.vmap(jax.vmap(jax.vmap(f)))(*map(per_chunk, a[:-1]), a[-1])
     want_m, want_b = each(lambda *x: cm.chain_maps(*x[:3], md, sd, x[3]), keys, w, u, decay)
+    want_m_delta = each(lambda *x: cm.chain_map(*x[:2], md, sd), keys, w, decay)  # Γ_C = 1
     inputs = each(lambda *x: cm.cotangent_inputs(*x[:4], md, sd), q, w, p, do, decay)
     for name, actual, expected in [
         ("M", m, bf16(want_m)), ("B", b_fwd, want_b), ("M (bwd)", m_bwd, bf16(want_m)),
-        ("H", h_bwd, inputs),
+        ("H", h_bwd, inputs), ("M (delta)", m_delta, bf16(want_m_delta)),
     ]:  # fmt: skip
         expected = np.asarray(expected, np.float32)
         actual, atol = np.asarray(actual, np.float32), 1e-6 * np.abs(expected).max()
-        np.testing.assert_allclose(actual, expected, atol=atol, err_msg=name)
+        # M is rounded to bfloat16 after float32 sums in either order: one rounding step apart.
+        rtol = 2.0**-8 if name.startswith("M") else 0.0
+        np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol, err_msg=name)
 
     s0 = jnp.asarray(rng.normal(size=(b, h, k, v)), jnp.float32)
     for transpose, terms in ((False, b_fwd), (True, h_bwd)):
@@ -308,7 +312,8 @@ def test_mosaic_gpu_phased_rules_match_chunked(rule, chain):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    ("segments", "chain"), [(None, PallasChain.UPDATE), (4, PallasChain.UPDATE), (None, AFFINE)]
+    ("segments", "chain"),
+    [(None, PallasChain.UPDATE), (4, PallasChain.UPDATE), (None, AFFINE), (4, AFFINE)],
 )
 @pytest.mark.parametrize("case", GPU_CASES, ids=str)
 @pytest.mark.parametrize("rule", [DELTA, GATED], **RULE_IDS)

@@ -468,12 +468,11 @@ def affine_maps(k, w, decay=None, *, chunk: int, u=None, q=None, p=None, do=None
 
         @pl.when(j == 0)
         def _():
+            kt_w = product((t_(k_s), w_s), rows=dk, columns=dk)  # first: no masks live yet
             i_rows = _wgmma_layout(jax.lax.broadcasted_iota(jnp.int32, (dk, dk), 0), interpret)
             i_cols = _wgmma_layout(jax.lax.broadcasted_iota(jnp.int32, (dk, dk), 1), interpret)
             gamma = 1.0 if decay is None else smem[-1][0, 0]  # Γ_C
-            m = jnp.where(i_rows == i_cols, gamma, 0.0) - product(
-                (t_(k_s), w_s), rows=dk, columns=dk
-            )  # Γ_C I − Kᵀ W
+            m = jnp.where(i_rows == i_cols, gamma - kt_w, -kt_w)  # Γ_C I − Kᵀ W
             emit(m_out.at[bi, hi, ni], m, md, dk)
 
         if backward:
