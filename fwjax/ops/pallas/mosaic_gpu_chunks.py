@@ -1,9 +1,9 @@
 """GPU backend: the Mosaic GPU kernels of the phased (gated) delta rule that run parallel over
 chunks (:mod:`fwjax.ops.pallas.mosaic_gpu` holds the sequential chains and the shared pieces).
 
-Each has one CTA per ``(batch, head, chunk)`` (and value tile, for the outputs), loads its
-chunk's blocks by TMA into shared memory, multiplies with warpgroup MMAs from there
-(:func:`fwjax.ops.pallas.mosaic_gpu.mma_sum`) and writes its results by TMA:
+Each has one CTA per ``(batch, head, chunk)`` (and value tile, for the outputs and the affine
+maps), loads its chunk's blocks by TMA into shared memory, multiplies with warpgroup MMAs from
+there (:func:`fwjax.ops.pallas.mosaic_gpu.mma_sum`) and writes its results by TMA:
 
 - :func:`delta_wy`, phase 1: ``W``, ``U``, ``P`` (and the gated rule's ``Q'``, ``K'``), the
   triangular inverse by forward substitution in registers;
@@ -37,6 +37,22 @@ from fwjax.ops.pallas.mosaic_gpu import (
     mma_sum,
     mma_transforms,
 )
+
+
+def _store(out, value, dtype, interpret: bool) -> None:
+    """Writes ``value`` (registers) in ``dtype`` to the block ``out`` in HBM by TMA, through a
+    scoped shared-memory buffer (tiled like an MMA operand when compiling, for a 2-D block),
+    free again when this returns."""
+
+    def store(block):
+        block[...] = value.astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(block, out)
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the buffer has been read
+
+    shape = out.shape
+    tiles = mma_transforms(shape[-1], dtype, interpret) if len(shape) == 2 else ()
+    pl.run_scoped(store, plgpu.SMEM(shape, dtype, transforms=tiles))
 
 
 def wy_supported(chunk: int, key: int, value: int) -> bool:
@@ -75,9 +91,9 @@ def delta_wy(q, k, v, beta, g=None, *, chunk: int, interpret: bool, name="delta_
     MMA split into a high and a low part in the matmul dtype (``x = hi + lo``), and the
     products ``hi·hi + lo·hi + hi·lo`` keep about 16 bits of the float32 factors (one
     matmul-dtype rounding of ``T`` would cost bfloat16's 8, as in flash-linear-attention, whose
-    triangular solve returns the inputs' dtype). The inverse
-    works on ``Aᵀ`` (its column ``i`` is row ``i`` of ``A``, a per-row vector), with masks and
-    reductions in registers: ``X_i = e_i − A[i, :] X``.
+    triangular solve returns the inputs' dtype). The inverse works on ``Aᵀ`` (its column ``i``
+    is row ``i`` of ``A``, a per-row vector), with masks and reductions in registers:
+    ``X_i = e_i − A[i, :] X``.
 
     Args:
       q, k: ``[B, H, N·C, K]``, in the matmul dtype.
@@ -147,29 +163,20 @@ def delta_wy(q, k, v, beta, g=None, *, chunk: int, interpret: bool, name="delta_
 
         eye = jnp.where(i_rows == i_cols, 1.0, 0.0)
         split(t_s, jax.lax.fori_loop(1, c, substitute, eye))
-        beta_k = _vector(beta_s, 1, interpret)
+        beta_rows = _vector(beta_s, 1, interpret)  # β_i on row i
         if gated:
             gamma = jnp.exp(g_row)
-            beta_k = beta_k * gamma  # βΓ
+        beta_k = beta_rows * gamma if gated else beta_rows  # βΓ
         split(bk_s, by_row(beta_k, dk) * k_s[...].astype(f32))
-        split(bv_s, by_row(_vector(beta_s, 1, interpret), dv) * v_s[...].astype(f32))
+        split(bv_s, by_row(beta_rows, dv) * v_s[...].astype(f32))
         plgpu.commit_smem()
 
         def split_product(x, y, columns):  # x y from x = x₀ + x₁, y = y₀ + y₁ (x₁ y₁ dropped)
             pairs = ((x.at[0], y.at[0]), (x.at[1], y.at[0]), (x.at[0], y.at[1]))
             return product(*pairs, rows=c, columns=columns)
 
-        def emit(out, value):
-            """Writes ``value`` ``[C, ·]`` to ``out`` in the matmul dtype by TMA (one result
-            in registers at a time)."""
-
-            def store(block):
-                block[...] = value.astype(md)
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(block, out.at[bi, hi, rows])
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the block is free again
-
-            pl.run_scoped(store, smem((c, out.shape[-1])))
+        def emit(out, value):  # one result in registers at a time
+            _store(out.at[bi, hi, rows], value, md, interpret)
 
         *decayed_out, w_out, u_out, p_out = outs
         emit(w_out, split_product(t_s, bk_s, dk))  # W
@@ -345,40 +352,25 @@ def delta_chunk_gradients(k, w, u, p, states, gs, do, *, decay: bool, interpret:
         product = functools.partial(mma_sum, interpret=interpret)
         t = Transposed
 
-        def emit(out, value, columns):
-            """Writes the float32 block ``value`` ``[C, columns]`` to ``out`` by TMA."""
-
-            def store(block):
-                block[...] = value
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(block, out.at[bi, hi, rows])
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the block is free again
-
-            tiles = mma_transforms(columns, f32, interpret)
-            pl.run_scoped(store, plgpu.SMEM((c, columns), f32, transforms=tiles))
+        def emit(out, value):
+            _store(out.at[bi, hi, rows], value, f32, interpret)
 
         dq_out, dk_out, dw_out, du_out, dp_out, *decay_out = outs
         # Ũ = U − W S, in U's buffer from here on.
         u_tilde = u_s[...].astype(f32) - product((w_s, s_s), rows=c, columns=dv)
         u_s[...] = u_tilde.astype(md)
         plgpu.commit_smem()
-        emit(dp_out, product((do_s, t(u_s)), rows=c, columns=c), c)  # P̄ = Ō Ũᵀ
-        emit(dq_out, product((do_s, t(s_s)), rows=c, columns=dk), dk)  # Q̄ = Ō Sᵀ
+        emit(dp_out, product((do_s, t(u_s)), rows=c, columns=c))  # P̄ = Ō Ũᵀ
+        emit(dq_out, product((do_s, t(s_s)), rows=c, columns=dk))  # Q̄ = Ō Sᵀ
         du = product((t(p_s), do_s), (k_s, g_s), rows=c, columns=dv)  # Ũ̄ = Pᵀ Ō + K G
-        emit(du_out, du, dv)
+        emit(du_out, du)
         do_s[...] = du.astype(md)  # Ō is spent: its buffer holds Ũ̄ from here on
         plgpu.commit_smem()
-        emit(dk_out, product((u_s, t(g_s)), rows=c, columns=dk), dk)  # K̄ = Ũ Gᵀ
-        emit(dw_out, -product((do_s, t(s_s)), rows=c, columns=dk), dk)  # W̄ = −Ũ̄ Sᵀ
-        if decay:
-
-            def store_row_sums(sums):
-                sums[...] = jnp.sum(s_s[...].astype(f32) * g_s[...].astype(f32), axis=1)
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(sums, decay_out[0].at[bi, hi, ni])
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-
-            pl.run_scoped(store_row_sums, plgpu.SMEM((dk,), f32))
+        emit(dk_out, product((u_s, t(g_s)), rows=c, columns=dk))  # K̄ = Ũ Gᵀ
+        emit(dw_out, -product((do_s, t(s_s)), rows=c, columns=dk))  # W̄ = −Ũ̄ Sᵀ
+        if decay:  # the row sums of S ⊙ G
+            row_sums = jnp.sum(s_s[...].astype(f32) * g_s[...].astype(f32), axis=1)
+            _store(decay_out[0].at[bi, hi, ni], row_sums, f32, interpret)
         plgpu.wait_smem_to_gmem(0)
 
     seq = lambda width: jax.ShapeDtypeStruct((b, h, n * c, width), f32)
@@ -456,16 +448,6 @@ def affine_maps(k, w, decay=None, *, chunk: int, u=None, q=None, p=None, do=None
         t_ = Transposed
         k_s, w_s = smem[0], smem[1]
 
-        def emit(out, value, dtype, columns):
-            def store(block):
-                block[...] = value.astype(dtype)
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(block, out)
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the block is free again
-
-            tiles = mma_transforms(columns, dtype, interpret)
-            pl.run_scoped(store, plgpu.SMEM((dk, columns), dtype, transforms=tiles))
-
         @pl.when(j == 0)
         def _():
             kt_w = product((t_(k_s), w_s), rows=dk, columns=dk)  # first: no masks live yet
@@ -473,7 +455,7 @@ def affine_maps(k, w, decay=None, *, chunk: int, u=None, q=None, p=None, do=None
             i_cols = _wgmma_layout(jax.lax.broadcasted_iota(jnp.int32, (dk, dk), 1), interpret)
             gamma = 1.0 if decay is None else smem[-1][0, 0]  # Γ_C
             m = jnp.where(i_rows == i_cols, gamma - kt_w, -kt_w)  # Γ_C I − Kᵀ W
-            emit(m_out.at[bi, hi, ni], m, md, dk)
+            _store(m_out.at[bi, hi, ni], m, md, interpret)
 
         if backward:
             q_s, p_s, do_s = smem[2:5]
@@ -489,7 +471,7 @@ def affine_maps(k, w, decay=None, *, chunk: int, u=None, q=None, p=None, do=None
             x = pl.run_scoped(cotangent_terms, scratch_type)
         else:
             x = product((t_(k_s), smem[2]), rows=dk, columns=tv)  # Kᵀ U
-        emit(x_out.at[bi, hi, ni, :, cols], x, f32, tv)
+        _store(x_out.at[bi, hi, ni, :, cols], x, f32, interpret)
         plgpu.wait_smem_to_gmem(0)
 
     def smem_type(array, block):
