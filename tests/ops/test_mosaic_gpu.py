@@ -452,6 +452,40 @@ def test_mosaic_gpu_names_the_jax_it_needs(monkeypatch):
 
 
 @pytest.mark.parametrize(
+    ("batch", "heads", "error"),
+    [(2, 40_000, None), (70_000, 1, "over the limits")],
+    ids=["B·H-over-65535", "B-over-65535"],
+)
+def test_mosaic_gpu_kernels_parallel_over_chunks_launch_within_cudas_grid(batch, heads, error):
+    """CUDA caps grid y and z at 65535: the 4-D grids keep ``B`` and ``H·V/tv`` on those
+    axes (not ``B·H``, which a flattened ``(b, h, ·, ·)`` grid would put on z), and a batch
+    over the cap raises ValueError naming the grid."""
+    from fwjax.ops.pallas.mosaic_gpu import cuda_grid
+    from fwjax.ops.pallas.mosaic_gpu_chunks import affine_maps, delta_chunk_output
+
+    assert cuda_grid((3, 5, 7, 11)) == (11, 7, 15) and cuda_grid((7, 11)) == (11, 7, 1)
+    c = d = 64
+    seq = lambda width: jax.ShapeDtypeStruct((batch, heads, c, width), jnp.bfloat16)
+    states = jax.ShapeDtypeStruct((batch, heads, 1, d, d), jnp.bfloat16)
+    kernels = (
+        lambda: jax.eval_shape(
+            functools.partial(delta_chunk_output, value_block=d, interpret=False),
+            seq(d), seq(d), seq(d), seq(c), states,
+        ),
+        lambda: jax.eval_shape(
+            functools.partial(affine_maps, chunk=c, interpret=False, name="maps"),
+            seq(d), seq(d), u=seq(d),
+        ),
+    )  # fmt: skip
+    for kernel in kernels:
+        if error is None:
+            kernel()
+        else:
+            with pytest.raises(ValueError, match=error):
+                kernel()
+
+
+@pytest.mark.parametrize(
     ("version", "platform", "options", "dtype", "d", "phased", "expected"),
     [
         ("0.11.0", "gpu", PallasOptions(schedule=PHASED), jnp.bfloat16, 64, True, "mosaic_gpu"),

@@ -126,6 +126,47 @@ def interpret_params():
     return InterpretGPUParams()
 
 
+# CUDA's launch limits on the grid: x up to 2³¹ − 1 blocks, y and z up to 65535.
+GRID_X_LIMIT = 2**31 - 1
+GRID_YZ_LIMIT = 65535
+
+
+def cuda_grid(grid: tuple[int, ...]) -> tuple[int, int, int]:
+    """The CUDA grid ``(x, y, z)`` Mosaic GPU launches for a Pallas grid: more than three
+    axes are flattened into the first (``(a, b, c, d) → (a·b, c, d)``), and the order is
+    reversed, so the last Pallas axis is CUDA's x."""
+    if len(grid) > 3:
+        first = 1
+        for size in grid[:-2]:
+            first *= size
+        grid = (first, *grid[-2:])
+    grid = (1,) * (3 - len(grid)) + tuple(grid)
+    return grid[2], grid[1], grid[0]
+
+
+def launch(kernel, *, grid: tuple[int, ...], grid_names: tuple[str, ...], interpret: bool, **kw):
+    """``plgpu.kernel`` over ``grid`` (one CTA per grid point), in the interpreter when
+    ``interpret``, after checking the grid against CUDA's limits (:func:`cuda_grid`).
+
+    Raises:
+      ValueError: the grid exceeds a CUDA limit (the message names the axes).
+    """
+    x, y, z = cuda_grid(grid)
+    if x > GRID_X_LIMIT or max(y, z) > GRID_YZ_LIMIT:
+        raise ValueError(
+            f"PallasBackend.MOSAIC_GPU: grid {dict(zip(grid_names, grid, strict=True))} launches "
+            f"as CUDA blocks {(x, y, z)=}, over the limits ({GRID_X_LIMIT}, {GRID_YZ_LIMIT}, "
+            f"{GRID_YZ_LIMIT}); split the batch"
+        )
+    return plgpu.kernel(
+        kernel,
+        grid=grid,
+        grid_names=grid_names,
+        interpret=interpret_params() if interpret else None,
+        **kw,
+    )
+
+
 def mma_transforms(columns: int, dtype, interpret: bool) -> tuple:
     """Shared-memory tiling and swizzle of a ``[rows, columns]`` MMA operand (none when
     interpreting)."""
@@ -262,14 +303,14 @@ def _chain_kernel(step, operands, carry0, scratch, *, chunks, tv, save, reverse,
             for shape in scratch
         ),
     ]
-    return plgpu.kernel(
+    return launch(
         kernel,
         out_type=tuple(out_type),
         grid=(b, h, dv // tv),
         grid_names=("b", "h", "j"),
         kernel_name=name,
         scratch_types=scratch_types,
-        interpret=interpret_params() if interpret else None,
+        interpret=interpret,
     )(*(op.array for op in operands), carry0)
 
 

@@ -33,7 +33,7 @@ from fwjax.ops.pallas.mosaic_gpu import (
     Transposed,
     check_call,
     check_supported,
-    interpret_params,
+    launch,
     mma_sum,
     mma_transforms,
 )
@@ -197,7 +197,7 @@ def delta_wy(q, k, v, beta, g=None, *, chunk: int, interpret: bool, name="delta_
     inputs = [smem((c, dk)), smem((c, dk)), smem((c, dv)), plgpu.SMEM((c,), f32)]
     if gated:
         inputs.append(plgpu.SMEM((c,), f32))
-    return plgpu.kernel(
+    return launch(
         kernel,
         out_type=tuple(jax.ShapeDtypeStruct((b, h, t, width), md) for width in widths),
         grid=(b, h, t // c),
@@ -213,7 +213,7 @@ def delta_wy(q, k, v, beta, g=None, *, chunk: int, interpret: bool, name="delta_
         # The inverse's column sums reduce across warps through this scratch: 8 KiB holds a
         # [64, 64] float32 value at once (the default 2 KiB takes four rounds of barriers).
         compiler_params=plgpu.CompilerParams(reduction_scratch_bytes=4 * c * c),
-        interpret=interpret_params() if interpret else None,
+        interpret=interpret,
     )(q, k, v, beta, *(() if g is None else (g,)))
 
 
@@ -263,13 +263,14 @@ def delta_chunk_output(q, w, u, p, states, *, value_block: int, interpret: bool,
         plgpu.wait_smem_to_gmem(0)
 
     smem = lambda shape: plgpu.SMEM(shape, md, transforms=mma_transforms(shape[-1], md, interpret))
-    return plgpu.kernel(
+    return launch(
         kernel,
         out_type=jax.ShapeDtypeStruct(u.shape, md),
-        # The chunks last: Mosaic GPU launches the last grid axis as CUDA's x, the only one not
-        # capped at 65535 (a 4-D grid flattens to (B·H, ·, ·) and reverses).
-        grid=(b, h, dv // tv, n),
-        grid_names=("b", "h", "j", "n"),
+        # The chunks last, as CUDA's x (the only axis not capped at 65535), the batch as y
+        # and the heads' value tiles as z (mosaic_gpu.cuda_grid): the limits then bound B and
+        # H·V/tv, as they do in the 3-D grids, not B·H.
+        grid=(h, dv // tv, b, n),
+        grid_names=("h", "j", "b", "n"),
         kernel_name=name,
         scratch_types=[
             *(smem(shape) for shape in blocks),
@@ -277,7 +278,7 @@ def delta_chunk_output(q, w, u, p, states, *, value_block: int, interpret: bool,
             smem((c, tv)),  # O
             plgpu.Barrier(num_arrivals=len(blocks)),
         ],
-        interpret=interpret_params() if interpret else None,
+        interpret=interpret,
     )(q, w, u, p, states)
 
 
@@ -378,7 +379,7 @@ def delta_chunk_gradients(k, w, u, p, states, gs, do, *, decay: bool, interpret:
     if decay:
         out_type.append(jax.ShapeDtypeStruct((b, h, n, dk), f32))
     smem = lambda shape: plgpu.SMEM(shape, md, transforms=mma_transforms(shape[-1], md, interpret))
-    return plgpu.kernel(
+    return launch(
         kernel,
         out_type=tuple(out_type),
         grid=(b, h, n),
@@ -388,7 +389,7 @@ def delta_chunk_gradients(k, w, u, p, states, gs, do, *, decay: bool, interpret:
             *(smem(shape) for shape in inputs),
             plgpu.Barrier(num_arrivals=len(inputs)),
         ],
-        interpret=interpret_params() if interpret else None,
+        interpret=interpret,
     )(k, w, u, p, states, gs, do)
 
 
@@ -479,18 +480,18 @@ def affine_maps(k, w, decay=None, *, chunk: int, u=None, q=None, p=None, do=None
             return plgpu.SMEM(block, f32)
         return plgpu.SMEM(block, md, transforms=mma_transforms(block[-1], md, interpret))
 
-    return plgpu.kernel(
+    return launch(
         kernel,
         out_type=(
             jax.ShapeDtypeStruct((b, h, n, dk, dk), md),
             jax.ShapeDtypeStruct((b, h, n, dk, dv), f32),
         ),
-        grid=(b, h, dv // tv, n),  # the chunks last: CUDA's uncapped grid x
-        grid_names=("b", "h", "j", "n"),
+        grid=(h, dv // tv, b, n),  # as in delta_chunk_output: CUDA (x, y, z) = (N, B, H·V/tv)
+        grid_names=("h", "j", "b", "n"),
         kernel_name=name,
         scratch_types=[
             *(smem_type(array, block) for array, block, _ in inputs),
             plgpu.Barrier(num_arrivals=len(inputs)),
         ],
-        interpret=interpret_params() if interpret else None,
+        interpret=interpret,
     )(*(array for array, _, _ in inputs))
