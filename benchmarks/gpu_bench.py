@@ -16,6 +16,10 @@ prints its full error and the others still run (JAX and torch never share a proc
    DeltaNet layer (projections, short convolutions, the op, the output RMSNorm and projection;
    fwd+bwd w.r.t. the input and every weight) against ``fla.layers.DeltaNet``: fwjax's
    ``FastWeightAttention`` with :func:`fwjax.interop.fla.deltanet_config` (PALLAS), bf16.
+   With ``--profile`` every timed job also traces three more calls in the same warm process
+   and reports the device time of each kernel per call (:mod:`benchmarks.gpu_profile`: JAX's
+   profiler for fwjax, ``torch.profiler`` for fla), so that fwjax's phases and fla's kernels
+   can be compared one by one at each shape.
 
 Every result is one JSON line, appended to ``<out>/gpu_bench.jsonl`` as it arrives (partial
 results survive a timeout) and printed. Usage (repo root, the machine's python3)::
@@ -92,6 +96,7 @@ class Job:
     mode: str  # fwd | fwdbwd
     repeats: int
     smoke: bool
+    profile: bool = False  # also the per-kernel device times (benchmarks/gpu_profile.py)
 
     @property
     def name(self):
@@ -173,6 +178,21 @@ def measure(call, *, repeats, min_warmup=3, max_warmup=50, settle=0.1, warmup_bu
         "p10_s": deciles[0],
         "p90_s": deciles[-1],
     }
+
+
+def timed(job: Job, call, framework: str) -> dict:
+    """:func:`measure` of ``call``; with ``job.profile`` also the per-kernel device times of
+    three more calls (:mod:`benchmarks.gpu_profile`), in the same warm process."""
+    res = measure(call, repeats=job.repeats)
+    if job.profile:
+        from benchmarks import gpu_profile
+
+        kernel_times = {
+            "jax": gpu_profile.jax_kernel_times,
+            "torch": gpu_profile.torch_kernel_times,
+        }
+        res["profile"] = kernel_times[framework](call)
+    return res
 
 
 # ----------------------------------------------------------------------------- JAX workers
@@ -285,7 +305,7 @@ def worker_time_jax_layer(job: Job):
         fn = jax.jit(forward)
     else:
         fn = jax.jit(lambda p, x: jax.vjp(forward, p, x)[1](dy))
-    res = measure(lambda: jax.block_until_ready(fn(params, x)), repeats=job.repeats)
+    res = timed(job, lambda: jax.block_until_ready(fn(params, x)), "jax")
     return {**res, "device": str(jax.devices()[0])}
 
 
@@ -311,7 +331,7 @@ def worker_time_jax(job: Job):
 
         fn = jax.jit(fwdbwd)
         args = (q, k, v, beta, log_alpha, do)
-    res = measure(lambda: jax.block_until_ready(fn(*args)), repeats=job.repeats)
+    res = timed(job, lambda: jax.block_until_ready(fn(*args)), "jax")
     return {**res, "device": str(jax.devices()[0])}
 
 
@@ -440,7 +460,7 @@ def worker_time_fla_layer(job: Job):
             torch.autograd.grad(y, weights, dy)
         torch.cuda.synchronize()
 
-    res = measure(call, repeats=job.repeats)
+    res = timed(job, call, "torch")
     return {**res, "device": torch.cuda.get_device_name()}
 
 
@@ -474,7 +494,7 @@ def worker_time_fla(job: Job):
             torch.autograd.grad(o, grad_of, do)
         torch.cuda.synchronize()
 
-    res = measure(call, repeats=job.repeats)
+    res = timed(job, call, "torch")
     return {**res, "device": torch.cuda.get_device_name()}
 
 
@@ -573,6 +593,9 @@ def main():
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds per subprocess")
     ap.add_argument("--skip-parity", action="store_true")
     ap.add_argument(
+        "--profile", action="store_true", help="also per-kernel device times of every timed job"
+    )
+    ap.add_argument(
         "--only", default="", help="comma-separated substrings: time only jobs whose name has one"
     )
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
@@ -606,30 +629,30 @@ def main():
     shapes = SMOKE_SHAPES if smoke else (TARGET_SHAPE, *others)
     impls = tuple(i for i in IMPLS + GATED_IMPLS if not (smoke and i.startswith("fla_")))
     jobs = [
-        Job(impl, *shape, mode, 3 if smoke else args.repeats, smoke)
+        Job(impl, *shape, mode, 3 if smoke else args.repeats, smoke, args.profile)
         for shape in shapes
         for mode in ("fwdbwd", "fwd")
         for impl in impls
     ]
     jobs += [
-        Job(impl, *shape, mode, 3 if smoke else args.repeats, smoke)
+        Job(impl, *shape, mode, 3 if smoke else args.repeats, smoke, args.profile)
         for shape in shapes
         for mode in ("fwdbwd", "fwd")
         for impl in PHASED
     ]
     layer_impls = tuple(i for i in LAYER_IMPLS if not (smoke and i.startswith("fla_")))
     jobs += [
-        Job(impl, *shape, "fwdbwd", 3 if smoke else args.repeats, smoke)
+        Job(impl, *shape, "fwdbwd", 3 if smoke else args.repeats, smoke, args.profile)
         for shape in (SMOKE_LAYER_SHAPES if smoke else LAYER_SHAPES)
         for impl in layer_impls
     ]
     extras_shape = SMOKE_SHAPES[0] if smoke else TARGET_SHAPE
     jobs += [
-        Job(impl, *extras_shape, "fwdbwd", 3 if smoke else args.repeats, smoke)
+        Job(impl, *extras_shape, "fwdbwd", 3 if smoke else args.repeats, smoke, args.profile)
         for impl in (EXTRAS[-1:] if smoke else EXTRAS)
     ]
     jobs += [
-        Job(impl, *shape, "fwdbwd", 3 if smoke else args.repeats, smoke)
+        Job(impl, *shape, "fwdbwd", 3 if smoke else args.repeats, smoke, args.profile)
         for shape in (SMOKE_SHAPES if smoke else SPLIT_SHAPES)
         for impl in (SMOKE_SPLITS if smoke else SPLITS)
     ]
@@ -649,6 +672,10 @@ def main():
                     f"  (compile {rec['compile_s']:.1f}s, {rec['warmup_calls']} warm-up calls)",
                     flush=True,
                 )
+                if "profile" in rec:
+                    from benchmarks.gpu_profile import format_profile
+
+                    print(format_profile(rec["profile"]), flush=True)
     print(f"done in {time.monotonic() - t_start:.0f}s; results in {drv.jsonl}", flush=True)
     summarize(drv.jsonl)
 

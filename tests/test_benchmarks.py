@@ -87,3 +87,98 @@ def test_retrieval_gradient_problem_is_the_training_loss():
     assert np.isfinite(float(value)) and float(value) > 0
     norms = [float(jnp.linalg.norm(g)) for g in jax.tree.leaves(grads)]
     assert all(np.isfinite(norms)) and max(norms) > 0
+
+
+def _gpu_space():
+    """A profile as a GPU writes it: kernels on a stream line, the same launches again on the
+    derived ``XLA Ops`` line, host events on the CPU plane."""
+    from jax.profiler import ProfileData
+
+    def event(metadata_id, start_us, us):
+        return (
+            f"events {{ metadata_id: {metadata_id} offset_ps: {start_us * 10**6} "
+            f"duration_ps: {us * 10**6} }}"
+        )
+
+    kernels = (("delta_wy", 1, 0, 30), ("loop_fusion", 2, 40, 5), ("delta_wy", 1, 50, 30))
+    stream = " ".join(event(i, start, us) for _, i, start, us in kernels)
+    derived = " ".join(event(3, start, us) for _, _, start, us in kernels)
+    metadata = " ".join(
+        f'event_metadata {{ key: {i} value {{ id: {i} name: "{name}" }} }}'
+        for i, name in ((1, "delta_wy"), (2, "loop_fusion"), (3, "custom-call.7"))
+    )
+    text = f"""
+    planes {{ id: 1 name: "/host:CPU"
+      lines {{ id: 1 name: "python" {event(1, 0, 500)} }}
+      event_metadata {{ key: 1 value {{ id: 1 name: "PjitFunction(fwdbwd)" }} }} }}
+    planes {{ id: 2 name: "/device:GPU:0"
+      lines {{ id: 1 name: "Stream #13(Compute)" {stream} }}
+      lines {{ id: 2 name: "XLA Ops" {derived} }}
+      {metadata} }}
+    """
+    return ProfileData.from_serialized_xspace(ProfileData.text_proto_to_serialized_xspace(text))
+
+
+def test_gpu_profile_counts_each_kernel_launch_once_per_call():
+    """The per-kernel times of a GPU profile come from its stream lines only: the derived
+    ``XLA Ops`` line and the host plane would count the same time again."""
+    from benchmarks.gpu_profile import summarise, xspace_kernels
+
+    kernels = sorted(xspace_kernels(_gpu_space()))
+    assert kernels == [("delta_wy", 30000.0), ("delta_wy", 30000.0), ("loop_fusion", 5000.0)]
+    profile = summarise([(name, ns, 1) for name, ns in kernels], calls=2, top=1)
+    assert profile["device_us_per_call"] == pytest.approx(32.5)
+    (top,) = profile["kernels"]
+    assert top == {
+        "name": "delta_wy",
+        "launches_per_call": 1.0,
+        "us_per_call": pytest.approx(30.0),
+        "share": pytest.approx(60 / 65),
+    }
+    assert profile["other_us_per_call"] == pytest.approx(2.5)
+
+
+def test_jax_kernel_times_profiles_a_compiled_call_on_this_machine():
+    """On CPU the thunks XLA ran, outermost only: each runs a whole number of times per call,
+    and their time does not exceed the wall time."""
+    from benchmarks.gpu_profile import format_profile, jax_kernel_times
+
+    x = jnp.ones((64, 64))
+    f = jax.jit(lambda x: jax.lax.fori_loop(0, 4, lambda i, y: jnp.tanh(y @ x), x).sum())
+    call = lambda: jax.block_until_ready(f(x))
+    call()
+    profile = jax_kernel_times(call, calls=3)
+    assert profile["calls"] == 3 and profile["kernels"]
+    assert 0 < profile["device_us_per_call"] <= profile["wall_us_per_call"]
+    for kernel in profile["kernels"]:
+        assert kernel["us_per_call"] > 0
+        assert (3 * kernel["launches_per_call"]).is_integer()
+    assert "us/call" in format_profile(profile)
+
+
+def test_cpu_profile_counts_a_loops_thunks_in_the_loop():
+    """Without a device plane, the host's XLA thunks (events with an ``hlo_op`` stat); a thunk
+    nested in a loop's event is part of the loop's time, not counted twice."""
+    from jax.profiler import ProfileData
+
+    from benchmarks.gpu_profile import xspace_kernels
+
+    def event(metadata_id, start_us, us, hlo=True):
+        stat = 'stats { metadata_id: 1 str_value: "x" }' if hlo else ""
+        return (
+            f"events {{ metadata_id: {metadata_id} offset_ps: {start_us * 10**6} "
+            f"duration_ps: {us * 10**6} {stat} }}"
+        )
+
+    events = [event(1, 0, 100), event(2, 10, 40), event(2, 60, 30), event(3, 120, 7)]
+    text = f"""
+    planes {{ id: 1 name: "/host:CPU"
+      lines {{ id: 1 name: "tf_XLAPjRtCpuClient" {" ".join(events)} {event(4, 200, 9, False)} }}
+      stat_metadata {{ key: 1 value {{ id: 1 name: "hlo_op" }} }}
+      event_metadata {{ key: 1 value {{ id: 1 name: "while.3" }} }}
+      event_metadata {{ key: 2 value {{ id: 2 name: "dot.1" }} }}
+      event_metadata {{ key: 3 value {{ id: 3 name: "reduce.2" }} }}
+      event_metadata {{ key: 4 value {{ id: 4 name: "ThreadpoolListener::Record" }} }} }}
+    """
+    space = ProfileData.from_serialized_xspace(ProfileData.text_proto_to_serialized_xspace(text))
+    assert list(xspace_kernels(space)) == [("while.3", 100000.0), ("reduce.2", 7000.0)]
