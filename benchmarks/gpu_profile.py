@@ -5,11 +5,16 @@ flash-linear-attention alike, measured in the process that timed the call (no se
 
 - fwjax: :func:`jax.profiler.trace` of a few calls, read back as :class:`jax.profiler.ProfileData`
   (the XSpace the profiler writes). On a GPU the device plane (``/device:GPU:0``) holds one event
-  per kernel launch or copy on its stream lines (``Stream #…``); its other lines (``XLA Ops``,
-  ``XLA Modules``, …) are derived from the same launches and would count them twice, so only the
-  stream lines are read. On CPU (the smoke run) there is no device plane: the host plane's events
-  with an ``hlo_op`` stat are the thunks XLA ran.
+  per kernel launch or copy on its stream lines (``Stream #<id>(…)``, XLA's CUPTI collector);
+  lines derived from the same launches (``XLA Ops``, ``XLA Modules``, …) would count them twice,
+  so only the stream lines are read, every event in full (kernels on one stream may overlap
+  briefly under programmatic dependent launch). On CPU (the smoke run) there is no device plane:
+  the host plane's events with an ``hlo_op`` stat are the thunks XLA ran, a loop's body nested in
+  the loop's event.
 - fla: :mod:`torch.profiler` with CUDA activity; each kernel's self device time.
+
+While profiling, XLA runs without CUDA graphs (its default), so ``wall_us_per_call`` of a profile
+is not the timed median; the per-kernel times are the kernels'.
 
 Both give, per kernel name, the launches and the device time per call, largest first.
 """
@@ -46,19 +51,20 @@ def xspace_kernels(space) -> Iterable[tuple[str, float]]:
       space: a :class:`jax.profiler.ProfileData`.
 
     Yields:
-      On a device plane (``/device:…``), the events of its stream lines (``Stream #…``), or of
-      every line not in :data:`DERIVED_LINES` when it names none; without a device plane, the
-      host CPU plane's events that carry an ``hlo_op`` stat (XLA:CPU's thunks). An event
-      nested in an earlier event of its line is part of that event's time, and left out.
+      With GPU planes (``/device:GPU:…``), every event of their stream lines (``Stream #…``),
+      or of every line not in :data:`DERIVED_LINES` where a plane names none; without, the
+      host CPU plane's events that carry an ``hlo_op`` stat (XLA:CPU's thunks), leaving out
+      those contained in another (a loop's body is part of the loop's time).
     """
     planes = list(space.planes)
-    devices = [p for p in planes if p.name.startswith("/device:")]
-    if devices:
-        for plane in devices:
+    gpus = [p for p in planes if p.name.startswith("/device:GPU:")]
+    if gpus:
+        for plane in gpus:
             lines = list(plane.lines)
             streams = [line for line in lines if line.name.startswith("Stream")]
             for line in streams or [line for line in lines if line.name not in DERIVED_LINES]:
-                yield from _outermost(line.events)
+                for event in line.events:
+                    yield event.name, event.duration_ns
         return
     for plane in planes:
         if plane.name == "/host:CPU":
@@ -67,11 +73,10 @@ def xspace_kernels(space) -> Iterable[tuple[str, float]]:
 
 
 def _outermost(events) -> Iterable[tuple[str, float]]:
-    """The events of one line not nested in an earlier one (XLA:CPU runs a loop's body as
-    thunks inside the loop's event; kernels on one GPU stream do not nest)."""
+    """The events of one line not contained in an earlier one."""
     end = float("-inf")
     for event in sorted(events, key=lambda e: (e.start_ns, -e.duration_ns)):
-        if event.start_ns >= end:
+        if event.start_ns + event.duration_ns > end:
             end = event.start_ns + event.duration_ns
             yield event.name, event.duration_ns
 
@@ -127,6 +132,10 @@ def jax_kernel_times(call: Callable[[], object], calls: int = 3, top: int = 12) 
         (path,) = glob.glob(os.path.join(log_dir, "**", "*.xplane.pb"), recursive=True)
         space = ProfileData.from_file(path)
         kernels = [(name, ns, 1) for name, ns in xspace_kernels(space)]
+        if jax.default_backend() == "gpu" and not space.find_plane_with_name("/device:GPU:0"):
+            raise RuntimeError("the profile has no /device:GPU:0 plane (CUPTI unavailable?)")
+    if not kernels:
+        raise RuntimeError("the profile holds no kernel events")
     return {**summarise(kernels, calls, top), "wall_us_per_call": wall / calls * 1e6}
 
 
@@ -135,6 +144,7 @@ def torch_kernel_times(call: Callable[[], object], calls: int = 3, top: int = 12
     (which synchronises), each with its self device time."""
     import time
 
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -144,11 +154,14 @@ def torch_kernel_times(call: Callable[[], object], calls: int = 3, top: int = 12
         wall = time.perf_counter() - t0
     kernels = []
     for event in prof.key_averages():
+        if event.device_type != DeviceType.CUDA or getattr(event, "is_user_annotation", False):
+            continue  # kernels and copies only
         us = getattr(event, "self_device_time_total", None)
         if us is None:  # PyTorch before 2.4
             us = event.self_cuda_time_total
-        if us > 0:
-            kernels.append((event.key, us * 1e3, event.count))
+        kernels.append((event.key, us * 1e3, event.count))
+    if not kernels:
+        raise RuntimeError("the profile holds no CUDA kernel events")
     return {**summarise(kernels, calls, top), "wall_us_per_call": wall / calls * 1e6}
 
 

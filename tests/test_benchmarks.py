@@ -91,7 +91,7 @@ def test_retrieval_gradient_problem_is_the_training_loss():
 
 def _gpu_space():
     """A profile as a GPU writes it: kernels on a stream line, the same launches again on the
-    derived ``XLA Ops`` line, host events on the CPU plane."""
+    derived ``XLA Ops`` line, host events on the CPU plane, and a custom device plane."""
     from jax.profiler import ProfileData
 
     def event(metadata_id, start_us, us):
@@ -100,7 +100,8 @@ def _gpu_space():
             f"duration_ps: {us * 10**6} }}"
         )
 
-    kernels = (("delta_wy", 1, 0, 30), ("loop_fusion", 2, 40, 5), ("delta_wy", 1, 50, 30))
+    # The second kernel starts before the first ends (programmatic dependent launch).
+    kernels = (("delta_wy", 1, 0, 30), ("loop_fusion", 2, 28, 5), ("delta_wy", 1, 50, 30))
     stream = " ".join(event(i, start, us) for _, i, start, us in kernels)
     derived = " ".join(event(3, start, us) for _, _, start, us in kernels)
     metadata = " ".join(
@@ -115,13 +116,17 @@ def _gpu_space():
       lines {{ id: 1 name: "Stream #13(Compute)" {stream} }}
       lines {{ id: 2 name: "XLA Ops" {derived} }}
       {metadata} }}
+    planes {{ id: 3 name: "/device:CUSTOM:MOSAIC"
+      lines {{ id: 1 name: "trace" {derived} }}
+      {metadata} }}
     """
     return ProfileData.from_serialized_xspace(ProfileData.text_proto_to_serialized_xspace(text))
 
 
 def test_gpu_profile_counts_each_kernel_launch_once_per_call():
-    """The per-kernel times of a GPU profile come from its stream lines only: the derived
-    ``XLA Ops`` line and the host plane would count the same time again."""
+    """The per-kernel times of a GPU profile come from its GPU planes' stream lines, every
+    launch in full: the derived ``XLA Ops`` line, the host plane and other device planes would
+    count the same time again."""
     from benchmarks.gpu_profile import summarise, xspace_kernels
 
     kernels = sorted(xspace_kernels(_gpu_space()))
@@ -158,7 +163,8 @@ def test_jax_kernel_times_profiles_a_compiled_call_on_this_machine():
 
 def test_cpu_profile_counts_a_loops_thunks_in_the_loop():
     """Without a device plane, the host's XLA thunks (events with an ``hlo_op`` stat); a thunk
-    nested in a loop's event is part of the loop's time, not counted twice."""
+    contained in a loop's event is part of the loop's time, not counted twice (one that only
+    overlaps it is counted)."""
     from jax.profiler import ProfileData
 
     from benchmarks.gpu_profile import xspace_kernels
@@ -170,7 +176,7 @@ def test_cpu_profile_counts_a_loops_thunks_in_the_loop():
             f"duration_ps: {us * 10**6} {stat} }}"
         )
 
-    events = [event(1, 0, 100), event(2, 10, 40), event(2, 60, 30), event(3, 120, 7)]
+    events = [event(1, 0, 100), event(2, 10, 40), event(2, 60, 30), event(3, 95, 7)]
     text = f"""
     planes {{ id: 1 name: "/host:CPU"
       lines {{ id: 1 name: "tf_XLAPjRtCpuClient" {" ".join(events)} {event(4, 200, 9, False)} }}
