@@ -211,7 +211,7 @@ def test_kernels_lower_for_gpu_and_tpu_on_this_machine(monkeypatch, platform, ba
             text = _lowered_text(functools.partial(op, options, segments), (x, x, x), platform)
             suffixes = ("fwd", "bwd")
             if schedule is PHASED:
-                suffixes = ("wy", "chain_fwd", "out", "chain_bwd", "grads")
+                suffixes = ("wy", "chain_fwd", "out", "chain_bwd", "grads", "wy_bwd")
                 suffixes += ("affine", "affine_bwd") if chain is AFFINE else ()
                 suffixes += ("chain_fwd_maps", "chain_bwd_maps") if segments > 1 else ()
             for suffix in suffixes:
@@ -333,3 +333,36 @@ def test_gated_chunk_decay_travels_as_one_float32_value_per_chunk():
     assert decay.shape == (b, h, n, 1, 1) and decay.dtype == jnp.float32
     # exp of a float32 sum of 16 logs: 2e-6 relative; a bfloat16 decay would be off by ~4e-3.
     np.testing.assert_allclose(decay, 0.5**c, rtol=1e-5)
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["delta", "gated"])
+def test_phase1_backward_equals_autodiff_of_phase1(gated):
+    """:func:`~fwjax.ops.pallas.chunk_math.wy_chunk_backward` (the phased schedule's phase-1
+    VJP kernel) equals autodiff of :func:`~fwjax.ops.pallas.chunk_math.wy_chunk` in float64,
+    with random cotangents of every operand, a zero β among the steps, and ``K ≠ V``."""
+    from fwjax.ops.pallas import chunk_math as cm
+    from tests.jax_compat import enable_x64
+
+    rng = np.random.default_rng(5)
+    c, dk, dv = 16, 8, 12
+    with enable_x64(True):
+        f64 = jnp.float64
+        normal = lambda *shape, scale=1.0: jnp.asarray(rng.normal(size=shape) * scale, f64)
+        q, k, v = normal(c, dk, scale=0.4), normal(c, dk, scale=0.4), normal(c, dv)
+        beta = jnp.asarray(rng.uniform(0.1, 1.5, (c, 1)), f64).at[3].set(0.0)
+        g = jnp.cumsum(jnp.asarray(np.log(rng.uniform(0.8, 1.0, (c, 1))), f64), axis=0)
+
+        def phase1(q, k, v, beta, g):
+            if gated:
+                return cm.wy_chunk(q, k, v, beta, beta.T, f64, g_col=g, g_row=g.T)
+            return (q, k, *cm.wy_chunk(q, k, v, beta, beta.T, f64))
+
+        terms, vjp = jax.vjp(phase1, q, k, v, beta, g)
+        cotangents = tuple(normal(*t.shape) for t in terms)
+        want = vjp(cotangents)
+        extra = dict(g_col=g, g_row=g.T, d_decay=cotangents[5]) if gated else {}
+        got = cm.wy_chunk_backward(q, k, v, beta, beta.T, *cotangents[:5], f64, **extra)
+        names = ("q", "k", "v", "beta", "log Γ")[: len(got)]
+        assert len(got) == 4 + gated
+        for name, a, b in zip(names, got, want, strict=False):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12, err_msg=name)

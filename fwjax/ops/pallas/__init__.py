@@ -84,8 +84,10 @@ class PallasSchedule(enum.Enum):
         only the chain ``S ← Γ_C S + Kᵀ (U − W S)`` (two matmuls per chunk) and saves the state
         entering each chunk in the matmul dtype; a kernel with one program per ``(batch, head,
         chunk)``, all in parallel, then computes the outputs. The backward mirrors it: a reverse
-        kernel carries only ``G``, saving it per chunk, and a parallel kernel forms each chunk's
-        cotangents over the whole value dimension (no partial sums). With the op's
+        kernel carries only ``G``, saving it per chunk, a parallel kernel forms each chunk's
+        cotangents over the whole value dimension (no partial sums), and another, also
+        parallel over chunks, phase 1's VJP (the inputs' cotangents; XLA autodiff on
+        ``MOSAIC_GPU``). With the op's
         ``state_segments`` the chain kernels run as parallel segments (the split state scan,
         :mod:`fwjax.ops.pallas.phased`). Rules without these kernels (the sum rule, packed
         rows) run ``FUSED``.

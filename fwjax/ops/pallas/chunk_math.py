@@ -268,3 +268,86 @@ def wy_chunk(q, k, v, beta_col, beta_row, sd, g_col=None, g_row=None):
     q_decayed = jnp.exp(g_col) * q.astype(sd)
     k_decayed = jnp.exp(g_last - g_col) * k.astype(sd)
     return q_decayed, k_decayed, w, u, p, jnp.exp(g_last).astype(sd)
+
+
+def wy_chunk_backward(q, k, v, beta_col, beta_row, d_q, d_k, dw, du, dp, sd, **gated):
+    """The VJP of :func:`wy_chunk` (phase 1's backward as a kernel, parallel over chunks): from
+    one chunk's inputs and the cotangents of its operands, the inputs' cotangents, in ``sd``.
+
+    ``T`` is recomputed (:func:`unit_lower_inverse`); then, with ``Ā`` kept on the strictly
+    lower triangle where ``A`` lives and ``D`` the decays (1 without a gate)::
+
+        T̄ = W̄ (diag(βΓ) K)ᵀ + Ū (diag(β) V)ᵀ,   (βΓK)‾ = Tᵀ W̄,   (βV)‾ = Tᵀ Ū
+        Ā = −Tᵀ T̄ Tᵀ,   K̄ += (R + Rᵀ) K with R = diag(β) (Ā ⊙ D),   β̄ += rowsum(Ā ⊙ D ⊙ K Kᵀ)
+        Q̄ += (P̄ ⊙ D ⊙ M) K,   K̄ += (P̄ ⊙ D ⊙ M)ᵀ Q
+
+    and the gate's ``ḡ = rowsum(X) − colsum(X)`` with ``X = D̄ ⊙ D`` (``A`` and ``P`` through
+    ``D_ij = exp(g_i − g_j)``), plus the terms of ``Γ = exp(g)`` in ``βΓK`` and ``Q'``, of
+    ``exp(g_C − g)`` in ``K'`` and of ``Γ_C = exp(g_C)`` (on the last row: ``g_C`` is its ``g``).
+
+    Args:
+      q, k, v, beta_col, beta_row: as :func:`wy_chunk`.
+      d_q, d_k: the cotangents of the operands ``Q``, ``K`` (the delta rule) or ``Q'``, ``K'``
+        (the gated rule), ``[C, K]``.
+      dw, du, dp: the cotangents of ``W [C, K]``, ``U [C, V]`` and ``P [C, C]``.
+      sd: the dtype of every product.
+      gated: ``g_col``, ``g_row`` (as :func:`wy_chunk`) and ``d_decay``, the cotangent of
+        ``Γ_C`` ``[1, 1]``: the gated rule's.
+
+    Returns:
+      ``(Q̄, K̄, V̄, β̄ [C, 1])``, and for the gated rule ``ḡ [C, 1]`` (the cumulative
+      ``log α``'s cotangent; its cumsum's VJP is left to the caller).
+    """
+    c = k.shape[0]
+    rows, cols = _iota((c, c), 0), _iota((c, c), 1)
+    dot = functools.partial(_dot, md=sd, sd=sd)
+    q, k, v = (x.astype(sd) for x in (q, k, v))
+    dw, du, dp, d_q, d_k = (x.astype(sd) for x in (dw, du, dp, d_q, d_k))
+    kk = dot(k, k, _NT)
+    g_col, g_row = gated.get("g_col"), gated.get("g_row")
+    if g_col is None:
+        decay, q_scale, k_scale, beta_gamma = 1.0, 1.0, 1.0, beta_col
+        a_t = jnp.where(cols > rows, beta_row * kk, 0.0)
+    else:
+        decay = jnp.exp(jnp.where(rows >= cols, g_col - g_row, 0.0))  # D on i ≥ j
+        decay_t = jnp.exp(jnp.where(cols >= rows, g_row - g_col, 0.0))
+        a_t = jnp.where(cols > rows, beta_row * kk * decay_t, 0.0)
+        last = _iota((1, c), 1) == c - 1
+        g_last = jnp.sum(jnp.where(last, g_row, 0.0), axis=1, keepdims=True)  # g_C [1, 1]
+        q_scale, k_scale = jnp.exp(g_col), jnp.exp(g_last - g_col)
+        beta_gamma = beta_col * jnp.exp(g_col)
+    t_inv = unit_lower_inverse(a_t, sd)
+
+    # W = T diag(βΓ) K and U = T diag(β) V.
+    d_t = dot(dw, beta_gamma * k, _NT) + dot(du, beta_col * v, _NT)
+    d_beta_k = dot(t_inv, dw, _TN)  # the cotangent of diag(βΓ) K
+    d_beta_v = dot(t_inv, du, _TN)  # of diag(β) V
+    # T = (I + A)⁻¹, A = tril(diag(β) K Kᵀ ⊙ D, −1).
+    d_a = -dot(dot(t_inv, d_t, _TN), t_inv, _NT)
+    d_a_decay = jnp.where(rows > cols, d_a, 0.0) * decay
+    r = beta_col * d_a_decay
+    dk = dot(r, k, _NN) + dot(r, k, _TN)
+    d_beta = jnp.sum(d_a_decay * kk, axis=1, keepdims=True)
+    # P = (Q Kᵀ) ⊙ D ⊙ M.
+    d_p = jnp.where(rows >= cols, dp, 0.0)
+    d_scores = d_p * decay
+    dq = q_scale * d_q + dot(d_scores, k, _NN)
+    dk = dk + dot(d_scores, q, _TN) + beta_gamma * d_beta_k + k_scale * d_k
+    k_d_beta_k = jnp.sum(d_beta_k * k, axis=1, keepdims=True)
+    d_beta = d_beta + q_scale * k_d_beta_k  # Γ = q_scale
+    d_beta = d_beta + jnp.sum(d_beta_v * v, axis=1, keepdims=True)
+    dv = beta_col * d_beta_v
+    if g_col is None:
+        return dq, dk, dv, d_beta
+
+    # The gate: D_ij = exp(g_i − g_j) in A and P, exp(g) in βΓK and Q', exp(g_C − g) in K'.
+    x = jnp.where(rows > cols, d_a, 0.0) * beta_col * kk * decay + d_p * dot(q, k, _NT) * decay
+    ones = jnp.ones((c, 1), sd)
+    d_g = jnp.sum(x, axis=1, keepdims=True) - dot(x, ones, _TN)  # rowsum − colsum (as a column)
+    d_g = d_g + beta_gamma * k_d_beta_k + q_scale * jnp.sum(d_q * q, axis=1, keepdims=True)
+    k_terms = k_scale * jnp.sum(d_k * k, axis=1, keepdims=True)
+    d_g_last = jnp.sum(k_terms, axis=0, keepdims=True) + gated["d_decay"].astype(sd) * jnp.exp(
+        g_last
+    )
+    d_g = d_g - k_terms + jnp.where(_iota((c, 1), 0) == c - 1, d_g_last, 0.0)
+    return dq, dk, dv, d_beta, d_g

@@ -19,14 +19,20 @@ Backward, with ``Ō`` and ``G = ∂L/∂S``::
     gradient kernel (parallel over chunks, the whole value dimension in one program):
         Q̄, K̄, W̄, Ū, P̄ [, Γ̄_C] of chunk n from S_n, gs[n], Ō      (no partial sums over tiles)
 
-then phase 1's VJP in XLA (phase 1 recomputed by the XLA form of the rule, whose VJP is
-autodiff). With ``state_segments = P > 1`` each chain kernel runs as ``P`` segments of the
+with phase 1 recomputed by its kernel beforehand, and then phase 1's VJP::
+
+    phase-1 VJP kernel (one program per batch, head, chunk; all in parallel):
+        q̄, k̄, v̄, β̄ [, ḡ] of chunk n from Q̄, K̄, W̄, Ū, P̄ [, Γ̄_C]      (T recomputed in the kernel)
+
+(``chunk_math.wy_chunk_backward``; the gate's cumsum VJP in XLA). On Mosaic GPU, which has no
+kernel for it yet, phase 1 is recomputed by the rule's XLA form and differentiated by autodiff.
+With ``state_segments = P > 1`` each chain kernel runs as ``P`` segments of the
 chunks in parallel (the split state scan, :func:`_chain`). The saved states and cotangents
 are stored in the matmul dtype (the operands they feed are rounded to it anyway;
 flash-linear-attention stores them in bfloat16 too);
 the chains themselves carry the state dtype. The per-chunk math is
 :mod:`fwjax.ops.pallas.chunk_math` (``wy_chunk``, ``chain_forward``, ``chunk_output``,
-``chain_backward``, ``chunk_gradients``).
+``chain_backward``, ``chunk_gradients``, ``wy_chunk_backward``).
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from fwjax.ops.pallas import (
     PallasBackend,
     PallasChain,
     flat,
+    flat_operand,
     run_chunk_map,
     run_chunk_scan,
     unflat,
@@ -321,6 +328,56 @@ def phase1(rule, cfg, xs, sd) -> tuple:
     return tuple(unflat_operand(x, op.kind, c) for x, op in zip(results, outputs, strict=True))
 
 
+def phase1_backward(rule, cfg, xs, grads, sd) -> tuple:
+    """Phase 1's VJP as a kernel parallel over chunks
+    (:func:`~fwjax.ops.pallas.chunk_math.wy_chunk_backward`, ``T`` recomputed in the kernel):
+    the cotangents of the kernel-layout inputs ``xs = (q, k, v, β[, log α])`` from those of
+    the rule's operands ``grads`` (``rule.operands``' order and kernel layout). The gated
+    rule's gate cotangent, of the cumulative ``log α``, goes through the cumsum's VJP (a
+    reversed cumsum within each chunk) in XLA."""
+    q, k, v, beta, *gate = xs
+    c = cfg.tiling.chunk
+    gates = [beta.astype(sd)]
+    if gate:
+        gates.append(jnp.cumsum(gate[0].astype(sd), axis=-1))  # g = log Γ from each chunk's start
+    columns = [g.reshape(*g.shape[:2], -1, 1) for g in gates]  # SEQ_SCALAR [B, H, N·C, 1]
+    rows = [g[..., None, :] for g in gates]  # CHUNK_ROW [B, H, N, 1, C]
+    names = ("beta_col", "g_col")[: len(gates)], ("beta_row", "g_row")[: len(gates)]
+    cotangents = tuple((f"d{n}", kind) for n, kind in rule.operands)  # dq, dk, dw, du, dp[, ...]
+    inputs = (
+        Operand("q", Kind.SEQ_KEY),
+        Operand("k", Kind.SEQ_KEY),
+        Operand("v", Kind.SEQ_VALUE),
+        *(Operand(n, Kind.SEQ_SCALAR) for n in names[0]),
+        *(Operand(n, Kind.CHUNK_ROW) for n in names[1]),
+        *(Operand(n, kind) for n, kind in cotangents),
+    )
+    out_kinds = (Kind.SEQ_KEY, Kind.SEQ_KEY, Kind.SEQ_VALUE, Kind.SEQ_SCALAR, Kind.SEQ_SCALAR)
+    outputs = tuple(
+        Operand(n, kind, sd)
+        for n, kind in zip(("q", "k", "v", "beta", "g"), out_kinds, strict=True)
+    )[: 4 + len(gate)]
+
+    def fn(x):
+        gated = {"g_col": x["g_col"], "g_row": x["g_row"], "d_decay": x["ddecay"]} if gate else {}
+        d_terms = (x[n] for n in ("dq", "dk", "dw", "du", "dp"))
+        values = cm.wy_chunk_backward(
+            x["q"], x["k"], x["v"], x["beta_col"], x["beta_row"], *d_terms, sd, **gated
+        )
+        return dict(zip((op.name for op in outputs), values, strict=True))
+
+    flat_grads = (flat_operand(g, kind) for g, (_, kind) in zip(grads, cotangents, strict=True))
+    spec = ChunkMap(f"{rule.name}_wy_bwd", inputs, outputs, fn)
+    flat_inputs = (flat(q), flat(k), flat(v), *columns, *rows, *flat_grads)
+    dq, dk, dv, *d_gates = run_chunk_map(spec, *flat_inputs, cfg=cfg)
+    per_chunk = lambda d: d.reshape(beta.shape)  # [B, H, N·C, 1] → [B, H, N, C]
+    d_gates = [per_chunk(d) for d in d_gates]
+    if gate:  # g = cumsum(log α) within the chunk: ∂L/∂log α_t = Σ_{s ≥ t} ∂L/∂g_s
+        d_gates[1] = jnp.flip(jnp.cumsum(jnp.flip(d_gates[1], -1), axis=-1), -1)
+    dxs = (unflat(dq, c), unflat(dk, c), unflat(dv, c), *d_gates)
+    return tuple(d.astype(x.dtype) for d, x in zip(dxs, xs, strict=True))
+
+
 def forward(rule, cfg, xs, s0):
     """Phased forward of ``rule`` on kernel-layout inputs ``xs`` (``[B, H, N, C, .]``) and the
     padded initial state ``s0 [B, H, K, V]``.
@@ -385,7 +442,12 @@ def backward(rule, cfg, xs, states, d_o, d_s):
     """Phased VJP from the residuals of :func:`forward` (``xs``, ``states``) and the
     cotangents ``d_o [B, H, N, C, V]``, ``d_s [B, H, K, V]``; returns ``(dxs, dS⁰)``."""
     md, sd, c = cfg.matmul_dtype, d_s.dtype, cfg.tiling.chunk
-    terms, phase1_vjp = jax.vjp(rule.phase1, *xs)  # recompute phase 1
+    if cfg.backend is PallasBackend.MOSAIC_GPU:
+        # No Mosaic GPU kernel for phase 1's VJP yet: phase 1 recomputed in XLA, autodiff.
+        terms, phase1_vjp = jax.vjp(rule.phase1, *xs)
+    else:  # phase 1 recomputed, and its VJP, as kernels parallel over chunks
+        terms = phase1(rule, cfg, xs, sd)
+        phase1_vjp = lambda grads: phase1_backward(rule, cfg, xs, grads, sd)
     ops, kinds, decay = _operands(rule, cfg, terms, sd)
     do = flat(d_o).astype(md)
 
