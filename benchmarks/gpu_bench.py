@@ -183,7 +183,7 @@ def measure(call, *, repeats, min_warmup=3, max_warmup=50, settle=0.1, warmup_bu
 def timed(job: Job, call, framework: str) -> dict:
     """:func:`measure` of ``call``; with ``job.profile`` also the per-kernel device times of
     three more calls (:mod:`benchmarks.gpu_profile`), in the same warm process (a profile
-    that fails is recorded as ``profile_error``; the timing stands)."""
+    that fails is recorded as ``kernels_error``; the timing stands)."""
     res = measure(call, repeats=job.repeats)
     if job.profile:
         from benchmarks import gpu_profile
@@ -193,9 +193,9 @@ def timed(job: Job, call, framework: str) -> dict:
             "torch": gpu_profile.torch_kernel_times,
         }
         try:
-            res["profile"] = kernel_times[framework](call)
+            res["kernels"] = kernel_times[framework](call)
         except Exception as e:  # the timing is the result, the profile an extra
-            res["profile_error"] = f"{type(e).__name__}: {e}"
+            res["kernels_error"] = f"{type(e).__name__}: {e}"
     return res
 
 
@@ -538,13 +538,35 @@ def worker_main(argv):
         return
     job = Job(**json.loads(payload))
     res = worker_time_fla(job) if job.impl.startswith("fla_") else worker_time_jax(job)
+    print("RESULT " + json.dumps(time_record(job, res)), flush=True)
+
+
+def time_record(job: Job, res: dict) -> dict:
+    """The JSONL record of a timed job: the job, :func:`timed`'s result and the rates."""
     med = res["median_s"]
-    tokens = job.b * job.t
     rec = {"stage": "time", **dataclasses.asdict(job), **res}
-    rec["tokens_per_s"] = tokens / med
+    rec["tokens_per_s"] = job.b * job.t / med
     rec["gb_per_s"] = model_bytes(job.b, job.t, job.h, job.d, job.mode) / med / 1e9
     rec["tflop_per_s"] = model_flops(job.b, job.t, job.h, job.d, job.mode) / med / 1e12
-    print("RESULT " + json.dumps(rec), flush=True)
+    return rec
+
+
+def format_result(name: str, rec: dict) -> str:
+    """One timing record as text: median, spread, rates, and its kernels if profiled."""
+    ms, mtok = rec["median_s"] * 1e3, rec["tokens_per_s"] / 1e6
+    spread = f"{rec['p10_s'] * 1e3:.2f}–{rec['p90_s'] * 1e3:.2f}"
+    text = (
+        f"   {name}: {ms:.2f} ms ({spread})  {mtok:.2f} Mtok/s"
+        f"  {rec['gb_per_s']:.1f} GB/s  {rec['tflop_per_s']:.2f} TFLOP/s"
+        f"  (compile {rec['compile_s']:.1f}s, {rec['warmup_calls']} warm-up calls)"
+    )
+    if "kernels" in rec:
+        from benchmarks.gpu_profile import format_profile
+
+        text += "\n" + format_profile(rec["kernels"])
+    if "kernels_error" in rec:
+        text += f"\n     profile failed: {rec['kernels_error']}"
+    return text
 
 
 # ---------------------------------------------------------------------------------- driver
@@ -672,20 +694,7 @@ def main():
             if line.startswith("RESULT "):
                 rec = json.loads(line[len("RESULT ") :])
                 drv.record(rec)
-                ms, mtok = rec["median_s"] * 1e3, rec["tokens_per_s"] / 1e6
-                spread = f"{rec['p10_s'] * 1e3:.2f}–{rec['p90_s'] * 1e3:.2f}"
-                print(
-                    f"   {job.name}: {ms:.2f} ms ({spread})  {mtok:.2f} Mtok/s"
-                    f"  {rec['gb_per_s']:.1f} GB/s  {rec['tflop_per_s']:.2f} TFLOP/s"
-                    f"  (compile {rec['compile_s']:.1f}s, {rec['warmup_calls']} warm-up calls)",
-                    flush=True,
-                )
-                if "profile" in rec:
-                    from benchmarks.gpu_profile import format_profile
-
-                    print(format_profile(rec["profile"]), flush=True)
-                if "profile_error" in rec:
-                    print(f"     profile failed: {rec['profile_error']}", flush=True)
+                print(format_result(job.name, rec), flush=True)
     print(f"done in {time.monotonic() - t_start:.0f}s; results in {drv.jsonl}", flush=True)
     summarize(drv.jsonl)
 

@@ -188,3 +188,27 @@ def test_cpu_profile_counts_a_loops_thunks_in_the_loop():
     """
     space = ProfileData.from_serialized_xspace(ProfileData.text_proto_to_serialized_xspace(text))
     assert list(xspace_kernels(space)) == [("while.3", 100000.0), ("reduce.2", 7000.0)]
+
+
+@pytest.mark.parametrize("profiled", [False, True], ids=["timed", "profiled"])
+def test_gpu_bench_records_and_prints_a_timed_job(profiled):
+    """A worker's timing becomes one record (the job, the times, the rates) that the driver
+    prints, with the kernels only when the job was profiled."""
+    from benchmarks.gpu_bench import Job, format_result, time_record
+
+    job = Job("fwjax_pallas", 2, 1024, 4, 64, "fwdbwd", 20, False, profiled)
+    res = {"compile_s": 3.0, "warmup_calls": 4, "median_s": 2e-3, "p10_s": 1.9e-3, "p90_s": 2.2e-3}
+    if profiled:
+        kernel = {"name": "delta_rule_wy", "launches_per_call": 1.0, "us_per_call": 150.0}
+        res["kernels"] = {
+            "calls": 3,
+            "device_us_per_call": 1500.0,
+            "wall_us_per_call": 1800.0,
+            "kernels": [{**kernel, "share": 0.1}],
+            "other_us_per_call": 1350.0,
+        }
+    rec = time_record(job, res)
+    assert rec["tokens_per_s"] == pytest.approx(2 * 1024 / 2e-3) and rec["profile"] is profiled
+    text = format_result(job.name, json.loads(json.dumps(rec)))
+    assert text.startswith("   fwjax_pallas|B2T1024H4D64|fwdbwd: 2.00 ms (1.90–2.20)")
+    assert ("delta_rule_wy" in text) is profiled
