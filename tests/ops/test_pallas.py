@@ -335,22 +335,28 @@ def test_gated_chunk_decay_travels_as_one_float32_value_per_chunk():
     np.testing.assert_allclose(decay, 0.5**c, rtol=1e-5)
 
 
-@pytest.mark.parametrize("gated", [False, True], ids=["delta", "gated"])
-def test_phase1_backward_equals_autodiff_of_phase1(gated):
+@pytest.mark.parametrize(
+    ("gated", "alphas", "c"),
+    [(False, None, 16), (True, (0.8, 1.0), 16), (True, (1e-3, 1e-3), 64)],
+    ids=["delta", "gated", "gated-fast-decay-C64"],
+)
+def test_phase1_backward_equals_autodiff_of_phase1(gated, alphas, c):
     """:func:`~fwjax.ops.pallas.chunk_math.wy_chunk_backward` (the phased schedule's phase-1
     VJP kernel) equals autodiff of :func:`~fwjax.ops.pallas.chunk_math.wy_chunk` in float64,
-    with random cotangents of every operand, a zero β among the steps, and ``K ≠ V``."""
+    with random cotangents of every operand, a zero β among the steps, ``K ≠ V``, and gates
+    from mild to a decay that underflows across the chunk."""
     from fwjax.ops.pallas import chunk_math as cm
     from tests.jax_compat import enable_x64
 
     rng = np.random.default_rng(5)
-    c, dk, dv = 16, 8, 12
+    dk, dv = 8, 12
     with enable_x64(True):
         f64 = jnp.float64
         normal = lambda *shape, scale=1.0: jnp.asarray(rng.normal(size=shape) * scale, f64)
         q, k, v = normal(c, dk, scale=0.4), normal(c, dk, scale=0.4), normal(c, dv)
         beta = jnp.asarray(rng.uniform(0.1, 1.5, (c, 1)), f64).at[3].set(0.0)
-        g = jnp.cumsum(jnp.asarray(np.log(rng.uniform(0.8, 1.0, (c, 1))), f64), axis=0)
+        alpha = rng.uniform(*(alphas or (1.0, 1.0)), (c, 1))
+        g = jnp.cumsum(jnp.asarray(np.log(alpha), f64), axis=0)
 
         def phase1(q, k, v, beta, g):
             if gated:
@@ -365,4 +371,25 @@ def test_phase1_backward_equals_autodiff_of_phase1(gated):
         names = ("q", "k", "v", "beta", "log Γ")[: len(got)]
         assert len(got) == 4 + gated
         for name, a, b in zip(names, got, want, strict=False):
+            assert np.isfinite(a).all(), name
             np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12, err_msg=name)
+        # No matrix-vector products (Triton lowers only dots whose dimensions are all ≥ 16).
+        closed = jax.make_jaxpr(cm.wy_chunk_backward, static_argnums=10)(
+            q, k, v, beta, beta.T, *cotangents[:5], f64, **extra
+        )  # fmt: skip
+        shapes = [
+            [v.aval.shape for v in (*eqn.invars, *eqn.outvars)]
+            for eqn in _equations(closed.jaxpr)
+            if eqn.primitive.name == "dot_general"
+        ]
+        assert shapes and all(1 not in shape for eqn in shapes for shape in eqn), shapes
+
+
+def _equations(jaxpr):
+    """Every equation of ``jaxpr`` and of the jaxprs inside it (loop bodies)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            inner = getattr(param, "jaxpr", param)
+            if hasattr(inner, "eqns"):
+                yield from _equations(inner)

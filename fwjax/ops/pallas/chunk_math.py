@@ -342,8 +342,11 @@ def wy_chunk_backward(q, k, v, beta_col, beta_row, d_q, d_k, dw, du, dp, sd, **g
 
     # The gate: D_ij = exp(g_i − g_j) in A and P, exp(g) in βΓK and Q', exp(g_C − g) in K'.
     x = jnp.where(rows > cols, d_a, 0.0) * beta_col * kk * decay + d_p * dot(q, k, _NT) * decay
-    ones = jnp.ones((c, 1), sd)
-    d_g = jnp.sum(x, axis=1, keepdims=True) - dot(x, ones, _TN)  # rowsum − colsum (as a column)
+    # rowsum − colsum, the column sums moved to a column by a masked reduction (exact; a
+    # [C, C] × [C, 1] product would be a matrix-vector dot, which Triton does not lower).
+    col_sums = jnp.sum(x, axis=0, keepdims=True)  # [1, C]
+    col_sums = jnp.sum(jnp.where(rows == cols, col_sums, 0.0), axis=1, keepdims=True)  # [C, 1]
+    d_g = jnp.sum(x, axis=1, keepdims=True) - col_sums
     d_g = d_g + beta_gamma * k_d_beta_k + q_scale * jnp.sum(d_q * q, axis=1, keepdims=True)
     k_terms = k_scale * jnp.sum(d_k * k, axis=1, keepdims=True)
     d_g_last = jnp.sum(k_terms, axis=0, keepdims=True) + gated["d_decay"].astype(sd) * jnp.exp(
