@@ -341,7 +341,7 @@ def wy_chunk_backward(q, k, v, beta_col, beta_row, d_q, d_k, dw, du, dp, sd, **g
         return dq, dk, dv, d_beta
 
     # The gate: D_ij = exp(g_i − g_j) in A and P, exp(g) in βΓK and Q', exp(g_C − g) in K'.
-    x = jnp.where(rows > cols, d_a, 0.0) * beta_col * kk * decay + d_p * dot(q, k, _NT) * decay
+    x = r * kk + d_scores * dot(q, k, _NT)  # D̄ ⊙ D
     # rowsum − colsum, the column sums moved to a column by a masked reduction (exact; a
     # [C, C] × [C, 1] product would be a matrix-vector dot, which Triton does not lower).
     col_sums = jnp.sum(x, axis=0, keepdims=True)  # [1, C]

@@ -285,6 +285,27 @@ def _chain_maps(x, decay, md, sd):
     return cm.chain_maps(x["k"], x["w"], x["u"], md, sd, d)
 
 
+def _phase1_inputs(beta, gate) -> tuple[tuple, list]:
+    """The inputs of the phase-1 kernels (forward and VJP) before their cotangents: operands
+    ``q, k, v`` and the gates, and the gates' values in kernel layout. The gates enter as
+    columns ``[C, 1]`` and rows ``[1, C]`` (two views of the same values); the gated rule's
+    ``log α`` as its cumulative sum from each chunk's start (``g = log Γ``, a cumsum in XLA)."""
+    gates = [beta]
+    if gate:
+        gates.append(jnp.cumsum(gate[0], axis=-1))
+    columns = [g.reshape(*g.shape[:2], -1, 1) for g in gates]  # SEQ_SCALAR [B, H, N·C, 1]
+    rows = [g[..., None, :] for g in gates]  # CHUNK_ROW [B, H, N, 1, C]
+    names = ("beta_col", "g_col")[: len(gates)], ("beta_row", "g_row")[: len(gates)]
+    inputs = (
+        Operand("q", Kind.SEQ_KEY),
+        Operand("k", Kind.SEQ_KEY),
+        Operand("v", Kind.SEQ_VALUE),
+        *(Operand(n, Kind.SEQ_SCALAR) for n in names[0]),
+        *(Operand(n, Kind.CHUNK_ROW) for n in names[1]),
+    )
+    return inputs, [*columns, *rows]
+
+
 def phase1(rule, cfg, xs, sd) -> tuple:
     """Phase 1 as a kernel parallel over chunks (:func:`~fwjax.ops.pallas.chunk_math.wy_chunk`):
     the rule's operands (``rule.phase1``'s, flattened to ``[B, H, N·C, .]``) from kernel-layout
@@ -296,19 +317,7 @@ def phase1(rule, cfg, xs, sd) -> tuple:
         return _mosaic_gpu_phase1(rule, cfg, xs)
     q, k, v, beta, *gate = (x.astype(sd) for x in xs)
     c = cfg.tiling.chunk
-    gates = [beta]
-    if gate:
-        gates.append(jnp.cumsum(gate[0], axis=-1))  # g = log Γ from each chunk's start
-    columns = [g.reshape(*g.shape[:2], -1, 1) for g in gates]  # SEQ_SCALAR [B, H, N·C, 1]
-    rows = [g[..., None, :] for g in gates]  # CHUNK_ROW [B, H, N, 1, C]
-    names = ("beta_col", "g_col")[: len(gates)], ("beta_row", "g_row")[: len(gates)]
-    inputs = (
-        Operand("q", Kind.SEQ_KEY),
-        Operand("k", Kind.SEQ_KEY),
-        Operand("v", Kind.SEQ_VALUE),
-        *(Operand(n, Kind.SEQ_SCALAR) for n in names[0]),
-        *(Operand(n, Kind.CHUNK_ROW) for n in names[1]),
-    )
+    inputs, gate_values = _phase1_inputs(beta, gate)
     # Written in the dtype the kernels read them in (the matmul dtype; the decay in sd), so
     # no separate cast pass follows.
     outputs = tuple(
@@ -323,7 +332,7 @@ def phase1(rule, cfg, xs, sd) -> tuple:
         return dict(zip((op.name for op in outputs), values, strict=True))
 
     spec = ChunkMap(f"{rule.name}_wy", inputs, outputs, terms)
-    flat_inputs = (flat(q), flat(k), flat(v), *columns, *rows)
+    flat_inputs = (flat(q), flat(k), flat(v), *gate_values)
     results = run_chunk_map(spec, *flat_inputs, cfg=cfg)
     return tuple(unflat_operand(x, op.kind, c) for x, op in zip(results, outputs, strict=True))
 
@@ -337,21 +346,9 @@ def phase1_backward(rule, cfg, xs, grads, sd) -> tuple:
     reversed cumsum within each chunk) in XLA."""
     q, k, v, beta, *gate = xs
     c = cfg.tiling.chunk
-    gates = [beta.astype(sd)]
-    if gate:
-        gates.append(jnp.cumsum(gate[0].astype(sd), axis=-1))  # g = log Γ from each chunk's start
-    columns = [g.reshape(*g.shape[:2], -1, 1) for g in gates]  # SEQ_SCALAR [B, H, N·C, 1]
-    rows = [g[..., None, :] for g in gates]  # CHUNK_ROW [B, H, N, 1, C]
-    names = ("beta_col", "g_col")[: len(gates)], ("beta_row", "g_row")[: len(gates)]
+    inputs, gate_values = _phase1_inputs(beta.astype(sd), [x.astype(sd) for x in gate])
     cotangents = tuple((f"d{n}", kind) for n, kind in rule.operands)  # dq, dk, dw, du, dp[, ...]
-    inputs = (
-        Operand("q", Kind.SEQ_KEY),
-        Operand("k", Kind.SEQ_KEY),
-        Operand("v", Kind.SEQ_VALUE),
-        *(Operand(n, Kind.SEQ_SCALAR) for n in names[0]),
-        *(Operand(n, Kind.CHUNK_ROW) for n in names[1]),
-        *(Operand(n, kind) for n, kind in cotangents),
-    )
+    inputs = (*inputs, *(Operand(n, kind) for n, kind in cotangents))
     out_kinds = (Kind.SEQ_KEY, Kind.SEQ_KEY, Kind.SEQ_VALUE, Kind.SEQ_SCALAR, Kind.SEQ_SCALAR)
     outputs = tuple(
         Operand(n, kind, sd)
@@ -368,7 +365,7 @@ def phase1_backward(rule, cfg, xs, grads, sd) -> tuple:
 
     flat_grads = (flat_operand(g, kind) for g, (_, kind) in zip(grads, cotangents, strict=True))
     spec = ChunkMap(f"{rule.name}_wy_bwd", inputs, outputs, fn)
-    flat_inputs = (flat(q), flat(k), flat(v), *columns, *rows, *flat_grads)
+    flat_inputs = (flat(q), flat(k), flat(v), *gate_values, *flat_grads)
     dq, dk, dv, *d_gates = run_chunk_map(spec, *flat_inputs, cfg=cfg)
     per_chunk = lambda d: d.reshape(beta.shape)  # [B, H, N·C, 1] → [B, H, N, C]
     d_gates = [per_chunk(d) for d in d_gates]
