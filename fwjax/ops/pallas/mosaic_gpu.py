@@ -55,6 +55,7 @@ kernels for CUDA (``jax.export``) without a GPU.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -136,12 +137,9 @@ def cuda_grid(grid: tuple[int, ...]) -> tuple[int, int, int]:
     axes are flattened into the first (``(a, b, c, d) → (a·b, c, d)``), and the order is
     reversed, so the last Pallas axis is CUDA's x."""
     if len(grid) > 3:
-        first = 1
-        for size in grid[:-2]:
-            first *= size
-        grid = (first, *grid[-2:])
-    grid = (1,) * (3 - len(grid)) + tuple(grid)
-    return grid[2], grid[1], grid[0]
+        grid = (math.prod(grid[:-2]), *grid[-2:])
+    z, y, x = (1,) * (3 - len(grid)) + tuple(grid)
+    return x, y, z
 
 
 def launch(kernel, *, grid: tuple[int, ...], grid_names: tuple[str, ...], interpret: bool, **kw):
