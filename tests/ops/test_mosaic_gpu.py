@@ -229,6 +229,44 @@ def test_mosaic_gpu_wy_kernel_equals_the_wy_terms_in_xla(gated):
         assert (actual == rounded).mean() > (0.99 if name in "wu" else 1 - 1e-9), name
 
 
+@pytest.mark.parametrize("gated", [False, True], ids=["delta", "gated"])
+def test_mosaic_gpu_phase1_vjp_kernel_equals_autodiff_of_phase1(gated):
+    """Phase 1's VJP by the Mosaic GPU kernel (``delta_wy_backward`` with the XLA terms around
+    it, :func:`fwjax.ops.pallas.phased.phase1_backward`) against autodiff of the rule's XLA
+    phase 1 in float32, from the same bfloat16-valued inputs and random cotangents of every
+    operand: B 2, two chunks of 64, K 64 ≠ V 128, a zero β, the gated rule's α ∈ (0.9, 1).
+    Within 5e-5 of each cotangent's largest element (the split operands keep about 16 bits;
+    5e-6 measured)."""
+    from fwjax.ops.delta_rule.pallas import KERNEL as DELTA_KERNEL
+    from fwjax.ops.gated_delta_rule.pallas import KERNEL as GATED_KERNEL
+    from fwjax.ops.pallas import phased
+
+    rule = GATED_KERNEL if gated else DELTA_KERNEL
+    b, h, n, c, dk, dv = 2, 1, 2, 64, 64, 128
+    rng = np.random.default_rng(6)
+    f32 = jnp.float32
+    rounded = lambda x: jnp.asarray(x, jnp.bfloat16).astype(f32)
+    keys = rng.normal(size=(b, h, n, c, dk))
+    xs = (
+        rounded(rng.normal(size=(b, h, n, c, dk)) * dk**-0.5),
+        rounded(keys / np.linalg.norm(keys, axis=-1, keepdims=True)),
+        rounded(rng.normal(size=(b, h, n, c, dv))),
+        jnp.asarray(rng.uniform(0, 1, (b, h, n, c)), f32).at[:, :, 0, 5].set(0.0),
+    )
+    if gated:
+        xs += (jnp.asarray(np.log(rng.uniform(0.9, 1.0, (b, h, n, c))), f32),)
+    cfg = kernel_config(MOSAIC_GPU, n * c, dk, dv, c, b * h, jnp.bfloat16, f32, phased=True)
+    terms, vjp = jax.vjp(rule.phase1, *xs)
+    cotangents = tuple(jnp.asarray(rng.normal(size=t.shape), f32) for t in terms)
+    want = vjp(cotangents)
+    got = phased.phase1_backward(rule, cfg, xs, cotangents, f32)
+    assert len(got) == len(want) == 4 + gated
+    for name, actual, expected in zip(("q", "k", "v", "β", "log α"), got, want, strict=False):
+        expected = np.asarray(expected)
+        atol = 5e-5 * np.abs(expected).max()
+        np.testing.assert_allclose(np.asarray(actual), expected, atol=atol, err_msg=name)
+
+
 def test_mosaic_gpu_affine_kernels_equal_their_xla_forms():
     """``PallasChain.AFFINE`` at ``MGPU_DIMS``: the maps ``M = Γ_C I − Kᵀ W``, ``B = Kᵀ U``
     and ``H = Qᵀ Ō − Wᵀ Pᵀ Ō`` (gated: Γ_C ∈ (0.5, 1); the delta rule's ``M``, Γ_C = 1) equal
@@ -366,7 +404,7 @@ def test_mosaic_gpu_kernel_lowers_for_cuda_on_this_machine(
     text = _lowered_text(op, (x, x, x), "cuda")
     calls = _custom_calls(text)
     assert not [call for call in calls if "triton" in call]  # all Mosaic GPU's
-    kernels = ["wy", "chain_fwd", "out", "chain_bwd", "grads"]
+    kernels = ["wy", "chain_fwd", "out", "chain_bwd", "grads", "wy_bwd"]
     kernels += ["chain_fwd_maps", "chain_bwd_maps"] if segments else []
     kernels += ["affine", "affine_bwd"] if chain is AFFINE else []
     for kernel in kernels:
@@ -387,8 +425,8 @@ def test_mosaic_gpu_kernels_over_whole_values_take_c_64_and_k_v_up_to_128():
 
 
 def test_mosaic_gpu_wide_values_take_the_triton_kernels_parallel_over_chunks(monkeypatch):
-    """V 256 (``C·V`` over one warpgroup's registers): phase 1 and the gradients lower through
-    Triton, the chains and the outputs (value tiles of 64) through Mosaic GPU."""
+    """V 256 (``C·V`` over one warpgroup's registers): phase 1, its VJP and the gradients lower
+    through Triton, the chains and the outputs (value tiles of 64) through Mosaic GPU."""
     import fwjax.ops.pallas as pallas_module
     from fwjax import ops
 
@@ -401,8 +439,8 @@ def test_mosaic_gpu_wide_values_take_the_triton_kernels_parallel_over_chunks(mon
 
     monkeypatch.setitem(TARGETS, "cuda", (*TARGETS["cuda"], "mosaic_gpu_v2"))
     calls = _custom_calls(_lowered_text(op, (qk, qk, v), "cuda"))
-    for kernel in ("wy", "chain_fwd", "out", "chain_bwd", "grads"):
-        target = "__gpu$xla.gpu.triton" if kernel in ("wy", "grads") else "mosaic_gpu_v2"
+    for kernel in ("wy", "chain_fwd", "out", "chain_bwd", "grads", "wy_bwd"):
+        target = "__gpu$xla.gpu.triton" if kernel in ("wy", "grads", "wy_bwd") else "mosaic_gpu_v2"
         _assert_lowered_through(calls, f"delta_rule_{kernel}", target)
 
 

@@ -86,8 +86,7 @@ class PallasSchedule(enum.Enum):
         chunk)``, all in parallel, then computes the outputs. The backward mirrors it: a reverse
         kernel carries only ``G``, saving it per chunk, a parallel kernel forms each chunk's
         cotangents over the whole value dimension (no partial sums), and another, also
-        parallel over chunks, phase 1's VJP (the inputs' cotangents; XLA autodiff on
-        ``MOSAIC_GPU``). With the op's
+        parallel over chunks, phase 1's VJP (the inputs' cotangents). With the op's
         ``state_segments`` the chain kernels run as parallel segments (the split state scan,
         :mod:`fwjax.ops.pallas.phased`). Rules without these kernels (the sum rule, packed
         rows) run ``FUSED``.

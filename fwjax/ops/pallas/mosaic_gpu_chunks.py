@@ -8,18 +8,21 @@ there (:func:`fwjax.ops.pallas.mosaic_gpu.mma_sum`) and writes its results by TM
 - :func:`delta_wy`, phase 1: ``W``, ``U``, ``P`` (and the gated rule's ``Q'``, ``K'``), the
   triangular inverse by forward substitution in registers;
 - :func:`delta_chunk_output`: ``O = Q S + P (U − W S)`` from the state entering the chunk;
+- :func:`delta_wy_backward`: phase 1's VJP, ``T`` recomputed;
 - :func:`delta_chunk_gradients`: the operands' cotangents from the state entering the chunk
   and the cotangent of the state after it;
 - :func:`affine_maps`: ``PallasChain.AFFINE``'s per-chunk maps ``M``, and ``B`` or ``H``.
 
-``delta_wy`` and ``delta_chunk_gradients`` hold the whole value dimension in one CTA, which
-takes ``C = 64`` with ``K, V <= 128`` (:func:`wy_supported`, :func:`gradients_supported`);
-beyond it :mod:`fwjax.ops.pallas.phased` runs their Triton versions.
+``delta_wy``, ``delta_wy_backward`` and ``delta_chunk_gradients`` hold the whole value
+dimension in one CTA, which takes ``C = 64`` with ``K, V <= 128`` (:func:`wy_supported`,
+:func:`wy_backward_supported`, :func:`gradients_supported`); beyond it
+:mod:`fwjax.ops.pallas.phased` runs their Triton versions.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -76,6 +79,77 @@ def _vector(ref, axis: int, interpret: bool):
     return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(axis))
 
 
+class _Masks(NamedTuple):
+    """Row and column indices of a ``[C, C]`` accumulator (in its register layout when
+    compiling), and broadcasts of ``[C]`` vectors along its rows or columns."""
+
+    rows: jax.Array
+    cols: jax.Array
+
+    @classmethod
+    def make(cls, c: int, interpret: bool) -> _Masks:
+        iota = lambda axis: jax.lax.broadcasted_iota(jnp.int32, (c, c), axis)
+        return cls(_wgmma_layout(iota(0), interpret), _wgmma_layout(iota(1), interpret))
+
+    def by_row(self, x, width: int):
+        """``x [C]`` (one value per row) as ``[C, width]``."""
+        return jax.lax.broadcast_in_dim(x, (self.rows.shape[0], width), [0])
+
+    def by_col(self, x):
+        """``x [C]`` (one value per column) as ``[C, C]``."""
+        return jax.lax.broadcast_in_dim(x, self.rows.shape, [1])
+
+
+def _split(ref, x, dtype) -> None:
+    """Writes float32 ``x`` to ``ref [2, ...]`` as a high and a low part in the matmul
+    ``dtype`` (``x = ref[0] + ref[1]`` to about 16 bits)."""
+    high = x.astype(dtype)
+    ref[0] = high
+    ref[1] = (x - high.astype(jnp.float32)).astype(dtype)
+
+
+def _split_pairs(x, y) -> tuple:
+    """The MMA pairs of ``x y`` from split operands ``x = x₀ + x₁``, ``y = y₀ + y₁`` (each a
+    ``[2, ...]`` buffer, or :class:`~fwjax.ops.pallas.mosaic_gpu.Transposed` of one, or an
+    unsplit operand): ``x₀y₀ + x₁y₀ + x₀y₁``, the ``x₁y₁`` term (2⁻¹⁶ of the product)
+    dropped."""
+    part = lambda z, i: Transposed(z.ref.at[i]) if isinstance(z, Transposed) else z.at[i]
+    if not _is_split(y):
+        return ((part(x, 0), y), (part(x, 1), y))
+    if not _is_split(x):
+        return ((x, part(y, 0)), (x, part(y, 1)))
+    return ((part(x, 0), part(y, 0)), (part(x, 1), part(y, 0)), (part(x, 0), part(y, 1)))
+
+
+def _is_split(z) -> bool:
+    ref = z.ref if isinstance(z, Transposed) else z
+    return len(ref.shape) == 3
+
+
+def _wy_inverse(kk, beta_cols, g_diff, m: _Masks):
+    """``T = (I + A)⁻¹`` of one chunk in registers (float32), ``A = tril(diag(β) K Kᵀ ⊙ D,
+    −1)``, from ``kk = K Kᵀ`` (an accumulator), ``β`` as a per-column vector and, for the
+    gated rule, ``g_diff()`` giving ``g_i − g_j`` at ``[i, j]`` (None: ``D`` is the causal
+    mask). The inverse works on ``Aᵀ`` (its column ``i`` is row ``i`` of ``A``, a per-row
+    vector): forward substitution ``X_i = e_i − A[i, :] X`` over ``C − 1`` row steps, rows
+    above ``i`` final."""
+    # Aᵀ[j, i] = β_i (K Kᵀ)_ij D_ij on i > j (K Kᵀ is symmetric).
+    a_t = m.by_col(beta_cols) * kk
+    if g_diff is not None:
+        a_t = a_t * jnp.exp(jnp.where(m.cols > m.rows, -g_diff(), 0.0))  # D_ij at [j, i]
+    a_t = jnp.where(m.cols > m.rows, a_t, 0.0)
+    c = kk.shape[0]
+
+    def substitute(i, x):
+        a_i = jnp.sum(jnp.where(m.cols == i, a_t, 0.0), axis=1)  # A[i, j] at row j
+        a_i_x = jnp.sum(m.by_row(a_i, c) * x, axis=0)  # Σ_j A[i, j] X[j, :], per column
+        e_i = jnp.where(m.cols == i, 1.0, 0.0)
+        return jnp.where(m.rows == i, e_i - m.by_col(a_i_x), x)
+
+    eye = jnp.where(m.rows == m.cols, 1.0, 0.0)
+    return jax.lax.fori_loop(1, c, substitute, eye)
+
+
 def delta_wy(q, k, v, beta, g=None, *, chunk: int, interpret: bool, name="delta_wy"):
     """Phase 1 of the phased (gated) delta rule, every chunk at once, one CTA per
     ``(batch, head, chunk)`` (:func:`fwjax.ops.pallas.chunk_math.wy_chunk`)::
@@ -126,69 +200,40 @@ def delta_wy(q, k, v, beta, g=None, *, chunk: int, interpret: bool, name="delta_
         t_s, bk_s, bv_s, barrier = scratch[n_in:]
         bi, hi, ni = (jax.lax.axis_index(axis) for axis in ("b", "h", "n"))
         rows = pl.ds(ni * c, c)
-
-        def split(ref, x):  # x = ref[0] + ref[1], a high and a low part in the matmul dtype
-            high = x.astype(md)
-            ref[0] = high
-            ref[1] = (x - high.astype(f32)).astype(md)
-
         for ref, target in zip(gmem, scratch[:n_in], strict=True):
             plgpu.copy_gmem_to_smem(ref.at[bi, hi, rows], target, barrier)
         plgpu.barrier_wait(barrier)
         product = functools.partial(mma_sum, interpret=interpret)
-        i_rows = _wgmma_layout(jax.lax.broadcasted_iota(jnp.int32, (c, c), 0), interpret)
-        i_cols = _wgmma_layout(jax.lax.broadcasted_iota(jnp.int32, (c, c), 1), interpret)
-        by_row = lambda x, width: jax.lax.broadcast_in_dim(x, (c, width), [0])
-        by_col = lambda x: jax.lax.broadcast_in_dim(x, (c, c), [1])
-
-        if gated:
-            g_row = _vector(g_s[0], 1, interpret)
-            # g_i − g_j at [i, j]
-            g_diff = lambda: by_row(g_row, c) - by_col(_vector(g_s[0], 0, interpret))
-
-        # Aᵀ[j, i] = β_i (K Kᵀ)_ij D_ij on i > j (K Kᵀ is symmetric).
-        a_t = by_col(_vector(beta_s, 0, interpret)) * product(
-            (k_s, Transposed(k_s)), rows=c, columns=c
-        )
-        if gated:
-            a_t = a_t * jnp.exp(jnp.where(i_cols > i_rows, -g_diff(), 0.0))  # D_ij at [j, i]
-        a_t = jnp.where(i_cols > i_rows, a_t, 0.0)
-
-        # T = (I + A)⁻¹, row i = e_i − A[i, :] T (rows above i are final).
-        def substitute(i, x):
-            a_i = jnp.sum(jnp.where(i_cols == i, a_t, 0.0), axis=1)  # A[i, j] at row j
-            a_i_x = jnp.sum(by_row(a_i, c) * x, axis=0)  # Σ_j A[i, j] X[j, :], per column
-            e_i = jnp.where(i_cols == i, 1.0, 0.0)
-            return jnp.where(i_rows == i, e_i - by_col(a_i_x), x)
-
-        eye = jnp.where(i_rows == i_cols, 1.0, 0.0)
-        split(t_s, jax.lax.fori_loop(1, c, substitute, eye))
+        split = functools.partial(_split, dtype=md)
+        kk = product((k_s, Transposed(k_s)), rows=c, columns=c)  # first: no masks live yet
+        m = _Masks.make(c, interpret)
+        g_row = _vector(g_s[0], 1, interpret) if gated else None  # g_i on row i
+        g_diff = None
+        if gated:  # g_i − g_j at [i, j]
+            g_diff = lambda: m.by_row(g_row, c) - m.by_col(_vector(g_s[0], 0, interpret))
+        split(t_s, _wy_inverse(kk, _vector(beta_s, 0, interpret), g_diff, m))
         beta_rows = _vector(beta_s, 1, interpret)  # β_i on row i
         if gated:
             gamma = jnp.exp(g_row)
         beta_k = beta_rows * gamma if gated else beta_rows  # βΓ
-        split(bk_s, by_row(beta_k, dk) * k_s[...].astype(f32))
-        split(bv_s, by_row(beta_rows, dv) * v_s[...].astype(f32))
+        split(bk_s, m.by_row(beta_k, dk) * k_s[...].astype(f32))
+        split(bv_s, m.by_row(beta_rows, dv) * v_s[...].astype(f32))
         plgpu.commit_smem()
-
-        def split_product(x, y, columns):  # x y from x = x₀ + x₁, y = y₀ + y₁ (x₁ y₁ dropped)
-            pairs = ((x.at[0], y.at[0]), (x.at[1], y.at[0]), (x.at[0], y.at[1]))
-            return product(*pairs, rows=c, columns=columns)
 
         def emit(out, value):  # one result in registers at a time
             _store(out.at[bi, hi, rows], value, md, interpret)
 
         *decayed_out, w_out, u_out, p_out = outs
-        emit(w_out, split_product(t_s, bk_s, dk))  # W
-        emit(u_out, split_product(t_s, bv_s, dv))  # U
+        emit(w_out, product(*_split_pairs(t_s, bk_s), rows=c, columns=dk))  # W
+        emit(u_out, product(*_split_pairs(t_s, bv_s), rows=c, columns=dv))  # U
         scores = product((q_s, Transposed(k_s)), rows=c, columns=c)  # Q Kᵀ
         if gated:
-            scores = scores * jnp.exp(jnp.where(i_rows >= i_cols, g_diff(), 0.0))  # ⊙ D
-        emit(p_out, jnp.where(i_rows >= i_cols, scores, 0.0))  # P
+            scores = scores * jnp.exp(jnp.where(m.rows >= m.cols, g_diff(), 0.0))  # ⊙ D
+        emit(p_out, jnp.where(m.rows >= m.cols, scores, 0.0))  # P
         if gated:
             g_last = g_s[0][c - 1]
-            emit(decayed_out[0], by_row(gamma, dk) * q_s[...].astype(f32))  # diag(Γ) Q
-            k_scale = by_row(jnp.exp(g_last - g_row), dk)
+            emit(decayed_out[0], m.by_row(gamma, dk) * q_s[...].astype(f32))  # diag(Γ) Q
+            k_scale = m.by_row(jnp.exp(g_last - g_row), dk)
             emit(decayed_out[1], k_scale * k_s[...].astype(f32))  # diag(Γ_C / Γ) K
         plgpu.wait_smem_to_gmem(0)
 
@@ -215,6 +260,181 @@ def delta_wy(q, k, v, beta, g=None, *, chunk: int, interpret: bool, name="delta_
         compiler_params=plgpu.CompilerParams(reduction_scratch_bytes=4 * c * c),
         interpret=interpret,
     )(q, k, v, beta, *(() if g is None else (g,)))
+
+
+def wy_backward_smem_bytes(chunk: int, key: int, value: int, itemsize: int = 2) -> int:
+    """Shared memory of :func:`delta_wy_backward`: one chunk's ``Q, K [C, K]``, ``V [C, V]``,
+    the split cotangents ``W̄ [2, C, K]``, ``Ū [2, C, V]``, ``P̄ [C, C]`` (float32), three
+    split ``[2, C, C]`` buffers, ``β`` and ``g``, one float32 output block at a time, and the
+    column sums' reduction scratch (a ``[C, C]`` float32 value)."""
+    c, k, v = chunk, key, value
+    inputs = 2 * c * k + c * v + 2 * (c * k + c * v) + 3 * 2 * c * c
+    return itemsize * inputs + 4 * (c * c + 2 * c + c * max(k, v) + c * c)
+
+
+def wy_backward_supported(chunk: int, key: int, value: int, itemsize: int = 2) -> bool:
+    """Whether :func:`delta_wy_backward` takes these sizes: those of :func:`wy_supported`,
+    within Hopper's shared memory."""
+    fits = wy_backward_smem_bytes(chunk, key, value, itemsize) <= SMEM_LIMIT
+    return wy_supported(chunk, key, value) and fits
+
+
+def delta_wy_backward(q, k, v, beta, g, dw, du, dp, *, chunk: int, interpret: bool,
+                      name="delta_wy_bwd"):  # fmt: skip
+    """The VJP of :func:`delta_wy` (phase 1's backward), every chunk at once, one CTA per
+    ``(batch, head, chunk)``: the products of
+    :func:`fwjax.ops.pallas.chunk_math.wy_chunk_backward`, ``T`` recomputed as in the
+    forward::
+
+        T̄ = (W̄ Kᵀ) diag(βΓ) + (Ū Vᵀ) diag(β)        four MMAs (W̄, Ū split)
+        Ā = −Tᵀ T̄ Tᵀ                                  six MMAs (T, T̄, Tᵀ T̄ split)
+        R = diag(β) (Ā ⊙ D),  S̄ = P̄ ⊙ D ⊙ M             masks and decays in registers
+        Q̄ = S̄ K,   K̄ = (R + Rᵀ) K + S̄ᵀ Q + diag(βΓ) Tᵀ W̄    eleven MMAs (R, S̄, T, W̄ split)
+        V̄ = diag(β) Tᵀ Ū                              three MMAs
+        β̄ = rowsum(Ā ⊙ D ⊙ K Kᵀ) + Γ ⊙ rowsum(Tᵀ W̄ ⊙ K) + rowsum(Tᵀ Ū ⊙ V)
+
+    and, for the gated rule, ``ḡ = rowsum(X) − colsum(X) + βΓ ⊙ rowsum(Tᵀ W̄ ⊙ K)`` with
+    ``X = R ⊙ K Kᵀ + S̄ ⊙ Q Kᵀ``. Float32 operands enter their MMAs split into a high and a
+    low part in the matmul dtype (as in :func:`delta_wy`). The terms of ``Q̄``, ``K̄`` and
+    ``ḡ`` that are elementwise in the cotangents of ``Q``, ``K`` (``Q'``, ``K'``) and ``Γ_C``
+    are the caller's (:func:`fwjax.ops.pallas.phased.phase1_backward`).
+
+    Args:
+      q, k: ``[B, H, N·C, K]``, in the matmul dtype.
+      v: ``[B, H, N·C, V]``, in the matmul dtype.
+      beta: ``β``, ``[B, H, N·C]``, float32.
+      g: the gated rule's cumulative ``log α`` within each chunk, ``[B, H, N·C]``, float32,
+        or None.
+      dw, du: the cotangents of ``W`` and ``U``, split in two (:func:`_split`):
+        ``[2, B, H, N·C, K]`` and ``[2, B, H, N·C, V]`` in the matmul dtype.
+      dp: the cotangent of ``P``, ``[B, H, N·C, C]``, float32.
+      chunk: ``C``.
+      interpret: run in Mosaic GPU's interpret mode (CPU).
+      name: the kernel's name (in profiles).
+
+    Returns:
+      ``(Q̄, K̄ [B, H, N·C, K], V̄ [B, H, N·C, V], β̄ [B, H, N·C])`` in float32, and with
+      ``g`` the kernel's part of ``ḡ`` ``[B, H, N·C]`` (float32).
+    """
+    b, h, t, dk = k.shape
+    c, dv, md, f32 = chunk, v.shape[-1], k.dtype, jnp.float32
+    gated = g is not None
+    check_supported(md, f32, c, dk, MMA_TILE)
+    if dv % MMA_TILE or not wy_backward_supported(c, dk, dv, md.itemsize):
+        raise ValueError(
+            f"delta_wy_backward takes chunk=64 with key, value <= 128 (multiples of 64), got "
+            f"chunk={c}, key={dk}, value={dv}"
+        )
+    per_step = (q, k, v, beta, *((g,) if gated else ()))
+    n_in, n_out = len(per_step) + 3, 5 if gated else 4
+
+    def kernel(*refs):
+        gmem, outs, scratch = refs[:n_in], refs[n_in : n_in + n_out], refs[n_in + n_out :]
+        per_step_s, (dw_s, du_s, dp_s) = scratch[: n_in - 3], scratch[n_in - 3 : n_in]
+        q_s, k_s, v_s, beta_s, *g_s = per_step_s
+        t_s, x_s, ds_s, barrier = scratch[n_in:]
+        bi, hi, ni = (jax.lax.axis_index(axis) for axis in ("b", "h", "n"))
+        rows = pl.ds(ni * c, c)
+        per_step_in, (dw_g, du_g, dp_g) = gmem[: n_in - 3], gmem[n_in - 3 :]
+        blocks = zip(per_step_in, per_step_s, strict=True)
+        copies = [(src.at[bi, hi, rows], dst) for src, dst in blocks]
+        for src, dst in ((dw_g, dw_s), (du_g, du_s)):  # each half by its own 2-D copy
+            copies += [(src.at[part, bi, hi, rows], dst.at[part]) for part in (0, 1)]
+        copies.append((dp_g.at[bi, hi, rows], dp_s))
+        for source, target in copies:
+            plgpu.copy_gmem_to_smem(source, target, barrier)
+        plgpu.barrier_wait(barrier)
+        product = functools.partial(mma_sum, rows=c, interpret=interpret)
+        split = functools.partial(_split, dtype=md)
+        t_ = Transposed
+
+        def emit(out, value):  # one result in registers at a time
+            _store(out.at[bi, hi, rows], value, f32, interpret)
+
+        # T, as in the forward.
+        kk = product((k_s, t_(k_s)), columns=c)
+        m = _Masks.make(c, interpret)
+        g_row = _vector(g_s[0], 1, interpret) if gated else None  # g_i on row i
+        g_diff = None
+        if gated:  # g_i − g_j at [i, j]
+            g_diff = lambda: m.by_row(g_row, c) - m.by_col(_vector(g_s[0], 0, interpret))
+        beta_cols = _vector(beta_s, 0, interpret)  # β_j on column j
+        split(t_s, _wy_inverse(kk, beta_cols, g_diff, m))
+        plgpu.commit_smem()
+
+        # T̄ = W̄ (diag(βΓ) K)ᵀ + Ū (diag(β) V)ᵀ: the diagonals scale columns after the MMAs.
+        beta_gamma_cols = beta_cols
+        if gated:
+            beta_gamma_cols = beta_cols * jnp.exp(_vector(g_s[0], 0, interpret))
+        d_t = m.by_col(beta_gamma_cols) * product(*_split_pairs(dw_s, t_(k_s)), columns=c)
+        d_t = d_t + m.by_col(beta_cols) * product(*_split_pairs(du_s, t_(v_s)), columns=c)
+        split(x_s, d_t)
+        plgpu.commit_smem()
+        # Ā = −(Tᵀ T̄) Tᵀ, Tᵀ T̄ split into the same buffer (its MMAs are done).
+        split(x_s, product(*_split_pairs(t_(t_s), x_s), columns=c))
+        plgpu.commit_smem()
+        d_a = -product(*_split_pairs(x_s, t_(t_s)), columns=c)
+        decay = jnp.exp(jnp.where(m.rows >= m.cols, g_diff(), 0.0)) if gated else 1.0  # D
+        d_a_decay = jnp.where(m.rows > m.cols, d_a, 0.0) * decay  # Ā ⊙ D on A's triangle
+        kk = product((k_s, t_(k_s)), columns=c)  # again, not kept live through the above
+        d_beta = jnp.sum(d_a_decay * kk, axis=1)
+        beta_rows = _vector(beta_s, 1, interpret)  # β_i on row i
+        r = m.by_row(beta_rows, c) * d_a_decay  # R = diag(β) (Ā ⊙ D)
+        x_gate = r * kk if gated else None
+        split(x_s, r)  # Tᵀ T̄ is spent
+        # S̄ = P̄ ⊙ D ⊙ M.
+        dp = dp_s[...] if interpret else plgpu.load(dp_s, (), layout=plgpu.Layout.WGMMA)
+        d_scores = jnp.where(m.rows >= m.cols, dp, 0.0) * decay
+        split(ds_s, d_scores)
+        plgpu.commit_smem()
+        if gated:  # ḡ's part from D: rowsum − colsum of X = D̄ ⊙ D
+            x_gate = x_gate + d_scores * product((q_s, t_(k_s)), columns=c)
+            col_sums = jnp.sum(x_gate, axis=0)  # per column; to rows by a masked reduction
+            col_sums = jnp.sum(jnp.where(m.rows == m.cols, m.by_col(col_sums), 0.0), axis=1)
+            d_g = jnp.sum(x_gate, axis=1) - col_sums
+
+        dq_out, dk_out, dv_out, d_beta_out, *d_g_out = outs
+        emit(dq_out, product(*_split_pairs(ds_s, k_s), columns=dk))  # S̄ K
+        # (diag(βΓ) K)‾ = Tᵀ W̄: its row sums with K, and its term of K̄.
+        d_bk = product(*_split_pairs(t_(t_s), dw_s), columns=dk)
+        k_d_bk = jnp.sum(d_bk * k_s[...].astype(f32), axis=1)
+        beta_gamma = beta_rows * jnp.exp(g_row) if gated else beta_rows
+        pairs = (*_split_pairs(x_s, k_s), *_split_pairs(t_(x_s), k_s))  # (R + Rᵀ) K
+        pairs += _split_pairs(t_(ds_s), q_s)  # S̄ᵀ Q
+        emit(dk_out, m.by_row(beta_gamma, dk) * d_bk + product(*pairs, columns=dk))
+        d_beta = d_beta + (k_d_bk * jnp.exp(g_row) if gated else k_d_bk)
+        # (diag(β) V)‾ = Tᵀ Ū.
+        d_bv = product(*_split_pairs(t_(t_s), du_s), columns=dv)
+        d_beta = d_beta + jnp.sum(d_bv * v_s[...].astype(f32), axis=1)
+        emit(dv_out, m.by_row(beta_rows, dv) * d_bv)
+        emit(d_beta_out, d_beta)
+        if gated:
+            emit(d_g_out[0], d_g + beta_gamma * k_d_bk)
+        plgpu.wait_smem_to_gmem(0)
+
+    smem = lambda shape: plgpu.SMEM(shape, md, transforms=mma_transforms(shape[-1], md, interpret))
+    inputs = [smem((c, dk)), smem((c, dk)), smem((c, dv)), plgpu.SMEM((c,), f32)]
+    if gated:
+        inputs.append(plgpu.SMEM((c,), f32))
+    dp_type = plgpu.SMEM((c, c), f32, transforms=mma_transforms(c, f32, interpret))
+    inputs += [smem((2, c, dk)), smem((2, c, dv)), dp_type]  # W̄, Ū, P̄
+    seq = lambda *width: jax.ShapeDtypeStruct((b, h, t, *width), f32)
+    return launch(
+        kernel,
+        out_type=(seq(dk), seq(dk), seq(dv), seq(), *((seq(),) if gated else ())),
+        grid=(b, h, t // c),
+        grid_names=("b", "h", "n"),
+        kernel_name=name,
+        scratch_types=[
+            *inputs,
+            smem((2, c, c)),  # T, split in two
+            smem((2, c, c)),  # T̄, then Tᵀ T̄, then R
+            smem((2, c, c)),  # S̄
+            plgpu.Barrier(num_arrivals=len(inputs) + 2),  # W̄ and Ū in two copies each
+        ],
+        compiler_params=plgpu.CompilerParams(reduction_scratch_bytes=4 * c * c),
+        interpret=interpret,
+    )(*per_step, dw, du, dp)
 
 
 def delta_chunk_output(q, w, u, p, states, *, value_block: int, interpret: bool, name="delta_out"):

@@ -24,8 +24,8 @@ with phase 1 recomputed by its kernel beforehand, and then phase 1's VJP::
     phase-1 VJP kernel (one program per batch, head, chunk; all in parallel):
         q̄, k̄, v̄, β̄ [, ḡ] of chunk n from Q̄, K̄, W̄, Ū, P̄ [, Γ̄_C]      (T recomputed in the kernel)
 
-(``chunk_math.wy_chunk_backward``; the gate's cumsum VJP in XLA). On Mosaic GPU, which has no
-kernel for it yet, phase 1 is recomputed by the rule's XLA form and differentiated by autodiff.
+(``chunk_math.wy_chunk_backward``; the gate's cumsum VJP in XLA; on Mosaic GPU
+``mosaic_gpu_chunks.delta_wy_backward``, its terms elementwise in ``Q̄``, ``K̄``, ``Γ̄_C`` in XLA).
 With ``state_segments = P > 1`` each chain kernel runs as ``P`` segments of the
 chunks in parallel (the split state scan, :func:`_chain`). The saved states and cotangents
 are stored in the matmul dtype (the operands they feed are rounded to it anyway;
@@ -40,7 +40,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple
 
-import jax
 import jax.numpy as jnp
 
 from fwjax.ops.pallas import (
@@ -261,6 +260,46 @@ def _mosaic_gpu_phase1(rule, cfg, xs) -> tuple:
     return (*terms, jnp.exp(g[..., -1:])[..., None])  # (Q', K', W, U, P, Γ_C [B, H, N, 1, 1])
 
 
+def _mosaic_gpu_phase1_backward(rule, cfg, xs, grads) -> tuple:
+    """Phase 1's VJP by the Mosaic GPU kernel
+    (:func:`fwjax.ops.pallas.mosaic_gpu_chunks.delta_wy_backward`), with the terms elementwise
+    in the cotangents of ``Q``, ``K`` (the gated rule's ``Q' = diag(Γ) Q``,
+    ``K' = diag(Γ_C / Γ) K``) and ``Γ_C = exp(g_C)`` added here in XLA. ``xs``, ``grads``: as
+    :func:`phase1_backward`'s. Returns float32 ``(q̄, k̄, v̄, β̄[, ḡ])`` in kernel layout,
+    ``ḡ`` the cotangent of the cumulative ``log α``."""
+    from fwjax.ops.pallas import mosaic_gpu_chunks
+
+    q, k, v, beta, *gate = xs
+    md, c, f32 = cfg.matmul_dtype, cfg.tiling.chunk, jnp.float32
+    per_step = lambda x: x.astype(f32).reshape(*x.shape[:2], -1)  # [B, H, N, C] → [B, H, N·C]
+    g = jnp.cumsum(gate[0].astype(f32), axis=-1) if gate else None  # log Γ from chunk starts
+
+    def split(x):  # a float32 cotangent as a high and a low part in the matmul dtype
+        x = flat(x).astype(f32)
+        high = x.astype(md)
+        return jnp.stack([high, (x - high.astype(f32)).astype(md)])
+
+    d_q, d_k, dw, du, dp, *d_decay = grads
+    q, k = q.astype(md), k.astype(md)  # the operands as phase 1's kernel reads them
+    dq, dk, dv, d_beta, *d_g = mosaic_gpu_chunks.delta_wy_backward(
+        flat(q), flat(k), flat(v).astype(md), per_step(beta),
+        None if g is None else per_step(g),
+        split(dw), split(du), flat(dp).astype(f32),
+        chunk=c, interpret=cfg.interpret, name=f"{rule.name}_wy_bwd",
+    )  # fmt: skip
+    dq, dk, dv = (unflat(x, c) for x in (dq, dk, dv))
+    d_q, d_k, d_beta = d_q.astype(f32), d_k.astype(f32), d_beta.reshape(beta.shape)
+    if g is None:  # the operands Q, K are q, k
+        return dq + d_q, dk + d_k, dv, d_beta
+    q_scale, k_scale = jnp.exp(g)[..., None], jnp.exp(g[..., -1:] - g)[..., None]
+    k_terms = jnp.sum(k_scale * d_k * k.astype(f32), axis=-1)  # ∂/∂g through K'
+    d_g = d_g[0].reshape(g.shape) + jnp.sum(q_scale * d_q * q.astype(f32), axis=-1) - k_terms
+    # g_C (the last row's g) also enters every K' and Γ_C = exp(g_C).
+    d_decay = d_decay[0].astype(f32).reshape(g[..., -1].shape) * jnp.exp(g[..., -1])
+    d_g = d_g.at[..., -1].add(jnp.sum(k_terms, axis=-1) + d_decay)
+    return dq + q_scale * d_q, dk + k_scale * d_k, dv, d_beta, d_g
+
+
 def _mosaic_gpu_gradients(rule, cfg, ops, states, gs, do, decay: bool) -> tuple:
     """The operands' cotangents ``(Q̄, K̄, W̄, Ū, P̄[, Γ̄_C])`` (flattened, float32) by the Mosaic
     GPU kernel (:func:`fwjax.ops.pallas.mosaic_gpu_chunks.delta_chunk_gradients`); ``P̄``
@@ -343,7 +382,21 @@ def phase1_backward(rule, cfg, xs, grads, sd) -> tuple:
     the cotangents of the kernel-layout inputs ``xs = (q, k, v, β[, log α])`` from those of
     the rule's operands ``grads`` (``rule.operands``' order and kernel layout). The gated
     rule's gate cotangent, of the cumulative ``log α``, goes through the cumsum's VJP (a
-    reversed cumsum within each chunk) in XLA."""
+    reversed cumsum within each chunk) in XLA. With ``PallasBackend.MOSAIC_GPU``, where it
+    fits, the Mosaic GPU kernel instead (:func:`_mosaic_gpu_phase1_backward`)."""
+    if _mosaic_gpu_fits(cfg, "wy_backward_supported"):
+        dq, dk, dv, *d_gates = _mosaic_gpu_phase1_backward(rule, cfg, xs, grads)
+    else:
+        dq, dk, dv, *d_gates = _phase1_backward_kernel(rule, cfg, xs, grads, sd)
+    if len(d_gates) == 2:  # g = cumsum(log α) within the chunk: ∂L/∂log α_t = Σ_{s ≥ t} ∂L/∂g_s
+        d_gates[1] = jnp.flip(jnp.cumsum(jnp.flip(d_gates[1], -1), axis=-1), -1)
+    dxs = (dq, dk, dv, *d_gates)
+    return tuple(d.astype(x.dtype) for d, x in zip(dxs, xs, strict=True))
+
+
+def _phase1_backward_kernel(rule, cfg, xs, grads, sd) -> tuple:
+    """:func:`phase1_backward` by the backend's ChunkMap (Triton, Mosaic TPU): ``(q̄, k̄, v̄,
+    β̄[, ḡ])`` in kernel layout, ``ḡ`` the cotangent of the cumulative ``log α``."""
     q, k, v, beta, *gate = xs
     c = cfg.tiling.chunk
     inputs, gate_values = _phase1_inputs(beta.astype(sd), [x.astype(sd) for x in gate])
@@ -368,11 +421,7 @@ def phase1_backward(rule, cfg, xs, grads, sd) -> tuple:
     flat_inputs = (flat(q), flat(k), flat(v), *gate_values, *flat_grads)
     dq, dk, dv, *d_gates = run_chunk_map(spec, *flat_inputs, cfg=cfg)
     per_chunk = lambda d: d.reshape(beta.shape)  # [B, H, N·C, 1] → [B, H, N, C]
-    d_gates = [per_chunk(d) for d in d_gates]
-    if gate:  # g = cumsum(log α) within the chunk: ∂L/∂log α_t = Σ_{s ≥ t} ∂L/∂g_s
-        d_gates[1] = jnp.flip(jnp.cumsum(jnp.flip(d_gates[1], -1), axis=-1), -1)
-    dxs = (unflat(dq, c), unflat(dk, c), unflat(dv, c), *d_gates)
-    return tuple(d.astype(x.dtype) for d, x in zip(dxs, xs, strict=True))
+    return (unflat(dq, c), unflat(dk, c), unflat(dv, c), *(per_chunk(d) for d in d_gates))
 
 
 def forward(rule, cfg, xs, s0):
@@ -439,12 +488,9 @@ def backward(rule, cfg, xs, states, d_o, d_s):
     """Phased VJP from the residuals of :func:`forward` (``xs``, ``states``) and the
     cotangents ``d_o [B, H, N, C, V]``, ``d_s [B, H, K, V]``; returns ``(dxs, dS⁰)``."""
     md, sd, c = cfg.matmul_dtype, d_s.dtype, cfg.tiling.chunk
-    if cfg.backend is PallasBackend.MOSAIC_GPU:
-        # No Mosaic GPU kernel for phase 1's VJP yet: phase 1 recomputed in XLA, autodiff.
-        terms, phase1_vjp = jax.vjp(rule.phase1, *xs)
-    else:  # phase 1 recomputed, and its VJP, as kernels parallel over chunks
-        terms = phase1(rule, cfg, xs, sd)
-        phase1_vjp = lambda grads: phase1_backward(rule, cfg, xs, grads, sd)
+    # Phase 1 recomputed, and its VJP, as kernels parallel over chunks.
+    terms = phase1(rule, cfg, xs, sd)
+    phase1_vjp = lambda grads: phase1_backward(rule, cfg, xs, grads, sd)
     ops, kinds, decay = _operands(rule, cfg, terms, sd)
     do = flat(d_o).astype(md)
 
