@@ -1,8 +1,9 @@
 """GPU backend: the (gated) delta rule's phased kernels as Mosaic GPU kernels (Hopper warpgroups).
 
-``PallasBackend.MOSAIC_GPU`` runs the phased schedule (:mod:`fwjax.ops.pallas.phased`) as five
-Mosaic GPU kernels: the two sequential chains here, and the three kernels parallel over chunks
-(phase 1's WY terms, the outputs and the gradients) in :mod:`fwjax.ops.pallas.mosaic_gpu_chunks`,
+``PallasBackend.MOSAIC_GPU`` runs the phased schedule (:mod:`fwjax.ops.pallas.phased`) as six
+Mosaic GPU kernels: the two sequential chains here, and the four kernels parallel over chunks
+(phase 1's WY terms, the outputs, the gradients and phase 1's VJP) in
+:mod:`fwjax.ops.pallas.mosaic_gpu_chunks`,
 which shares the MMA helper :func:`mma_sum` and the size checks here.
 
 In each chain (:func:`_chain_kernel`) one CTA per ``(batch, head, value tile)`` walks the

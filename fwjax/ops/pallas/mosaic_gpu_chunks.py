@@ -110,10 +110,12 @@ def _split(ref, x, dtype) -> None:
 
 def _split_pairs(x, y) -> tuple:
     """The MMA pairs of ``x y`` from split operands ``x = x₀ + x₁``, ``y = y₀ + y₁`` (each a
-    ``[2, ...]`` buffer, or :class:`~fwjax.ops.pallas.mosaic_gpu.Transposed` of one, or an
-    unsplit operand): ``x₀y₀ + x₁y₀ + x₀y₁``, the ``x₁y₁`` term (2⁻¹⁶ of the product)
+    ``[2, ...]`` buffer, or :class:`~fwjax.ops.pallas.mosaic_gpu.Transposed` of one; one of
+    them may be an unsplit operand): ``x₀y₀ + x₁y₀ + x₀y₁``, the ``x₁y₁`` term (2⁻¹⁶ of the product)
     dropped."""
     part = lambda z, i: Transposed(z.ref.at[i]) if isinstance(z, Transposed) else z.at[i]
+    if not (_is_split(x) or _is_split(y)):
+        raise ValueError("_split_pairs needs a split operand")
     if not _is_split(y):
         return ((part(x, 0), y), (part(x, 1), y))
     if not _is_split(x):
@@ -286,18 +288,22 @@ def delta_wy_backward(q, k, v, beta, g, dw, du, dp, *, chunk: int, interpret: bo
     :func:`fwjax.ops.pallas.chunk_math.wy_chunk_backward`, ``T`` recomputed as in the
     forward::
 
+        T = (I + A)⁻¹                                 K Kᵀ: one MMA, as in the forward
         T̄ = (W̄ Kᵀ) diag(βΓ) + (Ū Vᵀ) diag(β)        four MMAs (W̄, Ū split)
         Ā = −Tᵀ T̄ Tᵀ                                  six MMAs (T, T̄, Tᵀ T̄ split)
-        R = diag(β) (Ā ⊙ D),  S̄ = P̄ ⊙ D ⊙ M             masks and decays in registers
+        R = diag(β) (Ā ⊙ D),  S̄ = P̄ ⊙ D ⊙ M             K Kᵀ again (and Q Kᵀ, gated)
         Q̄ = S̄ K,   K̄ = (R + Rᵀ) K + S̄ᵀ Q + diag(βΓ) Tᵀ W̄    eleven MMAs (R, S̄, T, W̄ split)
         V̄ = diag(β) Tᵀ Ū                              three MMAs
         β̄ = rowsum(Ā ⊙ D ⊙ K Kᵀ) + Γ ⊙ rowsum(Tᵀ W̄ ⊙ K) + rowsum(Tᵀ Ū ⊙ V)
 
+    (26 MMAs per chunk, 27 gated)
     and, for the gated rule, ``ḡ = rowsum(X) − colsum(X) + βΓ ⊙ rowsum(Tᵀ W̄ ⊙ K)`` with
     ``X = R ⊙ K Kᵀ + S̄ ⊙ Q Kᵀ``. Float32 operands enter their MMAs split into a high and a
-    low part in the matmul dtype (as in :func:`delta_wy`). The terms of ``Q̄``, ``K̄`` and
-    ``ḡ`` that are elementwise in the cotangents of ``Q``, ``K`` (``Q'``, ``K'``) and ``Γ_C``
-    are the caller's (:func:`fwjax.ops.pallas.phased.phase1_backward`).
+    low part in the matmul dtype (as in :func:`delta_wy`). With float16 that bounds them by
+    its range (65504): ``T̄`` grows as ``|Ū| |V| √V``, so cotangents in the thousands (a large
+    loss scale) overflow here to inf/NaN where bfloat16 does not. The terms of ``Q̄``, ``K̄``
+    and ``ḡ`` that are elementwise in the cotangents of ``Q``, ``K`` (``Q'``, ``K'``) and
+    ``Γ_C`` are the caller's (``fwjax.ops.pallas.phased._mosaic_gpu_phase1_backward``).
 
     Args:
       q, k: ``[B, H, N·C, K]``, in the matmul dtype.
@@ -327,6 +333,7 @@ def delta_wy_backward(q, k, v, beta, g, dw, du, dp, *, chunk: int, interpret: bo
         )
     per_step = (q, k, v, beta, *((g,) if gated else ()))
     n_in, n_out = len(per_step) + 3, 5 if gated else 4
+    n_copies = len(per_step) + 2 + 2 + 1  # W̄ and Ū in two copies each, then P̄
 
     def kernel(*refs):
         gmem, outs, scratch = refs[:n_in], refs[n_in : n_in + n_out], refs[n_in + n_out :]
@@ -341,6 +348,7 @@ def delta_wy_backward(q, k, v, beta, g, dw, du, dp, *, chunk: int, interpret: bo
         for src, dst in ((dw_g, dw_s), (du_g, du_s)):  # each half by its own 2-D copy
             copies += [(src.at[part, bi, hi, rows], dst.at[part]) for part in (0, 1)]
         copies.append((dp_g.at[bi, hi, rows], dp_s))
+        assert len(copies) == n_copies
         for source, target in copies:
             plgpu.copy_gmem_to_smem(source, target, barrier)
         plgpu.barrier_wait(barrier)
@@ -430,7 +438,7 @@ def delta_wy_backward(q, k, v, beta, g, dw, du, dp, *, chunk: int, interpret: bo
             smem((2, c, c)),  # T, split in two
             smem((2, c, c)),  # T̄, then Tᵀ T̄, then R
             smem((2, c, c)),  # S̄
-            plgpu.Barrier(num_arrivals=len(inputs) + 2),  # W̄ and Ū in two copies each
+            plgpu.Barrier(num_arrivals=n_copies),
         ],
         compiler_params=plgpu.CompilerParams(reduction_scratch_bytes=4 * c * c),
         interpret=interpret,

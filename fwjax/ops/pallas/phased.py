@@ -236,6 +236,17 @@ def _mosaic_gpu_fits(cfg, supported: str) -> bool:
     return getattr(mosaic_gpu_chunks, supported)(t.chunk, t.key, t.value)
 
 
+def _mosaic_gpu_gates(beta, gate) -> tuple:
+    """The gates as the Mosaic GPU phase-1 kernels read them, ``(β, g)`` float32
+    ``[B, H, N·C]``, from kernel-layout ``β`` and ``log α`` (``gate``: empty without one), and
+    ``g`` ``[B, H, N, C]``: the cumulative ``log α`` from each chunk's start (``g = log Γ``, a
+    cumsum in XLA), or None."""
+    f32 = jnp.float32
+    per_step = lambda x: x.astype(f32).reshape(*x.shape[:2], -1)  # [B, H, N, C] → [B, H, N·C]
+    g = jnp.cumsum(gate[0].astype(f32), axis=-1) if gate else None
+    return per_step(beta), None if g is None else per_step(g), g
+
+
 def _mosaic_gpu_phase1(rule, cfg, xs) -> tuple:
     """Phase 1 by the Mosaic GPU kernel (:func:`fwjax.ops.pallas.mosaic_gpu_chunks.delta_wy`):
     the rule's operands in kernel layout, as :func:`phase1` returns them; the gated rule's chunk
@@ -243,13 +254,12 @@ def _mosaic_gpu_phase1(rule, cfg, xs) -> tuple:
     from fwjax.ops.pallas import mosaic_gpu_chunks
 
     q, k, v, beta, *gate = xs
-    md, c, f32 = cfg.matmul_dtype, cfg.tiling.chunk, jnp.float32
-    per_step = lambda x: x.astype(f32).reshape(*x.shape[:2], -1)  # [B, H, N, C] → [B, H, N·C]
-    g = jnp.cumsum(gate[0].astype(f32), axis=-1) if gate else None  # log Γ from chunk starts
+    md, c = cfg.matmul_dtype, cfg.tiling.chunk
+    beta_steps, g_steps, g = _mosaic_gpu_gates(beta, gate)
     terms = mosaic_gpu_chunks.delta_wy(
         *(flat(x).astype(md) for x in (q, k, v)),
-        per_step(beta),
-        None if g is None else per_step(g),
+        beta_steps,
+        g_steps,
         chunk=c,
         interpret=cfg.interpret,
         name=f"{rule.name}_wy",
@@ -271,10 +281,9 @@ def _mosaic_gpu_phase1_backward(rule, cfg, xs, grads) -> tuple:
 
     q, k, v, beta, *gate = xs
     md, c, f32 = cfg.matmul_dtype, cfg.tiling.chunk, jnp.float32
-    per_step = lambda x: x.astype(f32).reshape(*x.shape[:2], -1)  # [B, H, N, C] → [B, H, N·C]
-    g = jnp.cumsum(gate[0].astype(f32), axis=-1) if gate else None  # log Γ from chunk starts
+    beta_steps, g_steps, g = _mosaic_gpu_gates(beta, gate)
 
-    def split(x):  # a float32 cotangent as a high and a low part in the matmul dtype
+    def high_low(x):  # a float32 cotangent as a high and a low part in the matmul dtype
         x = flat(x).astype(f32)
         high = x.astype(md)
         return jnp.stack([high, (x - high.astype(f32)).astype(md)])
@@ -282,9 +291,8 @@ def _mosaic_gpu_phase1_backward(rule, cfg, xs, grads) -> tuple:
     d_q, d_k, dw, du, dp, *d_decay = grads
     q, k = q.astype(md), k.astype(md)  # the operands as phase 1's kernel reads them
     dq, dk, dv, d_beta, *d_g = mosaic_gpu_chunks.delta_wy_backward(
-        flat(q), flat(k), flat(v).astype(md), per_step(beta),
-        None if g is None else per_step(g),
-        split(dw), split(du), flat(dp).astype(f32),
+        flat(q), flat(k), flat(v).astype(md), beta_steps, g_steps,
+        high_low(dw), high_low(du), flat(dp).astype(f32),
         chunk=c, interpret=cfg.interpret, name=f"{rule.name}_wy_bwd",
     )  # fmt: skip
     dq, dk, dv = (unflat(x, c) for x in (dq, dk, dv))
