@@ -100,12 +100,16 @@ class _Masks(NamedTuple):
         return jax.lax.broadcast_in_dim(x, self.rows.shape, [1])
 
 
-def _split(ref, x, dtype) -> None:
-    """Writes float32 ``x`` to ``ref [2, ...]`` as a high and a low part in the matmul
-    ``dtype`` (``x = ref[0] + ref[1]`` to about 16 bits)."""
+def high_low(x, dtype) -> tuple:
+    """Float32 ``x`` as a high and a low part in the matmul ``dtype`` (``x = high + low`` to
+    about 16 bits): how float32 factors enter an MMA."""
     high = x.astype(dtype)
-    ref[0] = high
-    ref[1] = (x - high.astype(jnp.float32)).astype(dtype)
+    return high, (x - high.astype(jnp.float32)).astype(dtype)
+
+
+def _split(ref, x, dtype) -> None:
+    """Writes float32 ``x`` to ``ref [2, ...]`` as :func:`high_low` parts."""
+    ref[0], ref[1] = high_low(x, dtype)
 
 
 def _split_pairs(x, y) -> tuple:
@@ -150,6 +154,23 @@ def _wy_inverse(kk, beta_cols, g_diff, m: _Masks):
 
     eye = jnp.where(m.rows == m.cols, 1.0, 0.0)
     return jax.lax.fori_loop(1, c, substitute, eye)
+
+
+def _inverse_into(t_s, k_s, beta_s, g_s, *, md, interpret: bool) -> tuple:
+    """Phase 1's ``T`` of one chunk (:func:`_wy_inverse`, ``K Kᵀ`` by one MMA before any
+    mask is live) split into ``t_s [2, C, C]``, from the chunk's ``K``, ``β`` and the gated
+    rule's ``g`` (``g_s``: empty without one) in shared memory. Returns ``(masks, g_row,
+    g_diff)`` for the kernel's later terms (``g_row``: ``g_i`` on row ``i``; ``g_diff()``:
+    ``g_i − g_j`` at ``[i, j]``; both None without a gate)."""
+    c = k_s.shape[0]
+    kk = mma_sum((k_s, Transposed(k_s)), rows=c, columns=c, interpret=interpret)
+    m = _Masks.make(c, interpret)
+    g_row = g_diff = None
+    if g_s:
+        g_row = _vector(g_s[0], 1, interpret)
+        g_diff = lambda: m.by_row(g_row, c) - m.by_col(_vector(g_s[0], 0, interpret))
+    _split(t_s, _wy_inverse(kk, _vector(beta_s, 0, interpret), g_diff, m), md)
+    return m, g_row, g_diff
 
 
 def delta_wy(q, k, v, beta, g=None, *, chunk: int, interpret: bool, name="delta_wy"):
@@ -207,13 +228,7 @@ def delta_wy(q, k, v, beta, g=None, *, chunk: int, interpret: bool, name="delta_
         plgpu.barrier_wait(barrier)
         product = functools.partial(mma_sum, interpret=interpret)
         split = functools.partial(_split, dtype=md)
-        kk = product((k_s, Transposed(k_s)), rows=c, columns=c)  # first: no masks live yet
-        m = _Masks.make(c, interpret)
-        g_row = _vector(g_s[0], 1, interpret) if gated else None  # g_i on row i
-        g_diff = None
-        if gated:  # g_i − g_j at [i, j]
-            g_diff = lambda: m.by_row(g_row, c) - m.by_col(_vector(g_s[0], 0, interpret))
-        split(t_s, _wy_inverse(kk, _vector(beta_s, 0, interpret), g_diff, m))
+        m, g_row, g_diff = _inverse_into(t_s, k_s, beta_s, g_s, md=md, interpret=interpret)
         beta_rows = _vector(beta_s, 1, interpret)  # β_i on row i
         if gated:
             gamma = jnp.exp(g_row)
@@ -296,14 +311,14 @@ def delta_wy_backward(q, k, v, beta, g, dw, du, dp, *, chunk: int, interpret: bo
         V̄ = diag(β) Tᵀ Ū                              three MMAs
         β̄ = rowsum(Ā ⊙ D ⊙ K Kᵀ) + Γ ⊙ rowsum(Tᵀ W̄ ⊙ K) + rowsum(Tᵀ Ū ⊙ V)
 
-    (26 MMAs per chunk, 27 gated)
-    and, for the gated rule, ``ḡ = rowsum(X) − colsum(X) + βΓ ⊙ rowsum(Tᵀ W̄ ⊙ K)`` with
-    ``X = R ⊙ K Kᵀ + S̄ ⊙ Q Kᵀ``. Float32 operands enter their MMAs split into a high and a
-    low part in the matmul dtype (as in :func:`delta_wy`). With float16 that bounds them by
-    its range (65504): ``T̄`` grows as ``|Ū| |V| √V``, so cotangents in the thousands (a large
-    loss scale) overflow here to inf/NaN where bfloat16 does not. The terms of ``Q̄``, ``K̄``
-    and ``ḡ`` that are elementwise in the cotangents of ``Q``, ``K`` (``Q'``, ``K'``) and
-    ``Γ_C`` are the caller's (``fwjax.ops.pallas.phased._mosaic_gpu_phase1_backward``).
+    (26 MMAs per chunk, 27 gated), and, for the gated rule,
+    ``ḡ = rowsum(X) − colsum(X) + βΓ ⊙ rowsum(Tᵀ W̄ ⊙ K)`` with ``X = R ⊙ K Kᵀ + S̄ ⊙ Q Kᵀ``.
+    Float32 operands enter their MMAs as :func:`high_low` parts in the matmul dtype (as in
+    :func:`delta_wy`). With float16 that bounds them by its range (65504): ``T̄`` grows as
+    ``|Ū| |V| √V``, so cotangents in the thousands (a large loss scale) overflow here to
+    inf/NaN where bfloat16 does not. The terms of ``Q̄``, ``K̄`` and ``ḡ`` that are
+    elementwise in the cotangents of ``Q``, ``K`` (``Q'``, ``K'``) and ``Γ_C`` are the
+    caller's (``fwjax.ops.pallas.phased._mosaic_gpu_phase1_backward``).
 
     Args:
       q, k: ``[B, H, N·C, K]``, in the matmul dtype.
@@ -311,7 +326,7 @@ def delta_wy_backward(q, k, v, beta, g, dw, du, dp, *, chunk: int, interpret: bo
       beta: ``β``, ``[B, H, N·C]``, float32.
       g: the gated rule's cumulative ``log α`` within each chunk, ``[B, H, N·C]``, float32,
         or None.
-      dw, du: the cotangents of ``W`` and ``U``, split in two (:func:`_split`):
+      dw, du: the cotangents of ``W`` and ``U`` as :func:`high_low` parts, stacked:
         ``[2, B, H, N·C, K]`` and ``[2, B, H, N·C, V]`` in the matmul dtype.
       dp: the cotangent of ``P``, ``[B, H, N·C, C]``, float32.
       chunk: ``C``.
@@ -359,18 +374,11 @@ def delta_wy_backward(q, k, v, beta, g, dw, du, dp, *, chunk: int, interpret: bo
         def emit(out, value):  # one result in registers at a time
             _store(out.at[bi, hi, rows], value, f32, interpret)
 
-        # T, as in the forward.
-        kk = product((k_s, t_(k_s)), columns=c)
-        m = _Masks.make(c, interpret)
-        g_row = _vector(g_s[0], 1, interpret) if gated else None  # g_i on row i
-        g_diff = None
-        if gated:  # g_i − g_j at [i, j]
-            g_diff = lambda: m.by_row(g_row, c) - m.by_col(_vector(g_s[0], 0, interpret))
-        beta_cols = _vector(beta_s, 0, interpret)  # β_j on column j
-        split(t_s, _wy_inverse(kk, beta_cols, g_diff, m))
+        m, g_row, g_diff = _inverse_into(t_s, k_s, beta_s, g_s, md=md, interpret=interpret)
         plgpu.commit_smem()
 
         # T̄ = W̄ (diag(βΓ) K)ᵀ + Ū (diag(β) V)ᵀ: the diagonals scale columns after the MMAs.
+        beta_cols = _vector(beta_s, 0, interpret)  # β_j on column j
         beta_gamma_cols = beta_cols
         if gated:
             beta_gamma_cols = beta_cols * jnp.exp(_vector(g_s[0], 0, interpret))
@@ -387,6 +395,7 @@ def delta_wy_backward(q, k, v, beta, g, dw, du, dp, *, chunk: int, interpret: bo
         kk = product((k_s, t_(k_s)), columns=c)  # again, not kept live through the above
         d_beta = jnp.sum(d_a_decay * kk, axis=1)
         beta_rows = _vector(beta_s, 1, interpret)  # β_i on row i
+        gamma_rows = jnp.exp(g_row) if gated else 1.0  # Γ_i on row i
         r = m.by_row(beta_rows, c) * d_a_decay  # R = diag(β) (Ā ⊙ D)
         x_gate = r * kk if gated else None
         split(x_s, r)  # Tᵀ T̄ is spent
@@ -406,11 +415,11 @@ def delta_wy_backward(q, k, v, beta, g, dw, du, dp, *, chunk: int, interpret: bo
         # (diag(βΓ) K)‾ = Tᵀ W̄: its row sums with K, and its term of K̄.
         d_bk = product(*_split_pairs(t_(t_s), dw_s), columns=dk)
         k_d_bk = jnp.sum(d_bk * k_s[...].astype(f32), axis=1)
-        beta_gamma = beta_rows * jnp.exp(g_row) if gated else beta_rows
+        beta_gamma = beta_rows * gamma_rows
         pairs = (*_split_pairs(x_s, k_s), *_split_pairs(t_(x_s), k_s))  # (R + Rᵀ) K
         pairs += _split_pairs(t_(ds_s), q_s)  # S̄ᵀ Q
         emit(dk_out, m.by_row(beta_gamma, dk) * d_bk + product(*pairs, columns=dk))
-        d_beta = d_beta + (k_d_bk * jnp.exp(g_row) if gated else k_d_bk)
+        d_beta = d_beta + gamma_rows * k_d_bk
         # (diag(β) V)‾ = Tᵀ Ū.
         d_bv = product(*_split_pairs(t_(t_s), du_s), columns=dv)
         d_beta = d_beta + jnp.sum(d_bv * v_s[...].astype(f32), axis=1)

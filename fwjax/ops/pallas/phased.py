@@ -283,16 +283,13 @@ def _mosaic_gpu_phase1_backward(rule, cfg, xs, grads) -> tuple:
     md, c, f32 = cfg.matmul_dtype, cfg.tiling.chunk, jnp.float32
     beta_steps, g_steps, g = _mosaic_gpu_gates(beta, gate)
 
-    def high_low(x):  # a float32 cotangent as a high and a low part in the matmul dtype
-        x = flat(x).astype(f32)
-        high = x.astype(md)
-        return jnp.stack([high, (x - high.astype(f32)).astype(md)])
+    split = lambda x: jnp.stack(mosaic_gpu_chunks.high_low(flat(x).astype(f32), md))
 
     d_q, d_k, dw, du, dp, *d_decay = grads
     q, k = q.astype(md), k.astype(md)  # the operands as phase 1's kernel reads them
     dq, dk, dv, d_beta, *d_g = mosaic_gpu_chunks.delta_wy_backward(
         flat(q), flat(k), flat(v).astype(md), beta_steps, g_steps,
-        high_low(dw), high_low(du), flat(dp).astype(f32),
+        split(dw), split(du), flat(dp).astype(f32),
         chunk=c, interpret=cfg.interpret, name=f"{rule.name}_wy_bwd",
     )  # fmt: skip
     dq, dk, dv = (unflat(x, c) for x in (dq, dk, dv))
