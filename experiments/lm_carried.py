@@ -130,7 +130,7 @@ def _score_fns(model_def):
         fn = nnx.capture(lambda m: m(inputs, state), nnx.Intermediate)
         (logits, new_state), sown = fn(model)
         nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-        return nll, new_state, sown.to_pure_dict()
+        return nll, new_state, nnx.to_pure_dict(sown)
 
     return jax.jit(forward), jax.jit(captured)
 

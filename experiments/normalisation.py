@@ -228,7 +228,7 @@ def lm_point(run_name: str, runs: Path, max_segments: int | None = None) -> dict
                 layer.config = dataclasses.replace(layer.config, diagnostics=True)
         (logits, new_state), sown = nnx.capture(lambda m: m(inputs, state), nnx.Intermediate)(model)
         nll = jnp.sum(jax.nn.log_softmax(logits.astype(jnp.float32))[0, jnp.arange(t), targets[0]])
-        return -nll, new_state, sown.to_pure_dict()
+        return -nll, new_state, nnx.to_pure_dict(sown)
 
     empty = run.model().init_state(1)
     state = empty

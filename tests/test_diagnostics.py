@@ -126,7 +126,7 @@ def test_layers_sow_per_head_statistics_only_when_enabled(enabled):
     layer(x)  # not captured: nothing is computed or stored
     assert not nnx.state(layer, nnx.Intermediate)
     _, sown = nnx.capture(layer, nnx.Intermediate)(x)
-    sown = sown.to_pure_dict()
+    sown = nnx.to_pure_dict(sown)
     if not enabled:
         assert not sown
         return

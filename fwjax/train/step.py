@@ -187,7 +187,7 @@ def make_train_step(task, model_def: ModelDef, tx, seed: int):
             m = nnx.merge(model_def.train_graph, params, rng_state, rest)
             # Memory diagnostics sown by layers with FastWeightConfig(diagnostics=True).
             (loss, (sums, new_carry)), sown = _capture_sown(task.loss, m, batch, carry)
-            return loss, (sums, new_carry, sown.to_pure_dict())
+            return loss, (sums, new_carry, nnx.to_pure_dict(sown))
 
         (loss, (sums, new_carry, diagnostics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params
